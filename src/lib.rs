@@ -1,0 +1,12 @@
+//! lorafit: LoRA fine-tuning of causal language models on libtorch, writing PEFT adapters.
+//!
+//! Data flows config → data → model + LoRA → training loop → run directory; each stage is a
+//! module here, and `main.rs` only parses the command line and dispatches.
+
+pub mod config;
+pub mod data;
+pub mod files;
+pub mod generate;
+pub mod lora;
+pub mod model;
+pub mod train;

@@ -1,0 +1,10 @@
+//! The frozen base model: `config.json` → [`ModelSpec`], safetensors → [`Weights`], and one
+//! decoder-only transformer ([`Decoder`]) parameterised by the spec.
+
+pub mod decoder;
+pub mod spec;
+pub mod weights;
+
+pub use decoder::{Decoder, Linear};
+pub use spec::ModelSpec;
+pub use weights::Weights;

@@ -1,0 +1,82 @@
+//! safetensors (single file or sharded with an index) → named frozen tensors.
+
+use crate::files::read_safetensors;
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// The base model's tensors by Hugging Face name, each remembered with the file it came from so
+/// that shape errors can name it.
+pub struct Weights {
+    tensors: HashMap<String, (Tensor, PathBuf)>,
+}
+
+impl Weights {
+    /// Loads every tensor of `model.safetensors` (or the shards listed in
+    /// `model.safetensors.index.json`) onto `device`, converting floating tensors to `kind`.
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Weights> {
+        let mut tensors = HashMap::new();
+        for file in safetensors_files(dir)? {
+            for (name, tensor) in read_safetensors(&file)? {
+                let tensor = if tensor.is_floating_point() {
+                    tensor.to_kind(kind)
+                } else {
+                    tensor
+                };
+                tensors.insert(name, (tensor.to_device(device), file.clone()));
+            }
+        }
+        Ok(Weights { tensors })
+    }
+
+    /// Takes tensor `name` out of the store, checking its shape. The tensor is frozen.
+    pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let (tensor, file) = self.tensors.remove(name).ok_or_else(|| {
+            anyhow!("the model weights have no tensor `{name}` (expected shape {shape:?})")
+        })?;
+        if tensor.size() != shape {
+            bail!(
+                "tensor `{name}` in {} has shape {:?}, but config.json implies {shape:?}",
+                file.display(),
+                tensor.size()
+            );
+        }
+        Ok(tensor.set_requires_grad(false))
+    }
+
+    /// Names that were loaded but not taken: unexpected for a supported architecture.
+    pub fn remaining(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// The weight files of a model directory: the shards of the index when there is one.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let parsed: Index = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid safetensors index", index.display()))?;
+        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{} has neither model.safetensors nor model.safetensors.index.json \
+         (PyTorch .bin checkpoints are not supported: convert them to safetensors)",
+        dir.display()
+    )
+}

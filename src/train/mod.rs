@@ -1,0 +1,107 @@
+//! The training loop: micro-batches → summed token loss → AdamW on the adapter tensors only.
+//!
+//! One optimizer step's loss is the mean over every label token of all its micro-batches: each
+//! micro-batch contributes `sum(token NLL) / total label tokens of the step`, so gradient
+//! accumulation gives the same update as one large batch (not a mean of per-batch means).
+
+pub mod optim;
+pub mod run;
+pub mod schedule;
+
+use crate::config::TrainConfig;
+use crate::data::format::IGNORE;
+use crate::data::Batch;
+use crate::model::Decoder;
+use optim::AdamW;
+use tch::{Kind, Reduction, Tensor};
+
+/// Summed next-token NLL (fp32) over the label tokens of `batch`.
+pub fn loss_sum(model: &Decoder, batch: &Batch, train: bool) -> Tensor {
+    let logits = model.forward(&batch.input_ids, train);
+    let (b, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
+    let predictions = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
+    let targets = batch.labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    predictions.to_kind(Kind::Float).cross_entropy_loss(
+        &targets,
+        None::<Tensor>,
+        Reduction::Sum,
+        IGNORE,
+        0.0,
+    )
+}
+
+/// Mean token NLL over `batches` without gradients or dropout: (loss, label tokens).
+pub fn evaluate(model: &Decoder, batches: &[Batch]) -> (f64, i64) {
+    let tokens: i64 = batches.iter().map(|b| b.label_tokens).sum();
+    let total = tch::no_grad(|| {
+        batches
+            .iter()
+            .map(|b| loss_sum(model, b, false).double_value(&[]))
+            .sum::<f64>()
+    });
+    (total / tokens.max(1) as f64, tokens)
+}
+
+/// What one optimizer step did.
+pub struct StepStats {
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub label_tokens: i64,
+    pub real_tokens: i64,
+    pub padded_tokens: i64,
+}
+
+/// The adapter parameters with their optimizer.
+pub struct Trainer {
+    pub params: Vec<Tensor>,
+    pub optimizer: AdamW,
+    max_grad_norm: Option<f64>,
+}
+
+impl Trainer {
+    pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
+        let optimizer = AdamW::new(
+            &params,
+            cfg.adam_beta1,
+            cfg.adam_beta2,
+            cfg.adam_eps,
+            cfg.weight_decay,
+        );
+        Trainer {
+            params,
+            optimizer,
+            max_grad_norm: cfg.max_grad_norm,
+        }
+    }
+
+    /// Forward and backward over the micro-batches of one step, leaving the step's gradient in
+    /// `.grad()`. Returns the step loss (mean over all its label tokens) as a scalar tensor.
+    pub fn accumulate(&mut self, model: &Decoder, micro_batches: &[Batch]) -> Tensor {
+        let total_tokens: i64 = micro_batches.iter().map(|b| b.label_tokens).sum();
+        let mut step_loss = Tensor::from(0f32);
+        for batch in micro_batches {
+            let loss = loss_sum(model, batch, true) / total_tokens.max(1) as f64;
+            loss.backward();
+            step_loss = &step_loss + loss.detach().to_device(tch::Device::Cpu);
+        }
+        step_loss
+    }
+
+    /// One full optimizer step: accumulate, clip, update, zero the gradients.
+    pub fn step(&mut self, model: &Decoder, micro_batches: &[Batch], lr: f64) -> StepStats {
+        let loss = self.accumulate(model, micro_batches);
+        let norm = optim::grad_norm(&self.params);
+        if let Some(max) = self.max_grad_norm {
+            optim::clip_grads(&self.params, &norm, max);
+        }
+        self.optimizer.update(&mut self.params, lr);
+        optim::zero_grads(&self.params);
+        StepStats {
+            loss: loss.double_value(&[]),
+            grad_norm: norm.double_value(&[]),
+            label_tokens: micro_batches.iter().map(|b| b.label_tokens).sum(),
+            real_tokens: micro_batches.iter().map(|b| b.real_tokens).sum(),
+            padded_tokens: micro_batches.iter().map(|b| b.padded_tokens).sum(),
+        }
+    }
+}

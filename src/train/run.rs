@@ -1,0 +1,377 @@
+//! `lorafit train`: everything from a validated config to a run directory holding the adapter.
+//!
+//! All checks of user input (config, model files, data files) happen before the run directory
+//! is created, so a bad input leaves nothing behind in `checkpoints/`.
+
+use super::{evaluate, schedule, StepStats, Trainer};
+use crate::config::{Config, Precision, WeightDtype};
+use crate::data::format::{prepare, render_prompt, Prepared};
+use crate::data::{Batch, EpochPlan, TextTokenizer};
+use crate::files::write_atomic;
+use crate::generate::greedy;
+use crate::lora::{self, peft, Injected};
+use crate::model::{Decoder, ModelSpec, Weights};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind};
+
+/// Options that belong to one invocation rather than to the run's config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Replace an existing run directory of the same name.
+    pub overwrite: bool,
+    /// Used to name the run when the config gives no `output.run_name`.
+    pub config_stem: String,
+}
+
+/// What a finished run reports.
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub adapter_dir: PathBuf,
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub val_loss_before: Option<f64>,
+    pub val_loss_after: Option<f64>,
+}
+
+/// The device named by `train.device`.
+pub fn resolve_device(name: &str) -> Result<Device> {
+    let cuda_index = |s: &str| {
+        s.strip_prefix("cuda:")
+            .and_then(|i| i.parse::<usize>().ok())
+    };
+    let device = match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match cuda_index(other) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("train.device `{other}` is not one of auto, cpu, cuda, cuda:N"),
+        },
+    };
+    if let Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            bail!(
+                "train.device `{name}`: no such CUDA device here (libtorch sees {}); \
+                 use `auto` or `cpu`, or install the CUDA libtorch with scripts/setup-libtorch.sh --cuda",
+                tch::Cuda::device_count()
+            );
+        }
+    }
+    Ok(device)
+}
+
+/// The dtype frozen weights are held in.
+pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
+    match (dtype, precision) {
+        (WeightDtype::Fp32, _) | (WeightDtype::Auto, Precision::Fp32) => Kind::Float,
+        (WeightDtype::Bf16, _) | (WeightDtype::Auto, Precision::Bf16Mixed) => Kind::BFloat16,
+    }
+}
+
+/// Loads the base model from `dir`, frozen, with weights in `kind`.
+pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
+    let spec = ModelSpec::from_dir(dir)?;
+    let weights = Weights::load(dir, kind, device)?;
+    Decoder::load(spec, weights).with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+/// Micro-batches of `examples`, in order, for evaluation.
+fn eval_batches(
+    data: &Prepared,
+    micro_batch_size: usize,
+    pad_id: i64,
+    device: Device,
+) -> Vec<Batch> {
+    data.examples
+        .chunks(micro_batch_size)
+        .map(|chunk| Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id, device))
+        .collect()
+}
+
+/// A run name from the config file name and the local time: `default-20261123-171502`.
+fn generated_run_name(stem: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let stem = if stem.is_empty() { "run" } else { stem };
+    format!(
+        "{stem}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Creates the run directory, refusing to mix a new run into an old one.
+fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
+    let name = cfg
+        .output
+        .run_name
+        .clone()
+        .unwrap_or_else(|| generated_run_name(&opts.config_stem));
+    let dir = cfg.output.dir.join(name);
+    if dir.exists() {
+        if !opts.overwrite {
+            bail!(
+                "run directory {} already exists; choose another name with --set output.run_name=NAME \
+                 or pass --overwrite to replace it",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Prints greedy continuations of the sample prompts under `heading`.
+fn print_samples(
+    cfg: &Config,
+    model: &Decoder,
+    tok: &TextTokenizer,
+    device: Device,
+    heading: &str,
+) -> Result<()> {
+    for prompt in &cfg.output.sample_prompts {
+        let ids = tok.encode(&render_prompt(cfg.data.format, prompt), true)?;
+        let new = greedy(
+            model,
+            &ids,
+            cfg.output.sample_max_new_tokens,
+            Some(tok.eos_id),
+            device,
+        );
+        println!("  [{heading}] {prompt:?} → {:?}", tok.decode(&new)?.trim());
+    }
+    Ok(())
+}
+
+/// Runs `lorafit train` for a loaded, validated config.
+pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    let device = resolve_device(&cfg.train.device)?;
+    let threads = cfg.train.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    tch::set_num_threads(threads as i32);
+    tch::manual_seed(cfg.train.seed as i64);
+
+    // Everything a user supplies is read and checked before the run directory exists.
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let tok = TextTokenizer::from_model_dir(&cfg.model.path, &spec)?;
+    let train_data = prepare(&cfg.data.train, &cfg.data, &tok)?;
+    let val_data = cfg
+        .data
+        .validation
+        .as_ref()
+        .map(|p| prepare(p, &cfg.data, &tok))
+        .transpose()?;
+    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
+    let mut model = load_model(&cfg.model.path, kind, device)?;
+    let injected: Injected = lora::inject(&mut model, &cfg.lora, device)?;
+
+    let steps_per_epoch = EpochPlan::steps_per_epoch(
+        train_data.examples.len(),
+        cfg.train.micro_batch_size,
+        cfg.train.grad_accum_steps,
+    );
+    let total_steps = cfg
+        .train
+        .max_steps
+        .unwrap_or(steps_per_epoch * cfg.train.epochs);
+    let run_dir = create_run_dir(cfg, opts)?;
+    write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
+
+    println!(
+        "lorafit: {} ({} layers, {:.2}M parameters, {:?} weights) on {device:?}, {threads} threads",
+        cfg.model.path.display(),
+        spec.num_layers,
+        spec.parameter_count() as f64 / 1e6,
+        kind
+    );
+    println!(
+        "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base)",
+        cfg.lora.r,
+        cfg.lora.alpha,
+        injected.module_paths.len(),
+        injected.target_leaf_names().join(","),
+        injected.parameter_count(),
+        100.0 * injected.parameter_count() as f64 / spec.parameter_count() as f64
+    );
+    println!(
+        "  data: {} training examples ({} truncated to {} tokens, {} dropped with no trainable token){}",
+        train_data.examples.len(),
+        train_data.truncated,
+        cfg.data.max_seq_len,
+        train_data.dropped_no_labels,
+        val_data.as_ref().map(|v| format!(", {} validation examples", v.examples.len())).unwrap_or_default()
+    );
+    println!(
+        "  {total_steps} steps of {} micro-batches × {} examples → {}",
+        cfg.train.grad_accum_steps,
+        cfg.train.micro_batch_size,
+        run_dir.display()
+    );
+
+    let pad_id = tok.eos_id;
+    let val_batches = val_data
+        .as_ref()
+        .map(|v| eval_batches(v, cfg.train.micro_batch_size, pad_id, device));
+    let val_loss_before = val_batches.as_ref().map(|b| evaluate(&model, b).0);
+    if let Some(loss) = val_loss_before {
+        println!(
+            "  validation loss before training: {loss:.4} (perplexity {:.2})",
+            loss.exp()
+        );
+    }
+    print_samples(cfg, &model, &tok, device, "before")?;
+
+    let params: Vec<tch::Tensor> = injected
+        .trainables
+        .iter()
+        .map(|t| t.tensor.shallow_clone())
+        .collect();
+    let mut trainer = Trainer::new(params, &cfg.train);
+    let base_model = cfg.model.path.display().to_string();
+    let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    let bar = progress_bar(total_steps as u64);
+    let started = Instant::now();
+    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
+    let mut tokens_seen = 0i64;
+    let mut step = 0;
+    'epochs: for epoch in 0.. {
+        let plan = EpochPlan::new(
+            train_data.examples.len(),
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            cfg.data.shuffle,
+            cfg.train.seed,
+            epoch,
+        );
+        for micro_indices in &plan.steps {
+            if step >= total_steps {
+                break 'epochs;
+            }
+            let batches: Vec<Batch> = micro_indices
+                .iter()
+                .map(|idx| {
+                    Batch::collate(
+                        &idx.iter()
+                            .map(|&i| &train_data.examples[i])
+                            .collect::<Vec<_>>(),
+                        pad_id,
+                        device,
+                    )
+                })
+                .collect();
+            let lr = schedule::learning_rate(
+                cfg.train.lr_scheduler,
+                cfg.train.lr,
+                step,
+                cfg.train.warmup_steps,
+                total_steps,
+            );
+            let stats: StepStats = trainer.step(&model, &batches, lr);
+            if !stats.loss.is_finite() {
+                bail!(
+                    "the loss became {} at step {}; lower train.lr or check the data",
+                    stats.loss,
+                    step + 1
+                );
+            }
+            step += 1;
+            tokens_seen += stats.real_tokens;
+            if step == 1 {
+                first_loss = stats.loss;
+            }
+            last_loss = stats.loss;
+            let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64();
+            bar.set_position(step as u64);
+            bar.set_message(format!(
+                "loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s",
+                stats.loss
+            ));
+            if step % cfg.train.log_every == 0 || step == total_steps {
+                let record = serde_json::json!({
+                    "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
+                    "tokens_per_s": tokens_per_s, "label_tokens": stats.label_tokens,
+                    "real_token_share": stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64,
+                });
+                writeln!(metrics, "{record}")?;
+                if bar.is_hidden() {
+                    println!("  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s", stats.loss, stats.grad_norm);
+                }
+            }
+            if cfg
+                .train
+                .save_every
+                .is_some_and(|every| step % every == 0 && step < total_steps)
+            {
+                peft::save(
+                    &run_dir.join(format!("step-{step}")),
+                    &cfg.lora,
+                    &injected,
+                    &base_model,
+                )?;
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed().as_secs_f64();
+    let adapter_dir = run_dir.join("adapter");
+    peft::save(&adapter_dir, &cfg.lora, &injected, &base_model)?;
+
+    println!("  trained {step} steps in {elapsed:.1} s ({:.0} tokens/s): loss {first_loss:.4} → {last_loss:.4}", tokens_seen as f64 / elapsed);
+    let val_loss_after = val_batches.as_ref().map(|b| evaluate(&model, b).0);
+    if let (Some(before), Some(after)) = (val_loss_before, val_loss_after) {
+        println!(
+            "  validation loss {before:.4} → {after:.4} (perplexity {:.2} → {:.2})",
+            before.exp(),
+            after.exp()
+        );
+    }
+    print_samples(cfg, &model, &tok, device, "after")?;
+    println!("  adapter (PEFT format): {}", adapter_dir.display());
+    Ok(RunSummary {
+        run_dir,
+        adapter_dir,
+        steps: step,
+        first_loss,
+        last_loss,
+        val_loss_before,
+        val_loss_after,
+    })
+}
