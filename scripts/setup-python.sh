@@ -115,4 +115,5 @@ if [ -e "$venv" ]; then
   mv -T "$venv" "$tmp/old"
 fi
 mv -T "$build" "$venv"
+rm -rf "$tmp"   # deleting an old venv's 5 GB of files can itself take a minute
 say "venv ready at $venv: downloaded $(( fetched / 1000000 )) MB$reused, $(du -sh "$venv" | cut -f1) on disk, $(( $(date +%s) - start )) s"

@@ -29,12 +29,12 @@ pub fn stories260k(assets: &Path) -> PathBuf {
     assets.join("models/stories260K/hf")
 }
 
-/// The Python of the interop venv, from `LORAFIT_PYTHON` (scripts/test.sh sets it).
+/// The Python of the interop venv, from `LORAFIT_INTEROP_PYTHON` (scripts/test.sh sets it).
 pub fn python() -> Option<PathBuf> {
-    match std::env::var_os("LORAFIT_PYTHON") {
+    match std::env::var_os("LORAFIT_INTEROP_PYTHON") {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("skipped: LORAFIT_PYTHON is not set (scripts/test.sh sets it)");
+            eprintln!("skipped: LORAFIT_INTEROP_PYTHON is not set (scripts/test.sh sets it)");
             None
         }
     }

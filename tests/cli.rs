@@ -1,0 +1,125 @@
+//! Bad input through the command line: a non-zero exit, one paragraph naming the file, key or
+//! line, and nothing written into the run directory.
+
+mod common;
+
+use std::path::Path;
+
+/// Runs `lorafit train run.yaml` in `dir` and returns stderr, checking the run failed cleanly.
+fn train_fails(dir: &Path) -> String {
+    let out = common::lorafit(dir, &["train", "run.yaml"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "train should fail; stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one paragraph expected: {stderr}"
+    );
+    let checkpoints = dir.join("checkpoints");
+    let written: Vec<_> = std::fs::read_dir(&checkpoints)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(
+        written.is_empty(),
+        "a failed run wrote into {}: {written:?}",
+        checkpoints.display()
+    );
+    stderr
+}
+
+fn project(model: &Path, config_body: &str, data: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    common::write(&tmp.path().join("data.jsonl"), data);
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model:\n  path: {}\ndata:\n  train: data.jsonl\n  format: completion\n{config_body}",
+            model.display()
+        ),
+    );
+    tmp
+}
+
+#[test]
+fn bad_inputs_fail_before_any_work_and_name_the_culprit() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let model = common::stories260k(&assets);
+
+    let p = project(
+        &model,
+        "train:\n  lr_sheduler: cosine\n",
+        common::STORY_ROWS,
+    );
+    let err = train_fails(p.path());
+    assert!(
+        err.contains("run.yaml:7")
+            && err.contains("train.lr_sheduler")
+            && err.contains("lr_scheduler"),
+        "{err}"
+    );
+
+    let p = project(&model, "lora:\n  r: eight\n", common::STORY_ROWS);
+    let err = train_fails(p.path());
+    assert!(
+        err.contains("run.yaml:7") && err.contains("lora.r"),
+        "{err}"
+    );
+
+    let p = project(&model, "lora:\n  r: 0\n", common::STORY_ROWS);
+    let err = train_fails(p.path());
+    assert!(err.contains("lora.r"), "{err}");
+
+    let p = project(&model.join("missing"), "", common::STORY_ROWS);
+    let err = train_fails(p.path());
+    assert!(err.contains("missing/config.json"), "{err}");
+
+    let p = project(&model, "", "");
+    let err = train_fails(p.path());
+    assert!(
+        err.contains("data.jsonl") && err.contains("no records"),
+        "{err}"
+    );
+
+    let p = project(&model, "", "{\"text\": \"fine\"}\n{\"text\": broken\n");
+    let err = train_fails(p.path());
+    assert!(
+        err.contains("data.jsonl:2") && err.contains("not valid JSON"),
+        "{err}"
+    );
+
+    let p = project(&model, "", "{\"prompt\": \"wrong column\"}\n");
+    let err = train_fails(p.path());
+    assert!(
+        err.contains("data.jsonl:1") && err.contains("`text`") && err.contains("prompt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn set_overrides_are_validated_like_the_file() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let p = project(&common::stories260k(&assets), "", common::STORY_ROWS);
+    let out = common::lorafit(
+        p.path(),
+        &["train", "run.yaml", "--set", "lora.dropout=1.5"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--set lora.dropout=1.5"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_describes_every_flag() {
+    let out = common::lorafit(&common::repo(), &["train", "--help"]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in ["--set", "--overwrite", "CONFIG"] {
+        assert!(help.contains(flag), "{flag} missing from:\n{help}");
+    }
+}
