@@ -1,24 +1,43 @@
-//! One decoder-only transformer (Llama block: RMSNorm, RoPE, grouped-query attention through
-//! `scaled_dot_product_attention`, SiLU-gated MLP), parameterised by [`ModelSpec`].
+//! One decoder-only transformer for every supported family, parameterised by [`ModelSpec`]
+//! (sizes and switches) and [`Layout`] (tensor names): norm → attention → residual,
+//! norm → MLP → residual, with the family's variations chosen by data.
 //!
 //! Activations stay in fp32; frozen weights may be held in bf16, in which case each frozen
 //! matmul runs in bf16 and its result is cast back (what `torch.autocast` does for PEFT users).
 
-use super::{ModelSpec, Weights};
+use super::layout::{AttnProjections, Layout, MlpProjections};
+use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind, Rope, RopeScaling};
+use super::Weights;
 use crate::lora::Adapter;
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A frozen linear layer `y = x Wᵀ (+ b)` with an optional trainable LoRA adapter beside it.
 pub struct Linear {
+    /// `[out, in]`, whatever the checkpoint's storage order.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub adapter: Option<Adapter>,
+    /// The checkpoint stores this weight `[in, out]` (GPT-2's Conv1D).
+    pub fan_in_fan_out: bool,
 }
 
 impl Linear {
-    fn load(w: &mut Weights, name: &str, out: i64, inp: i64, bias: bool) -> Result<Linear> {
-        let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
+    fn load(
+        w: &mut Weights,
+        name: &str,
+        out: i64,
+        inp: i64,
+        bias: bool,
+        fan_in_fan_out: bool,
+    ) -> Result<Linear> {
+        let weight = if fan_in_fan_out {
+            w.take(&format!("{name}.weight"), &[inp, out])?
+                .tr()
+                .contiguous()
+        } else {
+            w.take(&format!("{name}.weight"), &[out, inp])?
+        };
         let bias = if bias {
             Some(w.take(&format!("{name}.bias"), &[out])?)
         } else {
@@ -28,6 +47,7 @@ impl Linear {
             weight,
             bias,
             adapter: None,
+            fan_in_fan_out,
         })
     }
 
@@ -52,112 +72,231 @@ impl Linear {
     }
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let variance = x.square().mean_dim(-1, true, Kind::Float);
-    x * (variance + eps).rsqrt() * weight
+/// RMSNorm (plain or Gemma's `1 + w`) or LayerNorm, always computed in fp32.
+struct Norm {
+    /// Already `1 + w` for Gemma.
+    weight: Tensor,
+    bias: Option<Tensor>,
+    kind: NormKind,
+    eps: f64,
 }
 
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+impl Norm {
+    fn load(w: &mut Weights, name: &str, dim: i64, spec: &ModelSpec) -> Result<Norm> {
+        let weight = w
+            .take(&format!("{name}.weight"), &[dim])?
+            .to_kind(Kind::Float);
+        let bias = match spec.norm {
+            NormKind::Layer => Some(
+                w.take(&format!("{name}.bias"), &[dim])?
+                    .to_kind(Kind::Float),
+            ),
+            _ => None,
+        };
+        let weight = if spec.norm == NormKind::RmsPlusOne {
+            weight + 1.0
+        } else {
+            weight
+        };
+        Ok(Norm {
+            weight,
+            bias,
+            kind: spec.norm,
+            eps: spec.norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self.kind {
+            NormKind::Layer => {
+                let dim = self.weight.size()[0];
+                x.layer_norm(
+                    [dim],
+                    Some(&self.weight),
+                    self.bias.as_ref(),
+                    self.eps,
+                    false,
+                )
+            }
+            NormKind::Rms | NormKind::RmsPlusOne => {
+                let variance = x.square().mean_dim(-1, true, Kind::Float);
+                x * (variance + self.eps).rsqrt() * &self.weight
+            }
+        }
+    }
 }
 
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    Fused(Linear),
+}
+
+enum Mlp {
+    Gated {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+    GatedFused {
+        gate_up: Linear,
+        down: Linear,
+    },
+    Plain {
+        fc: Linear,
+        proj: Linear,
+    },
 }
 
 struct Block {
-    input_layernorm: Tensor,
-    self_attn: Attention,
-    post_attention_layernorm: Tensor,
+    attn_norm: Norm,
+    qkv: Qkv,
+    o_proj: Linear,
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    mlp_norm: Norm,
     mlp: Mlp,
+    post_mlp_norm: Option<Norm>,
+    span: AttentionSpan,
 }
 
 /// The base model. Only LoRA adapters inside its [`Linear`] layers are trainable.
 pub struct Decoder {
     pub spec: ModelSpec,
+    pub layout: Layout,
     embed_tokens: Tensor,
+    embed_positions: Option<Tensor>,
     layers: Vec<Block>,
-    norm: Tensor,
+    norm: Norm,
     /// `None` when the output projection is tied to `embed_tokens`.
     lm_head: Option<Linear>,
 }
 
+/// Tensors some checkpoints carry that are not weights (precomputed buffers).
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias")
+}
+
 impl Decoder {
-    /// Builds the decoder from Hugging Face tensor names, checking every shape.
+    /// Builds the decoder from the checkpoint's tensors, checking every name and shape.
     pub fn load(spec: ModelSpec, mut w: Weights) -> Result<Decoder> {
+        let layout = Layout::of(spec.family);
+        w.set_optional_prefix(layout.optional_prefix);
         let s = &spec;
-        let (h, hd) = (s.hidden_size, s.head_dim);
+        let l = &layout;
+        let (h, hd, ffn) = (s.hidden_size, s.head_dim, s.intermediate_size);
         let (q_dim, kv_dim) = (s.num_heads * hd, s.num_kv_heads * hd);
-        // Norm weights are tiny: keep them in fp32 whatever the storage dtype.
-        let norm = |w: &mut Weights, name: &str| -> Result<Tensor> {
-            Ok(w.take(name, &[h])?.to_kind(Kind::Float))
+        let fifo = l.fan_in_fan_out;
+        let embed_tokens = w.take(&format!("{}.weight", l.embed_tokens), &[s.vocab_size, h])?;
+        let embed_positions = match l.embed_positions {
+            Some(name) => Some(w.take(&format!("{name}.weight"), &[s.max_position_embeddings, h])?),
+            None => None,
         };
-        let embed_tokens = w.take("model.embed_tokens.weight", &[s.vocab_size, h])?;
         let mut layers = Vec::with_capacity(s.num_layers);
-        for i in 0..s.num_layers {
-            let p = format!("model.layers.{i}");
-            let ab = s.attention_bias;
-            layers.push(Block {
-                input_layernorm: norm(&mut w, &format!("{p}.input_layernorm.weight"))?,
-                self_attn: Attention {
-                    q_proj: Linear::load(&mut w, &format!("{p}.self_attn.q_proj"), q_dim, h, ab)?,
-                    k_proj: Linear::load(&mut w, &format!("{p}.self_attn.k_proj"), kv_dim, h, ab)?,
-                    v_proj: Linear::load(&mut w, &format!("{p}.self_attn.v_proj"), kv_dim, h, ab)?,
-                    o_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.self_attn.o_proj"),
-                        h,
-                        q_dim,
-                        false,
-                    )?,
+        for (i, span) in s.layer_spans.iter().enumerate() {
+            let p = format!("{}.{i}", l.layers);
+            let attn = format!("{p}.{}", l.attn);
+            let mlp = format!("{p}.{}", l.mlp);
+            let norm = |w: &mut Weights, name: &str, dim: i64| {
+                Norm::load(w, &format!("{p}.{name}"), dim, s)
+            };
+            let qkv = match l.attn_projections {
+                AttnProjections::Separate { q, k, v } => Qkv::Separate {
+                    q: Linear::load(&mut w, &format!("{attn}.{q}"), q_dim, h, s.qkv_bias, fifo)?,
+                    k: Linear::load(&mut w, &format!("{attn}.{k}"), kv_dim, h, s.qkv_bias, fifo)?,
+                    v: Linear::load(&mut w, &format!("{attn}.{v}"), kv_dim, h, s.qkv_bias, fifo)?,
                 },
-                post_attention_layernorm: norm(
+                AttnProjections::Fused(name) => Qkv::Fused(Linear::load(
                     &mut w,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                )?,
-                mlp: Mlp {
-                    gate_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.gate_proj"),
-                        s.intermediate_size,
-                        h,
-                        s.mlp_bias,
-                    )?,
-                    up_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.up_proj"),
-                        s.intermediate_size,
-                        h,
-                        s.mlp_bias,
-                    )?,
-                    down_proj: Linear::load(
-                        &mut w,
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        s.intermediate_size,
-                        s.mlp_bias,
-                    )?,
+                    &format!("{attn}.{name}"),
+                    q_dim + 2 * kv_dim,
+                    h,
+                    s.qkv_bias,
+                    fifo,
+                )?),
+            };
+            let mlp_layers = match l.mlp_projections {
+                MlpProjections::Gated { gate, up, down } => Mlp::Gated {
+                    gate: Linear::load(&mut w, &format!("{mlp}.{gate}"), ffn, h, s.mlp_bias, fifo)?,
+                    up: Linear::load(&mut w, &format!("{mlp}.{up}"), ffn, h, s.mlp_bias, fifo)?,
+                    down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
                 },
+                MlpProjections::GatedFused { gate_up, down } => Mlp::GatedFused {
+                    gate_up: Linear::load(
+                        &mut w,
+                        &format!("{mlp}.{gate_up}"),
+                        2 * ffn,
+                        h,
+                        s.mlp_bias,
+                        fifo,
+                    )?,
+                    down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
+                },
+                MlpProjections::Plain { fc, proj } => Mlp::Plain {
+                    fc: Linear::load(&mut w, &format!("{mlp}.{fc}"), ffn, h, s.mlp_bias, fifo)?,
+                    proj: Linear::load(&mut w, &format!("{mlp}.{proj}"), h, ffn, s.mlp_bias, fifo)?,
+                },
+            };
+            layers.push(Block {
+                attn_norm: norm(&mut w, l.attn_norm, h)?,
+                qkv,
+                o_proj: Linear::load(
+                    &mut w,
+                    &format!("{attn}.{}", l.o_proj),
+                    h,
+                    q_dim,
+                    s.o_bias,
+                    fifo,
+                )?,
+                q_norm: if s.qk_norm {
+                    Some(Norm::load(&mut w, &format!("{attn}.{}", l.q_norm), hd, s)?)
+                } else {
+                    None
+                },
+                k_norm: if s.qk_norm {
+                    Some(Norm::load(&mut w, &format!("{attn}.{}", l.k_norm), hd, s)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if s.sandwich_norms {
+                    Some(norm(&mut w, l.post_attn_norm, h)?)
+                } else {
+                    None
+                },
+                mlp_norm: norm(&mut w, l.mlp_norm, h)?,
+                mlp: mlp_layers,
+                post_mlp_norm: if s.sandwich_norms {
+                    Some(norm(&mut w, l.post_mlp_norm, h)?)
+                } else {
+                    None
+                },
+                span: *span,
             });
         }
-        let final_norm = norm(&mut w, "model.norm.weight")?;
+        let final_norm = Norm::load(&mut w, l.final_norm, h, s)?;
+        let lm_head_name = format!("{}.weight", l.lm_head);
         let lm_head = if s.tie_word_embeddings {
             // Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
-            let _ = w.take("lm_head.weight", &[s.vocab_size, h]);
+            if w.contains(&lm_head_name) {
+                let _ = w.take(&lm_head_name, &[s.vocab_size, h])?;
+            }
             None
         } else {
-            Some(Linear::load(&mut w, "lm_head", s.vocab_size, h, false)?)
+            Some(Linear::load(
+                &mut w,
+                l.lm_head,
+                s.vocab_size,
+                h,
+                false,
+                false,
+            )?)
         };
-        let rotary_leftovers = |n: &String| n.ends_with("rotary_emb.inv_freq");
         let unused: Vec<String> = w
             .remaining()
             .into_iter()
-            .filter(|n| !rotary_leftovers(n))
+            .filter(|n| !is_buffer(n))
             .collect();
         if !unused.is_empty() {
             bail!(
@@ -168,7 +307,9 @@ impl Decoder {
         }
         Ok(Decoder {
             spec,
+            layout,
             embed_tokens,
+            embed_positions,
             layers,
             norm: final_norm,
             lm_head,
@@ -178,38 +319,95 @@ impl Decoder {
     /// Every linear layer by its Hugging Face module path (`model.layers.0.self_attn.q_proj`,
     /// ..., `lm_head` when untied), in model order: the names PEFT adapters are keyed by.
     pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let l = self.layout;
         let mut out = Vec::new();
         for (i, b) in self.layers.iter_mut().enumerate() {
-            let a = &mut b.self_attn;
-            let m = &mut b.mlp;
-            for (name, l) in [
-                ("self_attn.q_proj", &mut a.q_proj),
-                ("self_attn.k_proj", &mut a.k_proj),
-                ("self_attn.v_proj", &mut a.v_proj),
-                ("self_attn.o_proj", &mut a.o_proj),
-                ("mlp.gate_proj", &mut m.gate_proj),
-                ("mlp.up_proj", &mut m.up_proj),
-                ("mlp.down_proj", &mut m.down_proj),
-            ] {
-                out.push((format!("model.layers.{i}.{name}"), l));
+            let attn = format!("{}.{i}.{}", l.layers, l.attn);
+            let mlp = format!("{}.{i}.{}", l.layers, l.mlp);
+            match (&mut b.qkv, l.attn_projections) {
+                (
+                    Qkv::Separate { q, k, v },
+                    AttnProjections::Separate {
+                        q: qn,
+                        k: kn,
+                        v: vn,
+                    },
+                ) => {
+                    out.push((format!("{attn}.{qn}"), q));
+                    out.push((format!("{attn}.{kn}"), k));
+                    out.push((format!("{attn}.{vn}"), v));
+                }
+                (Qkv::Fused(qkv), AttnProjections::Fused(name)) => {
+                    out.push((format!("{attn}.{name}"), qkv))
+                }
+                _ => unreachable!("blocks are built from the layout"),
+            }
+            out.push((format!("{attn}.{}", l.o_proj), &mut b.o_proj));
+            match (&mut b.mlp, l.mlp_projections) {
+                (
+                    Mlp::Gated { gate, up, down },
+                    MlpProjections::Gated {
+                        gate: g,
+                        up: u,
+                        down: d,
+                    },
+                ) => {
+                    out.push((format!("{mlp}.{g}"), gate));
+                    out.push((format!("{mlp}.{u}"), up));
+                    out.push((format!("{mlp}.{d}"), down));
+                }
+                (
+                    Mlp::GatedFused { gate_up, down },
+                    MlpProjections::GatedFused {
+                        gate_up: gu,
+                        down: d,
+                    },
+                ) => {
+                    out.push((format!("{mlp}.{gu}"), gate_up));
+                    out.push((format!("{mlp}.{d}"), down));
+                }
+                (Mlp::Plain { fc, proj }, MlpProjections::Plain { fc: f, proj: p }) => {
+                    out.push((format!("{mlp}.{f}"), fc));
+                    out.push((format!("{mlp}.{p}"), proj));
+                }
+                _ => unreachable!("blocks are built from the layout"),
             }
         }
         if let Some(head) = self.lm_head.as_mut() {
-            out.push(("lm_head".to_string(), head));
+            out.push((l.lm_head.to_string(), head));
         }
         out
     }
 
     /// Every frozen tensor, for checks that training leaves the base untouched.
     pub fn frozen_tensors(&mut self) -> Vec<Tensor> {
-        let mut out = vec![self.embed_tokens.shallow_clone(), self.norm.shallow_clone()];
+        let norms = |n: &Norm| {
+            [
+                Some(n.weight.shallow_clone()),
+                n.bias.as_ref().map(Tensor::shallow_clone),
+            ]
+        };
+        let mut out = vec![self.embed_tokens.shallow_clone()];
+        out.extend(self.embed_positions.as_ref().map(Tensor::shallow_clone));
+        out.extend(norms(&self.norm).into_iter().flatten());
         for b in &self.layers {
-            out.push(b.input_layernorm.shallow_clone());
-            out.push(b.post_attention_layernorm.shallow_clone());
+            for n in [
+                Some(&b.attn_norm),
+                Some(&b.mlp_norm),
+                b.post_attn_norm.as_ref(),
+                b.post_mlp_norm.as_ref(),
+                b.q_norm.as_ref(),
+                b.k_norm.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                out.extend(norms(n).into_iter().flatten());
+            }
         }
         for (_, l) in self.linear_layers_mut() {
             out.push(l.weight.shallow_clone());
-            out.extend(l.bias.as_ref().map(|b| b.shallow_clone()));
+            out.extend(l.bias.as_ref().map(Tensor::shallow_clone));
         }
         out
     }
@@ -222,74 +420,234 @@ impl Decoder {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
-        let (cos, sin) = rope_tables(s, seq, device);
+        let positions = Tensor::arange(seq, (Kind::Int64, device));
         let mut x =
             Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
+        if let Some(scale) = s.embed_scale {
+            x *= scale;
+        }
+        if let Some(table) = &self.embed_positions {
+            x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
+        }
+        let global_rope = s.rope.as_ref().map(|r| rope_tables(r, &positions));
+        let local_rope = s.local_rope.as_ref().map(|r| rope_tables(r, &positions));
         for block in &self.layers {
-            let h = rms_norm(&x, &block.input_layernorm, s.rms_norm_eps);
-            let a = &block.self_attn;
-            let heads = |t: Tensor, n: i64| t.view([batch, seq, n, s.head_dim]).transpose(1, 2);
-            let q = apply_rope(&heads(a.q_proj.forward(&h, train), s.num_heads), &cos, &sin);
-            let k = apply_rope(
-                &heads(a.k_proj.forward(&h, train), s.num_kv_heads),
-                &cos,
-                &sin,
-            );
-            let v = heads(a.v_proj.forward(&h, train), s.num_kv_heads);
-            let gqa = s.num_kv_heads != s.num_heads;
-            let attn = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<Tensor>,
-                0.0,
-                true,
-                None,
-                gqa,
-            );
+            let h = block.attn_norm.forward(&x);
+            let (q, k, v) = match &block.qkv {
+                Qkv::Separate { q, k, v } => (
+                    q.forward(&h, train),
+                    k.forward(&h, train),
+                    v.forward(&h, train),
+                ),
+                Qkv::Fused(qkv) => {
+                    let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+                    let parts = qkv
+                        .forward(&h, train)
+                        .split_with_sizes([q_dim, kv_dim, kv_dim], -1);
+                    let [q, k, v]: [Tensor; 3] = parts.try_into().expect("three parts");
+                    (q, k, v)
+                }
+            };
+            let heads = |t: Tensor, n: i64, norm: Option<&Norm>| {
+                let t = t.view([batch, seq, n, s.head_dim]);
+                norm.map_or(t.shallow_clone(), |nm| nm.forward(&t))
+                    .transpose(1, 2)
+            };
+            let mut q = heads(q, s.num_heads, block.q_norm.as_ref());
+            let mut k = heads(k, s.num_kv_heads, block.k_norm.as_ref());
+            let v = heads(v, s.num_kv_heads, None);
+            let sliding = matches!(block.span, AttentionSpan::Sliding(_));
+            if let Some((cos, sin)) = if sliding {
+                local_rope.as_ref().or(global_rope.as_ref())
+            } else {
+                global_rope.as_ref()
+            } {
+                q = apply_rope(&q, cos, sin);
+                k = apply_rope(&k, cos, sin);
+            }
+            let attn = self.attention(&q, &k, &v, block.span);
             let attn = attn
                 .transpose(1, 2)
                 .reshape([batch, seq, s.num_heads * s.head_dim]);
-            x = &x + a.o_proj.forward(&attn, train);
+            let mut out = block.o_proj.forward(&attn, train);
+            if let Some(norm) = &block.post_attn_norm {
+                out = norm.forward(&out);
+            }
+            x = &x + out;
 
-            let h = rms_norm(&x, &block.post_attention_layernorm, s.rms_norm_eps);
-            let m = &block.mlp;
-            let gated = m.gate_proj.forward(&h, train).silu() * m.up_proj.forward(&h, train);
-            x = &x + m.down_proj.forward(&gated, train);
+            let h = block.mlp_norm.forward(&x);
+            let mut out = self.mlp(&block.mlp, &h, train);
+            if let Some(norm) = &block.post_mlp_norm {
+                out = norm.forward(&out);
+            }
+            x = &x + out;
         }
-        let x = rms_norm(&x, &self.norm, s.rms_norm_eps);
-        match &self.lm_head {
+        let x = self.norm.forward(&x);
+        let logits = match &self.lm_head {
             Some(head) => head.forward(&x, train),
             None => x
                 .to_kind(self.embed_tokens.kind())
                 .matmul(&self.embed_tokens.tr())
                 .to_kind(Kind::Float),
+        };
+        match s.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    fn mlp(&self, mlp: &Mlp, h: &Tensor, train: bool) -> Tensor {
+        let act = |t: Tensor| match self.spec.activation {
+            Activation::Silu => t.silu(),
+            Activation::GeluTanh => t.gelu("tanh"),
+            Activation::Gelu => t.gelu("none"),
+        };
+        match mlp {
+            Mlp::Gated { gate, up, down } => {
+                down.forward(&(act(gate.forward(h, train)) * up.forward(h, train)), train)
+            }
+            Mlp::GatedFused { gate_up, down } => {
+                let both = gate_up.forward(h, train);
+                let ffn = self.spec.intermediate_size;
+                down.forward(
+                    &(act(both.narrow(-1, 0, ffn)) * both.narrow(-1, ffn, ffn)),
+                    train,
+                )
+            }
+            Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(h, train)), train),
+        }
+    }
+
+    /// Causal attention over `[batch, heads, seq, head_dim]`, restricted to a sliding window
+    /// where the layer has one, with Gemma 2's score soft-capping where configured.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: AttentionSpan) -> Tensor {
+        let s = &self.spec;
+        let seq = q.size()[2];
+        let gqa = s.num_kv_heads != s.num_heads;
+        let window = match span {
+            AttentionSpan::Sliding(w) if w < seq => Some(w),
+            _ => None,
+        };
+        let allowed = || allowed_positions(seq, window, q.device());
+        match s.attn_softcap {
+            None if window.is_none() => Tensor::scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                None::<Tensor>,
+                0.0,
+                true,
+                s.attn_scale,
+                gqa,
+            ),
+            None => Tensor::scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                Some(allowed()),
+                0.0,
+                false,
+                s.attn_scale,
+                gqa,
+            ),
+            Some(cap) => {
+                let groups = s.num_heads / s.num_kv_heads;
+                let (k, v) = (
+                    k.repeat_interleave_self_int(groups, 1, None),
+                    v.repeat_interleave_self_int(groups, 1, None),
+                );
+                let scores = q.matmul(&k.transpose(-2, -1)) * s.attn_scale;
+                let scores = (scores / cap).tanh() * cap;
+                let scores = scores.masked_fill(&allowed().logical_not(), f64::NEG_INFINITY);
+                scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+            }
         }
     }
 }
 
-/// cos/sin tables `[1, 1, seq, head_dim]` for positions `0..seq` (Hugging Face's half-split layout).
-fn rope_tables(s: &ModelSpec, seq: i64, device: tch::Device) -> (Tensor, Tensor) {
-    let opts = (Kind::Float, device);
-    // Computed in fp32 exactly as transformers does, so positions far from 0 rotate identically.
-    let exponents = Tensor::arange_start_step(0, s.head_dim, 2, (Kind::Int64, device))
+/// `[seq, seq]` booleans: query i may see key j when j ≤ i (and i − j < window).
+fn allowed_positions(seq: i64, window: Option<i64>, device: Device) -> Tensor {
+    let idx = Tensor::arange(seq, (Kind::Int64, device));
+    let distance = idx.unsqueeze(1) - idx.unsqueeze(0);
+    let causal = distance.ge(0);
+    match window {
+        Some(w) => causal.logical_and(&distance.lt(w)),
+        None => causal,
+    }
+}
+
+/// cos/sin tables `[1, 1, seq, rotary_dim]` for `positions` (Hugging Face's half-split layout),
+/// including the family's frequency scaling and its attention factor.
+fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
+    let device = positions.device();
+    let seq = positions.size()[0];
+    let dim = rope.rotary_dim;
+    // In fp32 exactly as transformers computes them, so far positions rotate identically.
+    let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
         .to_kind(Kind::Float)
-        / s.head_dim as f64;
-    let inv_freq = Tensor::pow_scalar(s.rope_theta, &exponents).reciprocal();
-    let positions = Tensor::arange(seq, opts);
-    let freqs = positions.unsqueeze(1) * inv_freq.unsqueeze(0);
+        / dim as f64;
+    let powers = Tensor::pow_scalar(rope.theta, &exponents);
+    let (inv_freq, attention_factor) = match &rope.scaling {
+        RopeScaling::None => (powers.reciprocal(), 1.0),
+        RopeScaling::Linear { factor } => (powers.reciprocal() / *factor, 1.0),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old,
+        } => {
+            let inv_freq = powers.reciprocal();
+            let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+            let scaled = inv_freq.where_self(&wavelen.le(low_wavelen), &(&inv_freq / *factor));
+            let smooth = (wavelen.reciprocal() * *old - *low_freq_factor)
+                / (high_freq_factor - low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
+            let medium = wavelen
+                .ge(high_wavelen)
+                .logical_and(&wavelen.le(low_wavelen));
+            (smoothed.where_self(&medium, &scaled), 1.0)
+        }
+        RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            original_max_position_embeddings,
+            attention_factor,
+        } => {
+            let factors = if seq > *original_max_position_embeddings {
+                long_factor
+            } else {
+                short_factor
+            };
+            let factors = Tensor::from_slice(factors)
+                .to_kind(Kind::Float)
+                .to_device(device);
+            ((factors * powers).reciprocal(), *attention_factor)
+        }
+    };
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * inv_freq.unsqueeze(0);
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
+    let shape = [1, 1, seq, dim];
     (
-        emb.cos().view([1, 1, seq, s.head_dim]),
-        emb.sin().view([1, 1, seq, s.head_dim]),
+        (emb.cos() * attention_factor).view(shape),
+        (emb.sin() * attention_factor).view(shape),
     )
 }
 
-/// `x·cos + rotate_half(x)·sin` on `[batch, heads, seq, head_dim]`.
+/// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, heads, seq, head_dim]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&(-x2), &x1], 3);
-    x * cos + rotated * sin
+    let head_dim = x.size()[3];
+    let rotary_dim = cos.size()[3];
+    let (rot, pass) = (
+        x.narrow(3, 0, rotary_dim),
+        x.narrow(3, rotary_dim, head_dim - rotary_dim),
+    );
+    let half = rotary_dim / 2;
+    let rotated = Tensor::cat(&[&(-rot.narrow(3, half, half)), &rot.narrow(3, 0, half)], 3);
+    let out = &rot * cos + rotated * sin;
+    if rotary_dim == head_dim {
+        out
+    } else {
+        Tensor::cat(&[&out, &pass], 3)
+    }
 }

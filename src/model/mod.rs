@@ -2,6 +2,7 @@
 //! decoder-only transformer ([`Decoder`]) parameterised by the spec.
 
 pub mod decoder;
+pub mod layout;
 pub mod spec;
 pub mod weights;
 

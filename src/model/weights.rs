@@ -10,6 +10,8 @@ use tch::{Device, Kind, Tensor};
 /// that shape errors can name it.
 pub struct Weights {
     tensors: HashMap<String, (Tensor, PathBuf)>,
+    /// A name prefix that some checkpoints of the family omit (GPT-2's `transformer.`).
+    optional_prefix: Option<&'static str>,
 }
 
 impl Weights {
@@ -27,12 +29,36 @@ impl Weights {
                 tensors.insert(name, (tensor.to_device(device), file.clone()));
             }
         }
-        Ok(Weights { tensors })
+        Ok(Weights {
+            tensors,
+            optional_prefix: None,
+        })
+    }
+
+    /// Accept tensor names without `prefix` as well (`transformer.h.0...` stored as `h.0...`).
+    pub fn set_optional_prefix(&mut self, prefix: Option<&'static str>) {
+        self.optional_prefix = prefix;
+    }
+
+    /// Whether the checkpoint holds tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+            || self
+                .short_name(name)
+                .is_some_and(|n| self.tensors.contains_key(n))
+    }
+
+    fn short_name<'a>(&self, name: &'a str) -> Option<&'a str> {
+        self.optional_prefix.and_then(|p| name.strip_prefix(p))
     }
 
     /// Takes tensor `name` out of the store, checking its shape. The tensor is frozen.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let (tensor, file) = self.tensors.remove(name).ok_or_else(|| {
+        let stored = match self.short_name(name) {
+            Some(short) if !self.tensors.contains_key(name) => short,
+            _ => name,
+        };
+        let (tensor, file) = self.tensors.remove(stored).ok_or_else(|| {
             anyhow!("the model weights have no tensor `{name}` (expected shape {shape:?})")
         })?;
         if tensor.size() != shape {
