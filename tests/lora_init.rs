@@ -12,7 +12,10 @@ fn tiny_llama(dir: &std::path::Path) {
     let config = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
         "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32,"tie_word_embeddings":true,"eos_token_id":2}"#;
     std::fs::write(dir.join("config.json"), config).unwrap();
-    let mut tensors = vec![("model.embed_tokens.weight".to_string(), Tensor::randn([32, 64], (Kind::Float, Device::Cpu)))];
+    let mut tensors = vec![(
+        "model.embed_tokens.weight".to_string(),
+        Tensor::randn([32, 64], (Kind::Float, Device::Cpu)),
+    )];
     let shapes = [
         ("self_attn.q_proj", [64, 64]),
         ("self_attn.k_proj", [32, 64]),
@@ -24,21 +27,40 @@ fn tiny_llama(dir: &std::path::Path) {
     ];
     for i in 0..2 {
         for (name, shape) in shapes {
-            tensors.push((format!("model.layers.{i}.{name}.weight"), Tensor::randn(shape, (Kind::Float, Device::Cpu))));
+            tensors.push((
+                format!("model.layers.{i}.{name}.weight"),
+                Tensor::randn(shape, (Kind::Float, Device::Cpu)),
+            ));
         }
         for norm in ["input_layernorm", "post_attention_layernorm"] {
-            tensors.push((format!("model.layers.{i}.{norm}.weight"), Tensor::ones([64], (Kind::Float, Device::Cpu))));
+            tensors.push((
+                format!("model.layers.{i}.{norm}.weight"),
+                Tensor::ones([64], (Kind::Float, Device::Cpu)),
+            ));
         }
     }
-    tensors.push(("model.norm.weight".to_string(), Tensor::ones([64], (Kind::Float, Device::Cpu))));
-    std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&tensors, &[]).unwrap()).unwrap();
+    tensors.push((
+        "model.norm.weight".to_string(),
+        Tensor::ones([64], (Kind::Float, Device::Cpu)),
+    ));
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors_bytes(&tensors, &[]).unwrap(),
+    )
+    .unwrap();
 }
 
 fn injected(init: LoraInit, r: usize) -> lora::Injected {
     let tmp = tempfile::tempdir().unwrap();
     tiny_llama(tmp.path());
     let mut model = load_model(tmp.path(), Kind::Float, Device::Cpu).unwrap();
-    let cfg = LoraConfig { r, alpha: 16.0, init, target_modules: TargetModules::AllLinear, ..LoraConfig::default() };
+    let cfg = LoraConfig {
+        r,
+        alpha: 16.0,
+        init,
+        target_modules: TargetModules::AllLinear,
+        ..LoraConfig::default()
+    };
     tch::manual_seed(0);
     lora::inject(&mut model, &cfg, Device::Cpu).unwrap()
 }
@@ -58,8 +80,16 @@ fn kaiming_a_is_uniform_within_one_over_root_fan_in_and_b_is_zero() {
             let max = v.abs().max().double_value(&[]);
             // Uniform(-b, b) has std b/√3; with 512+ samples the sample std is within 15%.
             let std = v.std(true).double_value(&[]);
-            assert!(max <= bound && max > 0.9 * bound, "{}: max {max} bound {bound}", t.peft_key);
-            assert!((std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15, "{}: std {std}", t.peft_key);
+            assert!(
+                max <= bound && max > 0.9 * bound,
+                "{}: max {max} bound {bound}",
+                t.peft_key
+            );
+            assert!(
+                (std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15,
+                "{}: std {std}",
+                t.peft_key
+            );
         }
     }
 }
@@ -67,8 +97,12 @@ fn kaiming_a_is_uniform_within_one_over_root_fan_in_and_b_is_zero() {
 #[test]
 fn gaussian_a_has_std_one_over_r() {
     let inj = injected(LoraInit::Gaussian, 4);
-    let a: Vec<Tensor> =
-        inj.trainables.iter().filter(|t| t.peft_key.ends_with("lora_A.weight")).map(|t| t.tensor.detach().view([-1])).collect();
+    let a: Vec<Tensor> = inj
+        .trainables
+        .iter()
+        .filter(|t| t.peft_key.ends_with("lora_A.weight"))
+        .map(|t| t.tensor.detach().view([-1]))
+        .collect();
     let std = Tensor::cat(&a, 0).std(true).double_value(&[]);
     assert!((std - 0.25).abs() < 0.02, "std {std}");
 }
