@@ -16,6 +16,7 @@
 //! Relative paths are kept exactly as written; the caller resolves them against the current
 //! directory.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -90,6 +91,14 @@ pub struct LoraConfig {
     pub dropout: f64,
     pub use_rslora: bool,
     pub target_modules: TargetModules,
+    /// Modules never adapted even when `target_modules` selects them (a list of names or a regex).
+    pub exclude_modules: Option<TargetModules>,
+    /// Adapt only these decoder layers (by index); `None` for all. Applies to a list of targets.
+    pub layers_to_transform: Option<Vec<usize>>,
+    /// Per-module rank: regex (matched against the end of the module path) → r.
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha: regex (matched against the end of the module path) → alpha.
+    pub alpha_pattern: BTreeMap<String, f64>,
     pub init: LoraInit,
 }
 
@@ -101,12 +110,18 @@ impl Default for LoraConfig {
             dropout: 0.05,
             use_rslora: false,
             target_modules: TargetModules::default(),
+            exclude_modules: None,
+            layers_to_transform: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
             init: LoraInit::default(),
         }
     }
 }
 
-/// Which linear layers get an adapter. YAML: the string `all-linear`, or a list of leaf names.
+/// Which linear layers get an adapter, with PEFT's rules. YAML: the string `all-linear`, a list
+/// of names (a module matches when its path ends with `.name`), or any other string, a regex
+/// that must match the whole module path (`model.layers.0.self_attn.q_proj`).
 ///
 /// Serialize and Deserialize are written by hand: the YAML form is either a string or a list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +130,8 @@ pub enum TargetModules {
     AllLinear,
     /// Leaf module names such as `q_proj`.
     List(Vec<String>),
+    /// A regex that must match a module's whole path.
+    Regex(String),
 }
 
 const ALL_LINEAR: &str = "all-linear";
@@ -135,6 +152,7 @@ impl Serialize for TargetModules {
         match self {
             TargetModules::AllLinear => serializer.serialize_str(ALL_LINEAR),
             TargetModules::List(names) => names.serialize(serializer),
+            TargetModules::Regex(pattern) => serializer.serialize_str(pattern),
         }
     }
 }
@@ -147,12 +165,26 @@ impl<'de> Deserialize<'de> for TargetModules {
             type Value = TargetModules;
 
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("`all-linear` or a list of module names such as [q_proj, v_proj]")
+                f.write_str(
+                    "`all-linear`, a list of module names such as [q_proj, v_proj], \
+                     or a regex over module paths",
+                )
             }
 
             fn visit_str<E: de::Error>(self, value: &str) -> Result<TargetModules, E> {
                 if value == ALL_LINEAR {
                     return Ok(TargetModules::AllLinear);
+                }
+                // A string with regex syntax is PEFT's full-match regex; a bare name is almost
+                // always a list written without brackets, which would match nothing.
+                let bare_name = value
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | ' '));
+                if !bare_name && !value.is_empty() {
+                    return match regex::Regex::new(&format!("^(?:{value})$")) {
+                        Ok(_) => Ok(TargetModules::Regex(value.to_string())),
+                        Err(e) => Err(E::custom(format!("`{value}` is not a valid regex: {e}"))),
+                    };
                 }
                 let message = match suggest(value, &[ALL_LINEAR]) {
                     Some(_) => format!(
@@ -161,7 +193,8 @@ impl<'de> Deserialize<'de> for TargetModules {
                     ),
                     None => format!(
                         "module names must be a list even when there is one, e.g. `[{value}]` \
-                         (or `{ALL_LINEAR}` for every linear layer)"
+                         (or `{ALL_LINEAR}` for every linear layer, or a regex over module \
+                         paths such as `.*\\.{value}`)"
                     ),
                 };
                 Err(E::custom(message))
@@ -544,6 +577,22 @@ impl Config {
             }
         }
 
+        if lora.exclude_modules == Some(TargetModules::AllLinear) {
+            return Err(Invalid::new(
+                "lora.exclude_modules",
+                "`lora.exclude_modules` cannot be `all-linear`; give a list of module names or a regex"
+                    .to_string(),
+            ));
+        }
+        for (pattern, &r) in &lora.rank_pattern {
+            valid_pattern("lora.rank_pattern", pattern)?;
+            at_least("lora.rank_pattern", r, 1)?;
+        }
+        for (pattern, &alpha) in &lora.alpha_pattern {
+            valid_pattern("lora.alpha_pattern", pattern)?;
+            positive("lora.alpha_pattern", alpha)?;
+        }
+
         required_path(
             "data.train",
             &data.train,
@@ -721,6 +770,17 @@ fn fraction(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
         key,
         format!("`{key}` must be in [0, 1) (at least 0 and below 1), got {value}"),
     ))
+}
+
+/// A rank/alpha pattern key must be a valid regex.
+fn valid_pattern(key: &'static str, pattern: &str) -> std::result::Result<(), Invalid> {
+    match regex::Regex::new(pattern) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Invalid::new(
+            key,
+            format!("`{key}` key `{pattern}` is not a valid regex: {e}"),
+        )),
+    }
 }
 
 fn valid_device(device: &str) -> bool {

@@ -159,7 +159,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 6 + 6 + 18 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 10 + 6 + 18 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(
         missing.is_empty(),
@@ -203,6 +203,10 @@ fn to_yaml_round_trips_a_changed_config() {
         dropout: 0.0,
         use_rslora: true,
         target_modules: TargetModules::AllLinear,
+        exclude_modules: Some(TargetModules::Regex(r".*\.0\.mlp\..*".into())),
+        layers_to_transform: Some(vec![0, 2]),
+        rank_pattern: [("q_proj".to_string(), 4)].into(),
+        alpha_pattern: [("v_proj".to_string(), 3.5)].into(),
         init: LoraInit::Gaussian,
     };
     config.data.validation = Some(PathBuf::from("data/val.jsonl"));
@@ -400,7 +404,7 @@ fn unknown_key_without_a_close_match_lists_the_valid_keys() {
         &[
             "run.yaml:6:3",
             "unknown key `lora.zzzzzz`",
-            "r, alpha, dropout, use_rslora, target_modules, init",
+            "r, alpha, dropout, use_rslora, target_modules, exclude_modules, layers_to_transform, rank_pattern, alpha_pattern, init",
         ],
     );
 }
@@ -524,7 +528,7 @@ fn wrong_type_names_path_position_and_expectation() {
     let yaml = format!("{BASE}lora:\n  target_modules: 5\n");
     assert_contains(
         &error(&yaml, &[]),
-        &["`lora.target_modules` must be `all-linear` or a list of module names"],
+        &["`lora.target_modules` must be `all-linear`, a list of module names"],
     );
     let yaml = format!("{BASE}output:\n  sample_prompts: hello\n");
     assert_contains(

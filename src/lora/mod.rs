@@ -5,7 +5,9 @@ pub mod peft;
 
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::model::Decoder;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
+use regex::Regex;
+use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 /// The trainable pair beside one frozen linear layer.
@@ -52,6 +54,8 @@ pub struct Trainable {
 pub struct Injected {
     pub module_paths: Vec<String>,
     pub trainables: Vec<Trainable>,
+    /// The adapted layers store their weights `[in, out]` (GPT-2), which PEFT records.
+    pub fan_in_fan_out: bool,
 }
 
 impl Injected {
@@ -85,48 +89,135 @@ fn matches_name(path: &str, name: &str) -> bool {
     path == name || path.ends_with(&format!(".{name}"))
 }
 
-/// The module paths `targets` selects among `paths` (all linear layers of the model).
-/// `all-linear` takes every linear layer but the output projection.
+/// A regex that must match the whole of `path` (PEFT's `re.fullmatch`).
+fn full_match(pattern: &str) -> Result<Regex> {
+    Regex::new(&format!("^(?:{pattern})$"))
+        .map_err(|e| anyhow!("`{pattern}` is not a valid regex: {e}"))
+}
+
+/// Whether a module path is selected.
+type PathFilter = Box<dyn Fn(&str) -> bool>;
+
+fn matcher(modules: &TargetModules) -> Result<PathFilter> {
+    Ok(match modules {
+        TargetModules::AllLinear => Box::new(|path: &str| path != "lm_head"),
+        TargetModules::List(names) => {
+            let names = names.clone();
+            Box::new(move |path: &str| names.iter().any(|n| matches_name(path, n)))
+        }
+        TargetModules::Regex(pattern) => {
+            let re = full_match(pattern)?;
+            Box::new(move |path: &str| re.is_match(path))
+        }
+    })
+}
+
+/// The decoder layer index in a module path (`model.layers.3.mlp.up_proj` → 3), PEFT's rule.
+fn layer_index(path: &str) -> Option<usize> {
+    static LAYER: std::sync::LazyLock<Regex> =
+        std::sync::LazyLock::new(|| Regex::new(r"^.*?\.[^.]*\.(\d+)\.").expect("static regex"));
+    LAYER.captures(path).and_then(|c| c[1].parse().ok())
+}
+
+/// The value of the first `pattern → value` whose regex matches the end of `path` (PEFT's
+/// `rank_pattern` / `alpha_pattern` rule); two matching patterns are ambiguous and refused.
+pub(crate) fn pattern_value<T: Copy>(
+    key: &str,
+    patterns: &BTreeMap<String, T>,
+    path: &str,
+) -> Result<Option<T>> {
+    let mut found: Option<(&String, T)> = None;
+    for (pattern, &value) in patterns {
+        let re =
+            Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| anyhow!("{key}: {e}"))?;
+        if re.is_match(path) {
+            if let Some((first, _)) = found {
+                bail!("{key}: both `{first}` and `{pattern}` match `{path}`; make the patterns exclusive");
+            }
+            found = Some((pattern, value));
+        }
+    }
+    Ok(found.map(|(_, v)| v))
+}
+
+/// One module that gets an adapter, with its rank and alpha.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub path: String,
+    pub r: usize,
+    pub alpha: f64,
+}
+
+/// The modules `cfg` selects among `paths` (all linear layers of the model), with PEFT's rules:
+/// `target_modules` (all-linear takes every linear layer but the output projection), minus
+/// `exclude_modules`, restricted to `layers_to_transform`, ranks and alphas by pattern.
 pub fn select_targets(
     paths: &[String],
-    targets: &TargetModules,
+    cfg: &LoraConfig,
     tied_embeddings: bool,
-) -> Result<Vec<String>> {
-    let selected: Vec<String> = match targets {
-        TargetModules::AllLinear => paths
-            .iter()
-            .filter(|p| p.as_str() != "lm_head")
-            .cloned()
-            .collect(),
-        TargetModules::List(names) => {
-            for name in names {
-                if !paths.iter().any(|p| matches_name(p, name)) {
-                    let mut leaves: Vec<&str> = paths.iter().map(|p| leaf(p)).collect();
-                    leaves.sort();
-                    leaves.dedup();
-                    let why = if tied_embeddings
-                        && matches!(name.as_str(), "lm_head" | "embed_tokens")
-                    {
-                        " (this model ties lm_head to embed_tokens, and adapting a tied matrix breaks \
-                         merging and loading in other runtimes, so it is not offered)"
-                    } else {
-                        ""
-                    };
-                    bail!(
-                        "lora.target_modules: `{name}` matches no linear layer of this model{why}; \
-                         its linear layers are: {} (or use `all-linear`)",
-                        leaves.join(", ")
-                    );
-                }
-            }
-            paths
-                .iter()
-                .filter(|p| names.iter().any(|n| matches_name(p, n)))
-                .cloned()
-                .collect()
-        }
+) -> Result<Vec<Target>> {
+    let leaves = || {
+        let mut leaves: Vec<&str> = paths.iter().map(|p| leaf(p)).collect();
+        leaves.sort();
+        leaves.dedup();
+        leaves.join(", ")
     };
-    Ok(selected)
+    if let TargetModules::List(names) = &cfg.target_modules {
+        for name in names {
+            if !paths.iter().any(|p| matches_name(p, name)) {
+                let why = if tied_embeddings
+                    && matches!(name.as_str(), "lm_head" | "embed_tokens" | "wte")
+                {
+                    " (this model ties lm_head to its input embeddings, and adapting a tied matrix \
+                     breaks merging and loading in other runtimes, so it is not offered)"
+                } else {
+                    ""
+                };
+                bail!(
+                    "lora.target_modules: `{name}` matches no linear layer of this model{why}; \
+                     its linear layers are: {} (or use `all-linear`)",
+                    leaves()
+                );
+            }
+        }
+    }
+    if cfg.layers_to_transform.is_some() && matches!(cfg.target_modules, TargetModules::Regex(_)) {
+        bail!("lora.layers_to_transform applies to a list of target modules; with a regex, put the layers in the regex");
+    }
+    let targeted = matcher(&cfg.target_modules)?;
+    let excluded = match &cfg.exclude_modules {
+        Some(modules) => matcher(modules)?,
+        None => Box::new(|_: &str| false),
+    };
+    let mut targets = Vec::new();
+    for path in paths {
+        let in_layers = match &cfg.layers_to_transform {
+            Some(layers) => layer_index(path).is_some_and(|i| layers.contains(&i)),
+            None => true,
+        };
+        if targeted(path) && !excluded(path) && in_layers {
+            targets.push(Target {
+                path: path.clone(),
+                r: pattern_value("lora.rank_pattern", &cfg.rank_pattern, path)?.unwrap_or(cfg.r),
+                alpha: pattern_value("lora.alpha_pattern", &cfg.alpha_pattern, path)?
+                    .unwrap_or(cfg.alpha),
+            });
+        }
+    }
+    if targets.is_empty() {
+        bail!(
+            "lora.target_modules{}: no linear layer of this model is selected; its linear layers are: {} \
+             (module paths look like `{}`)",
+            if cfg.exclude_modules.is_some() || cfg.layers_to_transform.is_some() {
+                " with exclude_modules / layers_to_transform"
+            } else {
+                ""
+            },
+            leaves(),
+            paths.first().map(String::as_str).unwrap_or("")
+        );
+    }
+    Ok(targets)
 }
 
 /// Attaches freshly initialised adapters to the layers `cfg.target_modules` selects.
@@ -135,10 +226,15 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
     let tied = model.spec.tie_word_embeddings;
     let mut layers = model.linear_layers_mut();
     let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-    let selected = select_targets(&paths, &cfg.target_modules, tied)?;
-    let r = cfg.r as i64;
+    let targets = select_targets(&paths, cfg, tied)?;
     let mut trainables = Vec::new();
-    for (path, linear) in layers.iter_mut().filter(|(p, _)| selected.contains(p)) {
+    let mut fan_in_fan_out = false;
+    for target in &targets {
+        let (path, linear) = layers
+            .iter_mut()
+            .find(|(p, _)| *p == target.path)
+            .expect("selected from these layers");
+        let r = target.r as i64;
         let opts = (Kind::Float, device);
         let a = match cfg.init {
             // kaiming_uniform_(a=√5) on [r, in]: bound = 1/√in.
@@ -154,7 +250,7 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
         let adapter = Adapter {
             a: a.set_requires_grad(true),
             b: b.set_requires_grad(true),
-            scale: scale(cfg.alpha, cfg.r, cfg.use_rslora),
+            scale: scale(target.alpha, target.r, cfg.use_rslora),
             dropout: cfg.dropout,
         };
         trainables.push(Trainable {
@@ -165,11 +261,13 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
             peft_key: peft::key(path, "lora_B"),
             tensor: adapter.b.shallow_clone(),
         });
+        fan_in_fan_out |= linear.fan_in_fan_out;
         linear.adapter = Some(adapter);
     }
     Ok(Injected {
-        module_paths: selected,
+        module_paths: targets.into_iter().map(|t| t.path).collect(),
         trainables,
+        fan_in_fan_out,
     })
 }
 
@@ -196,12 +294,23 @@ mod tests {
         p
     }
 
+    fn cfg(targets: TargetModules) -> LoraConfig {
+        LoraConfig {
+            target_modules: targets,
+            ..LoraConfig::default()
+        }
+    }
+
+    fn paths_of(targets: &[Target]) -> Vec<&str> {
+        targets.iter().map(|t| t.path.as_str()).collect()
+    }
+
     #[test]
     fn list_targets_match_path_suffixes() {
         let t = TargetModules::List(vec!["q_proj".into(), "mlp.down_proj".into()]);
-        let got = select_targets(&llama_paths(), &t, false).unwrap();
+        let got = select_targets(&llama_paths(), &cfg(t), false).unwrap();
         assert_eq!(
-            got,
+            paths_of(&got),
             vec![
                 "model.layers.0.self_attn.q_proj",
                 "model.layers.0.mlp.down_proj",
@@ -209,19 +318,78 @@ mod tests {
                 "model.layers.1.mlp.down_proj"
             ]
         );
+        assert!(got.iter().all(|t| t.r == 8 && t.alpha == 16.0));
     }
 
     #[test]
     fn all_linear_excludes_the_output_layer() {
-        let got = select_targets(&llama_paths(), &TargetModules::AllLinear, false).unwrap();
+        let got = select_targets(&llama_paths(), &cfg(TargetModules::AllLinear), false).unwrap();
         assert_eq!(got.len(), 14);
-        assert!(!got.iter().any(|p| p == "lm_head"));
+        assert!(!got.iter().any(|t| t.path == "lm_head"));
+    }
+
+    #[test]
+    fn a_regex_must_match_the_whole_path() {
+        let t = TargetModules::Regex(r".*\.1\.self_attn\.(q|v)_proj".into());
+        let got = select_targets(&llama_paths(), &cfg(t), false).unwrap();
+        assert_eq!(
+            paths_of(&got),
+            vec![
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.1.self_attn.v_proj"
+            ]
+        );
+        let err = select_targets(
+            &llama_paths(),
+            &cfg(TargetModules::Regex("q_pro.".into())),
+            false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("no linear layer"), "{err}");
+    }
+
+    #[test]
+    fn exclusions_layers_and_patterns_follow_peft() {
+        let mut c = cfg(TargetModules::AllLinear);
+        c.exclude_modules = Some(TargetModules::List(vec!["down_proj".into()]));
+        c.layers_to_transform = Some(vec![1]);
+        c.rank_pattern = BTreeMap::from([("self_attn\\.(q|k)_proj".to_string(), 4)]);
+        c.alpha_pattern = BTreeMap::from([("up_proj".to_string(), 2.0)]);
+        let got = select_targets(&llama_paths(), &c, false).unwrap();
+        assert_eq!(got.len(), 6);
+        assert!(got
+            .iter()
+            .all(|t| t.path.starts_with("model.layers.1.") && !t.path.ends_with("down_proj")));
+        let by_leaf = |leaf: &str| got.iter().find(|t| t.path.ends_with(leaf)).unwrap().clone();
+        assert_eq!(
+            (
+                by_leaf("q_proj").r,
+                by_leaf("k_proj").r,
+                by_leaf("v_proj").r
+            ),
+            (4, 4, 8)
+        );
+        assert_eq!(
+            (by_leaf("up_proj").alpha, by_leaf("gate_proj").alpha),
+            (2.0, 16.0)
+        );
+    }
+
+    #[test]
+    fn overlapping_patterns_are_refused() {
+        let mut c = cfg(TargetModules::AllLinear);
+        c.rank_pattern =
+            BTreeMap::from([("q_proj".to_string(), 4), ("self_attn\\..*".to_string(), 2)]);
+        let err = select_targets(&llama_paths(), &c, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("both"), "{err}");
     }
 
     #[test]
     fn unknown_target_lists_the_model_linear_names() {
         let t = TargetModules::List(vec!["query".into()]);
-        let err = select_targets(&llama_paths(), &t, false)
+        let err = select_targets(&llama_paths(), &cfg(t), false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -235,7 +403,9 @@ mod tests {
         let mut paths = llama_paths();
         paths.pop();
         let t = TargetModules::List(vec!["lm_head".into()]);
-        let err = select_targets(&paths, &t, true).unwrap_err().to_string();
+        let err = select_targets(&paths, &cfg(t), true)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("ties lm_head"), "{err}");
     }
 

@@ -1,8 +1,8 @@
 //! Hugging Face PEFT adapter files: `adapter_config.json` + `adapter_model.safetensors`, keyed
 //! `base_model.model.<module path>.lora_A.weight` (`[r, in]`) / `.lora_B.weight` (`[out, r]`).
 
-use super::{scale, Adapter, Injected};
-use crate::config::{LoraConfig, LoraInit};
+use super::{pattern_value, scale, Adapter, Injected};
+use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::Decoder;
 use anyhow::{bail, Context, Result};
@@ -33,16 +33,26 @@ pub fn adapter_config(
         "r": cfg.r,
         "lora_alpha": json_number(cfg.alpha),
         "lora_dropout": cfg.dropout,
-        "target_modules": injected.target_leaf_names(),
+        "target_modules": match &cfg.target_modules {
+            // Resolved, so that readers without PEFT's all-linear logic select the same layers.
+            TargetModules::AllLinear => json!(injected.target_leaf_names()),
+            TargetModules::List(names) => json!(names),
+            TargetModules::Regex(pattern) => json!(pattern),
+        },
+        "exclude_modules": match &cfg.exclude_modules {
+            Some(TargetModules::List(names)) => json!(names),
+            Some(TargetModules::Regex(pattern)) => json!(pattern),
+            _ => json!(null),
+        },
         "bias": "none",
         "use_rslora": cfg.use_rslora,
         "use_dora": false,
         "modules_to_save": null,
-        "fan_in_fan_out": false,
+        "fan_in_fan_out": injected.fan_in_fan_out,
         "init_lora_weights": match cfg.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": null,
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern.iter().map(|(k, v)| (k.clone(), json_number(*v))).collect::<serde_json::Map<_, _>>(),
+        "layers_to_transform": cfg.layers_to_transform,
         "layers_pattern": null,
         "inference_mode": true,
     })
@@ -92,27 +102,28 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Vec<Strin
             field("peft_type")
         );
     }
-    for unsupported in ["use_dora", "fan_in_fan_out"] {
-        if field(unsupported).as_bool() == Some(true) {
-            bail!(
-                "{}: `{unsupported}: true` is not supported yet",
-                config_path.display()
-            );
-        }
+    if field("use_dora").as_bool() == Some(true) {
+        bail!(
+            "{}: DoRA adapters (`use_dora: true`) are not supported yet",
+            config_path.display()
+        );
     }
-    for pattern in ["rank_pattern", "alpha_pattern"] {
-        if field(pattern).as_object().is_some_and(|m| !m.is_empty()) {
-            bail!(
-                "{}: a non-empty `{pattern}` is not supported yet",
-                config_path.display()
-            );
-        }
-    }
+    let patterns = |key: &str| -> BTreeMap<String, f64> {
+        field(key)
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let (rank_pattern, alpha_pattern) = (patterns("rank_pattern"), patterns("alpha_pattern"));
     let r = field("r")
         .as_u64()
-        .with_context(|| format!("{}: `r` missing", config_path.display()))? as usize;
+        .with_context(|| format!("{}: `r` missing", config_path.display()))? as f64;
     let alpha = field("lora_alpha").as_f64().unwrap_or(8.0);
-    let s = scale(alpha, r, field("use_rslora").as_bool().unwrap_or(false));
+    let use_rslora = field("use_rslora").as_bool().unwrap_or(false);
 
     let weights_path = dir.join(WEIGHTS_FILE);
     let mut halves: BTreeMap<String, [Option<tch::Tensor>; 2]> = BTreeMap::new();
@@ -146,6 +157,8 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Vec<Strin
                 weights_path.display()
             );
         };
+        let r = pattern_value("rank_pattern", &rank_pattern, path)?.unwrap_or(r) as usize;
+        let alpha = pattern_value("alpha_pattern", &alpha_pattern, path)?.unwrap_or(alpha);
         let (want_a, want_b) = (
             [r as i64, linear.in_features()],
             [linear.out_features(), r as i64],
@@ -158,10 +171,11 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Vec<Strin
                 b.size()
             );
         }
+        let scale = scale(alpha, r, use_rslora);
         linear.adapter = Some(Adapter {
             a: a.shallow_clone(),
             b: b.shallow_clone(),
-            scale: s,
+            scale,
             dropout: 0.0,
         });
     }
