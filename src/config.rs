@@ -147,6 +147,16 @@ impl Default for TargetModules {
     }
 }
 
+impl fmt::Display for TargetModules {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            TargetModules::AllLinear => f.write_str(ALL_LINEAR),
+            TargetModules::List(names) => write!(f, "[{}]", names.join(", ")),
+            TargetModules::Regex(pattern) => write!(f, "regex `{pattern}`"),
+        }
+    }
+}
+
 impl Serialize for TargetModules {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {

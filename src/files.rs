@@ -24,6 +24,28 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
+/// The dtypes named in a safetensors file's header (read without loading the tensors).
+pub fn safetensors_dtypes(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
+    file.read_exact(&mut header)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("{} has no valid safetensors header", path.display()))?;
+    let mut dtypes: Vec<String> = header
+        .values()
+        .filter_map(|v| v.get("dtype")?.as_str().map(str::to_string))
+        .collect();
+    dtypes.sort();
+    dtypes.dedup();
+    Ok(dtypes)
+}
+
 /// Serialises tensors (any device, made contiguous) to safetensors bytes with `metadata`.
 pub fn safetensors_bytes(
     tensors: &[(String, Tensor)],

@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod files;
 pub mod generate;
+pub mod inspect;
 pub mod lora;
 pub mod model;
 pub mod train;

@@ -1,7 +1,8 @@
 //! The `lorafit` command line: parse, dispatch, print errors. All logic lives in the library.
 
 use clap::{Parser, Subcommand};
-use lorafit::config::Config;
+use lorafit::config::{Config, TargetModules};
+use lorafit::inspect::inspect;
 use lorafit::train::run::{run, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,19 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Describe a Hugging Face model directory: family, size, dtype, its linear layers (the names
+    /// `lora.target_modules` can use) and the trainable parameters an adapter would add.
+    Inspect {
+        /// The model directory (config.json, *.safetensors).
+        model: PathBuf,
+        /// Target modules to size an adapter for: `all-linear`, a list such as `[q_proj,v_proj]`,
+        /// or a regex over module paths.
+        #[arg(long, default_value = "all-linear")]
+        targets: String,
+        /// Adapter rank to size.
+        #[arg(long, default_value_t = 8)]
+        r: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +66,10 @@ fn main() -> ExitCode {
             )
             .map(|_| ())
         }),
+        Command::Inspect { model, targets, r } => serde_yaml::from_str::<TargetModules>(&targets)
+            .map_err(|e| anyhow::anyhow!("--targets {targets}: {e}"))
+            .and_then(|targets| inspect(&model, &targets, r))
+            .map(|report| print!("{report}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
