@@ -100,6 +100,10 @@ pub struct LoraConfig {
     /// Per-module alpha: regex (matched against the end of the module path) → alpha.
     pub alpha_pattern: BTreeMap<String, f64>,
     pub init: LoraInit,
+    /// Start from this PEFT adapter directory instead of a fresh adapter; its own
+    /// adapter_config.json then decides r, alpha, targets and patterns (dropout stays ours).
+    #[serde(default, serialize_with = "serialize_opt_path")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl Default for LoraConfig {
@@ -115,6 +119,7 @@ impl Default for LoraConfig {
             rank_pattern: BTreeMap::new(),
             alpha_pattern: BTreeMap::new(),
             init: LoraInit::default(),
+            init_from: None,
         }
     }
 }

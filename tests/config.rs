@@ -159,7 +159,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 10 + 6 + 18 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 11 + 6 + 18 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(
         missing.is_empty(),
@@ -208,6 +208,7 @@ fn to_yaml_round_trips_a_changed_config() {
         rank_pattern: [("q_proj".to_string(), 4)].into(),
         alpha_pattern: [("v_proj".to_string(), 3.5)].into(),
         init: LoraInit::Gaussian,
+        init_from: Some(PathBuf::from("adapters/previous")),
     };
     config.data.validation = Some(PathBuf::from("data/val.jsonl"));
     config.data.format = DataFormat::Completion;
@@ -404,7 +405,7 @@ fn unknown_key_without_a_close_match_lists_the_valid_keys() {
         &[
             "run.yaml:6:3",
             "unknown key `lora.zzzzzz`",
-            "r, alpha, dropout, use_rslora, target_modules, exclude_modules, layers_to_transform, rank_pattern, alpha_pattern, init",
+            "r, alpha, dropout, use_rslora, target_modules, exclude_modules, layers_to_transform, rank_pattern, alpha_pattern, init, init_from",
         ],
     );
 }

@@ -67,7 +67,7 @@ fn trained_adapter_loads_in_peft_with_equal_logits() {
     .view([2, 12]);
     let base_logits = tch::no_grad(|| model.forward(&ids, false));
     let modules = peft::load(&adapter, &mut model, Device::Cpu).unwrap();
-    assert_eq!(modules.len(), 5 * 7);
+    assert_eq!(modules.module_paths.len(), 5 * 7);
     let logits = tch::no_grad(|| model.forward(&ids, false));
     let effect = (&logits - &base_logits).abs().max().double_value(&[]);
     assert!(

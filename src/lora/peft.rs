@@ -1,12 +1,12 @@
 //! Hugging Face PEFT adapter files: `adapter_config.json` + `adapter_model.safetensors`, keyed
 //! `base_model.model.<module path>.lora_A.weight` (`[r, in]`) / `.lora_B.weight` (`[out, r]`).
 
-use super::{pattern_value, scale, Adapter, Injected};
+use super::Injected;
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::Decoder;
 use anyhow::{bail, Context, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Device, Kind};
@@ -83,31 +83,51 @@ pub fn save(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str)
     .with_context(|| format!("cannot save the adapter to {}", dir.display()))
 }
 
-/// Attaches the adapter in `dir` (frozen, for inference) to `model`. Returns the module paths.
-pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Vec<String>> {
-    let config_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&config_path).with_context(|| {
+/// The LoRA settings of a PEFT adapter directory, as a [`LoraConfig`] that [`super::inject`]
+/// turns into the same modules, ranks and scales.
+pub fn read_config(dir: &Path) -> Result<LoraConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| {
         format!(
             "cannot read {}: not a PEFT adapter directory",
-            config_path.display()
+            path.display()
         )
     })?;
-    let cfg: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
-    let field = |k: &str| cfg.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    let cfg: Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let field = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
+    let refuse = |what: String| -> Result<LoraConfig> { bail!("{}: {what}", path.display()) };
     if field("peft_type").as_str() != Some("LORA") {
-        bail!(
-            "{}: peft_type is {}, only LORA adapters are supported",
-            config_path.display(),
+        return refuse(format!(
+            "peft_type is {}, only LORA adapters are supported",
             field("peft_type")
-        );
+        ));
     }
     if field("use_dora").as_bool() == Some(true) {
-        bail!(
-            "{}: DoRA adapters (`use_dora: true`) are not supported yet",
-            config_path.display()
+        return refuse("DoRA adapters (`use_dora: true`) are not supported yet".into());
+    }
+    if !field("modules_to_save").is_null() || field("bias").as_str().is_some_and(|b| b != "none") {
+        return refuse(
+            "adapters with modules_to_save or trained biases are not supported yet".into(),
         );
     }
+    let modules = |v: Value| -> Result<Option<TargetModules>> {
+        Ok(match v {
+            Value::Null => None,
+            Value::String(s) if s == "all-linear" => Some(TargetModules::AllLinear),
+            Value::String(s) => Some(TargetModules::Regex(s)),
+            Value::Array(names) => Some(TargetModules::List(
+                names
+                    .iter()
+                    .map(|n| n.as_str().map(str::to_string))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("{}: module names must be strings", path.display())
+                    })?,
+            )),
+            other => bail!("{}: cannot read module selection {other}", path.display()),
+        })
+    };
     let patterns = |key: &str| -> BTreeMap<String, f64> {
         field(key)
             .as_object()
@@ -118,66 +138,87 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Vec<Strin
             })
             .unwrap_or_default()
     };
-    let (rank_pattern, alpha_pattern) = (patterns("rank_pattern"), patterns("alpha_pattern"));
-    let r = field("r")
-        .as_u64()
-        .with_context(|| format!("{}: `r` missing", config_path.display()))? as f64;
-    let alpha = field("lora_alpha").as_f64().unwrap_or(8.0);
-    let use_rslora = field("use_rslora").as_bool().unwrap_or(false);
+    let layers = match field("layers_to_transform") {
+        Value::Null => None,
+        Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
+        Value::Array(a) => Some(
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|i| i as usize)
+                .collect(),
+        ),
+        other => return refuse(format!("cannot read layers_to_transform {other}")),
+    };
+    let Some(target_modules) = modules(field("target_modules"))? else {
+        return refuse("no target_modules".into());
+    };
+    Ok(LoraConfig {
+        r: field("r")
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("{}: `r` missing", path.display()))? as usize,
+        alpha: field("lora_alpha").as_f64().unwrap_or(8.0),
+        dropout: field("lora_dropout").as_f64().unwrap_or(0.0),
+        use_rslora: field("use_rslora").as_bool().unwrap_or(false),
+        target_modules,
+        exclude_modules: modules(field("exclude_modules"))?,
+        layers_to_transform: layers,
+        rank_pattern: patterns("rank_pattern")
+            .into_iter()
+            .map(|(k, v)| (k, v as usize))
+            .collect(),
+        alpha_pattern: patterns("alpha_pattern"),
+        init: match field("init_lora_weights").as_str() {
+            Some("gaussian") => LoraInit::Gaussian,
+            _ => LoraInit::Kaiming,
+        },
+        init_from: None,
+    })
+}
 
-    let weights_path = dir.join(WEIGHTS_FILE);
-    let mut halves: BTreeMap<String, [Option<tch::Tensor>; 2]> = BTreeMap::new();
-    for (name, tensor) in read_safetensors(&weights_path)? {
-        let parsed = name
-            .strip_prefix(KEY_PREFIX)
-            .and_then(|rest| rest.strip_suffix(".weight"))
-            .and_then(|rest| rest.rsplit_once('.'));
-        let (path, slot) = match parsed {
-            Some((path, "lora_A")) => (path, 0),
-            Some((path, "lora_B")) => (path, 1),
-            _ => bail!(
-                "{}: unexpected tensor `{name}` (expected LoRA A/B weights)",
-                weights_path.display()
-            ),
-        };
-        halves.entry(path.to_string()).or_default()[slot] =
-            Some(tensor.to_kind(Kind::Float).to_device(device));
-    }
-    let mut layers = model.linear_layers_mut();
-    for (path, [a, b]) in &halves {
-        let (Some(a), Some(b)) = (a, b) else {
+/// Copies the tensors of the adapter file in `dir` into `injected`'s adapters. Every tensor of
+/// the file must have a place, and every adapter a tensor, of the same shape.
+pub fn copy_weights(dir: &Path, injected: &Injected) -> Result<()> {
+    let path = dir.join(WEIGHTS_FILE);
+    let mut stored: BTreeMap<String, tch::Tensor> = read_safetensors(&path)?.into_iter().collect();
+    for t in &injected.trainables {
+        let Some(value) = stored.remove(&t.peft_key) else {
             bail!(
-                "{}: module `{path}` has only one of lora_A / lora_B",
-                weights_path.display()
+                "{}: no tensor `{}` for this adapter's configuration",
+                path.display(),
+                t.peft_key
             );
         };
-        let Some((_, linear)) = layers.iter_mut().find(|(p, _)| p == path) else {
+        if value.size() != t.tensor.size() {
             bail!(
-                "{}: the model has no linear layer `{path}`",
-                weights_path.display()
-            );
-        };
-        let r = pattern_value("rank_pattern", &rank_pattern, path)?.unwrap_or(r) as usize;
-        let alpha = pattern_value("alpha_pattern", &alpha_pattern, path)?.unwrap_or(alpha);
-        let (want_a, want_b) = (
-            [r as i64, linear.in_features()],
-            [linear.out_features(), r as i64],
-        );
-        if a.size() != want_a || b.size() != want_b {
-            bail!(
-                "{}: `{path}` has lora_A {:?} and lora_B {:?}, but r = {r} and the layer needs {want_a:?} and {want_b:?}",
-                weights_path.display(),
-                a.size(),
-                b.size()
+                "{}: `{}` has shape {:?}, the adapter needs {:?}",
+                path.display(),
+                t.peft_key,
+                value.size(),
+                t.tensor.size()
             );
         }
-        let scale = scale(alpha, r, use_rslora);
-        linear.adapter = Some(Adapter {
-            a: a.shallow_clone(),
-            b: b.shallow_clone(),
-            scale,
-            dropout: 0.0,
-        });
+        tch::no_grad(|| t.tensor.shallow_clone().copy_(&value.to_kind(Kind::Float)));
     }
-    Ok(halves.into_keys().collect())
+    if let Some(extra) = stored.keys().next() {
+        bail!(
+            "{}: tensor `{extra}` matches no module its adapter_config.json selects",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Attaches the adapter in `dir` to `model` for inference (frozen, no dropout).
+pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Injected> {
+    let cfg = LoraConfig {
+        dropout: 0.0,
+        ..read_config(dir)?
+    };
+    let injected = super::inject(model, &cfg, device)
+        .with_context(|| format!("applying the adapter in {}", dir.display()))?;
+    copy_weights(dir, &injected)?;
+    for t in &injected.trainables {
+        let _ = t.tensor.shallow_clone().set_requires_grad(false);
+    }
+    Ok(injected)
 }

@@ -4,7 +4,7 @@
 //! is created, so a bad input leaves nothing behind in `checkpoints/`.
 
 use super::{evaluate, schedule, StepStats, Trainer};
-use crate::config::{Config, Precision, WeightDtype};
+use crate::config::{Config, LoraConfig, Precision, WeightDtype};
 use crate::data::format::{prepare, render_prompt, Prepared};
 use crate::data::{Batch, EpochPlan, TextTokenizer};
 use crate::files::write_atomic;
@@ -201,7 +201,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         .transpose()?;
     let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
     let mut model = load_model(&cfg.model.path, kind, device)?;
-    let injected: Injected = lora::inject(&mut model, &cfg.lora, device)?;
+    let lora_cfg = match &cfg.lora.init_from {
+        Some(dir) => LoraConfig {
+            dropout: cfg.lora.dropout,
+            ..peft::read_config(dir)?
+        },
+        None => cfg.lora.clone(),
+    };
+    let injected: Injected = lora::inject(&mut model, &lora_cfg, device)?;
+    if let Some(dir) = &cfg.lora.init_from {
+        peft::copy_weights(dir, &injected)?;
+    }
 
     let steps_per_epoch = EpochPlan::steps_per_epoch(
         train_data.examples.len(),
@@ -223,13 +233,18 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         kind
     );
     println!(
-        "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base)",
-        cfg.lora.r,
-        cfg.lora.alpha,
+        "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base){}",
+        lora_cfg.r,
+        lora_cfg.alpha,
         injected.module_paths.len(),
         injected.target_leaf_names().join(","),
         injected.parameter_count(),
-        100.0 * injected.parameter_count() as f64 / spec.parameter_count() as f64
+        100.0 * injected.parameter_count() as f64 / spec.parameter_count() as f64,
+        cfg.lora
+            .init_from
+            .as_ref()
+            .map(|d| format!(", starting from {}", d.display()))
+            .unwrap_or_default()
     );
     println!(
         "  data: {} training examples ({} truncated to {} tokens, {} dropped with no trainable token){}",
@@ -352,7 +367,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     bar.finish_and_clear();
     let elapsed = started.elapsed().as_secs_f64();
     let adapter_dir = run_dir.join("adapter");
-    peft::save(&adapter_dir, &cfg.lora, &injected, &base_model)?;
+    peft::save(&adapter_dir, &lora_cfg, &injected, &base_model)?;
 
     println!("  trained {step} steps in {elapsed:.1} s ({:.0} tokens/s): loss {first_loss:.4} → {last_loss:.4}", tokens_seen as f64 / elapsed);
     let val_loss_after = val_batches.as_ref().map(|b| evaluate(&model, b).0);
