@@ -173,8 +173,10 @@ fn train_and_export(dir: &Path, out: &Path) -> (Tensor, Tensor) {
         .iter()
         .map(|t| t.tensor.shallow_clone())
         .collect();
-    let mut train_cfg = lorafit::config::TrainConfig::default();
-    train_cfg.lr = 0.05;
+    let train_cfg = lorafit::config::TrainConfig {
+        lr: 0.05,
+        ..Default::default()
+    };
     let mut trainer = Trainer::new(params, &train_cfg);
     let ids = Tensor::randint_low(3, 256, [2, 10], (Kind::Int64, Device::Cpu));
     let rows: Vec<Vec<i64>> = Vec::try_from(&ids).unwrap();
