@@ -242,3 +242,94 @@ fn lorafit_adapters_load_in_peft_for_every_family() {
         );
     }
 }
+
+/// Copies a fixture's config into `dest` and writes its tensors through `write`.
+fn rewritten(family: &str, dest: &Path, write: impl FnOnce(Vec<(String, Tensor)>, &Path)) {
+    let src = fixture(family);
+    std::fs::copy(src.join("config.json"), dest.join("config.json")).unwrap();
+    write(
+        read_safetensors(&src.join("model.safetensors")).unwrap(),
+        dest,
+    );
+}
+
+#[test]
+fn sharded_checkpoints_load_through_their_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("llama3", tmp.path(), |tensors, dest| {
+        let (first, second) = tensors.split_at(tensors.len() / 2);
+        let mut weight_map = serde_json::Map::new();
+        for (file, part) in [
+            ("model-00001-of-00002.safetensors", first),
+            ("model-00002-of-00002.safetensors", second),
+        ] {
+            std::fs::write(
+                dest.join(file),
+                lorafit::files::safetensors_bytes(part, &[]).unwrap(),
+            )
+            .unwrap();
+            for (name, _) in part {
+                weight_map.insert(name.clone(), json!(file));
+            }
+        }
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dest.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    });
+    let r = reference(&fixture("llama3"));
+    let model = load_model(tmp.path(), Kind::Float, Device::Cpu).unwrap();
+    assert!(max_diff(&logits(&model, &r["input_ids"]), &r["logits"]) <= 1e-4);
+}
+
+#[test]
+fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
+    let name = "model.layers.1.self_attn.k_proj.weight";
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("llama3", tmp.path(), |tensors, dest| {
+        let tensors: Vec<(String, Tensor)> = tensors
+            .into_iter()
+            .map(|(n, t)| {
+                if n == name {
+                    (n, t.narrow(0, 0, 8).contiguous())
+                } else {
+                    (n, t)
+                }
+            })
+            .collect();
+        std::fs::write(
+            dest.join("model.safetensors"),
+            lorafit::files::safetensors_bytes(&tensors, &[]).unwrap(),
+        )
+        .unwrap();
+    });
+    let err = format!(
+        "{:#}",
+        load_model(tmp.path(), Kind::Float, Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(
+        err.contains(name)
+            && err.contains("[8, 32]")
+            && err.contains("[16, 32]")
+            && err.contains("model.safetensors"),
+        "{err}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    rewritten("llama3", tmp.path(), |tensors, dest| {
+        let tensors: Vec<(String, Tensor)> =
+            tensors.into_iter().filter(|(n, _)| n != name).collect();
+        std::fs::write(
+            dest.join("model.safetensors"),
+            lorafit::files::safetensors_bytes(&tensors, &[]).unwrap(),
+        )
+        .unwrap();
+    });
+    let err = format!(
+        "{:#}",
+        load_model(tmp.path(), Kind::Float, Device::Cpu)
+            .err()
+            .unwrap()
+    );
+    assert!(err.contains(name) && err.contains("no tensor"), "{err}");
+}

@@ -29,9 +29,6 @@ pub struct TextTokenizer {
 impl TextTokenizer {
     /// Loads `<dir>/tokenizer.json`; EOS comes from `config.json`.
     pub fn from_model_dir(dir: &Path, spec: &ModelSpec) -> Result<TextTokenizer> {
-        let path = dir.join("tokenizer.json");
-        let inner = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         let eos_id = match spec.eos_token_ids.first() {
             Some(&id) => id,
             None => bail!(
@@ -39,6 +36,18 @@ impl TextTokenizer {
                 dir.display()
             ),
         };
+        Self::from_file(&dir.join("tokenizer.json"), eos_id)
+    }
+
+    /// Loads a `tokenizer.json`. Padding and truncation settings stored in the file are
+    /// dropped: batching pads and `max_seq_len` truncates, each with its own accounting.
+    pub fn from_file(path: &Path, eos_id: i64) -> Result<TextTokenizer> {
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| anyhow!("cannot configure tokenizer {}: {e}", path.display()))?;
         Ok(TextTokenizer { inner, eos_id })
     }
 
