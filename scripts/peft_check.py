@@ -183,6 +183,12 @@ def main():
         from safetensors.torch import load_file
 
         try:
+            input_ids = torch.tensor(ids, dtype=torch.long)
+            want = torch.tensor(logits, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise BadInput(f"{args.logits}: 'logits' must hold only numbers ({e})")
+
+        try:
             file_tensors = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise BadInput(f"cannot read {args.adapter}/adapter_model.safetensors: {e}")
@@ -201,8 +207,6 @@ def main():
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    want = torch.tensor(logits, dtype=torch.float32)
 
     try:
         # `dtype` is what transformers 5 calls the former `torch_dtype` argument.

@@ -5,8 +5,8 @@
 #
 # holding exactly the packages pinned in scripts/python-requirements.txt (torch 2.13.0,
 # transformers, peft, safetensors, tokenizers, numpy, tensorboard). torch comes from PyPI with its
-# CUDA libraries, so the first run downloads about 2.7 GB, less the 527 MB torch wheel when
-# scripts/setup-libtorch.sh has already put it in the cache's wheels/ folder.
+# CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB when scripts/setup-libtorch.sh
+# has already put the 527 MB torch wheel in the cache's wheels/ folder) and keeps a 5 GB venv.
 #
 # Idempotent: the venv records the sha256 of the requirements file it was built from, and when that
 # still matches the script only says so (well under a second). Otherwise it builds a new venv under
@@ -43,7 +43,7 @@ if is_ready; then
 fi
 
 mkdir -p "$cache"
-# Two runs at once (say, parallel test jobs) would each build 4.7 GB; the second waits instead and
+# Two runs at once (say, parallel test jobs) would each build 5 GB; the second waits instead and
 # then finds the venv ready.
 exec 9>"$cache/.venv-torch-$TORCH_VERSION.lock"
 if command -v flock >/dev/null; then
@@ -68,7 +68,7 @@ start=$(date +%s)
 if [ -e "$venv" ]; then
   say "requirements changed (or venv incomplete): rebuilding $venv"
 else
-  say "creating $venv (first run: downloads about 2.7 GB, takes a minute or more)"
+  say "creating $venv (first run: downloads about 2.3-2.8 GB, takes a few minutes)"
 fi
 "$python" -m venv "$build" >&2 ||
   { say "could not create a venv with $python (on Debian/Ubuntu: apt-get install python3-venv)"; exit 1; }

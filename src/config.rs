@@ -49,11 +49,7 @@ pub struct ModelConfig {
     /// Hugging Face model directory (`config.json`, `*.safetensors`, `tokenizer.json`). Required.
     // Deserialized with an empty default so that a `--set model.path=...` can supply it; an empty
     // path is reported as a missing required key by `validate`.
-    #[serde(
-        default,
-        serialize_with = "serialize_path",
-        deserialize_with = "deserialize_path"
-    )]
+    #[serde(default, serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
     pub path: PathBuf,
     /// The dtype the frozen base weights are held in.
     #[serde(default)]
@@ -144,10 +140,7 @@ const ALL_LINEAR: &str = "all-linear";
 impl Default for TargetModules {
     fn default() -> Self {
         TargetModules::List(
-            ["q_proj", "k_proj", "v_proj", "o_proj"]
-                .iter()
-                .map(|name| name.to_string())
-                .collect(),
+            ["q_proj", "k_proj", "v_proj", "o_proj"].iter().map(|name| name.to_string()).collect(),
         )
     }
 }
@@ -192,9 +185,8 @@ impl<'de> Deserialize<'de> for TargetModules {
                 }
                 // A string with regex syntax is PEFT's full-match regex; a bare name is almost
                 // always a list written without brackets, which would match nothing.
-                let bare_name = value
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | ' '));
+                let bare_name =
+                    value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ',' | ' '));
                 if !bare_name && !value.is_empty() {
                     return match regex::Regex::new(&format!("^(?:{value})$")) {
                         Ok(_) => Ok(TargetModules::Regex(value.to_string())),
@@ -244,22 +236,82 @@ pub enum LoraInit {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training records. Required (an empty default lets `--set data.train=...` supply it).
-    #[serde(
-        default,
-        serialize_with = "serialize_path",
-        deserialize_with = "deserialize_path"
-    )]
+    #[serde(default, serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
     pub train: PathBuf,
     #[serde(default, serialize_with = "serialize_opt_path")]
     pub validation: Option<PathBuf>,
+    /// Hold out this share of the training records (seeded) when there is no validation file.
+    #[serde(default)]
+    pub val_split: Option<f64>,
+    /// The split to read from a `datasets` DatasetDict folder (`save_to_disk`).
+    #[serde(default = "default_split")]
+    pub split: String,
     #[serde(default)]
     pub format: DataFormat,
+    /// Column renames: the name lorafit expects → the name in the user's files.
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    /// Alpaca prompt for rows with an `input`, with `{instruction}` and `{input}`; null for
+    /// the Stanford Alpaca prompt.
+    #[serde(default)]
+    pub prompt_template: Option<String>,
+    /// Alpaca prompt for rows without `input`, with `{instruction}`; null for Stanford Alpaca's.
+    #[serde(default)]
+    pub prompt_template_no_input: Option<String>,
+    /// Chat rendering: `auto` (the model's tokenizer_config.json chat_template, else ChatML),
+    /// `chatml`, `llama3`, or a Jinja template.
+    #[serde(default = "default_chat_template")]
+    pub chat_template: String,
+    /// Which chat tokens carry loss.
+    #[serde(default)]
+    pub train_on: TrainOn,
     #[serde(default = "default_max_seq_len")]
     pub max_seq_len: usize,
     #[serde(default)]
     pub train_on_inputs: bool,
     #[serde(default = "default_true")]
     pub shuffle: bool,
+    /// Several examples per row of max_seq_len tokens (attention kept within each example).
+    #[serde(default = "default_true")]
+    pub packing: bool,
+    /// What to do with a row that cannot be used (malformed, missing column, unknown role...).
+    #[serde(default)]
+    pub on_bad_row: OnBadRow,
+    /// What to do with an example longer than max_seq_len.
+    #[serde(default)]
+    pub too_long: TooLong,
+}
+
+/// Which tokens of a chat carry loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOn {
+    /// Every assistant turn (content and end-of-turn token).
+    #[default]
+    Assistant,
+    /// Only the last assistant turn.
+    Last,
+    /// Every token, prompts included.
+    All,
+}
+
+/// Bad rows stop the run, or are skipped and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadRow {
+    #[default]
+    Error,
+    Skip,
+}
+
+/// Examples longer than max_seq_len are cut at the end, skipped, or stop the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TooLong {
+    #[default]
+    Truncate,
+    Skip,
+    Error,
 }
 
 /// The record layout of the data files.
@@ -271,6 +323,12 @@ pub enum DataFormat {
     /// `{"instruction", "input", "output"}`: the prompt is masked unless `train_on_inputs`.
     #[default]
     Alpaca,
+    /// `{"segments": [{"text", "label"}]}`: exactly the segments with `label: true` are trained.
+    #[serde(rename = "input_output")]
+    InputOutput,
+    /// `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`,
+    /// rendered with the chat template.
+    Chat,
 }
 
 /// The optimisation: schedule, optimizer, precision, device, logging and checkpoints.
@@ -351,10 +409,7 @@ pub enum Precision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
-    #[serde(
-        serialize_with = "serialize_path",
-        deserialize_with = "deserialize_path"
-    )]
+    #[serde(serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
     pub dir: PathBuf,
     /// Name of the run directory under `dir`; `None` lets the caller generate one.
     pub run_name: Option<String>,
@@ -376,10 +431,7 @@ impl Default for OutputConfig {
 
 impl ModelConfig {
     fn unset() -> Self {
-        ModelConfig {
-            path: PathBuf::new(),
-            dtype: WeightDtype::default(),
-        }
+        ModelConfig { path: PathBuf::new(), dtype: WeightDtype::default() }
     }
 }
 
@@ -388,12 +440,30 @@ impl DataConfig {
         DataConfig {
             train: PathBuf::new(),
             validation: None,
+            val_split: None,
+            split: default_split(),
             format: DataFormat::default(),
+            columns: BTreeMap::new(),
+            prompt_template: None,
+            prompt_template_no_input: None,
+            chat_template: default_chat_template(),
+            train_on: TrainOn::default(),
             max_seq_len: default_max_seq_len(),
             train_on_inputs: false,
             shuffle: true,
+            packing: true,
+            on_bad_row: OnBadRow::default(),
+            too_long: TooLong::default(),
         }
     }
+}
+
+fn default_split() -> String {
+    "train".to_string()
+}
+
+fn default_chat_template() -> String {
+    "auto".to_string()
 }
 
 fn default_max_seq_len() -> usize {
@@ -438,10 +508,7 @@ fn deserialize_path<'de, D: Deserializer<'de>>(deserializer: D) -> Result<PathBu
     deserializer.deserialize_str(PathVisitor)
 }
 
-fn serialize_opt_path<S: Serializer>(
-    path: &Option<PathBuf>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
+fn serialize_opt_path<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> Result<S::Ok, S::Error> {
     match path {
         Some(path) => serializer.serialize_some(&path.to_string_lossy()),
         None => serializer.serialize_none(),
@@ -480,10 +547,9 @@ impl Config {
             let text = strip_location(&e);
             let (path, message) = split_path(&text);
             let body = match message.strip_prefix("duplicate entry with key ") {
-                Some(key) => format!(
-                    "key `{}` is given twice; keep one",
-                    join_key(path, key.trim_matches('"'))
-                ),
+                Some(key) => {
+                    format!("key `{}` is given twice; keep one", join_key(path, key.trim_matches('"')))
+                }
                 None => format!("invalid YAML: {text}"),
             };
             anyhow!("{}{body}", file.prefix(location))
@@ -512,21 +578,16 @@ impl Config {
         for set in overrides {
             let origin = Origin::Override(set);
             let (key, value) = parse_override(set)?;
-            apply_override(&mut doc, &key, value)
-                .map_err(|msg| anyhow!("{}{msg}", origin.prefix(None)))?;
+            apply_override(&mut doc, &key, value).map_err(|msg| anyhow!("{}{msg}", origin.prefix(None)))?;
             // Re-serializing keeps serde_yaml's dotted paths in the errors; the positions refer
             // to the generated text, so `explain` drops them for overrides.
-            let text =
-                serde_yaml::to_string(&doc).map_err(|e| anyhow!("{}{e}", origin.prefix(None)))?;
+            let text = serde_yaml::to_string(&doc).map_err(|e| anyhow!("{}{e}", origin.prefix(None)))?;
             config = serde_yaml::from_str(&text).map_err(|e| explain(&e, &origin))?;
             applied.push((key.join("."), set.as_str()));
         }
 
         if let Err(invalid) = config.check() {
-            let by_override = applied
-                .iter()
-                .rev()
-                .find(|(key, _)| keys_overlap(key, invalid.key));
+            let by_override = applied.iter().rev().find(|(key, _)| keys_overlap(key, invalid.key));
             let prefix = match by_override {
                 Some((_, set)) => Origin::Override(set).prefix(None),
                 None => {
@@ -543,8 +604,7 @@ impl Config {
     /// Refuses missing required paths and out-of-range values, naming the key and the allowed
     /// range. [`Config::load`] and [`Config::from_yaml_str`] call it already.
     pub fn validate(&self) -> Result<()> {
-        self.check()
-            .map_err(|invalid| anyhow!("{}", invalid.message))
+        self.check().map_err(|invalid| anyhow!("{}", invalid.message))
     }
 
     /// The resolved config as YAML (every key, defaults filled in), to be written into the run
@@ -554,13 +614,7 @@ impl Config {
     }
 
     fn check(&self) -> std::result::Result<(), Invalid> {
-        let Config {
-            model,
-            lora,
-            data,
-            train,
-            output,
-        } = self;
+        let Config { model, lora, data, train, output } = self;
 
         required_path(
             "model.path",
@@ -608,22 +662,38 @@ impl Config {
             positive("lora.alpha_pattern", alpha)?;
         }
 
-        required_path(
-            "data.train",
-            &data.train,
-            "the training data file",
-            "train: data/train.jsonl",
-        )?;
+        required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl")?;
         if let Some(validation) = &data.validation {
             if validation.as_os_str().is_empty() {
                 return Err(Invalid::new(
                     "data.validation",
-                    "`data.validation` is an empty path; give a file or null for no validation"
-                        .to_string(),
+                    "`data.validation` is an empty path; give a file or null for no validation".to_string(),
                 ));
             }
         }
         at_least("data.max_seq_len", data.max_seq_len, 2)?;
+        if let Some(share) = data.val_split {
+            if !(share > 0.0 && share < 1.0) {
+                return Err(Invalid::new(
+                    "data.val_split",
+                    format!("`data.val_split` must be between 0 and 1 (e.g. 0.05), got {share}"),
+                ));
+            }
+            if data.validation.is_some() {
+                return Err(Invalid::new(
+                    "data.val_split",
+                    "give either `data.validation` (a file) or `data.val_split` (a share of the \
+                     training records), not both"
+                        .to_string(),
+                ));
+            }
+        }
+        if data.chat_template.trim().is_empty() {
+            return Err(Invalid::new(
+                "data.chat_template",
+                "`data.chat_template` is empty; use auto, chatml, llama3 or a Jinja template".to_string(),
+            ));
+        }
 
         match train.max_steps {
             Some(0) => {
@@ -638,8 +708,7 @@ impl Config {
             None if train.epochs == 0 => {
                 return Err(Invalid::new(
                     "train.epochs",
-                    "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`"
-                        .to_string(),
+                    "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
                 ))
             }
             None => {}
@@ -650,10 +719,7 @@ impl Config {
         if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
             return Err(Invalid::new(
                 "train.weight_decay",
-                format!(
-                    "`train.weight_decay` must be a finite number >= 0, got {}",
-                    train.weight_decay
-                ),
+                format!("`train.weight_decay` must be a finite number >= 0, got {}", train.weight_decay),
             ));
         }
         fraction("train.adam_beta1", train.adam_beta1)?;
@@ -690,8 +756,7 @@ impl Config {
         if train.save_every == Some(0) {
             return Err(Invalid::new(
                 "train.save_every",
-                "`train.save_every` must be at least 1 (got 0), or null to save only at the end"
-                    .to_string(),
+                "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
             ));
         }
 
@@ -760,20 +825,14 @@ fn at_least(key: &'static str, value: usize, min: usize) -> std::result::Result<
     if value >= min {
         return Ok(());
     }
-    Err(Invalid::new(
-        key,
-        format!("`{key}` must be at least {min}, got {value}"),
-    ))
+    Err(Invalid::new(key, format!("`{key}` must be at least {min}, got {value}")))
 }
 
 fn positive(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
     if value > 0.0 && value.is_finite() {
         return Ok(());
     }
-    Err(Invalid::new(
-        key,
-        format!("`{key}` must be a finite number > 0, got {value}"),
-    ))
+    Err(Invalid::new(key, format!("`{key}` must be a finite number > 0, got {value}")))
 }
 
 /// In [0, 1).
@@ -781,20 +840,14 @@ fn fraction(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
     if (0.0..1.0).contains(&value) {
         return Ok(());
     }
-    Err(Invalid::new(
-        key,
-        format!("`{key}` must be in [0, 1) (at least 0 and below 1), got {value}"),
-    ))
+    Err(Invalid::new(key, format!("`{key}` must be in [0, 1) (at least 0 and below 1), got {value}")))
 }
 
 /// A rank/alpha pattern key must be a valid regex.
 fn valid_pattern(key: &'static str, pattern: &str) -> std::result::Result<(), Invalid> {
     match regex::Regex::new(pattern) {
         Ok(_) => Ok(()),
-        Err(e) => Err(Invalid::new(
-            key,
-            format!("`{key}` key `{pattern}` is not a valid regex: {e}"),
-        )),
+        Err(e) => Err(Invalid::new(key, format!("`{key}` key `{pattern}` is not a valid regex: {e}"))),
     }
 }
 
@@ -811,12 +864,8 @@ fn valid_device(device: &str) -> bool {
 /// other).
 fn keys_overlap(set: &str, key: &str) -> bool {
     set == key
-        || key
-            .strip_prefix(set)
-            .is_some_and(|rest| rest.starts_with('.'))
-        || set
-            .strip_prefix(key)
-            .is_some_and(|rest| rest.starts_with('.'))
+        || key.strip_prefix(set).is_some_and(|rest| rest.starts_with('.'))
+        || set.strip_prefix(key).is_some_and(|rest| rest.starts_with('.'))
 }
 
 const SECTIONS: [&str; 5] = ["model", "lora", "data", "train", "output"];
@@ -841,9 +890,7 @@ impl Origin<'_> {
 fn parse_override(set: &str) -> Result<(Vec<String>, Value)> {
     let prefix = Origin::Override(set).prefix(None);
     let Some((key, value)) = set.split_once('=') else {
-        return Err(anyhow!(
-            "{prefix}expected `key.path=value`, e.g. `--set train.lr=1e-4`"
-        ));
+        return Err(anyhow!("{prefix}expected `key.path=value`, e.g. `--set train.lr=1e-4`"));
     };
     let key = key.trim();
     if key.is_empty() {
@@ -853,9 +900,7 @@ fn parse_override(set: &str) -> Result<(Vec<String>, Value)> {
     }
     let segments: Vec<String> = key.split('.').map(|s| s.trim().to_string()).collect();
     if segments.iter().any(|s| s.is_empty()) {
-        return Err(anyhow!(
-            "{prefix}`{key}` has an empty part; keys are written like `train.lr`"
-        ));
+        return Err(anyhow!("{prefix}`{key}` has an empty part; keys are written like `train.lr`"));
     }
     let value: Value = serde_yaml::from_str(value).map_err(|e| {
         anyhow!(
@@ -868,22 +913,12 @@ fn parse_override(set: &str) -> Result<(Vec<String>, Value)> {
 }
 
 /// Sets `key` (segments) in `doc` to `value`, creating sections that are absent or null.
-fn apply_override(
-    doc: &mut Value,
-    key: &[String],
-    value: Value,
-) -> std::result::Result<(), String> {
-    let (leaf, parents) = key
-        .split_last()
-        .expect("parse_override returns at least one segment");
+fn apply_override(doc: &mut Value, key: &[String], value: Value) -> std::result::Result<(), String> {
+    let (leaf, parents) = key.split_last().expect("parse_override returns at least one segment");
     let mut current = doc;
     for (depth, segment) in parents.iter().enumerate() {
-        let Value::Mapping(map) = current else {
-            unreachable!("only mappings are descended into")
-        };
-        let entry = map
-            .entry(Value::String(segment.clone()))
-            .or_insert(Value::Null);
+        let Value::Mapping(map) = current else { unreachable!("only mappings are descended into") };
+        let entry = map.entry(Value::String(segment.clone())).or_insert(Value::Null);
         if entry.is_null() {
             *entry = Value::Mapping(Mapping::new());
         }
@@ -896,9 +931,7 @@ fn apply_override(
         }
         current = entry;
     }
-    let Value::Mapping(map) = current else {
-        unreachable!("only mappings are descended into")
-    };
+    let Value::Mapping(map) = current else { unreachable!("only mappings are descended into") };
     map.insert(Value::String(leaf.clone()), value);
     Ok(())
 }
@@ -908,11 +941,7 @@ fn apply_override(
 fn strip_location(error: &serde_yaml::Error) -> String {
     let text = error.to_string();
     match error.location() {
-        Some(l) => text.replacen(
-            &format!(" at line {} column {}", l.line(), l.column()),
-            "",
-            1,
-        ),
+        Some(l) => text.replacen(&format!(" at line {} column {}", l.line(), l.column()), "", 1),
         None => text,
     }
 }
@@ -931,10 +960,8 @@ fn explain(error: &serde_yaml::Error, origin: &Origin) -> anyhow::Error {
 /// serde_yaml writes "dotted.path: message" (no path at the top level).
 fn split_path(text: &str) -> (Option<&str>, &str) {
     if let Some((path, rest)) = text.split_once(": ") {
-        let is_path = !path.is_empty()
-            && path
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.[]?".contains(c));
+        let is_path =
+            !path.is_empty() && path.chars().all(|c| c.is_ascii_alphanumeric() || "_-.[]?".contains(c));
         if is_path {
             return (Some(path), rest);
         }
@@ -972,9 +999,7 @@ fn describe(path: Option<&str>, message: &str) -> String {
             return format!("key `{}` is given twice; keep one", join_key(path, name));
         }
     }
-    let mismatch = message
-        .strip_prefix("invalid type: ")
-        .or_else(|| message.strip_prefix("invalid value: "));
+    let mismatch = message.strip_prefix("invalid type: ").or_else(|| message.strip_prefix("invalid value: "));
     if let Some((found, expected)) = mismatch.and_then(|rest| rest.rsplit_once(", expected ")) {
         let expected = match (expected, path.and_then(allowed_values)) {
             ("a YAML tag starting with '!'", Some(values)) => {
@@ -1001,14 +1026,8 @@ fn unknown_key(path: Option<&str>, unknown: &str, valid: &[&str]) -> String {
         return format!("unknown {kind} `{full}`; did you mean `{close}`?");
     }
     match path {
-        Some(path) => format!(
-            "unknown key `{full}`; the keys of `{path}` are: {}",
-            valid.join(", ")
-        ),
-        None => format!(
-            "unknown section `{full}`; the sections are: {}",
-            valid.join(", ")
-        ),
+        Some(path) => format!("unknown key `{full}`; the keys of `{path}` are: {}", valid.join(", ")),
+        None => format!("unknown section `{full}`; the sections are: {}", valid.join(", ")),
     }
 }
 
@@ -1016,9 +1035,9 @@ fn unknown_value(path: Option<&str>, unknown: &str, valid: &[&str]) -> String {
     let key = path.unwrap_or("value");
     let allowed = valid.join(", ");
     match suggest(unknown, valid) {
-        Some(close) => format!(
-            "unknown value `{unknown}` for `{key}`; did you mean `{close}`? (allowed: {allowed})"
-        ),
+        Some(close) => {
+            format!("unknown value `{unknown}` for `{key}`; did you mean `{close}`? (allowed: {allowed})")
+        }
         None => format!("unknown value `{unknown}` for `{key}`; allowed: {allowed}"),
     }
 }
@@ -1028,7 +1047,10 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
     Some(match key {
         "model.dtype" => &["auto", "fp32", "bf16"],
         "lora.init" => &["kaiming", "gaussian"],
-        "data.format" => &["completion", "alpaca"],
+        "data.format" => &["completion", "alpaca", "input_output", "chat"],
+        "data.train_on" => &["assistant", "last", "all"],
+        "data.on_bad_row" => &["error", "skip"],
+        "data.too_long" => &["truncate", "skip", "error"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
         "train.precision" => &["fp32", "bf16-mixed"],
         _ => return None,
@@ -1141,9 +1163,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut d = (rows[i - 1][j] + 1)
-                .min(rows[i][j - 1] + 1)
-                .min(rows[i - 1][j - 1] + cost);
+            let mut d = (rows[i - 1][j] + 1).min(rows[i][j - 1] + 1).min(rows[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d = d.min(rows[i - 2][j - 2] + 1);
             }
@@ -1170,9 +1190,8 @@ fn locate(yaml: &str, key: &str) -> Option<(usize, usize)> {
             None if indent > 0 => continue,
             _ => {}
         }
-        let is_key = content
-            .strip_prefix(wanted)
-            .is_some_and(|rest| rest.trim_start_matches(' ').starts_with(':'));
+        let is_key =
+            content.strip_prefix(wanted).is_some_and(|rest| rest.trim_start_matches(' ').starts_with(':'));
         if is_key {
             match segments.next() {
                 Some(next) => {
@@ -1201,24 +1220,14 @@ mod tests {
 
     #[test]
     fn suggestions() {
-        let train = [
-            "seed",
-            "epochs",
-            "lr",
-            "lr_scheduler",
-            "warmup_steps",
-            "max_steps",
-        ];
+        let train = ["seed", "epochs", "lr", "lr_scheduler", "warmup_steps", "max_steps"];
         assert_eq!(suggest("lr_sheduler", &train), Some("lr_scheduler"));
         assert_eq!(suggest("learning_rate", &train), Some("lr"));
         assert_eq!(suggest("warmup", &train), Some("warmup_steps"));
         assert_eq!(suggest("epoch", &train), Some("epochs"));
         assert_eq!(suggest("zzzzzz", &train), None);
         assert_eq!(suggest("bf16", &["fp32", "bf16-mixed"]), Some("bf16-mixed"));
-        assert_eq!(
-            suggest("BF16_MIXED", &["fp32", "bf16-mixed"]),
-            Some("bf16-mixed")
-        );
+        assert_eq!(suggest("BF16_MIXED", &["fp32", "bf16-mixed"]), Some("bf16-mixed"));
         assert_eq!(suggest("trian", &SECTIONS), Some("train"));
         assert_eq!(suggest("all_linear", &[ALL_LINEAR]), Some(ALL_LINEAR));
         assert_eq!(suggest("q_proj", &[ALL_LINEAR]), None);
@@ -1245,10 +1254,7 @@ mod tests {
         );
         assert_eq!(
             split_path("lora.target_modules[1]: invalid type: map, expected a string"),
-            (
-                Some("lora.target_modules[1]"),
-                "invalid type: map, expected a string"
-            )
+            (Some("lora.target_modules[1]"), "invalid type: map, expected a string")
         );
         assert_eq!(
             split_path("invalid type: sequence, expected struct Config"),
@@ -1289,14 +1295,15 @@ mod tests {
                 serde_yaml::from_str::<T>(value).unwrap_or_else(|e| panic!("{key}: {value}: {e}"));
             }
             // serde lists the variants in its error for an unknown one: the same set.
-            let error = serde_yaml::from_str::<T>("nonsense")
-                .unwrap_err()
-                .to_string();
+            let error = serde_yaml::from_str::<T>("nonsense").unwrap_err().to_string();
             assert_eq!(&backticked(&error)[1..], values, "{key}");
         }
         check::<WeightDtype>("model.dtype");
         check::<LoraInit>("lora.init");
         check::<DataFormat>("data.format");
+        check::<TrainOn>("data.train_on");
+        check::<OnBadRow>("data.on_bad_row");
+        check::<TooLong>("data.too_long");
         check::<LrScheduler>("train.lr_scheduler");
         check::<Precision>("train.precision");
     }

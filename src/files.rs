@@ -16,8 +16,7 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
         .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     let mut out = Vec::new();
     for (name, view) in st.tensors() {
-        let kind = kind_of(view.dtype())
-            .with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+        let kind = kind_of(view.dtype()).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         out.push((name, Tensor::f_from_data_size(view.data(), &shape, kind)?));
     }
@@ -27,30 +26,22 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// The dtypes named in a safetensors file's header (read without loading the tensors).
 pub fn safetensors_dtypes(path: &Path) -> Result<Vec<String>> {
     use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut len = [0u8; 8];
-    file.read_exact(&mut len)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    file.read_exact(&mut len).with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
-    file.read_exact(&mut header)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    file.read_exact(&mut header).with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .with_context(|| format!("{} has no valid safetensors header", path.display()))?;
-    let mut dtypes: Vec<String> = header
-        .values()
-        .filter_map(|v| v.get("dtype")?.as_str().map(str::to_string))
-        .collect();
+    let mut dtypes: Vec<String> =
+        header.values().filter_map(|v| v.get("dtype")?.as_str().map(str::to_string)).collect();
     dtypes.sort();
     dtypes.dedup();
     Ok(dtypes)
 }
 
 /// Serialises tensors (any device, made contiguous) to safetensors bytes with `metadata`.
-pub fn safetensors_bytes(
-    tensors: &[(String, Tensor)],
-    metadata: &[(&str, &str)],
-) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let t = t.to_device(tch::Device::Cpu).contiguous();
@@ -61,14 +52,10 @@ pub fn safetensors_bytes(
     }
     let views = buffers
         .iter()
-        .map(|(name, dtype, shape, data)| {
-            Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), data)?))
-        })
+        .map(|(name, dtype, shape, data)| Ok((name.as_str(), TensorView::new(*dtype, shape.clone(), data)?)))
         .collect::<Result<Vec<_>>>()?;
-    let metadata: HashMap<String, String> = metadata
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
+    let metadata: HashMap<String, String> =
+        metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
@@ -102,10 +89,7 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
 
 /// A sibling path that is unique to this process, for staging a file or directory.
 fn staging_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 

@@ -22,11 +22,7 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
     writeln!(out, "family: {:?} (model_type {})", s.family, s.model_type)?;
     writeln!(out, "parameters: {count} ({:.2}M)", count as f64 / 1e6)?;
     writeln!(out, "stored dtype: {}", stored.join(", "))?;
-    writeln!(
-        out,
-        "tied embeddings: {}",
-        if s.tie_word_embeddings { "yes" } else { "no" }
-    )?;
+    writeln!(out, "tied embeddings: {}", if s.tie_word_embeddings { "yes" } else { "no" })?;
     writeln!(
         out,
         "layers: {}, hidden {}, heads {} / kv heads {}, head_dim {}, ffn {}, vocab {}",
@@ -38,42 +34,22 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
         s.intermediate_size,
         s.vocab_size
     )?;
-    let sliding = s
-        .layer_spans
-        .iter()
-        .filter(|l| matches!(l, AttentionSpan::Sliding(_)))
-        .count();
+    let sliding = s.layer_spans.iter().filter(|l| matches!(l, AttentionSpan::Sliding(_))).count();
     if sliding > 0 {
-        writeln!(
-            out,
-            "sliding-window attention: {sliding} of {} layers",
-            s.num_layers
-        )?;
+        writeln!(out, "sliding-window attention: {sliding} of {} layers", s.num_layers)?;
     }
     let layers = model.linear_layers_mut();
     writeln!(out, "linear modules ({}):", layers.len())?;
     for (path, linear) in &layers {
-        writeln!(
-            out,
-            "  {path} [{}, {}]",
-            linear.out_features(),
-            linear.in_features()
-        )?;
+        writeln!(out, "  {path} [{}, {}]", linear.out_features(), linear.in_features())?;
     }
     let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-    let cfg = LoraConfig {
-        r,
-        target_modules: targets.clone(),
-        ..LoraConfig::default()
-    };
+    let cfg = LoraConfig { r, target_modules: targets.clone(), ..LoraConfig::default() };
     let selected = select_targets(&paths, &cfg, s.tie_word_embeddings)?;
     let trainable: i64 = selected
         .iter()
         .map(|t| {
-            let (_, l) = layers
-                .iter()
-                .find(|(p, _)| *p == t.path)
-                .expect("selected from these layers");
+            let (_, l) = layers.iter().find(|(p, _)| *p == t.path).expect("selected from these layers");
             t.r as i64 * (l.in_features() + l.out_features())
         })
         .sum();

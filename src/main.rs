@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use lorafit::config::{Config, TargetModules};
+use lorafit::data::preview;
 use lorafit::inspect::inspect;
 use lorafit::train::run::{run, RunOptions};
 use std::path::PathBuf;
@@ -30,6 +31,9 @@ enum Command {
         #[arg(long)]
         overwrite: bool,
     },
+    /// Look at the training data as the model will see it.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Describe a Hugging Face model directory: family, size, dtype, its linear layers (the names
     /// `lora.target_modules` can use) and the trainable parameters an adapter would add.
     Inspect {
@@ -45,27 +49,35 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Print the first examples with the trained tokens marked, token counts, the real-token
+    /// share with and without packing, and a length histogram.
+    Preview {
+        /// The run's YAML config file.
+        config: PathBuf,
+        /// Override one config key, as for `train`.
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// How many examples to print.
+        #[arg(short, long, default_value_t = 3)]
+        n: usize,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train {
-            config,
-            overrides,
-            overwrite,
-        } => Config::load(&config, &overrides).and_then(|cfg| {
-            let config_stem = config
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            run(
-                &cfg,
-                &RunOptions {
-                    overwrite,
-                    config_stem,
-                },
-            )
-            .map(|_| ())
-        }),
+        Command::Train { config, overrides, overwrite } => {
+            Config::load(&config, &overrides).and_then(|cfg| {
+                let config_stem =
+                    config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                run(&cfg, &RunOptions { overwrite, config_stem }).map(|_| ())
+            })
+        }
+        Command::Data(DataCommand::Preview { config, overrides, n }) => {
+            Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
+        }
         Command::Inspect { model, targets, r } => serde_yaml::from_str::<TargetModules>(&targets)
             .map_err(|e| anyhow::anyhow!("--targets {targets}: {e}"))
             .and_then(|targets| inspect(&model, &targets, r))
@@ -78,4 +90,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `lorafit data preview`: prepares the data exactly as `train` would and prints it.
+fn preview_command(cfg: &Config, n: usize) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let spec = lorafit::model::ModelSpec::from_dir(&cfg.model.path)?;
+    let data = lorafit::train::run::load_data(cfg, &spec)?;
+    let marks = if std::io::stdout().is_terminal() { &preview::COLOURS } else { &preview::BRACKETS };
+    let report = preview::preview(
+        &data.train,
+        &data.tokenizer,
+        n,
+        cfg.data.max_seq_len,
+        cfg.train.micro_batch_size,
+        marks,
+    )?;
+    print!("{report}");
+    Ok(())
 }

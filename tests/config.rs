@@ -47,11 +47,7 @@ fn dotted_keys(value: &Value, prefix: &str, keys: &mut BTreeSet<String>) {
     if let Value::Mapping(map) = value {
         for (key, child) in map {
             let key = key.as_str().expect("string keys");
-            let full = if prefix.is_empty() {
-                key.to_string()
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let full = if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
             dotted_keys(child, &full, keys);
             keys.insert(full);
         }
@@ -75,12 +71,7 @@ fn minimal_config_takes_every_default() {
     assert!(!lora.use_rslora);
     assert_eq!(
         lora.target_modules,
-        TargetModules::List(vec![
-            "q_proj".into(),
-            "k_proj".into(),
-            "v_proj".into(),
-            "o_proj".into()
-        ])
+        TargetModules::List(vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into()])
     );
     assert_eq!(lora.init, LoraInit::Kaiming);
 
@@ -141,35 +132,25 @@ fn relative_paths_stay_as_written() {
 #[test]
 fn reference_yaml_is_the_defaults() {
     let config = Config::load(&reference_path(), &[]).unwrap();
-    assert_eq!(
-        config,
-        Config::new("data/default-model", "data/default/train.jsonl")
-    );
+    assert_eq!(config, Config::new("data/default-model", "data/default/train.jsonl"));
 }
 
 #[test]
 fn reference_yaml_documents_every_key() {
     let text = std::fs::read_to_string(reference_path()).unwrap();
     let reference: Value = serde_yaml::from_str(&text).unwrap();
-    let defaults: Value =
-        serde_yaml::from_str(&Config::new("m", "t").to_yaml()).expect("to_yaml is YAML");
+    let defaults: Value = serde_yaml::from_str(&Config::new("m", "t").to_yaml()).expect("to_yaml is YAML");
 
     let mut schema = BTreeSet::new();
     dotted_keys(&defaults, "", &mut schema);
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 11 + 6 + 18 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 18 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
-    assert!(
-        missing.is_empty(),
-        "keys missing from reference.yaml: {missing:?}"
-    );
+    assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
-    assert!(
-        extra.is_empty(),
-        "reference.yaml has keys the schema lacks: {extra:?}"
-    );
+    assert!(extra.is_empty(), "reference.yaml has keys the schema lacks: {extra:?}");
 
     // Each key line comes right after a comment that documents it.
     let lines: Vec<&str> = text.lines().collect();
@@ -215,6 +196,14 @@ fn to_yaml_round_trips_a_changed_config() {
     config.data.max_seq_len = 2048;
     config.data.train_on_inputs = true;
     config.data.shuffle = false;
+    config.data.packing = false;
+    config.data.split = "test".into();
+    config.data.columns = [("instruction".to_string(), "prompt".to_string())].into();
+    config.data.prompt_template = Some("Q: {instruction} {input}\nA:".into());
+    config.data.chat_template = "chatml".into();
+    config.data.train_on = lorafit::config::TrainOn::Last;
+    config.data.on_bad_row = lorafit::config::OnBadRow::Skip;
+    config.data.too_long = lorafit::config::TooLong::Error;
     config.train = TrainConfig {
         seed: u64::MAX,
         epochs: 3,
@@ -250,35 +239,16 @@ fn to_yaml_round_trips_a_changed_config() {
     config.validate().unwrap();
 
     let yaml = config.to_yaml();
-    assert_eq!(
-        Config::from_yaml_str(&yaml, "resolved.yaml", &[]).unwrap(),
-        config
-    );
-    assert_contains(
-        &yaml,
-        &[
-            "all-linear",
-            "bf16-mixed",
-            "max_grad_norm: null",
-            "device: cuda:1",
-        ],
-    );
+    assert_eq!(Config::from_yaml_str(&yaml, "resolved.yaml", &[]).unwrap(), config);
+    assert_contains(&yaml, &["all-linear", "bf16-mixed", "max_grad_norm: null", "device: cuda:1"]);
 }
 
 #[test]
 fn to_yaml_round_trips_the_defaults_and_lists_every_key() {
     let config = parse(BASE, &[]);
     let yaml = config.to_yaml();
-    assert_eq!(
-        Config::from_yaml_str(&yaml, "resolved.yaml", &[]).unwrap(),
-        config
-    );
-    for key in [
-        "max_steps: null",
-        "threads: null",
-        "validation: null",
-        "run_name: null",
-    ] {
+    assert_eq!(Config::from_yaml_str(&yaml, "resolved.yaml", &[]).unwrap(), config);
+    for key in ["max_steps: null", "threads: null", "validation: null", "run_name: null"] {
         assert!(yaml.contains(key), "{key} missing from:\n{yaml}");
     }
     // Written into a file and loaded back.
@@ -309,19 +279,13 @@ fn overrides_set_nested_keys_lists_and_null() {
     );
     assert_eq!(config.train.lr, 3e-5);
     assert_eq!(config.lora.r, 32);
-    assert_eq!(
-        config.lora.target_modules,
-        TargetModules::List(vec!["q_proj".into(), "v_proj".into()])
-    );
+    assert_eq!(config.lora.target_modules, TargetModules::List(vec!["q_proj".into(), "v_proj".into()]));
     assert_eq!(config.train.max_steps, None);
     assert_eq!(config.train.max_grad_norm, None);
     assert_eq!(config.train.precision, Precision::Bf16Mixed);
     assert_eq!(config.output.run_name.as_deref(), Some("exp1"));
     assert_eq!(config.output.sample_prompts, vec!["Hello", "Say: hi"]);
-    assert_eq!(
-        config.data.validation,
-        Some(PathBuf::from("data/val.jsonl"))
-    );
+    assert_eq!(config.data.validation, Some(PathBuf::from("data/val.jsonl")));
     assert_eq!(config.model.dtype, WeightDtype::Bf16);
     // Keys the overrides do not touch keep the file's or the default values.
     assert_eq!(config.lora.alpha, 16.0);
@@ -353,10 +317,7 @@ fn override_values_keep_their_yaml_type_where_strings_are_expected() {
 
 #[test]
 fn overrides_can_supply_the_required_paths() {
-    let config = parse(
-        "lora:\n  r: 4\n",
-        &["model.path=models/x", "data.train=d.jsonl"],
-    );
+    let config = parse("lora:\n  r: 4\n", &["model.path=models/x", "data.train=d.jsonl"]);
     assert_eq!(config.model.path, PathBuf::from("models/x"));
     assert_eq!(config.data.train, PathBuf::from("d.jsonl"));
     assert_eq!(config.lora.r, 4);
@@ -374,27 +335,13 @@ fn overrides_can_fix_an_out_of_range_value_in_the_file() {
 fn unknown_key_names_path_position_and_suggestion() {
     let yaml = format!("{BASE}train:\n  lr: 0.001\n  lr_sheduler: linear\n");
     let message = error(&yaml, &[]);
-    assert_contains(
-        &message,
-        &[
-            "run.yaml:7:3",
-            "`train.lr_sheduler`",
-            "did you mean `lr_scheduler`?",
-        ],
-    );
+    assert_contains(&message, &["run.yaml:7:3", "`train.lr_sheduler`", "did you mean `lr_scheduler`?"]);
 }
 
 #[test]
 fn unknown_key_suggests_from_other_tools_names() {
     let yaml = format!("{BASE}train:\n  learning_rate: 0.001\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &[
-            "run.yaml:6:3",
-            "`train.learning_rate`",
-            "did you mean `lr`?",
-        ],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:6:3", "`train.learning_rate`", "did you mean `lr`?"]);
 }
 
 #[test]
@@ -415,20 +362,10 @@ fn unknown_section_suggests_the_closest() {
     let yaml = format!("{BASE}trian:\n  lr: 0.001\n");
     assert_contains(
         &error(&yaml, &[]),
-        &[
-            "run.yaml:5:1",
-            "unknown section `trian`",
-            "did you mean `train`?",
-        ],
+        &["run.yaml:5:1", "unknown section `trian`", "did you mean `train`?"],
     );
     let yaml = format!("{BASE}qqqqqq: 1\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &[
-            "unknown section `qqqqqq`",
-            "model, lora, data, train, output",
-        ],
-    );
+    assert_contains(&error(&yaml, &[]), &["unknown section `qqqqqq`", "model, lora, data, train, output"]);
 }
 
 #[test]
@@ -448,21 +385,10 @@ fn unknown_enum_value_suggests_the_closest() {
     let yaml = "model:\n  path: m\ndata:\n  train: t\n  format: sharegpt\n";
     assert_contains(
         &error(yaml, &[]),
-        &[
-            "run.yaml:5:11",
-            "unknown value `sharegpt` for `data.format`",
-            "allowed: completion, alpaca",
-        ],
+        &["run.yaml:5:11", "unknown value `sharegpt` for `data.format`", "allowed: completion, alpaca"],
     );
     let yaml = "model:\n  path: m\n  dtype: float16\ndata:\n  train: t\n";
-    assert_contains(
-        &error(yaml, &[]),
-        &[
-            "run.yaml:3:10",
-            "`model.dtype`",
-            "allowed: auto, fp32, bf16",
-        ],
-    );
+    assert_contains(&error(yaml, &[]), &["run.yaml:3:10", "`model.dtype`", "allowed: auto, fp32, bf16"]);
 }
 
 #[test]
@@ -470,11 +396,7 @@ fn unknown_target_modules_string() {
     let yaml = format!("{BASE}lora:\n  target_modules: all_linear\n");
     assert_contains(
         &error(&yaml, &[]),
-        &[
-            "run.yaml:6:19",
-            "`lora.target_modules`",
-            "did you mean `all-linear`?",
-        ],
+        &["run.yaml:6:19", "`lora.target_modules`", "did you mean `all-linear`?"],
     );
     let yaml = format!("{BASE}lora:\n  target_modules: q_proj\n");
     assert_contains(&error(&yaml, &[]), &["`lora.target_modules`", "`[q_proj]`"]);
@@ -487,64 +409,36 @@ fn wrong_type_names_path_position_and_expectation() {
     let yaml = format!("{BASE}lora:\n  r: eight\n");
     assert_contains(
         &error(&yaml, &[]),
-        &[
-            "run.yaml:6:6",
-            "`lora.r` must be a whole number >= 0",
-            "found string \"eight\"",
-        ],
+        &["run.yaml:6:6", "`lora.r` must be a whole number >= 0", "found string \"eight\""],
     );
     let yaml = format!("{BASE}train:\n  lr: fast\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["run.yaml:6:7", "`train.lr` must be a number"],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:6:7", "`train.lr` must be a number"]);
     let yaml = "model:\n  path: m\ndata:\n  train: t\n  shuffle: yes\n";
-    assert_contains(
-        &error(yaml, &[]),
-        &["run.yaml:5:12", "`data.shuffle` must be true or false"],
-    );
+    assert_contains(&error(yaml, &[]), &["run.yaml:5:12", "`data.shuffle` must be true or false"]);
     let yaml = format!("{BASE}train:\n  epochs: -1\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["`train.epochs` must be a whole number >= 0"],
-    );
+    assert_contains(&error(&yaml, &[]), &["`train.epochs` must be a whole number >= 0"]);
     let yaml = format!("{BASE}train: 3\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["run.yaml:5:8", "`train` must be a section"],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:5:8", "`train` must be a section"]);
     let yaml = format!("{BASE}train:\n  precision: [fp32]\n");
     assert_contains(
         &error(&yaml, &[]),
-        &[
-            "`train.precision` must be one of fp32, bf16-mixed",
-            "found a list",
-        ],
+        &["`train.precision` must be one of fp32, bf16-mixed", "found a list"],
     );
     let yaml = format!("{BASE}lora:\n  target_modules: [q_proj, {{a: b}}]\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["`lora.target_modules[1]`", "found a mapping"],
-    );
+    assert_contains(&error(&yaml, &[]), &["`lora.target_modules[1]`", "found a mapping"]);
     let yaml = format!("{BASE}lora:\n  target_modules: 5\n");
     assert_contains(
         &error(&yaml, &[]),
         &["`lora.target_modules` must be `all-linear`, a list of module names"],
     );
     let yaml = format!("{BASE}output:\n  sample_prompts: hello\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["`output.sample_prompts` must be a list"],
-    );
+    assert_contains(&error(&yaml, &[]), &["`output.sample_prompts` must be a list"]);
 }
 
 #[test]
 fn duplicate_key_is_reported_with_its_line() {
     let yaml = format!("{BASE}train:\n  lr: 0.1\n  lr: 0.2\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["run.yaml:6:3", "key `train.lr` is given twice"],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:6:3", "key `train.lr` is given twice"]);
 }
 
 // ---------------------------------------------------------------- missing keys, empty and broken files
@@ -552,45 +446,19 @@ fn duplicate_key_is_reported_with_its_line() {
 #[test]
 fn missing_required_keys_say_which_with_an_example() {
     let message = error("data:\n  train: t.jsonl\n", &[]);
-    assert_contains(
-        &message,
-        &[
-            "run.yaml",
-            "missing required key `model.path`",
-            "path: models/",
-        ],
-    );
+    assert_contains(&message, &["run.yaml", "missing required key `model.path`", "path: models/"]);
     let message = error("model:\n  dtype: bf16\ndata:\n  train: t.jsonl\n", &[]);
-    assert_contains(
-        &message,
-        &[
-            "run.yaml:1:1",
-            "missing required key `model.path`",
-            "under `model:`",
-        ],
-    );
+    assert_contains(&message, &["run.yaml:1:1", "missing required key `model.path`", "under `model:`"]);
     let message = error("model:\n  path: m\n", &[]);
-    assert_contains(
-        &message,
-        &[
-            "missing required key `data.train`",
-            "train: data/train.jsonl",
-        ],
-    );
+    assert_contains(&message, &["missing required key `data.train`", "train: data/train.jsonl"]);
     let message = error("model:\n  path: ''\ndata:\n  train: t\n", &[]);
-    assert_contains(
-        &message,
-        &["run.yaml:2:3", "missing required key `model.path`"],
-    );
+    assert_contains(&message, &["run.yaml:2:3", "missing required key `model.path`"]);
 }
 
 #[test]
 fn empty_file_names_the_file() {
     for yaml in ["", "\n\n", "# only a comment\n"] {
-        assert_contains(
-            &error(yaml, &[]),
-            &["run.yaml is empty", "model.path", "data.train"],
-        );
+        assert_contains(&error(yaml, &[]), &["run.yaml is empty", "model.path", "data.train"]);
     }
 }
 
@@ -624,10 +492,7 @@ fn load_names_the_file_in_errors() {
     let message = format!("{:#}", Config::load(&path, &[]).unwrap_err());
     assert_contains(
         &message,
-        &[
-            &format!("{}:6:3", path.display()),
-            "`train.lr` must be a finite number > 0",
-        ],
+        &[&format!("{}:6:3", path.display()), "`train.lr` must be a finite number > 0"],
     );
 }
 
@@ -635,21 +500,12 @@ fn load_names_the_file_in_errors() {
 
 #[test]
 fn malformed_overrides() {
-    assert_contains(
-        &error(BASE, &["train.lr"]),
-        &["in --set train.lr:", "expected `key.path=value`"],
-    );
+    assert_contains(&error(BASE, &["train.lr"]), &["in --set train.lr:", "expected `key.path=value`"]);
     assert_contains(&error(BASE, &["=3"]), &["in --set =3:", "the key is empty"]);
-    assert_contains(
-        &error(BASE, &["train..lr=3"]),
-        &["in --set train..lr=3:", "empty part"],
-    );
+    assert_contains(&error(BASE, &["train..lr=3"]), &["in --set train..lr=3:", "empty part"]);
     assert_contains(
         &error(BASE, &["output.run_name=[a"]),
-        &[
-            "in --set output.run_name=[a:",
-            "cannot read `[a` as a YAML value",
-        ],
+        &["in --set output.run_name=[a:", "cannot read `[a` as a YAML value"],
     );
 }
 
@@ -665,25 +521,15 @@ fn override_unknown_key_and_section() {
     );
     assert_contains(
         &error(BASE, &["trian.lr=1"]),
-        &[
-            "in --set trian.lr=1:",
-            "unknown section `trian`",
-            "did you mean `train`?",
-        ],
+        &["in --set trian.lr=1:", "unknown section `trian`", "did you mean `train`?"],
     );
     assert_contains(
         &error(BASE, &["train.precision=bf16"]),
-        &[
-            "in --set train.precision=bf16:",
-            "did you mean `bf16-mixed`?",
-        ],
+        &["in --set train.precision=bf16:", "did you mean `bf16-mixed`?"],
     );
     assert_contains(
         &error(BASE, &["lora.target_modules=q_proj,v_proj"]),
-        &[
-            "in --set lora.target_modules=q_proj,v_proj:",
-            "`[q_proj,v_proj]`",
-        ],
+        &["in --set lora.target_modules=q_proj,v_proj:", "`[q_proj,v_proj]`"],
     );
 }
 
@@ -691,11 +537,7 @@ fn override_unknown_key_and_section() {
 fn override_wrong_type() {
     assert_contains(
         &error(BASE, &["train.lr=abc"]),
-        &[
-            "in --set train.lr=abc:",
-            "`train.lr` must be a number",
-            "\"abc\"",
-        ],
+        &["in --set train.lr=abc:", "`train.lr` must be a number", "\"abc\""],
     );
     assert_contains(
         &error(BASE, &["lora.r=eight"]),
@@ -703,28 +545,18 @@ fn override_wrong_type() {
     );
     assert_contains(
         &error(BASE, &["model.path=null"]),
-        &[
-            "in --set model.path=null:",
-            "`model.path` must be a path",
-            "found null",
-        ],
+        &["in --set model.path=null:", "`model.path` must be a path", "found null"],
     );
     // Keys below a value: absent from the file, the mapping made for it has the wrong type;
     // present in the file, the value is not a section.
     assert_contains(
         &error(BASE, &["train.lr.x=1"]),
-        &[
-            "in --set train.lr.x=1:",
-            "`train.lr` must be a number, found a mapping",
-        ],
+        &["in --set train.lr.x=1:", "`train.lr` must be a number, found a mapping"],
     );
     let yaml = format!("{BASE}train:\n  lr: 0.1\n");
     assert_contains(
         &error(&yaml, &["train.lr.x=1"]),
-        &[
-            "in --set train.lr.x=1:",
-            "`train.lr` is a single value, not a section",
-        ],
+        &["in --set train.lr.x=1:", "`train.lr` is a single value, not a section"],
     );
 }
 
@@ -732,10 +564,7 @@ fn override_wrong_type() {
 fn override_out_of_range_names_the_override() {
     assert_contains(
         &error(BASE, &["lora.r=4", "train.lr=0"]),
-        &[
-            "in --set train.lr=0:",
-            "`train.lr` must be a finite number > 0, got 0",
-        ],
+        &["in --set train.lr=0:", "`train.lr` must be a finite number > 0, got 0"],
     );
     // A whole-section override is blamed for a bad key inside it.
     assert_contains(
@@ -744,10 +573,7 @@ fn override_out_of_range_names_the_override() {
     );
     assert_contains(
         &error(BASE, &["model.path=''"]),
-        &[
-            "in --set model.path='':",
-            "missing required key `model.path`",
-        ],
+        &["in --set model.path='':", "missing required key `model.path`"],
     );
 }
 
@@ -757,116 +583,41 @@ fn override_out_of_range_names_the_override() {
 fn out_of_range_values_are_refused_with_key_and_range() {
     let cases: &[(&str, &str)] = &[
         ("lora.r=0", "`lora.r` must be at least 1, got 0"),
-        (
-            "lora.alpha=0",
-            "`lora.alpha` must be a finite number > 0, got 0",
-        ),
-        (
-            "lora.alpha=-2",
-            "`lora.alpha` must be a finite number > 0, got -2",
-        ),
-        (
-            "lora.alpha=.nan",
-            "`lora.alpha` must be a finite number > 0, got NaN",
-        ),
+        ("lora.alpha=0", "`lora.alpha` must be a finite number > 0, got 0"),
+        ("lora.alpha=-2", "`lora.alpha` must be a finite number > 0, got -2"),
+        ("lora.alpha=.nan", "`lora.alpha` must be a finite number > 0, got NaN"),
         ("lora.dropout=-0.1", "`lora.dropout` must be in [0, 1)"),
         ("lora.dropout=1", "`lora.dropout` must be in [0, 1)"),
         ("lora.target_modules=[]", "`lora.target_modules` is empty"),
-        (
-            "lora.target_modules=[q_proj, '']",
-            "`lora.target_modules[1]` is an empty name",
-        ),
-        (
-            "lora.target_modules=[' ']",
-            "`lora.target_modules[0]` is an empty name",
-        ),
+        ("lora.target_modules=[q_proj, '']", "`lora.target_modules[1]` is an empty name"),
+        ("lora.target_modules=[' ']", "`lora.target_modules[0]` is an empty name"),
         ("data.train=''", "missing required key `data.train`"),
         ("data.validation=''", "`data.validation` is an empty path"),
-        (
-            "data.max_seq_len=1",
-            "`data.max_seq_len` must be at least 2, got 1",
-        ),
-        (
-            "train.epochs=0",
-            "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`",
-        ),
-        (
-            "train.max_steps=0",
-            "`train.max_steps` must be at least 1 (got 0)",
-        ),
-        (
-            "train.micro_batch_size=0",
-            "`train.micro_batch_size` must be at least 1, got 0",
-        ),
-        (
-            "train.grad_accum_steps=0",
-            "`train.grad_accum_steps` must be at least 1, got 0",
-        ),
-        (
-            "train.lr=0",
-            "`train.lr` must be a finite number > 0, got 0",
-        ),
+        ("data.max_seq_len=1", "`data.max_seq_len` must be at least 2, got 1"),
+        ("train.epochs=0", "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`"),
+        ("train.max_steps=0", "`train.max_steps` must be at least 1 (got 0)"),
+        ("train.micro_batch_size=0", "`train.micro_batch_size` must be at least 1, got 0"),
+        ("train.grad_accum_steps=0", "`train.grad_accum_steps` must be at least 1, got 0"),
+        ("train.lr=0", "`train.lr` must be a finite number > 0, got 0"),
         ("train.lr=-1e-4", "`train.lr` must be a finite number > 0"),
-        (
-            "train.lr=.inf",
-            "`train.lr` must be a finite number > 0, got inf",
-        ),
-        (
-            "train.lr=.nan",
-            "`train.lr` must be a finite number > 0, got NaN",
-        ),
-        (
-            "train.weight_decay=-0.1",
-            "`train.weight_decay` must be a finite number >= 0",
-        ),
+        ("train.lr=.inf", "`train.lr` must be a finite number > 0, got inf"),
+        ("train.lr=.nan", "`train.lr` must be a finite number > 0, got NaN"),
+        ("train.weight_decay=-0.1", "`train.weight_decay` must be a finite number >= 0"),
         ("train.adam_beta1=1", "`train.adam_beta1` must be in [0, 1)"),
-        (
-            "train.adam_beta1=-0.1",
-            "`train.adam_beta1` must be in [0, 1)",
-        ),
-        (
-            "train.adam_beta2=1.5",
-            "`train.adam_beta2` must be in [0, 1)",
-        ),
-        (
-            "train.adam_eps=0",
-            "`train.adam_eps` must be a finite number > 0",
-        ),
-        (
-            "train.max_grad_norm=0",
-            "`train.max_grad_norm` must be a finite number > 0, got 0; use null",
-        ),
-        (
-            "train.max_grad_norm=-1",
-            "`train.max_grad_norm` must be a finite number > 0",
-        ),
-        (
-            "train.device=gpu",
-            "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N`",
-        ),
+        ("train.adam_beta1=-0.1", "`train.adam_beta1` must be in [0, 1)"),
+        ("train.adam_beta2=1.5", "`train.adam_beta2` must be in [0, 1)"),
+        ("train.adam_eps=0", "`train.adam_eps` must be a finite number > 0"),
+        ("train.max_grad_norm=0", "`train.max_grad_norm` must be a finite number > 0, got 0; use null"),
+        ("train.max_grad_norm=-1", "`train.max_grad_norm` must be a finite number > 0"),
+        ("train.device=gpu", "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N`"),
         ("train.device=cuda:x", "got `cuda:x`"),
-        (
-            "train.threads=0",
-            "`train.threads` must be at least 1 (got 0), or null",
-        ),
-        (
-            "train.log_every=0",
-            "`train.log_every` must be at least 1, got 0",
-        ),
-        (
-            "train.save_every=0",
-            "`train.save_every` must be at least 1 (got 0), or null",
-        ),
+        ("train.threads=0", "`train.threads` must be at least 1 (got 0), or null"),
+        ("train.log_every=0", "`train.log_every` must be at least 1, got 0"),
+        ("train.save_every=0", "`train.save_every` must be at least 1 (got 0), or null"),
         ("output.dir=''", "`output.dir` is empty"),
         ("output.run_name=''", "`output.run_name` must not be empty"),
-        (
-            "output.run_name=a/b",
-            "`output.run_name` must not contain a path separator",
-        ),
-        (
-            "output.run_name=.hidden",
-            "`output.run_name` must not start with '.'",
-        ),
+        ("output.run_name=a/b", "`output.run_name` must not contain a path separator"),
+        ("output.run_name=.hidden", "`output.run_name` must not start with '.'"),
     ];
     for (set, expected) in cases {
         let message = error(BASE, &[set]);
@@ -878,10 +629,7 @@ fn out_of_range_values_are_refused_with_key_and_range() {
     config.validate().unwrap();
     config.train.adam_eps = -1.0;
     let message = format!("{:#}", config.validate().unwrap_err());
-    assert_contains(
-        &message,
-        &["`train.adam_eps` must be a finite number > 0, got -1"],
-    );
+    assert_contains(&message, &["`train.adam_eps` must be a finite number > 0, got -1"]);
 }
 
 #[test]
@@ -915,10 +663,7 @@ fn boundary_values_are_accepted() {
 #[test]
 fn out_of_range_in_the_file_names_file_line_and_key() {
     let yaml = format!("{BASE}lora:\n  r: 0\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["run.yaml:6:3: `lora.r` must be at least 1, got 0"],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:6:3: `lora.r` must be at least 1, got 0"]);
     let yaml = format!("{BASE}train:\n  seed: 1\n  max_grad_norm: -1\n");
     assert_contains(&error(&yaml, &[]), &["run.yaml:7:3: `train.max_grad_norm`"]);
     // With max_steps null again, epochs: 0 from the file is refused and the file is blamed.
@@ -930,22 +675,13 @@ fn out_of_range_in_the_file_names_file_line_and_key() {
     );
     // Flow style: no line can be found, the file is still named.
     let yaml = format!("{BASE}train: {{lr: 0}}\n");
-    assert_contains(
-        &error(&yaml, &[]),
-        &["run.yaml:", "`train.lr` must be a finite number > 0"],
-    );
+    assert_contains(&error(&yaml, &[]), &["run.yaml:", "`train.lr` must be a finite number > 0"]);
 }
 
 #[test]
 fn weight_dtype_auto_follows_precision() {
     let config = parse(BASE, &["train.precision=bf16-mixed"]);
-    assert_eq!(
-        config.model.dtype.resolve(config.train.precision),
-        WeightDtype::Bf16
-    );
+    assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Bf16);
     let config = parse(BASE, &[]);
-    assert_eq!(
-        config.model.dtype.resolve(config.train.precision),
-        WeightDtype::Fp32
-    );
+    assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Fp32);
 }

@@ -38,10 +38,7 @@ fn fixture(family: &str) -> PathBuf {
 }
 
 fn reference(dir: &Path) -> HashMap<String, Tensor> {
-    read_safetensors(&dir.join("reference.safetensors"))
-        .unwrap()
-        .into_iter()
-        .collect()
+    read_safetensors(&dir.join("reference.safetensors")).unwrap().into_iter().collect()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -57,20 +54,13 @@ fn fp32_logits_match_transformers() {
     for family in FAMILIES {
         let dir = fixture(family);
         let r = reference(&dir);
-        let model = load_model(&dir, Kind::Float, Device::Cpu)
-            .unwrap_or_else(|e| panic!("{family}: {e:#}"));
+        let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap_or_else(|e| panic!("{family}: {e:#}"));
         let diff = max_diff(&logits(&model, &r["input_ids"]), &r["logits"]);
-        assert!(
-            diff <= 1e-4,
-            "{family}: fp32 logits differ from transformers by {diff}"
-        );
+        assert!(diff <= 1e-4, "{family}: fp32 logits differ from transformers by {diff}");
         if let Some(short) = r.get("input_ids_short") {
             // Phi-3's longrope uses other factors for sequences within the original context.
             let diff = max_diff(&logits(&model, short), &r["logits_short"]);
-            assert!(
-                diff <= 1e-4,
-                "{family}: short-sequence logits differ by {diff}"
-            );
+            assert!(diff <= 1e-4, "{family}: short-sequence logits differ by {diff}");
         }
     }
 }
@@ -89,10 +79,7 @@ fn bf16_weights_stay_within_transformers_bf16_rounding() {
         let ours = max_diff(&logits(&model, &r["input_ids"]), &r["logits"]);
         let theirs = max_diff(&r["logits_bf16"], &r["logits"]);
         eprintln!("{family}: bf16 {ours:.4} vs transformers bf16 {theirs:.4}");
-        assert!(
-            ours <= 1.25 * theirs,
-            "{family}: bf16 logits off by {ours}, transformers bf16 by {theirs}"
-        );
+        assert!(ours <= 1.25 * theirs, "{family}: bf16 logits off by {ours}, transformers bf16 by {theirs}");
     }
 }
 
@@ -106,10 +93,7 @@ fn peft_made_adapters_load_with_equal_logits() {
             .unwrap_or_else(|e| panic!("{family}: {e:#}"));
         assert!(!injected.module_paths.is_empty());
         let diff = max_diff(&logits(&model, &r["input_ids"]), &r["logits_adapter"]);
-        assert!(
-            diff <= 1e-4,
-            "{family}: logits with the PEFT adapter differ by {diff}"
-        );
+        assert!(diff <= 1e-4, "{family}: logits with the PEFT adapter differ by {diff}");
     }
 }
 
@@ -138,19 +122,10 @@ fn inspect_lists_the_family_and_every_linear_module() {
         expected_sorted.sort();
         assert_eq!(listed_sorted, expected_sorted, "{family}:\n{report}");
         let model_type = meta["model_type"].as_str().unwrap();
+        assert!(report.contains(&format!("(model_type {model_type})")), "{family}:\n{report}");
+        assert!(report.contains(&format!("parameters: {} ", meta["num_parameters"])), "{family}:\n{report}");
         assert!(
-            report.contains(&format!("(model_type {model_type})")),
-            "{family}:\n{report}"
-        );
-        assert!(
-            report.contains(&format!("parameters: {} ", meta["num_parameters"])),
-            "{family}:\n{report}"
-        );
-        assert!(
-            report.contains(&format!(
-                "tied embeddings: {}",
-                if tied { "yes" } else { "no" }
-            )),
+            report.contains(&format!("tied embeddings: {}", if tied { "yes" } else { "no" })),
             "{family}:\n{report}"
         );
     }
@@ -168,32 +143,19 @@ fn train_and_export(dir: &Path, out: &Path) -> (Tensor, Tensor) {
     };
     tch::manual_seed(3);
     let injected = lora::inject(&mut model, &cfg, Device::Cpu).unwrap();
-    let params: Vec<Tensor> = injected
-        .trainables
-        .iter()
-        .map(|t| t.tensor.shallow_clone())
-        .collect();
-    let train_cfg = lorafit::config::TrainConfig {
-        lr: 0.05,
-        ..Default::default()
-    };
+    let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
+    let train_cfg = lorafit::config::TrainConfig { lr: 0.05, ..Default::default() };
     let mut trainer = Trainer::new(params, &train_cfg);
     let ids = Tensor::randint_low(3, 256, [2, 10], (Kind::Int64, Device::Cpu));
     let rows: Vec<Vec<i64>> = Vec::try_from(&ids).unwrap();
-    let examples: Vec<Example> = rows
-        .iter()
-        .map(|r| Example {
-            input_ids: r.clone(),
-            labels: r.clone(),
-        })
-        .collect();
+    let examples: Vec<Example> =
+        rows.iter().map(|r| Example { input_ids: r.clone(), labels: r.clone() }).collect();
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     for _ in 0..2 {
         trainer.step(&model, std::slice::from_ref(&batch), train_cfg.lr);
     }
     peft::save(out, &cfg, &injected, &dir.display().to_string()).unwrap();
-    let probe =
-        Tensor::from_slice(&[5i64, 17, 42, 99, 100, 3, 250, 7, 8, 64, 33, 21]).view([1, 12]);
+    let probe = Tensor::from_slice(&[5i64, 17, 42, 99, 100, 3, 250, 7, 8, 64, 33, 21]).view([1, 12]);
     (probe.shallow_clone(), logits(&model, &probe))
 }
 
@@ -207,15 +169,9 @@ fn lorafit_adapters_load_in_peft_for_every_family() {
         let dir = fixture(family);
         let adapter = tmp.path().join(family);
         let (ids, ours) = train_and_export(&dir, &adapter);
-        let config: Value = serde_json::from_str(
-            &std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(
-            config["fan_in_fan_out"],
-            json!(family.starts_with("gpt2")),
-            "{family}"
-        );
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap()).unwrap();
+        assert_eq!(config["fan_in_fan_out"], json!(family.starts_with("gpt2")), "{family}");
         let logits_file = tmp.path().join(format!("{family}.json"));
         let json = json!({
             "input_ids": Vec::<Vec<i64>>::try_from(&ids).unwrap(),
@@ -224,22 +180,13 @@ fn lorafit_adapters_load_in_peft_for_every_family() {
         std::fs::write(&logits_file, json.to_string()).unwrap();
         let check = Command::new(&python)
             .arg(common::repo().join("scripts/peft_check.py"))
-            .args([
-                "--base".as_ref(),
-                dir.as_os_str(),
-                "--adapter".as_ref(),
-                adapter.as_os_str(),
-            ])
+            .args(["--base".as_ref(), dir.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
             .args(["--logits".as_ref(), logits_file.as_os_str()])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&check.stdout);
         eprintln!("{family}: {stdout}");
-        assert!(
-            check.status.success(),
-            "{family}: {stdout}{}",
-            String::from_utf8_lossy(&check.stderr)
-        );
+        assert!(check.status.success(), "{family}: {stdout}{}", String::from_utf8_lossy(&check.stderr));
     }
 }
 
@@ -247,10 +194,7 @@ fn lorafit_adapters_load_in_peft_for_every_family() {
 fn rewritten(family: &str, dest: &Path, write: impl FnOnce(Vec<(String, Tensor)>, &Path)) {
     let src = fixture(family);
     std::fs::copy(src.join("config.json"), dest.join("config.json")).unwrap();
-    write(
-        read_safetensors(&src.join("model.safetensors")).unwrap(),
-        dest,
-    );
+    write(read_safetensors(&src.join("model.safetensors")).unwrap(), dest);
 }
 
 #[test]
@@ -259,15 +203,10 @@ fn sharded_checkpoints_load_through_their_index() {
     rewritten("llama3", tmp.path(), |tensors, dest| {
         let (first, second) = tensors.split_at(tensors.len() / 2);
         let mut weight_map = serde_json::Map::new();
-        for (file, part) in [
-            ("model-00001-of-00002.safetensors", first),
-            ("model-00002-of-00002.safetensors", second),
-        ] {
-            std::fs::write(
-                dest.join(file),
-                lorafit::files::safetensors_bytes(part, &[]).unwrap(),
-            )
-            .unwrap();
+        for (file, part) in
+            [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)]
+        {
+            std::fs::write(dest.join(file), lorafit::files::safetensors_bytes(part, &[]).unwrap()).unwrap();
             for (name, _) in part {
                 weight_map.insert(name.clone(), json!(file));
             }
@@ -287,13 +226,7 @@ fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
     rewritten("llama3", tmp.path(), |tensors, dest| {
         let tensors: Vec<(String, Tensor)> = tensors
             .into_iter()
-            .map(|(n, t)| {
-                if n == name {
-                    (n, t.narrow(0, 0, 8).contiguous())
-                } else {
-                    (n, t)
-                }
-            })
+            .map(|(n, t)| if n == name { (n, t.narrow(0, 0, 8).contiguous()) } else { (n, t) })
             .collect();
         std::fs::write(
             dest.join("model.safetensors"),
@@ -301,12 +234,7 @@ fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
         )
         .unwrap();
     });
-    let err = format!(
-        "{:#}",
-        load_model(tmp.path(), Kind::Float, Device::Cpu)
-            .err()
-            .unwrap()
-    );
+    let err = format!("{:#}", load_model(tmp.path(), Kind::Float, Device::Cpu).err().unwrap());
     assert!(
         err.contains(name)
             && err.contains("[8, 32]")
@@ -317,19 +245,13 @@ fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
 
     let tmp = tempfile::tempdir().unwrap();
     rewritten("llama3", tmp.path(), |tensors, dest| {
-        let tensors: Vec<(String, Tensor)> =
-            tensors.into_iter().filter(|(n, _)| n != name).collect();
+        let tensors: Vec<(String, Tensor)> = tensors.into_iter().filter(|(n, _)| n != name).collect();
         std::fs::write(
             dest.join("model.safetensors"),
             lorafit::files::safetensors_bytes(&tensors, &[]).unwrap(),
         )
         .unwrap();
     });
-    let err = format!(
-        "{:#}",
-        load_model(tmp.path(), Kind::Float, Device::Cpu)
-            .err()
-            .unwrap()
-    );
+    let err = format!("{:#}", load_model(tmp.path(), Kind::Float, Device::Cpu).err().unwrap());
     assert!(err.contains(name) && err.contains("no tensor"), "{err}");
 }

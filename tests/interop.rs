@@ -32,37 +32,24 @@ fn trained_adapter_loads_in_peft_with_equal_logits() {
         ),
     );
     let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
-    assert!(
-        out.status.success(),
-        "train failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
     let adapter = tmp.path().join("checkpoints/interop/adapter");
 
     let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap()).unwrap();
     assert_eq!(config["peft_type"], "LORA");
     assert_eq!(config["task_type"], "CAUSAL_LM");
     assert_eq!(config["r"], 4);
     assert_eq!(config["lora_alpha"], 8);
     assert_eq!(
         config["target_modules"],
-        json!([
-            "down_proj",
-            "gate_proj",
-            "k_proj",
-            "o_proj",
-            "q_proj",
-            "up_proj",
-            "v_proj"
-        ])
+        json!(["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
     );
 
     let mut model = load_model(&base, Kind::Float, Device::Cpu).unwrap();
     let ids = Tensor::from_slice(&[
-        1i64, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 1, 274, 287, 269, 301, 425,
-        411, 337, 266, 335, 261, 370,
+        1i64, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 1, 274, 287, 269, 301, 425, 411, 337,
+        266, 335, 261, 370,
     ])
     .view([2, 12]);
     let base_logits = tch::no_grad(|| model.forward(&ids, false));
@@ -70,41 +57,22 @@ fn trained_adapter_loads_in_peft_with_equal_logits() {
     assert_eq!(modules.module_paths.len(), 5 * 7);
     let logits = tch::no_grad(|| model.forward(&ids, false));
     let effect = (&logits - &base_logits).abs().max().double_value(&[]);
-    assert!(
-        effect > 1e-3,
-        "the trained adapter barely changes the logits ({effect})"
-    );
+    assert!(effect > 1e-3, "the trained adapter barely changes the logits ({effect})");
 
     let logits_file = tmp.path().join("logits.json");
     let as_vec = |t: &Tensor| Vec::<Vec<Vec<f32>>>::try_from(t).unwrap();
     let ids_vec = Vec::<Vec<i64>>::try_from(&ids).unwrap();
-    std::fs::write(
-        &logits_file,
-        json!({"input_ids": ids_vec, "logits": as_vec(&logits)}).to_string(),
-    )
-    .unwrap();
+    std::fs::write(&logits_file, json!({"input_ids": ids_vec, "logits": as_vec(&logits)}).to_string())
+        .unwrap();
 
     let check = Command::new(&python)
         .arg(common::repo().join("scripts/peft_check.py"))
-        .args([
-            "--base".as_ref(),
-            base.as_os_str(),
-            "--adapter".as_ref(),
-            adapter.as_os_str(),
-        ])
-        .args([
-            "--logits".as_ref(),
-            logits_file.as_os_str(),
-            "--tol".as_ref(),
-            "1e-4".as_ref(),
-        ])
+        .args(["--base".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
+        .args(["--logits".as_ref(), logits_file.as_os_str(), "--tol".as_ref(), "1e-4".as_ref()])
         .output()
         .expect("run scripts/peft_check.py");
     let stdout = String::from_utf8_lossy(&check.stdout);
-    eprintln!(
-        "peft_check: {stdout}{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    eprintln!("peft_check: {stdout}{}", String::from_utf8_lossy(&check.stderr));
     assert!(check.status.success(), "PEFT disagrees with lorafit");
     let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["ok"], true);

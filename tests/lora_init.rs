@@ -12,10 +12,8 @@ fn tiny_llama(dir: &std::path::Path) {
     let config = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":96,"num_hidden_layers":2,
         "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":32,"tie_word_embeddings":true,"eos_token_id":2}"#;
     std::fs::write(dir.join("config.json"), config).unwrap();
-    let mut tensors = vec![(
-        "model.embed_tokens.weight".to_string(),
-        Tensor::randn([32, 64], (Kind::Float, Device::Cpu)),
-    )];
+    let mut tensors =
+        vec![("model.embed_tokens.weight".to_string(), Tensor::randn([32, 64], (Kind::Float, Device::Cpu)))];
     let shapes = [
         ("self_attn.q_proj", [64, 64]),
         ("self_attn.k_proj", [32, 64]),
@@ -39,15 +37,8 @@ fn tiny_llama(dir: &std::path::Path) {
             ));
         }
     }
-    tensors.push((
-        "model.norm.weight".to_string(),
-        Tensor::ones([64], (Kind::Float, Device::Cpu)),
-    ));
-    std::fs::write(
-        dir.join("model.safetensors"),
-        safetensors_bytes(&tensors, &[]).unwrap(),
-    )
-    .unwrap();
+    tensors.push(("model.norm.weight".to_string(), Tensor::ones([64], (Kind::Float, Device::Cpu))));
+    std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&tensors, &[]).unwrap()).unwrap();
 }
 
 fn injected(init: LoraInit, r: usize) -> lora::Injected {
@@ -80,16 +71,8 @@ fn kaiming_a_is_uniform_within_one_over_root_fan_in_and_b_is_zero() {
             let max = v.abs().max().double_value(&[]);
             // Uniform(-b, b) has std b/√3; with 512+ samples the sample std is within 15%.
             let std = v.std(true).double_value(&[]);
-            assert!(
-                max <= bound && max > 0.9 * bound,
-                "{}: max {max} bound {bound}",
-                t.peft_key
-            );
-            assert!(
-                (std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15,
-                "{}: std {std}",
-                t.peft_key
-            );
+            assert!(max <= bound && max > 0.9 * bound, "{}: max {max} bound {bound}", t.peft_key);
+            assert!((std / (bound / 3f64.sqrt()) - 1.0).abs() < 0.15, "{}: std {std}", t.peft_key);
         }
     }
 }

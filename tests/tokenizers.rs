@@ -8,11 +8,7 @@ use lorafit::data::TextTokenizer;
 use serde_json::Value;
 
 fn ids(v: &Value) -> Vec<i64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_i64().unwrap())
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
 
 #[test]
@@ -22,19 +18,14 @@ fn real_tokenizers_match_transformers() {
     };
     let root = assets.join("tokenizers");
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(common::repo().join("tests/fixtures/tokenizer_reference.json"))
-            .unwrap(),
+        &std::fs::read_to_string(common::repo().join("tests/fixtures/tokenizer_reference.json")).unwrap(),
     )
     .unwrap();
     for (name, entry) in reference.as_object().unwrap() {
         let tok = TextTokenizer::from_file(&root.join(entry["file"].as_str().unwrap()), 0).unwrap();
         for case in entry["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
-            assert_eq!(
-                tok.encode(text, true).unwrap(),
-                ids(&case["ids"]),
-                "{name}: {text:?}"
-            );
+            assert_eq!(tok.encode(text, true).unwrap(), ids(&case["ids"]), "{name}: {text:?}");
         }
     }
 }
@@ -54,10 +45,6 @@ fn recorded_ids_of_the_llama2_and_gpt2_assets() {
         let tok = TextTokenizer::from_file(&root.join(tokenizer), 0).unwrap();
         let got = tok.encode(case["text"].as_str().unwrap(), true).unwrap();
         assert_eq!(got, ids(&case["token_ids"]), "{tokenizer}");
-        assert_eq!(
-            tok.decode(&got).unwrap(),
-            case["decoded_text"].as_str().unwrap(),
-            "{tokenizer}"
-        );
+        assert_eq!(tok.decode(&got).unwrap(), case["decoded_text"].as_str().unwrap(), "{tokenizer}");
     }
 }

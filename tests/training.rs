@@ -21,17 +21,13 @@ fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::Injected, Vec
     cfg.train.max_grad_norm = None;
     let spec = ModelSpec::from_dir(model_dir).unwrap();
     let tok = TextTokenizer::from_model_dir(model_dir, &spec).unwrap();
-    let examples = prepare(data, &cfg.data, &tok).unwrap().examples;
+    let examples = prepare(data, &cfg.data, &tok, None).unwrap().examples;
     tch::manual_seed(7);
     let mut model = load_model(model_dir, Kind::Float, Device::Cpu).unwrap();
     let injected = lora::inject(&mut model, &cfg.lora, Device::Cpu).unwrap();
     // Give B non-zero values so that both halves of every adapter get gradients at once.
     tch::no_grad(|| {
-        for t in injected
-            .trainables
-            .iter()
-            .filter(|t| t.peft_key.contains("lora_B"))
-        {
+        for t in injected.trainables.iter().filter(|t| t.peft_key.contains("lora_B")) {
             let _ = t.tensor.shallow_clone().normal_(0.0, 0.02);
         }
     });
@@ -39,11 +35,7 @@ fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::Injected, Vec
 }
 
 fn params(injected: &lora::Injected) -> Vec<Tensor> {
-    injected
-        .trainables
-        .iter()
-        .map(|t| t.tensor.shallow_clone())
-        .collect()
+    injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect()
 }
 
 fn story_data(dir: &Path) -> std::path::PathBuf {
@@ -58,13 +50,9 @@ fn a_step_changes_only_the_adapter() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let (cfg, mut model, injected, examples) =
-        setup(&common::stories260k(&assets), &story_data(tmp.path()));
+    let (cfg, mut model, injected, examples) = setup(&common::stories260k(&assets), &story_data(tmp.path()));
     let frozen_before: Vec<Tensor> = model.frozen_tensors().iter().map(|t| t.copy()).collect();
-    let adapter_before: Vec<Tensor> = params(&injected)
-        .iter()
-        .map(|t| t.detach().copy())
-        .collect();
+    let adapter_before: Vec<Tensor> = params(&injected).iter().map(|t| t.detach().copy()).collect();
     let mut trainer = Trainer::new(params(&injected), &cfg.train);
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     trainer.step(&model, std::slice::from_ref(&batch), cfg.train.lr);
@@ -96,20 +84,14 @@ fn step_grads(
     cfg.train.lr = 1e-3;
     let batches: Vec<Batch> = groups
         .iter()
-        .map(|g| {
-            Batch::collate(
-                &g.iter().map(|&i| &examples[i]).collect::<Vec<_>>(),
-                0,
-                Device::Cpu,
-            )
-        })
+        .map(|g| Batch::collate(&g.iter().map(|&i| &examples[i]).collect::<Vec<_>>(), 0, Device::Cpu))
         .collect();
     let mut trainer = Trainer::new(params(&injected), &cfg.train);
     if mean_of_means {
         // The wrong way: average per-micro-batch means. Used to show the test can tell.
         for b in &batches {
-            let loss = lorafit::train::loss_sum(&model, b, true)
-                / (b.label_tokens as f64 * batches.len() as f64);
+            let loss =
+                lorafit::train::loss_sum(&model, b, true) / (b.label_tokens as f64 * batches.len() as f64);
             loss.backward();
         }
     } else {
@@ -122,10 +104,7 @@ fn step_grads(
 }
 
 fn max_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs().max().double_value(&[]))
-        .fold(0.0, f64::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs().max().double_value(&[])).fold(0.0, f64::max)
 }
 
 #[test]
@@ -135,38 +114,19 @@ fn grad_accumulation_equals_one_large_batch() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let (dir, data) = (common::stories260k(&assets), story_data(tmp.path()));
-    let lengths: Vec<usize> = setup(&dir, &data)
-        .3
-        .iter()
-        .map(|e| e.input_ids.len())
-        .collect();
-    assert!(
-        lengths.windows(2).any(|w| w[0] != w[1]),
-        "examples must differ in length: {lengths:?}"
-    );
+    let lengths: Vec<usize> = setup(&dir, &data).3.iter().map(|e| e.input_ids.len()).collect();
+    assert!(lengths.windows(2).any(|w| w[0] != w[1]), "examples must differ in length: {lengths:?}");
 
     let (big_grads, big_update) = step_grads(&[&[0, 1, 2, 3]], false, &dir, &data);
     let (acc_grads, acc_update) = step_grads(&[&[0], &[1], &[2], &[3]], false, &dir, &data);
-    let scale = big_grads
-        .iter()
-        .map(|g| g.abs().max().double_value(&[]))
-        .fold(0.0, f64::max);
+    let scale = big_grads.iter().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
     let grad_diff = max_diff(&big_grads, &acc_grads);
     let update_diff = max_diff(&big_update, &acc_update);
-    assert!(
-        grad_diff <= 1e-6 * scale.max(1.0),
-        "gradients differ by {grad_diff} (largest {scale})"
-    );
+    assert!(grad_diff <= 1e-6 * scale.max(1.0), "gradients differ by {grad_diff} (largest {scale})");
     eprintln!("max gradient difference {grad_diff:e} (largest gradient {scale:e}), update difference {update_diff:e}");
-    assert!(
-        update_diff <= 1e-6,
-        "first-step updates differ by {update_diff}"
-    );
+    assert!(update_diff <= 1e-6, "first-step updates differ by {update_diff}");
 
     let (wrong_grads, _) = step_grads(&[&[0], &[1], &[2], &[3]], true, &dir, &data);
     let wrong_diff = max_diff(&big_grads, &wrong_grads);
-    assert!(
-        wrong_diff > 1e-3 * scale,
-        "a mean of micro-batch means should differ, got {wrong_diff}"
-    );
+    assert!(wrong_diff > 1e-3 * scale, "a mean of micro-batch means should differ, got {wrong_diff}");
 }

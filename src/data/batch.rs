@@ -1,15 +1,25 @@
-//! Examples → right-padded batch tensors, in a seeded order per epoch.
+//! Examples → batch tensors, in a seeded order per epoch: either packed (several examples per
+//! row of `max_seq_len` tokens, positions restarting per example, attention kept within each
+//! example) or one example per row, grouped by length to minimise padding.
 
 use super::format::{Example, IGNORE};
+use crate::model::Packing;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Tensor};
 
+/// Example indices laid end to end in one row.
+pub type Row = Vec<usize>;
+/// Rows that go through the model together.
+pub type MicroBatch = Vec<Row>;
+
 /// One micro-batch: `[batch, seq]` ids and labels, right-padded.
 pub struct Batch {
     pub input_ids: Tensor,
     pub labels: Tensor,
+    /// Positions and example boundaries, when rows hold several examples.
+    pub packing: Option<Packing>,
     /// Tokens that count in the loss (labels other than IGNORE, after the shift).
     pub label_tokens: i64,
     /// Real (non-pad) tokens.
@@ -19,124 +29,185 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Pads `examples` on the right with `pad_id` (labels IGNORE). Padding is invisible to real
-    /// tokens under causal attention.
+    /// One example per row, padded on the right with `pad_id` (labels IGNORE). Padding is
+    /// invisible to real tokens under causal attention.
     pub fn collate(examples: &[&Example], pad_id: i64, device: Device) -> Batch {
-        let seq = examples
-            .iter()
-            .map(|e| e.input_ids.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = Vec::with_capacity(examples.len() * seq);
-        let mut labels = Vec::with_capacity(examples.len() * seq);
-        let mut label_tokens = 0;
-        for e in examples {
-            let pad = seq - e.input_ids.len();
-            ids.extend_from_slice(&e.input_ids);
+        let rows: Vec<Vec<&Example>> = examples.iter().map(|e| vec![*e]).collect();
+        Self::build(&rows, pad_id, device, false)
+    }
+
+    /// Rows of several examples each (see [`Packing`]), padded on the right to the longest row.
+    pub fn pack(rows: &[Vec<&Example>], pad_id: i64, device: Device) -> Batch {
+        Self::build(rows, pad_id, device, true)
+    }
+
+    fn build(rows: &[Vec<&Example>], pad_id: i64, device: Device, packed: bool) -> Batch {
+        let row_len = |r: &Vec<&Example>| r.iter().map(|e| e.input_ids.len()).sum::<usize>();
+        let seq = rows.iter().map(row_len).max().unwrap_or(0);
+        let cells = rows.len() * seq;
+        let (mut ids, mut labels) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
+        let (mut positions, mut documents) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
+        for row in rows {
+            for (doc, e) in row.iter().enumerate() {
+                ids.extend_from_slice(&e.input_ids);
+                // An example's first token is never a target: in a packed row it would otherwise
+                // be predicted from the end of the previous example.
+                labels.push(IGNORE);
+                labels.extend_from_slice(&e.labels[1..]);
+                positions.extend(0..e.input_ids.len() as i64);
+                documents.extend(std::iter::repeat_n(doc as i64, e.input_ids.len()));
+            }
+            let pad = seq - row_len(row);
             ids.extend(std::iter::repeat_n(pad_id, pad));
-            labels.extend_from_slice(&e.labels);
             labels.extend(std::iter::repeat_n(IGNORE, pad));
-            label_tokens += e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count() as i64;
+            positions.extend(0..pad as i64);
+            documents.extend(std::iter::repeat_n(row.len() as i64, pad));
         }
-        let shape = [examples.len() as i64, seq as i64];
+        let shape = [rows.len() as i64, seq as i64];
+        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
         Batch {
-            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            labels: Tensor::from_slice(&labels).view(shape).to_device(device),
-            label_tokens,
-            real_tokens: examples.iter().map(|e| e.input_ids.len() as i64).sum(),
+            input_ids: tensor(&ids),
+            label_tokens: labels.iter().filter(|&&l| l != IGNORE).count() as i64,
+            labels: tensor(&labels),
+            packing: packed.then(|| Packing { positions: tensor(&positions), documents: tensor(&documents) }),
+            real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
         }
     }
 }
 
-/// Which examples each optimizer step of an epoch uses: a seeded shuffle cut into steps of
-/// `grad_accum_steps` micro-batches of `micro_batch_size` (the last step may be shorter).
+/// How examples are laid out into rows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Layout {
+    /// Several examples per row of at most this many tokens.
+    Packed(usize),
+    /// One example per row; rows of similar length batched together.
+    ByLength,
+}
+
+/// Which examples each optimizer step of an epoch uses: a seeded shuffle laid out into rows,
+/// cut into micro-batches of `micro_batch_size` rows and steps of `grad_accum_steps`
+/// micro-batches (the last step may be shorter).
 pub struct EpochPlan {
-    /// steps → micro-batches → example indices
-    pub steps: Vec<Vec<Vec<usize>>>,
+    pub steps: Vec<Vec<MicroBatch>>,
 }
 
 impl EpochPlan {
     pub fn new(
-        n_examples: usize,
+        lengths: &[usize],
         micro_batch_size: usize,
         grad_accum_steps: usize,
+        layout: Layout,
         shuffle: bool,
         seed: u64,
         epoch: usize,
     ) -> EpochPlan {
-        let mut order: Vec<usize> = (0..n_examples).collect();
+        let mut order: Vec<usize> = (0..lengths.len()).collect();
+        // One independent stream per epoch, so any epoch's order can be recomputed alone.
+        let mut rng =
+            StdRng::seed_from_u64(seed.wrapping_add(epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         if shuffle {
-            // One independent stream per epoch, so any epoch's order can be recomputed alone.
-            let mut rng = StdRng::seed_from_u64(
-                seed.wrapping_add(epoch as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
             order.shuffle(&mut rng);
         }
-        let micro: Vec<Vec<usize>> = order.chunks(micro_batch_size).map(|c| c.to_vec()).collect();
-        EpochPlan {
-            steps: micro.chunks(grad_accum_steps).map(|c| c.to_vec()).collect(),
+        let micro_batches: Vec<MicroBatch> = match layout {
+            Layout::Packed(max_len) => pack_first_fit(&order, lengths, max_len)
+                .chunks(micro_batch_size)
+                .map(<[Row]>::to_vec)
+                .collect(),
+            Layout::ByLength => {
+                // Sort within windows of many batches, so batches hold similar lengths while the
+                // epoch stays shuffled; then shuffle the batches themselves.
+                let window = micro_batch_size * 64;
+                let mut batches: Vec<MicroBatch> = Vec::new();
+                for chunk in order.chunks(window) {
+                    let mut chunk = chunk.to_vec();
+                    chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+                    batches
+                        .extend(chunk.chunks(micro_batch_size).map(|c| c.iter().map(|&i| vec![i]).collect()));
+                }
+                if shuffle {
+                    batches.shuffle(&mut rng);
+                }
+                batches
+            }
+        };
+        EpochPlan { steps: micro_batches.chunks(grad_accum_steps).map(<[MicroBatch]>::to_vec).collect() }
+    }
+}
+
+/// First-fit: each example, in `order`, goes into the first row with room for it.
+fn pack_first_fit(order: &[usize], lengths: &[usize], max_len: usize) -> Vec<Row> {
+    let mut rows: Vec<(usize, Row)> = Vec::new();
+    for &i in order {
+        let len = lengths[i].min(max_len);
+        match rows.iter_mut().find(|(used, _)| used + len <= max_len) {
+            Some((used, row)) => {
+                *used += len;
+                row.push(i);
+            }
+            None => rows.push((len, vec![i])),
         }
     }
-
-    pub fn steps_per_epoch(
-        n_examples: usize,
-        micro_batch_size: usize,
-        grad_accum_steps: usize,
-    ) -> usize {
-        n_examples.div_ceil(micro_batch_size * grad_accum_steps)
-    }
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn flat(plan: &EpochPlan) -> Vec<usize> {
+        plan.steps.iter().flatten().flatten().flatten().copied().collect()
+    }
+
     #[test]
     fn plan_covers_every_example_once_per_epoch_in_seeded_order() {
-        let a = EpochPlan::new(10, 3, 2, true, 7, 0);
-        let flat: Vec<usize> = a.steps.iter().flatten().flatten().copied().collect();
-        let mut sorted = flat.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
-        assert_eq!(a.steps.len(), EpochPlan::steps_per_epoch(10, 3, 2));
-        assert_eq!(a.steps[0].len(), 2);
-        let again: Vec<usize> = EpochPlan::new(10, 3, 2, true, 7, 0)
-            .steps
-            .iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .collect();
-        assert_eq!(flat, again);
-        let next: Vec<usize> = EpochPlan::new(10, 3, 2, true, 7, 1)
-            .steps
-            .iter()
-            .flatten()
-            .flatten()
-            .copied()
-            .collect();
-        assert_ne!(flat, next);
+        let lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 10];
+        for layout in [Layout::ByLength, Layout::Packed(12)] {
+            let a = EpochPlan::new(&lengths, 3, 2, layout, true, 7, 0);
+            let mut sorted = flat(&a);
+            sorted.sort();
+            assert_eq!(sorted, (0..10).collect::<Vec<_>>(), "{layout:?}");
+            assert_eq!(flat(&a), flat(&EpochPlan::new(&lengths, 3, 2, layout, true, 7, 0)));
+            assert_ne!(flat(&a), flat(&EpochPlan::new(&lengths, 3, 2, layout, true, 7, 1)));
+        }
+    }
+
+    #[test]
+    fn packed_rows_never_exceed_the_limit() {
+        let lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 10];
+        let plan = EpochPlan::new(&lengths, 2, 1, Layout::Packed(12), true, 3, 0);
+        for row in plan.steps.iter().flatten().flatten() {
+            assert!(row.iter().map(|&i| lengths[i]).sum::<usize>() <= 12, "{row:?}");
+        }
+        // 55 tokens in rows of 12: first-fit needs at most one row more than the minimum (5).
+        assert!(plan.steps.iter().flatten().flatten().count() <= 6);
     }
 
     #[test]
     fn collate_pads_right_and_counts_label_tokens_after_the_shift() {
-        let a = Example {
-            input_ids: vec![1, 5, 6, 2],
-            labels: vec![IGNORE, IGNORE, 6, 2],
-        };
-        let b = Example {
-            input_ids: vec![1, 7],
-            labels: vec![1, 7],
-        };
+        let a = Example { input_ids: vec![1, 5, 6, 2], labels: vec![IGNORE, IGNORE, 6, 2] };
+        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7] };
         let batch = Batch::collate(&[&a, &b], 0, Device::Cpu);
         assert_eq!(batch.input_ids.size(), vec![2, 4]);
         assert_eq!(
             Vec::<i64>::try_from(batch.labels.view([-1])).unwrap(),
-            vec![IGNORE, IGNORE, 6, 2, 1, 7, IGNORE, IGNORE]
+            vec![IGNORE, IGNORE, 6, 2, IGNORE, 7, IGNORE, IGNORE]
         );
         assert_eq!(batch.label_tokens, 3);
         assert_eq!((batch.real_tokens, batch.padded_tokens), (6, 8));
+    }
+
+    #[test]
+    fn packed_rows_restart_positions_and_mask_first_tokens() {
+        let a = Example { input_ids: vec![1, 5, 6], labels: vec![1, 5, 6] };
+        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7] };
+        let batch = Batch::pack(&[vec![&a, &b], vec![&b]], 0, Device::Cpu);
+        let p = batch.packing.as_ref().unwrap();
+        let v = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();
+        assert_eq!(v(&batch.input_ids), vec![1, 5, 6, 1, 7, 1, 7, 0, 0, 0]);
+        assert_eq!(v(&p.positions), vec![0, 1, 2, 0, 1, 0, 1, 0, 1, 2]);
+        assert_eq!(v(&p.documents), vec![0, 0, 0, 1, 1, 0, 0, 1, 1, 1]);
+        assert_eq!(v(&batch.labels), vec![IGNORE, 5, 6, IGNORE, 7, IGNORE, 7, IGNORE, IGNORE, IGNORE]);
+        assert_eq!(batch.label_tokens, 4);
     }
 }

@@ -3,8 +3,10 @@
 //! into padded tensors.
 
 pub mod batch;
+pub mod chat;
 pub mod format;
+pub mod preview;
 pub mod source;
 
-pub use batch::{Batch, EpochPlan};
+pub use batch::{Batch, EpochPlan, Layout as RowLayout};
 pub use format::{Example, Prepared, TextTokenizer};

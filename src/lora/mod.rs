@@ -22,15 +22,8 @@ pub struct Adapter {
 
 impl Adapter {
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = if train && self.dropout > 0.0 {
-            x.dropout(self.dropout, true)
-        } else {
-            x.shallow_clone()
-        };
-        x.to_kind(self.a.kind())
-            .matmul(&self.a.tr())
-            .matmul(&self.b.tr())
-            * self.scale
+        let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
+        x.to_kind(self.a.kind()).matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scale
     }
 }
 
@@ -60,19 +53,12 @@ pub struct Injected {
 
 impl Injected {
     pub fn parameter_count(&self) -> i64 {
-        self.trainables
-            .iter()
-            .map(|t| t.tensor.numel() as i64)
-            .sum()
+        self.trainables.iter().map(|t| t.tensor.numel() as i64).sum()
     }
 
     /// Leaf names (`q_proj`, ...) of the adapted modules, sorted, as PEFT lists them.
     pub fn target_leaf_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .module_paths
-            .iter()
-            .map(|p| leaf(p).to_string())
-            .collect();
+        let mut names: Vec<String> = self.module_paths.iter().map(|p| leaf(p).to_string()).collect();
         names.sort();
         names.dedup();
         names
@@ -91,8 +77,7 @@ fn matches_name(path: &str, name: &str) -> bool {
 
 /// A regex that must match the whole of `path` (PEFT's `re.fullmatch`).
 fn full_match(pattern: &str) -> Result<Regex> {
-    Regex::new(&format!("^(?:{pattern})$"))
-        .map_err(|e| anyhow!("`{pattern}` is not a valid regex: {e}"))
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| anyhow!("`{pattern}` is not a valid regex: {e}"))
 }
 
 /// Whether a module path is selected.
@@ -128,8 +113,7 @@ pub(crate) fn pattern_value<T: Copy>(
 ) -> Result<Option<T>> {
     let mut found: Option<(&String, T)> = None;
     for (pattern, &value) in patterns {
-        let re =
-            Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| anyhow!("{key}: {e}"))?;
+        let re = Regex::new(&format!(r"^(?:.*\.)?(?:{pattern})$")).map_err(|e| anyhow!("{key}: {e}"))?;
         if re.is_match(path) {
             if let Some((first, _)) = found {
                 bail!("{key}: both `{first}` and `{pattern}` match `{path}`; make the patterns exclusive");
@@ -151,11 +135,7 @@ pub struct Target {
 /// The modules `cfg` selects among `paths` (all linear layers of the model), with PEFT's rules:
 /// `target_modules` (all-linear takes every linear layer but the output projection), minus
 /// `exclude_modules`, restricted to `layers_to_transform`, ranks and alphas by pattern.
-pub fn select_targets(
-    paths: &[String],
-    cfg: &LoraConfig,
-    tied_embeddings: bool,
-) -> Result<Vec<Target>> {
+pub fn select_targets(paths: &[String], cfg: &LoraConfig, tied_embeddings: bool) -> Result<Vec<Target>> {
     let leaves = || {
         let mut leaves: Vec<&str> = paths.iter().map(|p| leaf(p)).collect();
         leaves.sort();
@@ -165,9 +145,7 @@ pub fn select_targets(
     if let TargetModules::List(names) = &cfg.target_modules {
         for name in names {
             if !paths.iter().any(|p| matches_name(p, name)) {
-                let why = if tied_embeddings
-                    && matches!(name.as_str(), "lm_head" | "embed_tokens" | "wte")
-                {
+                let why = if tied_embeddings && matches!(name.as_str(), "lm_head" | "embed_tokens" | "wte") {
                     " (this model ties lm_head to its input embeddings, and adapting a tied matrix \
                      breaks merging and loading in other runtimes, so it is not offered)"
                 } else {
@@ -199,8 +177,7 @@ pub fn select_targets(
             targets.push(Target {
                 path: path.clone(),
                 r: pattern_value("lora.rank_pattern", &cfg.rank_pattern, path)?.unwrap_or(cfg.r),
-                alpha: pattern_value("lora.alpha_pattern", &cfg.alpha_pattern, path)?
-                    .unwrap_or(cfg.alpha),
+                alpha: pattern_value("lora.alpha_pattern", &cfg.alpha_pattern, path)?.unwrap_or(cfg.alpha),
             });
         }
     }
@@ -230,10 +207,8 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
     let mut trainables = Vec::new();
     let mut fan_in_fan_out = false;
     for target in &targets {
-        let (path, linear) = layers
-            .iter_mut()
-            .find(|(p, _)| *p == target.path)
-            .expect("selected from these layers");
+        let (path, linear) =
+            layers.iter_mut().find(|(p, _)| *p == target.path).expect("selected from these layers");
         let r = target.r as i64;
         let opts = (Kind::Float, device);
         let a = match cfg.init {
@@ -242,9 +217,7 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
                 let bound = 1.0 / (linear.in_features() as f64).sqrt();
                 Tensor::empty([r, linear.in_features()], opts).uniform_(-bound, bound)
             }
-            LoraInit::Gaussian => {
-                Tensor::empty([r, linear.in_features()], opts).normal_(0.0, 1.0 / r as f64)
-            }
+            LoraInit::Gaussian => Tensor::empty([r, linear.in_features()], opts).normal_(0.0, 1.0 / r as f64),
         };
         let b = Tensor::zeros([linear.out_features(), r], opts);
         let adapter = Adapter {
@@ -253,22 +226,12 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
             scale: scale(target.alpha, target.r, cfg.use_rslora),
             dropout: cfg.dropout,
         };
-        trainables.push(Trainable {
-            peft_key: peft::key(path, "lora_A"),
-            tensor: adapter.a.shallow_clone(),
-        });
-        trainables.push(Trainable {
-            peft_key: peft::key(path, "lora_B"),
-            tensor: adapter.b.shallow_clone(),
-        });
+        trainables.push(Trainable { peft_key: peft::key(path, "lora_A"), tensor: adapter.a.shallow_clone() });
+        trainables.push(Trainable { peft_key: peft::key(path, "lora_B"), tensor: adapter.b.shallow_clone() });
         fan_in_fan_out |= linear.fan_in_fan_out;
         linear.adapter = Some(adapter);
     }
-    Ok(Injected {
-        module_paths: targets.into_iter().map(|t| t.path).collect(),
-        trainables,
-        fan_in_fan_out,
-    })
+    Ok(Injected { module_paths: targets.into_iter().map(|t| t.path).collect(), trainables, fan_in_fan_out })
 }
 
 #[cfg(test)]
@@ -295,10 +258,7 @@ mod tests {
     }
 
     fn cfg(targets: TargetModules) -> LoraConfig {
-        LoraConfig {
-            target_modules: targets,
-            ..LoraConfig::default()
-        }
+        LoraConfig { target_modules: targets, ..LoraConfig::default() }
     }
 
     fn paths_of(targets: &[Target]) -> Vec<&str> {
@@ -334,17 +294,10 @@ mod tests {
         let got = select_targets(&llama_paths(), &cfg(t), false).unwrap();
         assert_eq!(
             paths_of(&got),
-            vec![
-                "model.layers.1.self_attn.q_proj",
-                "model.layers.1.self_attn.v_proj"
-            ]
+            vec!["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
         );
-        let err = select_targets(
-            &llama_paths(),
-            &cfg(TargetModules::Regex("q_pro.".into())),
-            false,
-        )
-        .unwrap_err();
+        let err =
+            select_targets(&llama_paths(), &cfg(TargetModules::Regex("q_pro.".into())), false).unwrap_err();
         assert!(err.to_string().contains("no linear layer"), "{err}");
     }
 
@@ -357,45 +310,25 @@ mod tests {
         c.alpha_pattern = BTreeMap::from([("up_proj".to_string(), 2.0)]);
         let got = select_targets(&llama_paths(), &c, false).unwrap();
         assert_eq!(got.len(), 6);
-        assert!(got
-            .iter()
-            .all(|t| t.path.starts_with("model.layers.1.") && !t.path.ends_with("down_proj")));
+        assert!(got.iter().all(|t| t.path.starts_with("model.layers.1.") && !t.path.ends_with("down_proj")));
         let by_leaf = |leaf: &str| got.iter().find(|t| t.path.ends_with(leaf)).unwrap().clone();
-        assert_eq!(
-            (
-                by_leaf("q_proj").r,
-                by_leaf("k_proj").r,
-                by_leaf("v_proj").r
-            ),
-            (4, 4, 8)
-        );
-        assert_eq!(
-            (by_leaf("up_proj").alpha, by_leaf("gate_proj").alpha),
-            (2.0, 16.0)
-        );
+        assert_eq!((by_leaf("q_proj").r, by_leaf("k_proj").r, by_leaf("v_proj").r), (4, 4, 8));
+        assert_eq!((by_leaf("up_proj").alpha, by_leaf("gate_proj").alpha), (2.0, 16.0));
     }
 
     #[test]
     fn overlapping_patterns_are_refused() {
         let mut c = cfg(TargetModules::AllLinear);
-        c.rank_pattern =
-            BTreeMap::from([("q_proj".to_string(), 4), ("self_attn\\..*".to_string(), 2)]);
-        let err = select_targets(&llama_paths(), &c, false)
-            .unwrap_err()
-            .to_string();
+        c.rank_pattern = BTreeMap::from([("q_proj".to_string(), 4), ("self_attn\\..*".to_string(), 2)]);
+        let err = select_targets(&llama_paths(), &c, false).unwrap_err().to_string();
         assert!(err.contains("both"), "{err}");
     }
 
     #[test]
     fn unknown_target_lists_the_model_linear_names() {
         let t = TargetModules::List(vec!["query".into()]);
-        let err = select_targets(&llama_paths(), &cfg(t), false)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`query`") && err.contains("q_proj") && err.contains("down_proj"),
-            "{err}"
-        );
+        let err = select_targets(&llama_paths(), &cfg(t), false).unwrap_err().to_string();
+        assert!(err.contains("`query`") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
     }
 
     #[test]
@@ -403,9 +336,7 @@ mod tests {
         let mut paths = llama_paths();
         paths.pop();
         let t = TargetModules::List(vec!["lm_head".into()]);
-        let err = select_targets(&paths, &cfg(t), true)
-            .unwrap_err()
-            .to_string();
+        let err = select_targets(&paths, &cfg(t), true).unwrap_err().to_string();
         assert!(err.contains("ties lm_head"), "{err}");
     }
 

@@ -21,11 +21,7 @@ pub fn key(module_path: &str, half: &str) -> String {
 }
 
 /// `adapter_config.json` as PEFT writes it for a LoRA adapter of a causal LM.
-pub fn adapter_config(
-    cfg: &LoraConfig,
-    injected: &Injected,
-    base_model: &str,
-) -> serde_json::Value {
+pub fn adapter_config(cfg: &LoraConfig, injected: &Injected, base_model: &str) -> serde_json::Value {
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -87,29 +83,20 @@ pub fn save(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str)
 /// turns into the same modules, ranks and scales.
 pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {}: not a PEFT adapter directory",
-            path.display()
-        )
-    })?;
-    let cfg: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}: not a PEFT adapter directory", path.display()))?;
+    let cfg: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
     let field = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
     let refuse = |what: String| -> Result<LoraConfig> { bail!("{}: {what}", path.display()) };
     if field("peft_type").as_str() != Some("LORA") {
-        return refuse(format!(
-            "peft_type is {}, only LORA adapters are supported",
-            field("peft_type")
-        ));
+        return refuse(format!("peft_type is {}, only LORA adapters are supported", field("peft_type")));
     }
     if field("use_dora").as_bool() == Some(true) {
         return refuse("DoRA adapters (`use_dora: true`) are not supported yet".into());
     }
     if !field("modules_to_save").is_null() || field("bias").as_str().is_some_and(|b| b != "none") {
-        return refuse(
-            "adapters with modules_to_save or trained biases are not supported yet".into(),
-        );
+        return refuse("adapters with modules_to_save or trained biases are not supported yet".into());
     }
     let modules = |v: Value| -> Result<Option<TargetModules>> {
         Ok(match v {
@@ -121,9 +108,7 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
                     .iter()
                     .map(|n| n.as_str().map(str::to_string))
                     .collect::<Option<_>>()
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("{}: module names must be strings", path.display())
-                    })?,
+                    .ok_or_else(|| anyhow::anyhow!("{}: module names must be strings", path.display()))?,
             )),
             other => bail!("{}: cannot read module selection {other}", path.display()),
         })
@@ -131,41 +116,27 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     let patterns = |key: &str| -> BTreeMap<String, f64> {
         field(key)
             .as_object()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-                    .collect()
-            })
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
             .unwrap_or_default()
     };
     let layers = match field("layers_to_transform") {
         Value::Null => None,
         Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
-        Value::Array(a) => Some(
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|i| i as usize)
-                .collect(),
-        ),
+        Value::Array(a) => Some(a.iter().filter_map(Value::as_u64).map(|i| i as usize).collect()),
         other => return refuse(format!("cannot read layers_to_transform {other}")),
     };
     let Some(target_modules) = modules(field("target_modules"))? else {
         return refuse("no target_modules".into());
     };
     Ok(LoraConfig {
-        r: field("r")
-            .as_u64()
-            .ok_or_else(|| anyhow::anyhow!("{}: `r` missing", path.display()))? as usize,
+        r: field("r").as_u64().ok_or_else(|| anyhow::anyhow!("{}: `r` missing", path.display()))? as usize,
         alpha: field("lora_alpha").as_f64().unwrap_or(8.0),
         dropout: field("lora_dropout").as_f64().unwrap_or(0.0),
         use_rslora: field("use_rslora").as_bool().unwrap_or(false),
         target_modules,
         exclude_modules: modules(field("exclude_modules"))?,
         layers_to_transform: layers,
-        rank_pattern: patterns("rank_pattern")
-            .into_iter()
-            .map(|(k, v)| (k, v as usize))
-            .collect(),
+        rank_pattern: patterns("rank_pattern").into_iter().map(|(k, v)| (k, v as usize)).collect(),
         alpha_pattern: patterns("alpha_pattern"),
         init: match field("init_lora_weights").as_str() {
             Some("gaussian") => LoraInit::Gaussian,
@@ -182,11 +153,7 @@ pub fn copy_weights(dir: &Path, injected: &Injected) -> Result<()> {
     let mut stored: BTreeMap<String, tch::Tensor> = read_safetensors(&path)?.into_iter().collect();
     for t in &injected.trainables {
         let Some(value) = stored.remove(&t.peft_key) else {
-            bail!(
-                "{}: no tensor `{}` for this adapter's configuration",
-                path.display(),
-                t.peft_key
-            );
+            bail!("{}: no tensor `{}` for this adapter's configuration", path.display(), t.peft_key);
         };
         if value.size() != t.tensor.size() {
             bail!(
@@ -200,20 +167,14 @@ pub fn copy_weights(dir: &Path, injected: &Injected) -> Result<()> {
         tch::no_grad(|| t.tensor.shallow_clone().copy_(&value.to_kind(Kind::Float)));
     }
     if let Some(extra) = stored.keys().next() {
-        bail!(
-            "{}: tensor `{extra}` matches no module its adapter_config.json selects",
-            path.display()
-        );
+        bail!("{}: tensor `{extra}` matches no module its adapter_config.json selects", path.display());
     }
     Ok(())
 }
 
 /// Attaches the adapter in `dir` to `model` for inference (frozen, no dropout).
 pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Injected> {
-    let cfg = LoraConfig {
-        dropout: 0.0,
-        ..read_config(dir)?
-    };
+    let cfg = LoraConfig { dropout: 0.0, ..read_config(dir)? };
     let injected = super::inject(model, &cfg, device)
         .with_context(|| format!("applying the adapter in {}", dir.display()))?;
     copy_weights(dir, &injected)?;

@@ -32,23 +32,12 @@ impl Linear {
         fan_in_fan_out: bool,
     ) -> Result<Linear> {
         let weight = if fan_in_fan_out {
-            w.take(&format!("{name}.weight"), &[inp, out])?
-                .tr()
-                .contiguous()
+            w.take(&format!("{name}.weight"), &[inp, out])?.tr().contiguous()
         } else {
             w.take(&format!("{name}.weight"), &[out, inp])?
         };
-        let bias = if bias {
-            Some(w.take(&format!("{name}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            weight,
-            bias,
-            adapter: None,
-            fan_in_fan_out,
-        })
+        let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
+        Ok(Linear { weight, bias, adapter: None, fan_in_fan_out })
     }
 
     pub fn in_features(&self) -> i64 {
@@ -61,10 +50,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let kind = self.weight.kind();
-        let base = x
-            .to_kind(kind)
-            .linear(&self.weight, self.bias.as_ref())
-            .to_kind(x.kind());
+        let base = x.to_kind(kind).linear(&self.weight, self.bias.as_ref()).to_kind(x.kind());
         match &self.adapter {
             Some(adapter) => base + adapter.forward(x, train),
             None => base,
@@ -83,40 +69,20 @@ struct Norm {
 
 impl Norm {
     fn load(w: &mut Weights, name: &str, dim: i64, spec: &ModelSpec) -> Result<Norm> {
-        let weight = w
-            .take(&format!("{name}.weight"), &[dim])?
-            .to_kind(Kind::Float);
+        let weight = w.take(&format!("{name}.weight"), &[dim])?.to_kind(Kind::Float);
         let bias = match spec.norm {
-            NormKind::Layer => Some(
-                w.take(&format!("{name}.bias"), &[dim])?
-                    .to_kind(Kind::Float),
-            ),
+            NormKind::Layer => Some(w.take(&format!("{name}.bias"), &[dim])?.to_kind(Kind::Float)),
             _ => None,
         };
-        let weight = if spec.norm == NormKind::RmsPlusOne {
-            weight + 1.0
-        } else {
-            weight
-        };
-        Ok(Norm {
-            weight,
-            bias,
-            kind: spec.norm,
-            eps: spec.norm_eps,
-        })
+        let weight = if spec.norm == NormKind::RmsPlusOne { weight + 1.0 } else { weight };
+        Ok(Norm { weight, bias, kind: spec.norm, eps: spec.norm_eps })
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
         match self.kind {
             NormKind::Layer => {
                 let dim = self.weight.size()[0];
-                x.layer_norm(
-                    [dim],
-                    Some(&self.weight),
-                    self.bias.as_ref(),
-                    self.eps,
-                    false,
-                )
+                x.layer_norm([dim], Some(&self.weight), self.bias.as_ref(), self.eps, false)
             }
             NormKind::Rms | NormKind::RmsPlusOne => {
                 let variance = x.square().mean_dim(-1, true, Kind::Float);
@@ -132,19 +98,9 @@ enum Qkv {
 }
 
 enum Mlp {
-    Gated {
-        gate: Linear,
-        up: Linear,
-        down: Linear,
-    },
-    GatedFused {
-        gate_up: Linear,
-        down: Linear,
-    },
-    Plain {
-        fc: Linear,
-        proj: Linear,
-    },
+    Gated { gate: Linear, up: Linear, down: Linear },
+    GatedFused { gate_up: Linear, down: Linear },
+    Plain { fc: Linear, proj: Linear },
 }
 
 struct Block {
@@ -199,9 +155,7 @@ impl Decoder {
             let p = format!("{}.{i}", l.layers);
             let attn = format!("{p}.{}", l.attn);
             let mlp = format!("{p}.{}", l.mlp);
-            let norm = |w: &mut Weights, name: &str, dim: i64| {
-                Norm::load(w, &format!("{p}.{name}"), dim, s)
-            };
+            let norm = |w: &mut Weights, name: &str, dim: i64| Norm::load(w, &format!("{p}.{name}"), dim, s);
             let qkv = match l.attn_projections {
                 AttnProjections::Separate { q, k, v } => Qkv::Separate {
                     q: Linear::load(&mut w, &format!("{attn}.{q}"), q_dim, h, s.qkv_bias, fifo)?,
@@ -224,14 +178,7 @@ impl Decoder {
                     down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
                 },
                 MlpProjections::GatedFused { gate_up, down } => Mlp::GatedFused {
-                    gate_up: Linear::load(
-                        &mut w,
-                        &format!("{mlp}.{gate_up}"),
-                        2 * ffn,
-                        h,
-                        s.mlp_bias,
-                        fifo,
-                    )?,
+                    gate_up: Linear::load(&mut w, &format!("{mlp}.{gate_up}"), 2 * ffn, h, s.mlp_bias, fifo)?,
                     down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
                 },
                 MlpProjections::Plain { fc, proj } => Mlp::Plain {
@@ -242,14 +189,7 @@ impl Decoder {
             layers.push(Block {
                 attn_norm: norm(&mut w, l.attn_norm, h)?,
                 qkv,
-                o_proj: Linear::load(
-                    &mut w,
-                    &format!("{attn}.{}", l.o_proj),
-                    h,
-                    q_dim,
-                    s.o_bias,
-                    fifo,
-                )?,
+                o_proj: Linear::load(&mut w, &format!("{attn}.{}", l.o_proj), h, q_dim, s.o_bias, fifo)?,
                 q_norm: if s.qk_norm {
                     Some(Norm::load(&mut w, &format!("{attn}.{}", l.q_norm), hd, s)?)
                 } else {
@@ -267,11 +207,7 @@ impl Decoder {
                 },
                 mlp_norm: norm(&mut w, l.mlp_norm, h)?,
                 mlp: mlp_layers,
-                post_mlp_norm: if s.sandwich_norms {
-                    Some(norm(&mut w, l.post_mlp_norm, h)?)
-                } else {
-                    None
-                },
+                post_mlp_norm: if s.sandwich_norms { Some(norm(&mut w, l.post_mlp_norm, h)?) } else { None },
                 span: *span,
             });
         }
@@ -284,20 +220,9 @@ impl Decoder {
             }
             None
         } else {
-            Some(Linear::load(
-                &mut w,
-                l.lm_head,
-                s.vocab_size,
-                h,
-                false,
-                false,
-            )?)
+            Some(Linear::load(&mut w, l.lm_head, s.vocab_size, h, false, false)?)
         };
-        let unused: Vec<String> = w
-            .remaining()
-            .into_iter()
-            .filter(|n| !is_buffer(n))
-            .collect();
+        let unused: Vec<String> = w.remaining().into_iter().filter(|n| !is_buffer(n)).collect();
         if !unused.is_empty() {
             bail!(
                 "the model weights hold tensors a `{}` model does not use: {}",
@@ -305,15 +230,7 @@ impl Decoder {
                 unused.join(", ")
             );
         }
-        Ok(Decoder {
-            spec,
-            layout,
-            embed_tokens,
-            embed_positions,
-            layers,
-            norm: final_norm,
-            lm_head,
-        })
+        Ok(Decoder { spec, layout, embed_tokens, embed_positions, layers, norm: final_norm, lm_head })
     }
 
     /// Every linear layer by its Hugging Face module path (`model.layers.0.self_attn.q_proj`,
@@ -325,44 +242,22 @@ impl Decoder {
             let attn = format!("{}.{i}.{}", l.layers, l.attn);
             let mlp = format!("{}.{i}.{}", l.layers, l.mlp);
             match (&mut b.qkv, l.attn_projections) {
-                (
-                    Qkv::Separate { q, k, v },
-                    AttnProjections::Separate {
-                        q: qn,
-                        k: kn,
-                        v: vn,
-                    },
-                ) => {
+                (Qkv::Separate { q, k, v }, AttnProjections::Separate { q: qn, k: kn, v: vn }) => {
                     out.push((format!("{attn}.{qn}"), q));
                     out.push((format!("{attn}.{kn}"), k));
                     out.push((format!("{attn}.{vn}"), v));
                 }
-                (Qkv::Fused(qkv), AttnProjections::Fused(name)) => {
-                    out.push((format!("{attn}.{name}"), qkv))
-                }
+                (Qkv::Fused(qkv), AttnProjections::Fused(name)) => out.push((format!("{attn}.{name}"), qkv)),
                 _ => unreachable!("blocks are built from the layout"),
             }
             out.push((format!("{attn}.{}", l.o_proj), &mut b.o_proj));
             match (&mut b.mlp, l.mlp_projections) {
-                (
-                    Mlp::Gated { gate, up, down },
-                    MlpProjections::Gated {
-                        gate: g,
-                        up: u,
-                        down: d,
-                    },
-                ) => {
+                (Mlp::Gated { gate, up, down }, MlpProjections::Gated { gate: g, up: u, down: d }) => {
                     out.push((format!("{mlp}.{g}"), gate));
                     out.push((format!("{mlp}.{u}"), up));
                     out.push((format!("{mlp}.{d}"), down));
                 }
-                (
-                    Mlp::GatedFused { gate_up, down },
-                    MlpProjections::GatedFused {
-                        gate_up: gu,
-                        down: d,
-                    },
-                ) => {
+                (Mlp::GatedFused { gate_up, down }, MlpProjections::GatedFused { gate_up: gu, down: d }) => {
                     out.push((format!("{mlp}.{gu}"), gate_up));
                     out.push((format!("{mlp}.{d}"), down));
                 }
@@ -381,12 +276,7 @@ impl Decoder {
 
     /// Every frozen tensor, for checks that training leaves the base untouched.
     pub fn frozen_tensors(&mut self) -> Vec<Tensor> {
-        let norms = |n: &Norm| {
-            [
-                Some(n.weight.shallow_clone()),
-                n.bias.as_ref().map(Tensor::shallow_clone),
-            ]
-        };
+        let norms = |n: &Norm| [Some(n.weight.shallow_clone()), n.bias.as_ref().map(Tensor::shallow_clone)];
         let mut out = vec![self.embed_tokens.shallow_clone()];
         out.extend(self.embed_positions.as_ref().map(Tensor::shallow_clone));
         out.extend(norms(&self.norm).into_iter().flatten());
@@ -412,63 +302,64 @@ impl Decoder {
         out
     }
 
-    /// Logits `[batch, seq, vocab]` in fp32 for `input_ids` `[batch, seq]`.
+    /// Logits `[batch, seq, vocab]` in fp32 for `input_ids` `[batch, seq]`, positions `0..seq`.
     ///
     /// Attention is causal. Right padding needs no mask: a real token never attends to the
     /// padding that follows it, so its logits equal those of the unpadded row.
     pub fn forward(&self, input_ids: &Tensor, train: bool) -> Tensor {
+        self.forward_packed(input_ids, None, train)
+    }
+
+    /// Like [`Decoder::forward`], for rows that may hold several examples: `packing` gives each
+    /// token's position within its example and the example's index within the row, so that
+    /// positions restart per example and attention never crosses from one example to another.
+    pub fn forward_packed(&self, input_ids: &Tensor, packing: Option<&Packing>, train: bool) -> Tensor {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
-        let positions = Tensor::arange(seq, (Kind::Int64, device));
-        let mut x =
-            Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
+        let positions = match packing {
+            Some(p) => p.positions.shallow_clone(),
+            None => Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false),
+        };
+        let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
         if let Some(scale) = s.embed_scale {
             x *= scale;
         }
         if let Some(table) = &self.embed_positions {
             x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
         }
+        let documents = packing.map(|p| &p.documents);
         let global_rope = s.rope.as_ref().map(|r| rope_tables(r, &positions));
         let local_rope = s.local_rope.as_ref().map(|r| rope_tables(r, &positions));
         for block in &self.layers {
             let h = block.attn_norm.forward(&x);
             let (q, k, v) = match &block.qkv {
-                Qkv::Separate { q, k, v } => (
-                    q.forward(&h, train),
-                    k.forward(&h, train),
-                    v.forward(&h, train),
-                ),
+                Qkv::Separate { q, k, v } => {
+                    (q.forward(&h, train), k.forward(&h, train), v.forward(&h, train))
+                }
                 Qkv::Fused(qkv) => {
                     let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
-                    let parts = qkv
-                        .forward(&h, train)
-                        .split_with_sizes([q_dim, kv_dim, kv_dim], -1);
+                    let parts = qkv.forward(&h, train).split_with_sizes([q_dim, kv_dim, kv_dim], -1);
                     let [q, k, v]: [Tensor; 3] = parts.try_into().expect("three parts");
                     (q, k, v)
                 }
             };
             let heads = |t: Tensor, n: i64, norm: Option<&Norm>| {
                 let t = t.view([batch, seq, n, s.head_dim]);
-                norm.map_or(t.shallow_clone(), |nm| nm.forward(&t))
-                    .transpose(1, 2)
+                norm.map_or(t.shallow_clone(), |nm| nm.forward(&t)).transpose(1, 2)
             };
             let mut q = heads(q, s.num_heads, block.q_norm.as_ref());
             let mut k = heads(k, s.num_kv_heads, block.k_norm.as_ref());
             let v = heads(v, s.num_kv_heads, None);
             let sliding = matches!(block.span, AttentionSpan::Sliding(_));
-            if let Some((cos, sin)) = if sliding {
-                local_rope.as_ref().or(global_rope.as_ref())
-            } else {
-                global_rope.as_ref()
-            } {
+            if let Some((cos, sin)) =
+                if sliding { local_rope.as_ref().or(global_rope.as_ref()) } else { global_rope.as_ref() }
+            {
                 q = apply_rope(&q, cos, sin);
                 k = apply_rope(&k, cos, sin);
             }
-            let attn = self.attention(&q, &k, &v, block.span);
-            let attn = attn
-                .transpose(1, 2)
-                .reshape([batch, seq, s.num_heads * s.head_dim]);
+            let attn = self.attention(&q, &k, &v, block.span, documents);
+            let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
             let mut out = block.o_proj.forward(&attn, train);
             if let Some(norm) = &block.post_attn_norm {
                 out = norm.forward(&out);
@@ -485,10 +376,7 @@ impl Decoder {
         let x = self.norm.forward(&x);
         let logits = match &self.lm_head {
             Some(head) => head.forward(&x, train),
-            None => x
-                .to_kind(self.embed_tokens.kind())
-                .matmul(&self.embed_tokens.tr())
-                .to_kind(Kind::Float),
+            None => x.to_kind(self.embed_tokens.kind()).matmul(&self.embed_tokens.tr()).to_kind(Kind::Float),
         };
         match s.final_softcap {
             Some(cap) => (logits / cap).tanh() * cap,
@@ -509,18 +397,23 @@ impl Decoder {
             Mlp::GatedFused { gate_up, down } => {
                 let both = gate_up.forward(h, train);
                 let ffn = self.spec.intermediate_size;
-                down.forward(
-                    &(act(both.narrow(-1, 0, ffn)) * both.narrow(-1, ffn, ffn)),
-                    train,
-                )
+                down.forward(&(act(both.narrow(-1, 0, ffn)) * both.narrow(-1, ffn, ffn)), train)
             }
             Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(h, train)), train),
         }
     }
 
     /// Causal attention over `[batch, heads, seq, head_dim]`, restricted to a sliding window
-    /// where the layer has one, with Gemma 2's score soft-capping where configured.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, span: AttentionSpan) -> Tensor {
+    /// where the layer has one and to each token's own example in packed rows, with Gemma 2's
+    /// score soft-capping where configured.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        span: AttentionSpan,
+        documents: Option<&Tensor>,
+    ) -> Tensor {
         let s = &self.spec;
         let seq = q.size()[2];
         let gqa = s.num_kv_heads != s.num_heads;
@@ -528,28 +421,15 @@ impl Decoder {
             AttentionSpan::Sliding(w) if w < seq => Some(w),
             _ => None,
         };
-        let allowed = || allowed_positions(seq, window, q.device());
+        let plain_causal = window.is_none() && documents.is_none();
+        let allowed = || attention_mask(seq, window, documents, q.device());
         match s.attn_softcap {
-            None if window.is_none() => Tensor::scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                None::<Tensor>,
-                0.0,
-                true,
-                s.attn_scale,
-                gqa,
-            ),
-            None => Tensor::scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                Some(allowed()),
-                0.0,
-                false,
-                s.attn_scale,
-                gqa,
-            ),
+            None if plain_causal => {
+                Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, s.attn_scale, gqa)
+            }
+            None => {
+                Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
+            }
             Some(cap) => {
                 let groups = s.num_heads / s.num_kv_heads;
                 let (k, v) = (
@@ -565,27 +445,42 @@ impl Decoder {
     }
 }
 
-/// `[seq, seq]` booleans: query i may see key j when j ≤ i (and i − j < window).
-fn allowed_positions(seq: i64, window: Option<i64>, device: Device) -> Tensor {
+/// Where each token of packed rows sits: `[batch, seq]` position within its example, and the
+/// example's index within the row (padding gets its own index, so it attends only to itself).
+pub struct Packing {
+    pub positions: Tensor,
+    pub documents: Tensor,
+}
+
+/// Booleans, broadcastable to `[batch, heads, seq, seq]`: query i may see key j when j ≤ i,
+/// i − j < window (sliding layers), and both belong to the same example (packed rows).
+pub fn attention_mask(seq: i64, window: Option<i64>, documents: Option<&Tensor>, device: Device) -> Tensor {
     let idx = Tensor::arange(seq, (Kind::Int64, device));
     let distance = idx.unsqueeze(1) - idx.unsqueeze(0);
-    let causal = distance.ge(0);
-    match window {
-        Some(w) => causal.logical_and(&distance.lt(w)),
-        None => causal,
+    let mut allowed = distance.ge(0);
+    if let Some(w) = window {
+        allowed = allowed.logical_and(&distance.lt(w));
+    }
+    match documents {
+        // [batch, 1, seq, seq]
+        Some(docs) => {
+            allowed.unsqueeze(0).logical_and(&docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1))).unsqueeze(1)
+        }
+        None => allowed,
     }
 }
 
-/// cos/sin tables `[1, 1, seq, rotary_dim]` for `positions` (Hugging Face's half-split layout),
-/// including the family's frequency scaling and its attention factor.
+/// cos/sin tables `[batch, 1, seq, rotary_dim]` for `positions` `[batch, seq]` (Hugging Face's
+/// half-split layout), including the family's frequency scaling and its attention factor.
 fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
     let device = positions.device();
-    let seq = positions.size()[0];
+    let (batch, seq) = positions.size2().expect("positions are [batch, seq]");
+    // Longrope picks its factors by sequence length, as transformers does from the positions.
+    let span = positions.max().int64_value(&[]) + 1;
     let dim = rope.rotary_dim;
     // In fp32 exactly as transformers computes them, so far positions rotate identically.
-    let exponents = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device))
-        .to_kind(Kind::Float)
-        / dim as f64;
+    let exponents =
+        Tensor::arange_start_step(0, dim, 2, (Kind::Int64, device)).to_kind(Kind::Float) / dim as f64;
     let powers = Tensor::pow_scalar(rope.theta, &exponents);
     let (inv_freq, attention_factor) = match &rope.scaling {
         RopeScaling::None => (powers.reciprocal(), 1.0),
@@ -600,12 +495,10 @@ fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
             let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
             let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
             let scaled = inv_freq.where_self(&wavelen.le(low_wavelen), &(&inv_freq / *factor));
-            let smooth = (wavelen.reciprocal() * *old - *low_freq_factor)
-                / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (wavelen.reciprocal() * *old - *low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (smooth.ones_like() - &smooth) * &scaled / *factor + &smooth * &scaled;
-            let medium = wavelen
-                .ge(high_wavelen)
-                .logical_and(&wavelen.le(low_wavelen));
+            let medium = wavelen.ge(high_wavelen).logical_and(&wavelen.le(low_wavelen));
             (smoothed.where_self(&medium, &scaled), 1.0)
         }
         RopeScaling::LongRope {
@@ -614,34 +507,22 @@ fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
             original_max_position_embeddings,
             attention_factor,
         } => {
-            let factors = if seq > *original_max_position_embeddings {
-                long_factor
-            } else {
-                short_factor
-            };
-            let factors = Tensor::from_slice(factors)
-                .to_kind(Kind::Float)
-                .to_device(device);
+            let factors = if span > *original_max_position_embeddings { long_factor } else { short_factor };
+            let factors = Tensor::from_slice(factors).to_kind(Kind::Float).to_device(device);
             ((factors * powers).reciprocal(), *attention_factor)
         }
     };
-    let freqs = positions.to_kind(Kind::Float).unsqueeze(1) * inv_freq.unsqueeze(0);
+    let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    let shape = [1, 1, seq, dim];
-    (
-        (emb.cos() * attention_factor).view(shape),
-        (emb.sin() * attention_factor).view(shape),
-    )
+    let shape = [batch, 1, seq, dim];
+    ((emb.cos() * attention_factor).view(shape), (emb.sin() * attention_factor).view(shape))
 }
 
 /// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, heads, seq, head_dim]`.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let head_dim = x.size()[3];
     let rotary_dim = cos.size()[3];
-    let (rot, pass) = (
-        x.narrow(3, 0, rotary_dim),
-        x.narrow(3, rotary_dim, head_dim - rotary_dim),
-    );
+    let (rot, pass) = (x.narrow(3, 0, rotary_dim), x.narrow(3, rotary_dim, head_dim - rotary_dim));
     let half = rotary_dim / 2;
     let rotated = Tensor::cat(&[&(-rot.narrow(3, half, half)), &rot.narrow(3, 0, half)], 3);
     let out = &rot * cos + rotated * sin;

@@ -6,11 +6,7 @@ use super::spec::Family;
 /// The query/key/value projections: three modules, or one fused (`[q; k; v]` rows).
 #[derive(Debug, Clone, Copy)]
 pub enum AttnProjections {
-    Separate {
-        q: &'static str,
-        k: &'static str,
-        v: &'static str,
-    },
+    Separate { q: &'static str, k: &'static str, v: &'static str },
     Fused(&'static str),
 }
 
@@ -18,19 +14,9 @@ pub enum AttnProjections {
 /// or plain (`proj(act(fc(x)))`).
 #[derive(Debug, Clone, Copy)]
 pub enum MlpProjections {
-    Gated {
-        gate: &'static str,
-        up: &'static str,
-        down: &'static str,
-    },
-    GatedFused {
-        gate_up: &'static str,
-        down: &'static str,
-    },
-    Plain {
-        fc: &'static str,
-        proj: &'static str,
-    },
+    Gated { gate: &'static str, up: &'static str, down: &'static str },
+    GatedFused { gate_up: &'static str, down: &'static str },
+    Plain { fc: &'static str, proj: &'static str },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,17 +53,9 @@ const LLAMA: Layout = Layout {
     lm_head: "lm_head",
     attn: "self_attn",
     mlp: "mlp",
-    attn_projections: AttnProjections::Separate {
-        q: "q_proj",
-        k: "k_proj",
-        v: "v_proj",
-    },
+    attn_projections: AttnProjections::Separate { q: "q_proj", k: "k_proj", v: "v_proj" },
     o_proj: "o_proj",
-    mlp_projections: MlpProjections::Gated {
-        gate: "gate_proj",
-        up: "up_proj",
-        down: "down_proj",
-    },
+    mlp_projections: MlpProjections::Gated { gate: "gate_proj", up: "up_proj", down: "down_proj" },
     attn_norm: "input_layernorm",
     mlp_norm: "post_attention_layernorm",
     post_attn_norm: "",
@@ -97,10 +75,7 @@ const GEMMA: Layout = Layout {
 
 const PHI3: Layout = Layout {
     attn_projections: AttnProjections::Fused("qkv_proj"),
-    mlp_projections: MlpProjections::GatedFused {
-        gate_up: "gate_up_proj",
-        down: "down_proj",
-    },
+    mlp_projections: MlpProjections::GatedFused { gate_up: "gate_up_proj", down: "down_proj" },
     ..LLAMA
 };
 
@@ -115,10 +90,7 @@ const GPT2: Layout = Layout {
     mlp: "mlp",
     attn_projections: AttnProjections::Fused("c_attn"),
     o_proj: "c_proj",
-    mlp_projections: MlpProjections::Plain {
-        fc: "c_fc",
-        proj: "c_proj",
-    },
+    mlp_projections: MlpProjections::Plain { fc: "c_fc", proj: "c_proj" },
     attn_norm: "ln_1",
     mlp_norm: "ln_2",
     post_attn_norm: "",

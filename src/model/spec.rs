@@ -132,23 +132,16 @@ impl Fields<'_> {
         self.0.get(key).filter(|v| !v.is_null())
     }
     fn int(&self, key: &str) -> Result<i64> {
-        self.opt_int(key)?
-            .ok_or_else(|| anyhow!("config.json has no `{key}`"))
+        self.opt_int(key)?.ok_or_else(|| anyhow!("config.json has no `{key}`"))
     }
     fn opt_int(&self, key: &str) -> Result<Option<i64>> {
         self.get(key)
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| anyhow!("config.json: `{key}` must be an integer, found {v}"))
-            })
+            .map(|v| v.as_i64().ok_or_else(|| anyhow!("config.json: `{key}` must be an integer, found {v}")))
             .transpose()
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
-            .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| anyhow!("config.json: `{key}` must be a number, found {v}"))
-            })
+            .map(|v| v.as_f64().ok_or_else(|| anyhow!("config.json: `{key}` must be a number, found {v}")))
             .transpose()
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
@@ -178,9 +171,7 @@ impl ModelSpec {
 
     pub fn from_json(text: &str) -> Result<ModelSpec> {
         let value: Value = serde_json::from_str(text).context("not valid JSON")?;
-        let map = value
-            .as_object()
-            .ok_or_else(|| anyhow!("config.json must be a JSON object"))?;
+        let map = value.as_object().ok_or_else(|| anyhow!("config.json must be a JSON object"))?;
         let f = Fields(map);
         let model_type = f.str("model_type").unwrap_or("llama").to_string();
         let family = match SUPPORTED.iter().find(|(name, _)| *name == model_type) {
@@ -191,11 +182,7 @@ impl ModelSpec {
             ),
             None => bail!(
                 "model_type `{model_type}` is not supported (supported: {})",
-                SUPPORTED
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                SUPPORTED.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
             ),
         };
         if family == Family::Gpt2 {
@@ -205,16 +192,11 @@ impl ModelSpec {
         let hidden_size = f.int("hidden_size")?;
         let num_heads = f.int("num_attention_heads")?;
         let num_kv_heads = f.opt_int("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = f
-            .opt_int("head_dim")?
-            .unwrap_or(hidden_size / num_heads.max(1));
+        let head_dim = f.opt_int("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
         check_heads(hidden_size, num_heads, num_kv_heads, head_dim)?;
         let num_layers = f.int("num_hidden_layers")? as usize;
         let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
-        let act_name = f
-            .str("hidden_activation")
-            .or(f.str("hidden_act"))
-            .unwrap_or("silu");
+        let act_name = f.str("hidden_activation").or(f.str("hidden_act")).unwrap_or("silu");
         let activation = match act_name {
             "silu" | "swish" => Activation::Silu,
             "gelu_pytorch_tanh" | "gelu_new" => Activation::GeluTanh,
@@ -238,11 +220,7 @@ impl ModelSpec {
             head_dim,
             vocab_size: f.int("vocab_size")?,
             max_position_embeddings: f.opt_int("max_position_embeddings")?.unwrap_or(2048),
-            norm: if gemma {
-                NormKind::RmsPlusOne
-            } else {
-                NormKind::Rms
-            },
+            norm: if gemma { NormKind::RmsPlusOne } else { NormKind::Rms },
             norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
             activation,
             rope: Some(rope),
@@ -254,16 +232,8 @@ impl ModelSpec {
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             sandwich_norms: gemma,
             attn_scale,
-            attn_softcap: if gemma {
-                f.opt_f64("attn_logit_softcapping")?
-            } else {
-                None
-            },
-            final_softcap: if gemma {
-                f.opt_f64("final_logit_softcapping")?
-            } else {
-                None
-            },
+            attn_softcap: if gemma { f.opt_f64("attn_logit_softcapping")? } else { None },
+            final_softcap: if gemma { f.opt_f64("final_logit_softcapping")? } else { None },
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
             // transformers' per-family default when the key is absent: Gemma ties, the rest do not.
             tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma),
@@ -278,11 +248,7 @@ impl ModelSpec {
         let q = self.num_heads * hd;
         let kv = self.num_kv_heads * hd;
         let bias = |on: bool, n: i64| if on { n } else { 0 };
-        let norm_params = if self.norm == NormKind::Layer {
-            2 * h
-        } else {
-            h
-        };
+        let norm_params = if self.norm == NormKind::Layer { 2 * h } else { h };
         let attn = h * q
             + 2 * h * kv
             + q * h
@@ -297,11 +263,7 @@ impl ModelSpec {
         let per_layer = attn + mlp + norms_per_layer * norm_params;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
-        let positions = if self.rope.is_none() {
-            self.max_position_embeddings * h
-        } else {
-            0
-        };
+        let positions = if self.rope.is_none() { self.max_position_embeddings * h } else { 0 };
         embed + positions + head + norm_params + per_layer * self.num_layers as i64
     }
 }
@@ -330,9 +292,7 @@ fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
     let num_heads = f.int("n_head")?;
     let head_dim = hidden_size / num_heads.max(1);
     check_heads(hidden_size, num_heads, num_heads, head_dim)?;
-    if f.bool_or("scale_attn_by_inverse_layer_idx", false)
-        || f.bool_or("reorder_and_upcast_attn", false)
-    {
+    if f.bool_or("scale_attn_by_inverse_layer_idx", false) || f.bool_or("reorder_and_upcast_attn", false) {
         bail!("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported");
     }
     let activation = match f.str("activation_function").unwrap_or("gelu_new") {
@@ -363,11 +323,7 @@ fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
         mlp_bias: true,
         qk_norm: false,
         sandwich_norms: false,
-        attn_scale: if f.bool_or("scale_attn_weights", true) {
-            1.0 / (head_dim as f64).sqrt()
-        } else {
-            1.0
-        },
+        attn_scale: if f.bool_or("scale_attn_weights", true) { 1.0 / (head_dim as f64).sqrt() } else { 1.0 },
         attn_softcap: None,
         final_softcap: None,
         embed_scale: None,
@@ -381,11 +337,7 @@ fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
 /// `rope_parameters` (possibly keyed by layer type) and the legacy `rope_theta` + `rope_scaling`.
 fn ropes(f: &Fields, family: Family, head_dim: i64) -> Result<(Rope, Option<Rope>)> {
     let partial = f.f64_or("partial_rotary_factor", 1.0)?;
-    let default_theta = if family == Family::Gemma3 {
-        1_000_000.0
-    } else {
-        10_000.0
-    };
+    let default_theta = if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 };
     let legacy_theta = f.f64_or("rope_theta", default_theta)?;
     let original_max = f.opt_int("original_max_position_embeddings")?;
     let max_pos = f.opt_int("max_position_embeddings")?.unwrap_or(2048);
@@ -395,14 +347,10 @@ fn ropes(f: &Fields, family: Family, head_dim: i64) -> Result<(Rope, Option<Rope
         let partial = p.f64_or("partial_rotary_factor", partial)?;
         let rotary_dim = (head_dim as f64 * partial) as i64;
         let kind = p.str("rope_type").or(p.str("type")).unwrap_or("default");
-        let original = p
-            .opt_int("original_max_position_embeddings")?
-            .or(original_max);
+        let original = p.opt_int("original_max_position_embeddings")?.or(original_max);
         let scaling = match kind {
             "default" => RopeScaling::None,
-            "linear" => RopeScaling::Linear {
-                factor: p.f64_or("factor", 1.0)?,
-            },
+            "linear" => RopeScaling::Linear { factor: p.f64_or("factor", 1.0)? },
             "llama3" => RopeScaling::Llama3 {
                 factor: p.f64_or("factor", 8.0)?,
                 low_freq_factor: p.f64_or("low_freq_factor", 1.0)?,
@@ -415,18 +363,13 @@ fn ropes(f: &Fields, family: Family, head_dim: i64) -> Result<(Rope, Option<Rope
                         .and_then(Value::as_array)
                         .map(|a| a.iter().filter_map(Value::as_f64).collect::<Vec<_>>())
                         .filter(|v| v.len() as i64 == rotary_dim / 2)
-                        .ok_or_else(|| {
-                            anyhow!("rope `{key}` must be a list of {} numbers", rotary_dim / 2)
-                        })
+                        .ok_or_else(|| anyhow!("rope `{key}` must be a list of {} numbers", rotary_dim / 2))
                 };
-                let original = original
-                    .ok_or_else(|| anyhow!("longrope needs original_max_position_embeddings"))?;
+                let original =
+                    original.ok_or_else(|| anyhow!("longrope needs original_max_position_embeddings"))?;
                 let factor = p.f64_or("factor", max_pos as f64 / original as f64)?;
-                let default_attention = if factor <= 1.0 {
-                    1.0
-                } else {
-                    (1.0 + factor.ln() / (original as f64).ln()).sqrt()
-                };
+                let default_attention =
+                    if factor <= 1.0 { 1.0 } else { (1.0 + factor.ln() / (original as f64).ln()).sqrt() };
                 RopeScaling::LongRope {
                     short_factor: floats("short_factor")?,
                     long_factor: floats("long_factor")?,
@@ -438,19 +381,14 @@ fn ropes(f: &Fields, family: Family, head_dim: i64) -> Result<(Rope, Option<Rope
                 bail!("rope type `{other}` is not supported (default, linear, llama3, longrope)")
             }
         };
-        Ok(Rope {
-            theta,
-            scaling,
-            rotary_dim,
-        })
+        Ok(Rope { theta, scaling, rotary_dim })
     };
     match object(f.get("rope_parameters")) {
         // Per layer type, as transformers 5 writes Gemma 3's.
         Some(params) if params.contains_key("full_attention") => {
             let global = parse(object(params.get("full_attention")), legacy_theta)?;
-            let local = object(params.get("sliding_attention"))
-                .map(|p| parse(Some(p), 10_000.0))
-                .transpose()?;
+            let local =
+                object(params.get("sliding_attention")).map(|p| parse(Some(p), 10_000.0)).transpose()?;
             Ok((global, local))
         }
         Some(params) => Ok((parse(Some(params), legacy_theta)?, None)),
@@ -484,17 +422,16 @@ fn layer_spans(f: &Fields, family: Family, num_layers: usize) -> Result<Vec<Atte
     };
     if let Some(types) = f.get("layer_types").and_then(Value::as_array) {
         if types.len() != num_layers {
-            bail!(
-                "config.json: `layer_types` has {} entries for {num_layers} layers",
-                types.len()
-            );
+            bail!("config.json: `layer_types` has {} entries for {num_layers} layers", types.len());
         }
         return types
             .iter()
             .map(|t| match t.as_str() {
                 Some("full_attention") => Ok(AttentionSpan::Global),
                 Some("sliding_attention") => Ok(sliding(true)),
-                _ => bail!("config.json: layer type {t} is not supported (full_attention, sliding_attention)"),
+                _ => {
+                    bail!("config.json: layer type {t} is not supported (full_attention, sliding_attention)")
+                }
             })
             .collect();
     }
@@ -507,12 +444,7 @@ fn layer_spans(f: &Fields, family: Family, num_layers: usize) -> Result<Vec<Atte
             ),
             Family::Gemma2 => sliding(i % 2 == 0),
             Family::Gemma3 => sliding(
-                (i + 1)
-                    % f.opt_int("sliding_window_pattern")
-                        .ok()
-                        .flatten()
-                        .unwrap_or(6) as usize
-                    != 0,
+                (i + 1) % f.opt_int("sliding_window_pattern").ok().flatten().unwrap_or(6) as usize != 0,
             ),
             _ => AttentionSpan::Global,
         })
@@ -553,10 +485,7 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(legacy.rope, new.rope);
-        assert_eq!(
-            new.rope.unwrap().scaling,
-            RopeScaling::Linear { factor: 2.0 }
-        );
+        assert_eq!(new.rope.unwrap().scaling, RopeScaling::Linear { factor: 2.0 });
     }
 
     #[test]

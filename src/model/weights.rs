@@ -21,18 +21,11 @@ impl Weights {
         let mut tensors = HashMap::new();
         for file in safetensors_files(dir)? {
             for (name, tensor) in read_safetensors(&file)? {
-                let tensor = if tensor.is_floating_point() {
-                    tensor.to_kind(kind)
-                } else {
-                    tensor
-                };
+                let tensor = if tensor.is_floating_point() { tensor.to_kind(kind) } else { tensor };
                 tensors.insert(name, (tensor.to_device(device), file.clone()));
             }
         }
-        Ok(Weights {
-            tensors,
-            optional_prefix: None,
-        })
+        Ok(Weights { tensors, optional_prefix: None })
     }
 
     /// Accept tensor names without `prefix` as well (`transformer.h.0...` stored as `h.0...`).
@@ -42,10 +35,7 @@ impl Weights {
 
     /// Whether the checkpoint holds tensor `name`.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
-            || self
-                .short_name(name)
-                .is_some_and(|n| self.tensors.contains_key(n))
+        self.tensors.contains_key(name) || self.short_name(name).is_some_and(|n| self.tensors.contains_key(n))
     }
 
     fn short_name<'a>(&self, name: &'a str) -> Option<&'a str> {
@@ -58,9 +48,10 @@ impl Weights {
             Some(short) if !self.tensors.contains_key(name) => short,
             _ => name,
         };
-        let (tensor, file) = self.tensors.remove(stored).ok_or_else(|| {
-            anyhow!("the model weights have no tensor `{name}` (expected shape {shape:?})")
-        })?;
+        let (tensor, file) = self
+            .tensors
+            .remove(stored)
+            .ok_or_else(|| anyhow!("the model weights have no tensor `{name}` (expected shape {shape:?})"))?;
         if tensor.size() != shape {
             bail!(
                 "tensor `{name}` in {} has shape {:?}, but config.json implies {shape:?}",
@@ -87,8 +78,8 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         struct Index {
             weight_map: BTreeMap<String, String>,
         }
-        let text = std::fs::read_to_string(&index)
-            .with_context(|| format!("cannot read {}", index.display()))?;
+        let text =
+            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
         let parsed: Index = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid safetensors index", index.display()))?;
         let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();

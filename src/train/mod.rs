@@ -17,28 +17,18 @@ use tch::{Kind, Reduction, Tensor};
 
 /// Summed next-token NLL (fp32) over the label tokens of `batch`.
 pub fn loss_sum(model: &Decoder, batch: &Batch, train: bool) -> Tensor {
-    let logits = model.forward(&batch.input_ids, train);
+    let logits = model.forward_packed(&batch.input_ids, batch.packing.as_ref(), train);
     let (b, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
     let predictions = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
     let targets = batch.labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    predictions.to_kind(Kind::Float).cross_entropy_loss(
-        &targets,
-        None::<Tensor>,
-        Reduction::Sum,
-        IGNORE,
-        0.0,
-    )
+    predictions.to_kind(Kind::Float).cross_entropy_loss(&targets, None::<Tensor>, Reduction::Sum, IGNORE, 0.0)
 }
 
 /// Mean token NLL over `batches` without gradients or dropout: (loss, label tokens).
 pub fn evaluate(model: &Decoder, batches: &[Batch]) -> (f64, i64) {
     let tokens: i64 = batches.iter().map(|b| b.label_tokens).sum();
-    let total = tch::no_grad(|| {
-        batches
-            .iter()
-            .map(|b| loss_sum(model, b, false).double_value(&[]))
-            .sum::<f64>()
-    });
+    let total =
+        tch::no_grad(|| batches.iter().map(|b| loss_sum(model, b, false).double_value(&[])).sum::<f64>());
     (total / tokens.max(1) as f64, tokens)
 }
 
@@ -60,18 +50,8 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
-        let optimizer = AdamW::new(
-            &params,
-            cfg.adam_beta1,
-            cfg.adam_beta2,
-            cfg.adam_eps,
-            cfg.weight_decay,
-        );
-        Trainer {
-            params,
-            optimizer,
-            max_grad_norm: cfg.max_grad_norm,
-        }
+        let optimizer = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
+        Trainer { params, optimizer, max_grad_norm: cfg.max_grad_norm }
     }
 
     /// Forward and backward over the micro-batches of one step, leaving the step's gradient in

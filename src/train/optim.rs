@@ -17,18 +17,8 @@ pub struct AdamW {
 
 impl AdamW {
     pub fn new(params: &[Tensor], beta1: f64, beta2: f64, eps: f64, weight_decay: f64) -> AdamW {
-        let moments = params
-            .iter()
-            .map(|p| (p.zeros_like().detach(), p.zeros_like().detach()))
-            .collect();
-        AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            step: 0,
-            moments,
-        }
+        let moments = params.iter().map(|p| (p.zeros_like().detach(), p.zeros_like().detach())).collect();
+        AdamW { beta1, beta2, eps, weight_decay, step: 0, moments }
     }
 
     /// Applies one update with learning rate `lr` to `params` from their `.grad()`.
@@ -73,8 +63,7 @@ pub fn grad_norm(params: &[Tensor]) -> Tensor {
 /// Scales all gradients so that their global norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`, with its 1e-6 guard). `norm` is the value from [`grad_norm`].
 pub fn clip_grads(params: &[Tensor], norm: &Tensor, max_norm: f64) {
-    let factor =
-        (Tensor::from(max_norm as f32).to_device(norm.device()) / (norm + 1e-6)).clamp_max(1.0);
+    let factor = (Tensor::from(max_norm as f32).to_device(norm.device()) / (norm + 1e-6)).clamp_max(1.0);
     tch::no_grad(|| {
         for p in params {
             let mut g = p.grad();

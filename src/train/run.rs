@@ -4,9 +4,10 @@
 //! is created, so a bad input leaves nothing behind in `checkpoints/`.
 
 use super::{evaluate, schedule, StepStats, Trainer};
-use crate::config::{Config, LoraConfig, Precision, WeightDtype};
-use crate::data::format::{prepare, render_prompt, Prepared};
-use crate::data::{Batch, EpochPlan, TextTokenizer};
+use crate::config::{Config, DataFormat, LoraConfig, Precision, WeightDtype};
+use crate::data::batch::MicroBatch;
+use crate::data::format::{prepare_splits, render_prompt, ChatFormat, Example, Prepared};
+use crate::data::{Batch, EpochPlan, RowLayout, TextTokenizer};
 use crate::files::write_atomic;
 use crate::generate::greedy;
 use crate::lora::{self, peft, Injected};
@@ -40,10 +41,7 @@ pub struct RunSummary {
 
 /// The device named by `train.device`.
 pub fn resolve_device(name: &str) -> Result<Device> {
-    let cuda_index = |s: &str| {
-        s.strip_prefix("cuda:")
-            .and_then(|i| i.parse::<usize>().ok())
-    };
+    let cuda_index = |s: &str| s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok());
     let device = match name {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
@@ -81,12 +79,7 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
 }
 
 /// Micro-batches of `examples`, in order, for evaluation.
-fn eval_batches(
-    data: &Prepared,
-    micro_batch_size: usize,
-    pad_id: i64,
-    device: Device,
-) -> Vec<Batch> {
+fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, device: Device) -> Vec<Batch> {
     data.examples
         .chunks(micro_batch_size)
         .map(|chunk| Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id, device))
@@ -95,10 +88,8 @@ fn eval_batches(
 
 /// A run name from the config file name and the local time: `default-20261123-171502`.
 fn generated_run_name(stem: &str) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -111,21 +102,12 @@ fn generated_run_name(stem: &str) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let stem = if stem.is_empty() { "run" } else { stem };
-    format!(
-        "{stem}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{stem}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Creates the run directory, refusing to mix a new run into an old one.
 fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
-    let name = cfg
-        .output
-        .run_name
-        .clone()
-        .unwrap_or_else(|| generated_run_name(&opts.config_stem));
+    let name = cfg.output.run_name.clone().unwrap_or_else(|| generated_run_name(&opts.config_stem));
     let dir = cfg.output.dir.join(name);
     if dir.exists() {
         if !opts.overwrite {
@@ -135,8 +117,7 @@ fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
                 dir.display()
             );
         }
-        std::fs::remove_dir_all(&dir)
-            .with_context(|| format!("cannot remove {}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create run directory {}", dir.display()))?;
@@ -165,47 +146,78 @@ fn print_samples(
     heading: &str,
 ) -> Result<()> {
     for prompt in &cfg.output.sample_prompts {
-        let ids = tok.encode(&render_prompt(cfg.data.format, prompt), true)?;
-        let new = greedy(
-            model,
-            &ids,
-            cfg.output.sample_max_new_tokens,
-            Some(tok.eos_id),
-            device,
-        );
+        let ids = tok.encode(&render_prompt(&cfg.data, prompt), true)?;
+        let new = greedy(model, &ids, cfg.output.sample_max_new_tokens, Some(tok.eos_id), device);
         println!("  [{heading}] {prompt:?} → {:?}", tok.decode(&new)?.trim());
     }
     Ok(())
 }
 
+/// The tokenizer, chat template and prepared data of a run: everything read from the user's
+/// data files, checked before any work starts.
+pub struct RunData {
+    pub tokenizer: TextTokenizer,
+    pub train: Prepared,
+    pub validation: Option<Prepared>,
+}
+
+/// Reads and prepares the data `cfg` names for the model in `cfg.model.path`.
+pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
+    let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, spec)?;
+    let chat = match cfg.data.format {
+        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path, &tokenizer)?),
+        _ => None,
+    };
+    let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
+    Ok(RunData { tokenizer, train, validation })
+}
+
+/// How the run lays examples into rows.
+fn row_layout(cfg: &Config) -> RowLayout {
+    if cfg.data.packing {
+        RowLayout::Packed(cfg.data.max_seq_len)
+    } else {
+        RowLayout::ByLength
+    }
+}
+
+/// The tensors of one micro-batch.
+fn collate(
+    examples: &[Example],
+    micro_batch: &MicroBatch,
+    layout: RowLayout,
+    pad_id: i64,
+    device: Device,
+) -> Batch {
+    let rows: Vec<Vec<&Example>> =
+        micro_batch.iter().map(|row| row.iter().map(|&i| &examples[i]).collect()).collect();
+    match layout {
+        RowLayout::Packed(_) => Batch::pack(&rows, pad_id, device),
+        RowLayout::ByLength => {
+            Batch::collate(&rows.into_iter().flatten().collect::<Vec<_>>(), pad_id, device)
+        }
+    }
+}
+
 /// Runs `lorafit train` for a loaded, validated config.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let device = resolve_device(&cfg.train.device)?;
-    let threads = cfg.train.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let threads = cfg
+        .train
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     tch::set_num_threads(threads as i32);
     tch::manual_seed(cfg.train.seed as i64);
 
     // Everything a user supplies is read and checked before the run directory exists.
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let tok = TextTokenizer::from_model_dir(&cfg.model.path, &spec)?;
-    let train_data = prepare(&cfg.data.train, &cfg.data, &tok)?;
-    let val_data = cfg
-        .data
-        .validation
-        .as_ref()
-        .map(|p| prepare(p, &cfg.data, &tok))
-        .transpose()?;
+    let prep_started = Instant::now();
+    let RunData { tokenizer: tok, train: train_data, validation: val_data } = load_data(cfg, &spec)?;
+    let prep_secs = prep_started.elapsed().as_secs_f64();
     let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
     let mut model = load_model(&cfg.model.path, kind, device)?;
     let lora_cfg = match &cfg.lora.init_from {
-        Some(dir) => LoraConfig {
-            dropout: cfg.lora.dropout,
-            ..peft::read_config(dir)?
-        },
+        Some(dir) => LoraConfig { dropout: cfg.lora.dropout, ..peft::read_config(dir)? },
         None => cfg.lora.clone(),
     };
     let injected: Injected = lora::inject(&mut model, &lora_cfg, device)?;
@@ -213,21 +225,31 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         peft::copy_weights(dir, &injected)?;
     }
 
-    let steps_per_epoch = EpochPlan::steps_per_epoch(
-        train_data.examples.len(),
-        cfg.train.micro_batch_size,
-        cfg.train.grad_accum_steps,
-    );
-    let total_steps = cfg
-        .train
-        .max_steps
-        .unwrap_or(steps_per_epoch * cfg.train.epochs);
+    // The plan of every epoch up front: with packing, the number of rows varies by epoch.
+    let lengths: Vec<usize> = train_data.examples.iter().map(|e| e.input_ids.len()).collect();
+    let layout = row_layout(cfg);
+    let plan_for = |epoch: usize| {
+        EpochPlan::new(
+            &lengths,
+            cfg.train.micro_batch_size,
+            cfg.train.grad_accum_steps,
+            layout,
+            cfg.data.shuffle,
+            cfg.train.seed,
+            epoch,
+        )
+    };
+    let total_steps = match cfg.train.max_steps {
+        Some(n) => n,
+        None => (0..cfg.train.epochs).map(|e| plan_for(e).steps.len()).sum(),
+    };
     let run_dir = create_run_dir(cfg, opts)?;
     write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
 
     println!(
-        "lorafit: {} ({} layers, {:.2}M parameters, {:?} weights) on {device:?}, {threads} threads",
+        "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {:?} weights) on {device:?}, {threads} threads",
         cfg.model.path.display(),
+        spec.family,
         spec.num_layers,
         spec.parameter_count() as f64 / 1e6,
         kind
@@ -240,77 +262,53 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         injected.target_leaf_names().join(","),
         injected.parameter_count(),
         100.0 * injected.parameter_count() as f64 / spec.parameter_count() as f64,
-        cfg.lora
-            .init_from
-            .as_ref()
-            .map(|d| format!(", starting from {}", d.display()))
-            .unwrap_or_default()
+        cfg.lora.init_from.as_ref().map(|d| format!(", starting from {}", d.display())).unwrap_or_default()
     );
+    let train_tokens: usize = lengths.iter().sum();
     println!(
-        "  data: {} training examples ({} truncated to {} tokens, {} dropped with no trainable token){}",
-        train_data.examples.len(),
-        train_data.truncated,
-        cfg.data.max_seq_len,
-        train_data.dropped_no_labels,
-        val_data.as_ref().map(|v| format!(", {} validation examples", v.examples.len())).unwrap_or_default()
+        "  training data: {} ({train_tokens} tokens, prepared in {prep_secs:.1} s)",
+        train_data.report()
     );
+    if let Some(v) = &val_data {
+        println!("  validation data: {}", v.report());
+    }
     println!(
-        "  {total_steps} steps of {} micro-batches × {} examples → {}",
+        "  {total_steps} steps of {} micro-batches × {} {} → {}",
         cfg.train.grad_accum_steps,
         cfg.train.micro_batch_size,
+        match layout {
+            RowLayout::Packed(n) => format!("packed rows of up to {n} tokens"),
+            RowLayout::ByLength => "examples (grouped by length)".to_string(),
+        },
         run_dir.display()
     );
 
     let pad_id = tok.eos_id;
-    let val_batches = val_data
-        .as_ref()
-        .map(|v| eval_batches(v, cfg.train.micro_batch_size, pad_id, device));
+    let val_batches = val_data.as_ref().map(|v| eval_batches(v, cfg.train.micro_batch_size, pad_id, device));
     let val_loss_before = val_batches.as_ref().map(|b| evaluate(&model, b).0);
     if let Some(loss) = val_loss_before {
-        println!(
-            "  validation loss before training: {loss:.4} (perplexity {:.2})",
-            loss.exp()
-        );
+        println!("  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
     print_samples(cfg, &model, &tok, device, "before")?;
 
-    let params: Vec<tch::Tensor> = injected
-        .trainables
-        .iter()
-        .map(|t| t.tensor.shallow_clone())
-        .collect();
+    let params: Vec<tch::Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &cfg.train);
     let base_model = cfg.model.path.display().to_string();
     let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
     let bar = progress_bar(total_steps as u64);
     let started = Instant::now();
     let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let mut tokens_seen = 0i64;
+    let (mut tokens_seen, mut padded_seen) = (0i64, 0i64);
     let mut step = 0;
     'epochs: for epoch in 0.. {
-        let plan = EpochPlan::new(
-            train_data.examples.len(),
-            cfg.train.micro_batch_size,
-            cfg.train.grad_accum_steps,
-            cfg.data.shuffle,
-            cfg.train.seed,
-            epoch,
-        );
-        for micro_indices in &plan.steps {
+        let plan = plan_for(epoch);
+        for micro_batches in &plan.steps {
             if step >= total_steps {
                 break 'epochs;
             }
-            let batches: Vec<Batch> = micro_indices
+            let batches: Vec<Batch> = micro_batches
                 .iter()
-                .map(|idx| {
-                    Batch::collate(
-                        &idx.iter()
-                            .map(|&i| &train_data.examples[i])
-                            .collect::<Vec<_>>(),
-                        pad_id,
-                        device,
-                    )
-                })
+                .map(|mb| collate(&train_data.examples, mb, layout, pad_id, device))
                 .collect();
             let lr = schedule::learning_rate(
                 cfg.train.lr_scheduler,
@@ -329,38 +327,33 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             step += 1;
             tokens_seen += stats.real_tokens;
+            padded_seen += stats.padded_tokens;
             if step == 1 {
                 first_loss = stats.loss;
             }
             last_loss = stats.loss;
             let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64();
+            let real_share = stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64;
             bar.set_position(step as u64);
-            bar.set_message(format!(
-                "loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s",
-                stats.loss
-            ));
+            bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
             if step % cfg.train.log_every == 0 || step == total_steps {
                 let record = serde_json::json!({
                     "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
                     "tokens_per_s": tokens_per_s, "label_tokens": stats.label_tokens,
-                    "real_token_share": stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64,
+                    "real_token_share": real_share,
                 });
                 writeln!(metrics, "{record}")?;
                 if bar.is_hidden() {
-                    println!("  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s", stats.loss, stats.grad_norm);
+                    println!(
+                        "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens",
+                        stats.loss,
+                        stats.grad_norm,
+                        100.0 * real_share
+                    );
                 }
             }
-            if cfg
-                .train
-                .save_every
-                .is_some_and(|every| step % every == 0 && step < total_steps)
-            {
-                peft::save(
-                    &run_dir.join(format!("step-{step}")),
-                    &cfg.lora,
-                    &injected,
-                    &base_model,
-                )?;
+            if cfg.train.save_every.is_some_and(|every| step % every == 0 && step < total_steps) {
+                peft::save(&run_dir.join(format!("step-{step}")), &lora_cfg, &injected, &base_model)?;
             }
         }
     }
@@ -369,7 +362,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let adapter_dir = run_dir.join("adapter");
     peft::save(&adapter_dir, &lora_cfg, &injected, &base_model)?;
 
-    println!("  trained {step} steps in {elapsed:.1} s ({:.0} tokens/s): loss {first_loss:.4} → {last_loss:.4}", tokens_seen as f64 / elapsed);
+    println!(
+        "  trained {step} steps in {elapsed:.1} s ({:.0} tokens/s, {:.0}% of batch tokens real): loss {first_loss:.4} → {last_loss:.4}",
+        tokens_seen as f64 / elapsed,
+        100.0 * tokens_seen as f64 / padded_seen.max(1) as f64
+    );
     let val_loss_after = val_batches.as_ref().map(|b| evaluate(&model, b).0);
     if let (Some(before), Some(after)) = (val_loss_before, val_loss_after) {
         println!(

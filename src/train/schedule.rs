@@ -3,13 +3,7 @@
 use crate::config::LrScheduler;
 
 /// The learning rate for optimizer step `step` (0-based: the first update uses `step = 0`).
-pub fn learning_rate(
-    kind: LrScheduler,
-    base_lr: f64,
-    step: usize,
-    warmup: usize,
-    total: usize,
-) -> f64 {
+pub fn learning_rate(kind: LrScheduler, base_lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
     if step < warmup {
         return base_lr * step as f64 / warmup.max(1) as f64;
     }

@@ -11,11 +11,7 @@ pub fn assets() -> Option<PathBuf> {
     match std::env::var_os("LORAFIT_ASSETS") {
         Some(dir) => {
             let dir = PathBuf::from(dir);
-            assert!(
-                dir.join("README.md").exists(),
-                "LORAFIT_ASSETS={} has no README.md",
-                dir.display()
-            );
+            assert!(dir.join("README.md").exists(), "LORAFIT_ASSETS={} has no README.md", dir.display());
             Some(dir)
         }
         None => {
@@ -46,11 +42,7 @@ pub fn repo() -> PathBuf {
 
 /// Runs the `lorafit` binary with `args` in `cwd`.
 pub fn lorafit(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lorafit"))
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("run lorafit")
+    Command::new(env!("CARGO_BIN_EXE_lorafit")).args(args).current_dir(cwd).output().expect("run lorafit")
 }
 
 pub fn write(path: &Path, text: &str) {

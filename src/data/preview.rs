@@ -1,0 +1,109 @@
+//! `lorafit data preview CONFIG`: the first examples as the model will see them, with the
+//! trained tokens marked, plus token counts and a length histogram, to check masking before
+//! spending compute.
+
+use super::batch::{EpochPlan, Layout};
+use super::format::{Example, Prepared, TextTokenizer, IGNORE};
+use anyhow::Result;
+use std::fmt::Write;
+
+/// How trained text is marked: colours on a terminal, brackets elsewhere.
+pub struct Marks {
+    pub open: &'static str,
+    pub close: &'static str,
+}
+
+pub const BRACKETS: Marks = Marks { open: "[[", close: "]]" };
+pub const COLOURS: Marks = Marks { open: "\x1b[1;32m", close: "\x1b[0m" };
+
+/// The text of `example` with each run of trained tokens between `marks`.
+pub fn marked_text(example: &Example, tok: &TextTokenizer, marks: &Marks) -> Result<String> {
+    let mut out = String::new();
+    let mut start = 0;
+    // A token is trained when it is the target of the position before it.
+    let trained = |i: usize| i > 0 && example.labels[i] != IGNORE;
+    while start < example.input_ids.len() {
+        let flag = trained(start);
+        let mut end = start + 1;
+        while end < example.input_ids.len() && trained(end) == flag {
+            end += 1;
+        }
+        let text = tok.decode(&example.input_ids[start..end])?;
+        if flag {
+            write!(out, "{}{text}{}", marks.open, marks.close)?;
+        } else {
+            out.push_str(&text);
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+/// The report: `n` examples, then statistics of the whole set.
+pub fn preview(
+    data: &Prepared,
+    tok: &TextTokenizer,
+    n: usize,
+    max_seq_len: usize,
+    micro_batch_size: usize,
+    marks: &Marks,
+) -> Result<String> {
+    let mut out = String::new();
+    for (i, ex) in data.examples.iter().take(n).enumerate() {
+        let trained = ex.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();
+        writeln!(out, "── example {} ({} tokens, {trained} trained) ──", i + 1, ex.input_ids.len())?;
+        writeln!(out, "{}", marked_text(ex, tok, marks)?)?;
+    }
+    let lengths: Vec<usize> = data.examples.iter().map(|e| e.input_ids.len()).collect();
+    let total: usize = lengths.iter().sum();
+    let trained: usize =
+        data.examples.iter().map(|e| e.labels.iter().skip(1).filter(|&&l| l != IGNORE).count()).sum();
+    writeln!(out, "── {} ──", data.report())?;
+    writeln!(
+        out,
+        "tokens: {total} ({trained} trained, {:.0}%); length mean {:.1}, max {}",
+        100.0 * trained as f64 / total.max(1) as f64,
+        total as f64 / lengths.len().max(1) as f64,
+        lengths.iter().max().copied().unwrap_or(0)
+    )?;
+    for (layout, name) in
+        [(Layout::Packed(max_seq_len), "packing"), (Layout::ByLength, "one example per row")]
+    {
+        writeln!(
+            out,
+            "real-token share with {name}: {:.1}%",
+            100.0 * real_share(&lengths, layout, micro_batch_size)
+        )?;
+    }
+    writeln!(out, "length histogram:")?;
+    out.push_str(&histogram(&lengths, max_seq_len));
+    Ok(out)
+}
+
+/// Real tokens over all tokens of the padded micro-batches of one epoch.
+pub fn real_share(lengths: &[usize], layout: Layout, micro_batch_size: usize) -> f64 {
+    let plan = EpochPlan::new(lengths, micro_batch_size, 1, layout, true, 0, 0);
+    let (mut real, mut padded) = (0usize, 0usize);
+    for mb in plan.steps.iter().flatten() {
+        let row_len = |row: &Vec<usize>| row.iter().map(|&i| lengths[i]).sum::<usize>();
+        real += mb.iter().map(row_len).sum::<usize>();
+        padded += mb.len() * mb.iter().map(row_len).max().unwrap_or(0);
+    }
+    real as f64 / padded.max(1) as f64
+}
+
+fn histogram(lengths: &[usize], max_seq_len: usize) -> String {
+    const BUCKETS: usize = 8;
+    let width = max_seq_len.div_ceil(BUCKETS).max(1);
+    let mut counts = [0usize; BUCKETS];
+    for &l in lengths {
+        counts[(l.saturating_sub(1) / width).min(BUCKETS - 1)] += 1;
+    }
+    let most = counts.iter().max().copied().unwrap_or(1).max(1);
+    let mut out = String::new();
+    for (b, &c) in counts.iter().enumerate() {
+        let bar = "#".repeat((c * 40).div_ceil(most));
+        let _ = writeln!(out, "  {:>5}-{:<5} {c:>6} {bar}", b * width + 1, (b + 1) * width);
+    }
+    out
+}
