@@ -89,3 +89,14 @@ fn help_describes_every_flag() {
         assert!(help.contains(flag), "{flag} missing from:\n{help}");
     }
 }
+
+#[test]
+fn data_preview_marks_trained_tokens() {
+    let out = common::lorafit(&common::repo(), &["data", "preview", "configs/default.yaml", "-n", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The Alpaca prompt is masked, the response and EOS are trained.
+    assert!(text.contains("### Response:\n[["), "{text}");
+    assert!(text.contains("</s>]]"), "{text}");
+    assert!(text.contains("468 examples") && text.contains("length histogram"), "{text}");
+}

@@ -28,8 +28,16 @@ const CASES: &[Case] = &[
     Case { path: "tinyshakespeare/input.txt", format: DataFormat::Completion, columns: &[] },
     Case { path: "hf-arrow-parquet/alpaca_tiny_save_to_disk", format: DataFormat::Alpaca, columns: &[] },
     Case { path: "hf-arrow-parquet/sharegpt_dummy_save_to_disk", format: DataFormat::Chat, columns: &[] },
-    Case { path: "hf-arrow-parquet/alpaca_tiny_parquet/data/*.parquet", format: DataFormat::Alpaca, columns: &[] },
-    Case { path: "hf-arrow-parquet/sharegpt_dummy_parquet/data/*.parquet", format: DataFormat::Chat, columns: &[] },
+    Case {
+        path: "hf-arrow-parquet/alpaca_tiny_parquet/data/*.parquet",
+        format: DataFormat::Alpaca,
+        columns: &[],
+    },
+    Case {
+        path: "hf-arrow-parquet/sharegpt_dummy_parquet/data/*.parquet",
+        format: DataFormat::Chat,
+        columns: &[],
+    },
     Case { path: "hf-arrow-parquet/alpaca_tiny.ipc_file.arrow", format: DataFormat::Alpaca, columns: &[] },
 ];
 

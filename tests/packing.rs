@@ -40,9 +40,13 @@ fn a_packed_row_has_the_loss_of_its_examples_run_alone() {
         let packed = Batch::pack(&[ex.iter().collect()], 0, Device::Cpu);
         let alone: Vec<Batch> = ex.iter().map(|e| Batch::collate(&[e], 0, Device::Cpu)).collect();
         let packed_loss = tch::no_grad(|| loss_sum(&model, &packed, false)).double_value(&[]);
-        let alone_loss: f64 = alone.iter().map(|b| tch::no_grad(|| loss_sum(&model, b, false)).double_value(&[])).sum();
+        let alone_loss: f64 =
+            alone.iter().map(|b| tch::no_grad(|| loss_sum(&model, b, false)).double_value(&[])).sum();
         assert_eq!(packed.label_tokens, alone.iter().map(|b| b.label_tokens).sum::<i64>());
-        assert!((packed_loss - alone_loss).abs() <= 1e-4, "{family}: packed {packed_loss} vs alone {alone_loss}");
+        assert!(
+            (packed_loss - alone_loss).abs() <= 1e-4,
+            "{family}: packed {packed_loss} vs alone {alone_loss}"
+        );
         // Without the example boundaries the same row gives a different loss: the test can tell.
         let unmasked = Batch { packing: None, ..Batch::pack(&[ex.iter().collect()], 0, Device::Cpu) };
         let unmasked_loss = tch::no_grad(|| loss_sum(&model, &unmasked, false)).double_value(&[]);
@@ -97,7 +101,10 @@ fn accumulation_over_packed_and_padded_micro_batches_matches_one_batch() {
         trainer.params.iter().map(|p| p.grad().copy()).collect()
     };
     let one = grads(&[Batch::pack(&[vec![&ex[0], &ex[1]], vec![&ex[2]]], 0, Device::Cpu)]);
-    let split = grads(&[Batch::pack(&[vec![&ex[0], &ex[1]]], 0, Device::Cpu), Batch::collate(&[&ex[2]], 0, Device::Cpu)]);
+    let split = grads(&[
+        Batch::pack(&[vec![&ex[0], &ex[1]]], 0, Device::Cpu),
+        Batch::collate(&[&ex[2]], 0, Device::Cpu),
+    ]);
     let scale = one.iter().map(|g| g.abs().max().double_value(&[])).fold(0.0, f64::max);
     let diff = one.iter().zip(&split).map(|(a, b)| (a - b).abs().max().double_value(&[])).fold(0.0, f64::max);
     assert!(scale > 0.0 && diff <= 1e-6 * scale.max(1.0), "gradients differ by {diff} (largest {scale})");

@@ -76,6 +76,9 @@ impl Batch {
     }
 }
 
+/// Examples packed together come from windows of this many consecutive shuffled examples.
+const PACKING_WINDOW: usize = 2048;
+
 /// How examples are laid out into rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Layout {
@@ -110,10 +113,20 @@ impl EpochPlan {
             order.shuffle(&mut rng);
         }
         let micro_batches: Vec<MicroBatch> = match layout {
-            Layout::Packed(max_len) => pack_first_fit(&order, lengths, max_len)
-                .chunks(micro_batch_size)
-                .map(<[Row]>::to_vec)
-                .collect(),
+            Layout::Packed(max_len) => {
+                // First-fit decreasing within windows of the shuffled order fills rows well
+                // while the epoch stays shuffled; the rows are then shuffled themselves.
+                let mut rows: Vec<Row> = Vec::new();
+                for window in order.chunks(PACKING_WINDOW) {
+                    let mut window = window.to_vec();
+                    window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+                    rows.extend(pack_first_fit(&window, lengths, max_len));
+                }
+                if shuffle {
+                    rows.shuffle(&mut rng);
+                }
+                rows.chunks(micro_batch_size).map(<[Row]>::to_vec).collect()
+            }
             Layout::ByLength => {
                 // Sort within windows of many batches, so batches hold similar lengths while the
                 // epoch stays shuffled; then shuffle the batches themselves.

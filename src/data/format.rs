@@ -74,9 +74,19 @@ impl TextTokenizer {
         Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&id| id as i64).collect()).collect())
     }
 
+    /// Text of `ids` without special tokens (BOS, EOS, ...).
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        self.decode_with(ids, true)
+    }
+
+    /// Text of `ids`, special tokens included.
+    pub fn decode_all(&self, ids: &[i64]) -> Result<String> {
+        self.decode_with(ids, false)
+    }
+
+    fn decode_with(&self, ids: &[i64], skip_special: bool) -> Result<String> {
         let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
-        self.inner.decode(&ids, true).map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
+        self.inner.decode(&ids, skip_special).map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
     }
 }
 

@@ -3,6 +3,7 @@
 //! into padded tensors.
 
 pub mod batch;
+pub mod cache;
 pub mod chat;
 pub mod format;
 pub mod preview;

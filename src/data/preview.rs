@@ -28,7 +28,7 @@ pub fn marked_text(example: &Example, tok: &TextTokenizer, marks: &Marks) -> Res
         while end < example.input_ids.len() && trained(end) == flag {
             end += 1;
         }
-        let text = tok.decode(&example.input_ids[start..end])?;
+        let text = tok.decode_all(&example.input_ids[start..end])?;
         if flag {
             write!(out, "{}{text}{}", marks.open, marks.close)?;
         } else {
@@ -66,14 +66,13 @@ pub fn preview(
         total as f64 / lengths.len().max(1) as f64,
         lengths.iter().max().copied().unwrap_or(0)
     )?;
-    for (layout, name) in
-        [(Layout::Packed(max_seq_len), "packing"), (Layout::ByLength, "one example per row")]
-    {
-        writeln!(
-            out,
-            "real-token share with {name}: {:.1}%",
-            100.0 * real_share(&lengths, layout, micro_batch_size)
-        )?;
+    let shares = [
+        ("packing", real_share(&lengths, Layout::Packed(max_seq_len), micro_batch_size)),
+        ("one example per row, grouped by length", real_share(&lengths, Layout::ByLength, micro_batch_size)),
+        ("one example per row in random batches", random_batches_share(&lengths, micro_batch_size)),
+    ];
+    for (name, share) in shares {
+        writeln!(out, "real-token share with {name}: {:.1}%", 100.0 * share)?;
     }
     writeln!(out, "length histogram:")?;
     out.push_str(&histogram(&lengths, max_seq_len));
@@ -88,6 +87,21 @@ pub fn real_share(lengths: &[usize], layout: Layout, micro_batch_size: usize) ->
         let row_len = |row: &Vec<usize>| row.iter().map(|&i| lengths[i]).sum::<usize>();
         real += mb.iter().map(row_len).sum::<usize>();
         padded += mb.len() * mb.iter().map(row_len).max().unwrap_or(0);
+    }
+    real as f64 / padded.max(1) as f64
+}
+
+/// The share for batches of consecutive shuffled examples, as trainers that neither pack nor
+/// group by length have it.
+fn random_batches_share(lengths: &[usize], micro_batch_size: usize) -> f64 {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(0));
+    let (mut real, mut padded) = (0usize, 0usize);
+    for batch in order.chunks(micro_batch_size) {
+        real += batch.iter().map(|&i| lengths[i]).sum::<usize>();
+        padded += batch.len() * batch.iter().map(|&i| lengths[i]).max().unwrap_or(0);
     }
     real as f64 / padded.max(1) as f64
 }

@@ -7,7 +7,8 @@ use super::{evaluate, schedule, StepStats, Trainer};
 use crate::config::{Config, DataFormat, LoraConfig, Precision, WeightDtype};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{prepare_splits, render_prompt, ChatFormat, Example, Prepared};
-use crate::data::{Batch, EpochPlan, RowLayout, TextTokenizer};
+use crate::data::source::expand_paths;
+use crate::data::{cache, Batch, EpochPlan, RowLayout, TextTokenizer};
 use crate::files::write_atomic;
 use crate::generate::greedy;
 use crate::lora::{self, peft, Injected};
@@ -159,17 +160,39 @@ pub struct RunData {
     pub tokenizer: TextTokenizer,
     pub train: Prepared,
     pub validation: Option<Prepared>,
+    /// Taken from the data cache rather than prepared.
+    pub cached: bool,
 }
 
-/// Reads and prepares the data `cfg` names for the model in `cfg.model.path`.
+/// Reads and prepares the data `cfg` names for the model in `cfg.model.path`, or takes it from
+/// the data cache in `<output.dir>/.data-cache/` when the same inputs were prepared before.
 pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, spec)?;
     let chat = match cfg.data.format {
         DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path, &tokenizer)?),
         _ => None,
     };
+    let mut key = cache::CacheKey::default();
+    key.add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
+        .add_bytes(&cfg.train.seed.to_le_bytes())
+        .add_bytes(&tokenizer.eos_id.to_le_bytes())
+        .add_bytes(chat.as_ref().map(|c| c.template.source()).unwrap_or("").as_bytes());
+    key.add_path(&cfg.model.path.join("tokenizer.json"))?;
+    for pattern in std::iter::once(&cfg.data.train).chain(cfg.data.validation.as_ref()) {
+        for path in expand_paths(pattern)? {
+            key.add_path(&path)?;
+        }
+    }
+    let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
+    if let Some((train, validation)) = cache::load(&entry) {
+        return Ok(RunData { tokenizer, train, validation, cached: true });
+    }
     let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
-    Ok(RunData { tokenizer, train, validation })
+    // A cache that cannot be written only costs the next run its head start.
+    if let Err(e) = cache::store(&entry, &train, validation.as_ref()) {
+        eprintln!("warning: could not cache the prepared data: {e:#}");
+    }
+    Ok(RunData { tokenizer, train, validation, cached: false })
 }
 
 /// How the run lays examples into rows.
@@ -212,7 +235,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // Everything a user supplies is read and checked before the run directory exists.
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
-    let RunData { tokenizer: tok, train: train_data, validation: val_data } = load_data(cfg, &spec)?;
+    let RunData { tokenizer: tok, train: train_data, validation: val_data, cached } = load_data(cfg, &spec)?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
     let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
     let mut model = load_model(&cfg.model.path, kind, device)?;
@@ -266,8 +289,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     );
     let train_tokens: usize = lengths.iter().sum();
     println!(
-        "  training data: {} ({train_tokens} tokens, prepared in {prep_secs:.1} s)",
-        train_data.report()
+        "  training data: {} ({train_tokens} tokens, {} in {prep_secs:.2} s)",
+        train_data.report(),
+        if cached { "from the data cache" } else { "prepared" }
     );
     if let Some(v) = &val_data {
         println!("  validation data: {}", v.report());

@@ -1,0 +1,87 @@
+//! Bad rows stop preparation with the file, row and reason, or with `on_bad_row: skip` are
+//! counted and reported; over-long examples follow `too_long`. Never a panic.
+
+mod common;
+
+use lorafit::config::{Config, DataFormat, OnBadRow, TooLong};
+use lorafit::data::format::{prepare, ChatFormat};
+use lorafit::data::TextTokenizer;
+use lorafit::model::ModelSpec;
+use std::path::Path;
+
+fn setup(dir: &Path, name: &str, body: &[u8], format: DataFormat) -> (Config, TextTokenizer) {
+    let model = common::repo().join("data/default-model");
+    std::fs::write(dir.join(name), body).unwrap();
+    let mut cfg = Config::new(&model, dir.join(name));
+    cfg.data.format = format;
+    cfg.data.chat_template = "chatml".into();
+    let tok = TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap()).unwrap();
+    (cfg, tok)
+}
+
+fn prepare_with(cfg: &Config, tok: &TextTokenizer) -> anyhow::Result<lorafit::data::Prepared> {
+    let chat = match cfg.data.format {
+        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path, tok).unwrap()),
+        _ => None,
+    };
+    prepare(&cfg.data.train, &cfg.data, tok, chat.as_ref())
+}
+
+/// (file name, contents, format, expected row, words the message must hold)
+const CASES: &[(&str, &[u8], DataFormat, usize, &[&str])] = &[
+    ("missing.jsonl", b"{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n", DataFormat::Completion, 2, &["`text`", "body"]),
+    ("malformed.jsonl", b"{\"text\": \"ok\"}\n{\"text\": \"ok\"}\n{\"text\": broken\n", DataFormat::Completion, 3, &["JSON"]),
+    ("role.jsonl", b"{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n", DataFormat::Chat, 1, &["wizard"]),
+    ("empty_chat.jsonl", b"{\"messages\": []}\n", DataFormat::Chat, 1, &["empty"]),
+    ("utf8.jsonl", b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n", DataFormat::Completion, 2, &["UTF-8"]),
+    ("segments.jsonl", b"{\"segments\": [{\"text\": \"a\", \"label\": \"yes\"}]}\n", DataFormat::InputOutput, 1, &["label"]),
+];
+
+#[test]
+fn each_bad_row_is_named_with_file_and_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, body, format, row, words) in CASES {
+        let (cfg, tok) = setup(tmp.path(), name, body, *format);
+        let err =
+            format!("{:#}", prepare_with(&cfg, &tok).err().unwrap_or_else(|| panic!("{name} should fail")));
+        assert!(err.contains(&format!("{name}:{row}")), "{name}: {err}");
+        for w in *words {
+            assert!(err.contains(w), "{name}: missing {w:?} in {err}");
+        }
+    }
+}
+
+#[test]
+fn skip_mode_counts_bad_rows_and_keeps_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = b"{\"text\": \"one\"}\n{\"body\": \"no text\"}\n{\"text\": 5}\n{\"text\": \"two\"}\n";
+    let (mut cfg, tok) = setup(tmp.path(), "mixed.jsonl", body, DataFormat::Completion);
+    cfg.data.on_bad_row = OnBadRow::Skip;
+    let prepared = prepare_with(&cfg, &tok).unwrap();
+    assert_eq!((prepared.examples.len(), prepared.skipped_bad_rows), (2, 2));
+    assert!(
+        prepared.report().contains("2 bad rows skipped") && prepared.report().contains("mixed.jsonl:2"),
+        "{}",
+        prepared.report()
+    );
+}
+
+#[test]
+fn too_long_examples_are_cut_skipped_or_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long = format!(
+        "{{\"text\": \"{}\"}}\n{{\"text\": \"short\"}}\n",
+        "The Blimbo lives in Mossvale. ".repeat(40)
+    );
+    let (mut cfg, tok) = setup(tmp.path(), "long.jsonl", long.as_bytes(), DataFormat::Completion);
+    cfg.data.max_seq_len = 32;
+    let cut = prepare_with(&cfg, &tok).unwrap();
+    assert_eq!((cut.examples.len(), cut.truncated), (2, 1));
+    assert!(cut.examples.iter().all(|e| e.input_ids.len() <= 32));
+    cfg.data.too_long = TooLong::Skip;
+    let skipped = prepare_with(&cfg, &tok).unwrap();
+    assert_eq!((skipped.examples.len(), skipped.skipped_too_long), (1, 1));
+    cfg.data.too_long = TooLong::Error;
+    let err = format!("{:#}", prepare_with(&cfg, &tok).err().unwrap());
+    assert!(err.contains("long.jsonl:1") && err.contains("max_seq_len"), "{err}");
+}
