@@ -27,8 +27,11 @@ fn prepare_with(cfg: &Config, tok: &TextTokenizer) -> anyhow::Result<lorafit::da
     prepare(&cfg.data.train, &cfg.data, tok, chat.as_ref())
 }
 
-/// (file name, contents, format, expected row, words the message must hold)
-const CASES: &[(&str, &[u8], DataFormat, usize, &[&str])] = &[
+/// A data file that must fail: its name and contents, the format, the row the message must
+/// name and words it must hold.
+type Case = (&'static str, &'static [u8], DataFormat, usize, &'static [&'static str]);
+
+const CASES: &[Case] = &[
     ("missing.jsonl", b"{\"text\": \"ok\"}\n{\"body\": \"no text\"}\n", DataFormat::Completion, 2, &["`text`", "body"]),
     ("malformed.jsonl", b"{\"text\": \"ok\"}\n{\"text\": \"ok\"}\n{\"text\": broken\n", DataFormat::Completion, 3, &["JSON"]),
     ("role.jsonl", b"{\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n", DataFormat::Chat, 1, &["wizard"]),
