@@ -162,6 +162,22 @@ pub struct RunData {
     pub validation: Option<Prepared>,
     /// Taken from the data cache rather than prepared.
     pub cached: bool,
+    /// Where freshly prepared data belongs in the cache ([`RunData::store_in_cache`]).
+    cache_entry: PathBuf,
+}
+
+impl RunData {
+    /// Saves freshly prepared data for the next run. Called once the run has passed every
+    /// check, so that a refused run leaves nothing behind.
+    pub fn store_in_cache(&self) {
+        if self.cached {
+            return;
+        }
+        // A cache that cannot be written only costs the next run its head start.
+        if let Err(e) = cache::store(&self.cache_entry, &self.train, self.validation.as_ref()) {
+            eprintln!("warning: could not cache the prepared data: {e:#}");
+        }
+    }
 }
 
 /// Reads and prepares the data `cfg` names for the model in `cfg.model.path`, or takes it from
@@ -185,14 +201,10 @@ pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
     }
     let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
     if let Some((train, validation)) = cache::load(&entry) {
-        return Ok(RunData { tokenizer, train, validation, cached: true });
+        return Ok(RunData { tokenizer, train, validation, cached: true, cache_entry: entry });
     }
     let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
-    // A cache that cannot be written only costs the next run its head start.
-    if let Err(e) = cache::store(&entry, &train, validation.as_ref()) {
-        eprintln!("warning: could not cache the prepared data: {e:#}");
-    }
-    Ok(RunData { tokenizer, train, validation, cached: false })
+    Ok(RunData { tokenizer, train, validation, cached: false, cache_entry: entry })
 }
 
 /// How the run lays examples into rows.
@@ -235,7 +247,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // Everything a user supplies is read and checked before the run directory exists.
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
-    let RunData { tokenizer: tok, train: train_data, validation: val_data, cached } = load_data(cfg, &spec)?;
+    let data = load_data(cfg, &spec)?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
     let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
     let mut model = load_model(&cfg.model.path, kind, device)?;
@@ -249,7 +261,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     // The plan of every epoch up front: with packing, the number of rows varies by epoch.
-    let lengths: Vec<usize> = train_data.examples.iter().map(|e| e.input_ids.len()).collect();
+    let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
     let layout = row_layout(cfg);
     let plan_for = |epoch: usize| {
         EpochPlan::new(
@@ -268,6 +280,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let run_dir = create_run_dir(cfg, opts)?;
     write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
+    data.store_in_cache();
+    let RunData { tokenizer: tok, train: train_data, validation: val_data, cached, .. } = data;
 
     println!(
         "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {:?} weights) on {device:?}, {threads} threads",
