@@ -356,8 +356,30 @@ pub struct TrainConfig {
     /// CPU threads; `None` uses all cores.
     pub threads: Option<usize>,
     pub log_every: usize,
-    /// Also save the adapter every N optimizer steps (into `step-N/`); `None`: only at the end.
+    /// Save a resumable checkpoint every N optimizer steps (into `step-N/`); `None`: only at
+    /// the end.
     pub save_every: Option<usize>,
+    /// Keep only the newest K step checkpoints; `None` keeps all.
+    pub keep_last: Option<usize>,
+    /// Evaluate on the validation data every N steps (and at the end); `None`: only at the end.
+    pub eval_every: Option<usize>,
+    /// Also keep the adapter with the lowest validation loss, in `best/`.
+    pub save_best: bool,
+    /// Stop after this many evaluations without a new best validation loss; `None` never stops.
+    pub early_stopping_patience: Option<usize>,
+    /// On a non-finite loss or gradient: stop the run, or skip the step.
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// What a non-finite loss or gradient does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop, naming the step and the last good checkpoint.
+    #[default]
+    Stop,
+    /// Skip the update and go on (counted and logged).
+    Skip,
 }
 
 impl Default for TrainConfig {
@@ -381,6 +403,11 @@ impl Default for TrainConfig {
             threads: None,
             log_every: 1,
             save_every: None,
+            keep_last: None,
+            eval_every: None,
+            save_best: false,
+            early_stopping_patience: None,
+            on_nonfinite: OnNonFinite::default(),
         }
     }
 }
@@ -759,6 +786,15 @@ impl Config {
                 "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
             ));
         }
+        for (key, value) in [
+            ("train.keep_last", train.keep_last),
+            ("train.eval_every", train.eval_every),
+            ("train.early_stopping_patience", train.early_stopping_patience),
+        ] {
+            if value == Some(0) {
+                return Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null")));
+            }
+        }
 
         if output.dir.as_os_str().is_empty() {
             return Err(Invalid::new(
@@ -1051,6 +1087,7 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.train_on" => &["assistant", "last", "all"],
         "data.on_bad_row" => &["error", "skip"],
         "data.too_long" => &["truncate", "skip", "error"],
+        "train.on_nonfinite" => &["stop", "skip"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
         "train.precision" => &["fp32", "bf16-mixed"],
         _ => return None,
@@ -1304,6 +1341,7 @@ mod tests {
         check::<TrainOn>("data.train_on");
         check::<OnBadRow>("data.on_bad_row");
         check::<TooLong>("data.too_long");
+        check::<OnNonFinite>("train.on_nonfinite");
         check::<LrScheduler>("train.lr_scheduler");
         check::<Precision>("train.precision");
     }

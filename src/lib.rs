@@ -10,4 +10,5 @@ pub mod generate;
 pub mod inspect;
 pub mod lora;
 pub mod model;
+pub mod observe;
 pub mod train;

@@ -4,9 +4,11 @@ use clap::{Parser, Subcommand};
 use lorafit::config::{Config, TargetModules};
 use lorafit::data::preview;
 use lorafit::inspect::inspect;
-use lorafit::train::run::{run, RunOptions};
+use lorafit::train::run::{eval, run, Interrupted, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Fine-tune causal language models with LoRA adapters and write adapters that Hugging Face PEFT,
 /// vLLM and other runtimes load as they are.
@@ -28,8 +30,25 @@ enum Command {
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         overrides: Vec<String>,
         /// Replace an existing run directory of the same name instead of refusing to start.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "resume")]
         overwrite: bool,
+        /// Continue from the newest complete checkpoint of the run the config names
+        /// (output.run_name), or from the checkpoint or run directory given.
+        #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+        resume: Option<String>,
+    },
+    /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
+    /// training logs them.
+    Eval {
+        /// The run's YAML config file (model, validation data, batching).
+        config: PathBuf,
+        /// The PEFT adapter directory; default: the run's final adapter
+        /// (output.dir/output.run_name/adapter). `none` evaluates the base model alone.
+        #[arg(long, value_name = "DIR")]
+        adapter: Option<PathBuf>,
+        /// Override one config key, as for `train`.
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
     },
     /// Look at the training data as the model will see it.
     #[command(subcommand)]
@@ -68,13 +87,33 @@ enum DataCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, overrides, overwrite } => {
-            Config::load(&config, &overrides).and_then(|cfg| {
+        Command::Train { config, overrides, overwrite, resume } => Config::load(&config, &overrides)
+            .and_then(|cfg| {
                 let config_stem =
                     config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                run(&cfg, &RunOptions { overwrite, config_stem }).map(|_| ())
-            })
-        }
+                let resume = resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p)));
+                run(&cfg, &RunOptions { overwrite, config_stem, resume, stop: Some(stop_on_signal()) })
+                    .map(|_| ())
+            }),
+        Command::Eval { config, adapter, overrides } => Config::load(&config, &overrides).and_then(|cfg| {
+            let adapter = match adapter {
+                Some(dir) if dir.as_os_str() == "none" => None,
+                Some(dir) => Some(dir),
+                None => match &cfg.output.run_name {
+                    Some(name) => Some(cfg.output.dir.join(name).join("adapter")),
+                    None => anyhow::bail!(
+                        "give --adapter DIR, or set output.run_name to evaluate that run's adapter"
+                    ),
+                },
+            };
+            let (loss, tokens) = eval(&cfg, adapter.as_deref())?;
+            println!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens", loss.exp());
+            println!(
+                "{}",
+                serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens})
+            );
+            Ok(())
+        }),
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
         }
@@ -85,6 +124,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<Interrupted>().is_some() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
@@ -108,4 +151,23 @@ fn preview_command(cfg: &Config, n: usize) -> anyhow::Result<()> {
     )?;
     print!("{report}");
     Ok(())
+}
+
+/// A flag that Ctrl-C (SIGINT) or SIGTERM sets: training finishes its current step, saves a
+/// checkpoint and exits. A second signal exits at once.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\nstopping after the current step and saving a checkpoint (press Ctrl-C again to quit now)"
+        );
+    });
+    if let Err(e) = installed {
+        eprintln!("warning: Ctrl-C will stop training without a checkpoint: {e}");
+    }
+    stop
 }

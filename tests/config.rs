@@ -146,7 +146,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 18 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 23 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
@@ -223,6 +223,11 @@ fn to_yaml_round_trips_a_changed_config() {
         threads: Some(2),
         log_every: 10,
         save_every: Some(250),
+        keep_last: Some(2),
+        eval_every: Some(50),
+        save_best: true,
+        early_stopping_patience: Some(3),
+        on_nonfinite: lorafit::config::OnNonFinite::Skip,
     };
     config.output = OutputConfig {
         dir: PathBuf::from("runs"),

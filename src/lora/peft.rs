@@ -65,18 +65,22 @@ fn json_number(x: f64) -> serde_json::Value {
 
 /// Writes the adapter into `dir` (created or atomically replaced).
 pub fn save(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str) -> Result<()> {
+    publish_dir(dir, |tmp| write_files(tmp, cfg, injected, base_model))
+        .with_context(|| format!("cannot save the adapter to {}", dir.display()))
+}
+
+/// Writes the adapter's two files into the existing directory `dir`.
+pub fn write_files(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str) -> Result<()> {
     let tensors: Vec<(String, tch::Tensor)> = injected
         .trainables
         .iter()
         .map(|t| (t.peft_key.clone(), t.tensor.detach().to_kind(Kind::Float)))
         .collect();
-    let weights = safetensors_bytes(&tensors, &[("format", "pt")])?;
-    let config = serde_json::to_vec_pretty(&adapter_config(cfg, injected, base_model))?;
-    publish_dir(dir, |tmp| {
-        write_atomic(&tmp.join(WEIGHTS_FILE), &weights)?;
-        write_atomic(&tmp.join(CONFIG_FILE), &config)
-    })
-    .with_context(|| format!("cannot save the adapter to {}", dir.display()))
+    write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors, &[("format", "pt")])?)?;
+    write_atomic(
+        &dir.join(CONFIG_FILE),
+        &serde_json::to_vec_pretty(&adapter_config(cfg, injected, base_model))?,
+    )
 }
 
 /// The LoRA settings of a PEFT adapter directory, as a [`LoraConfig`] that [`super::inject`]

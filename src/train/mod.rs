@@ -4,6 +4,7 @@
 //! micro-batch contributes `sum(token NLL) / total label tokens of the step`, so gradient
 //! accumulation gives the same update as one large batch (not a mean of per-batch means).
 
+pub mod checkpoint;
 pub mod optim;
 pub mod run;
 pub mod schedule;
@@ -36,6 +37,8 @@ pub fn evaluate(model: &Decoder, batches: &[Batch]) -> (f64, i64) {
 pub struct StepStats {
     pub loss: f64,
     pub grad_norm: f64,
+    /// False when a non-finite loss or gradient kept the update from being applied.
+    pub applied: bool,
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
@@ -67,18 +70,24 @@ impl Trainer {
         step_loss
     }
 
-    /// One full optimizer step: accumulate, clip, update, zero the gradients.
+    /// One full optimizer step: accumulate, clip, update, zero the gradients. A non-finite
+    /// loss or gradient norm leaves the adapter and optimizer untouched (`applied: false`).
     pub fn step(&mut self, model: &Decoder, micro_batches: &[Batch], lr: f64) -> StepStats {
-        let loss = self.accumulate(model, micro_batches);
+        let loss = self.accumulate(model, micro_batches).double_value(&[]);
         let norm = optim::grad_norm(&self.params);
-        if let Some(max) = self.max_grad_norm {
-            optim::clip_grads(&self.params, &norm, max);
+        let grad_norm = norm.double_value(&[]);
+        let applied = loss.is_finite() && grad_norm.is_finite();
+        if applied {
+            if let Some(max) = self.max_grad_norm {
+                optim::clip_grads(&self.params, &norm, max);
+            }
+            self.optimizer.update(&mut self.params, lr);
         }
-        self.optimizer.update(&mut self.params, lr);
         optim::zero_grads(&self.params);
         StepStats {
-            loss: loss.double_value(&[]),
-            grad_norm: norm.double_value(&[]),
+            loss,
+            grad_norm,
+            applied,
             label_tokens: micro_batches.iter().map(|b| b.label_tokens).sum(),
             real_tokens: micro_batches.iter().map(|b| b.real_tokens).sum(),
             padded_tokens: micro_batches.iter().map(|b| b.padded_tokens).sum(),

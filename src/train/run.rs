@@ -3,8 +3,9 @@
 //! All checks of user input (config, model files, data files) happen before the run directory
 //! is created, so a bad input leaves nothing behind in `checkpoints/`.
 
+use super::checkpoint::{self, TrainerState};
 use super::{evaluate, schedule, StepStats, Trainer};
-use crate::config::{Config, DataFormat, LoraConfig, Precision, WeightDtype};
+use crate::config::{Config, DataFormat, LoraConfig, OnNonFinite, Precision, WeightDtype};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{prepare_splits, render_prompt, ChatFormat, Example, Prepared};
 use crate::data::source::expand_paths;
@@ -13,10 +14,13 @@ use crate::files::write_atomic;
 use crate::generate::greedy;
 use crate::lora::{self, peft, Injected};
 use crate::model::{Decoder, ModelSpec, Weights};
+use crate::observe::MetricsLog;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{Device, Kind};
 
@@ -27,7 +31,33 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Used to name the run when the config gives no `output.run_name`.
     pub config_stem: String,
+    /// Continue from a checkpoint: `Some(None)` the newest of the run named by the config,
+    /// `Some(Some(path))` a checkpoint or run directory.
+    pub resume: Option<Option<PathBuf>>,
+    /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
+
+/// The run stopped on request after saving a checkpoint (exit code 130).
+#[derive(Debug)]
+pub struct Interrupted {
+    pub step: usize,
+    pub checkpoint: PathBuf,
+}
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "interrupted after step {}; the checkpoint {} holds everything to continue: run the same \
+             command with --resume",
+            self.step,
+            self.checkpoint.display()
+        )
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 /// What a finished run reports.
 pub struct RunSummary {
@@ -110,6 +140,16 @@ fn generated_run_name(stem: &str) -> String {
 fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
     let name = cfg.output.run_name.clone().unwrap_or_else(|| generated_run_name(&opts.config_stem));
     let dir = cfg.output.dir.join(name);
+    // A probe write, so a read-only or full output directory fails before any training.
+    let probe = |dir: &Path| {
+        write_atomic(&dir.join(".write-test"), b"ok")
+            .and_then(|_| Ok(std::fs::remove_file(dir.join(".write-test"))?))
+            .with_context(|| format!("the run directory {} is not writable", dir.display()))
+    };
+    if opts.resume.is_some() {
+        probe(&dir)?;
+        return Ok(dir);
+    }
     if dir.exists() {
         if !opts.overwrite {
             bail!(
@@ -122,7 +162,24 @@ fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create run directory {}", dir.display()))?;
+    probe(&dir)?;
     Ok(dir)
+}
+
+/// The checkpoint `--resume` names, and the run directory it belongs to.
+fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
+    let given = match resume {
+        Some(path) => path.clone(),
+        None => match &cfg.output.run_name {
+            Some(name) => cfg.output.dir.join(name),
+            None => {
+                bail!("--resume needs the run: set output.run_name in the config, or pass --resume RUN_DIR")
+            }
+        },
+    };
+    let checkpoint = checkpoint::resolve(&given)?;
+    let run_dir = checkpoint.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((checkpoint, run_dir))
 }
 
 fn progress_bar(total: u64) -> ProgressBar {
@@ -278,7 +335,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         Some(n) => n,
         None => (0..cfg.train.epochs).map(|e| plan_for(e).steps.len()).sum(),
     };
-    let run_dir = create_run_dir(cfg, opts)?;
+    let resume = opts.resume.as_ref().map(|r| resume_point(cfg, r)).transpose()?;
+    let run_dir = match &resume {
+        Some((_, dir)) => create_run_dir(&Config { output: run_output(cfg, dir), ..cfg.clone() }, opts)?,
+        None => create_run_dir(cfg, opts)?,
+    };
     write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
     data.store_in_cache();
     let RunData { tokenizer: tok, train: train_data, validation: val_data, cached, .. } = data;
@@ -323,27 +384,53 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     let pad_id = tok.eos_id;
     let val_batches = val_data.as_ref().map(|v| eval_batches(v, cfg.train.micro_batch_size, pad_id, device));
-    let val_loss_before = val_batches.as_ref().map(|b| evaluate(&model, b).0);
+    let params: Vec<tch::Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
+    let mut trainer = Trainer::new(params, &cfg.train);
+    let mut state = TrainerState::default();
+    if let Some((point, _)) = &resume {
+        state = checkpoint::load(point, &injected, &mut trainer.optimizer)?;
+        checkpoint::forget_after(&run_dir, state.step)?;
+        println!("  resuming from {} (step {}, epoch {})", point.display(), state.step, state.epoch + 1);
+    }
+    let val_loss_before = val_batches.as_ref().filter(|_| resume.is_none()).map(|b| evaluate(&model, b).0);
     if let Some(loss) = val_loss_before {
         println!("  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
-    print_samples(cfg, &model, &tok, device, "before")?;
+    if resume.is_none() {
+        print_samples(cfg, &model, &tok, device, "before")?;
+    }
 
-    let params: Vec<tch::Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
-    let mut trainer = Trainer::new(params, &cfg.train);
     let base_model = cfg.model.path.display().to_string();
-    let mut metrics = std::fs::File::create(run_dir.join("metrics.jsonl"))?;
+    let mut metrics =
+        if resume.is_some() { MetricsLog::open_append(&run_dir)? } else { MetricsLog::create(&run_dir)? };
+    if resume.is_none() {
+        metrics.text("hparams", &format!("```yaml\n{}```", cfg.to_yaml()))?;
+    }
+    let save_checkpoint = |state: &TrainerState, trainer: &Trainer| -> Result<PathBuf> {
+        let dir = checkpoint::dir_for(&run_dir, state.step);
+        checkpoint::save(&dir, state, &lora_cfg, &injected, &trainer.optimizer, &base_model)?;
+        if let Some(keep) = cfg.train.keep_last {
+            checkpoint::prune(&run_dir, keep)?;
+        }
+        Ok(dir)
+    };
     let bar = progress_bar(total_steps as u64);
+    bar.set_position(state.step as u64);
     let started = Instant::now();
-    let (mut first_loss, mut last_loss) = (f64::NAN, f64::NAN);
-    let (mut tokens_seen, mut padded_seen) = (0i64, 0i64);
-    let mut step = 0;
-    'epochs: for epoch in 0.. {
+    let tokens_at_start = state.tokens_seen;
+    let mut last_loss = f64::NAN;
+    let mut last_val_loss = None;
+    'epochs: for epoch in state.epoch.. {
         let plan = plan_for(epoch);
-        for micro_batches in &plan.steps {
-            if step >= total_steps {
+        let done_in_epoch = if epoch == state.epoch { state.step_in_epoch } else { 0 };
+        for (index, micro_batches) in plan.steps.iter().enumerate().skip(done_in_epoch) {
+            if state.step >= total_steps {
                 break 'epochs;
             }
+            let step = state.step;
+            // Dropout draws from a stream that depends only on the seed and the step, so a
+            // resumed run draws exactly what an uninterrupted one would.
+            tch::manual_seed(cfg.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64) as i64);
             let batches: Vec<Batch> = micro_batches
                 .iter()
                 .map(|mb| collate(&train_data.examples, mb, layout, pad_id, device))
@@ -356,31 +443,44 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 total_steps,
             );
             let stats: StepStats = trainer.step(&model, &batches, lr);
-            if !stats.loss.is_finite() {
-                bail!(
-                    "the loss became {} at step {}; lower train.lr or check the data",
-                    stats.loss,
-                    step + 1
-                );
+            if !stats.applied {
+                if cfg.train.on_nonfinite == OnNonFinite::Stop {
+                    let last_good = checkpoint::list(&run_dir).pop().map(|(_, d)| d.display().to_string());
+                    bail!(
+                        "the loss or gradient became non-finite (loss {}) at step {}; the adapter was not \
+                         updated. Last good checkpoint: {}. Lower train.lr, check the data, or set \
+                         train.on_nonfinite: skip",
+                        stats.loss,
+                        step + 1,
+                        last_good.unwrap_or_else(|| "none (set train.save_every)".into())
+                    );
+                }
+                state.skipped_steps += 1;
             }
-            step += 1;
-            tokens_seen += stats.real_tokens;
-            padded_seen += stats.padded_tokens;
-            if step == 1 {
-                first_loss = stats.loss;
-            }
+            state.step += 1;
+            state.epoch = epoch;
+            state.step_in_epoch = index + 1;
+            state.tokens_seen += stats.real_tokens;
+            state.padded_seen += stats.padded_tokens;
+            state.first_loss.get_or_insert(stats.loss);
             last_loss = stats.loss;
-            let tokens_per_s = tokens_seen as f64 / started.elapsed().as_secs_f64();
+            let step = state.step;
+            let tokens_per_s = (state.tokens_seen - tokens_at_start) as f64 / started.elapsed().as_secs_f64();
             let real_share = stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64;
             bar.set_position(step as u64);
             bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
             if step % cfg.train.log_every == 0 || step == total_steps {
-                let record = serde_json::json!({
-                    "step": step, "epoch": epoch, "loss": stats.loss, "lr": lr, "grad_norm": stats.grad_norm,
-                    "tokens_per_s": tokens_per_s, "label_tokens": stats.label_tokens,
-                    "real_token_share": real_share,
-                });
-                writeln!(metrics, "{record}")?;
+                metrics.log(
+                    step as u64,
+                    &[
+                        ("train/loss", stats.loss),
+                        ("train/lr", lr),
+                        ("train/grad_norm", stats.grad_norm),
+                        ("train/tokens_per_s", tokens_per_s),
+                        ("train/real_token_share", real_share),
+                        ("train/epoch", (epoch + 1) as f64),
+                    ],
+                )?;
                 if bar.is_hidden() {
                     println!(
                         "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens",
@@ -390,8 +490,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                     );
                 }
             }
-            if cfg.train.save_every.is_some_and(|every| step % every == 0 && step < total_steps) {
-                peft::save(&run_dir.join(format!("step-{step}")), &lora_cfg, &injected, &base_model)?;
+            let eval_now = cfg.train.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
+            let mut stop_early = false;
+            if let (Some(batches), true) = (&val_batches, eval_now) {
+                let loss = evaluate(&model, batches).0;
+                last_val_loss = Some(loss);
+                metrics.log(step as u64, &[("eval/loss", loss), ("eval/perplexity", loss.exp())])?;
+                bar.suspend(|| {
+                    println!("  eval at step {step}: loss {loss:.4} (perplexity {:.2})", loss.exp())
+                });
+                if state.best_eval_loss.is_none_or(|best| loss < best) {
+                    state.best_eval_loss = Some(loss);
+                    state.evals_since_best = 0;
+                    if cfg.train.save_best {
+                        peft::save(&run_dir.join("best"), &lora_cfg, &injected, &base_model)?;
+                    }
+                } else {
+                    state.evals_since_best += 1;
+                    stop_early =
+                        cfg.train.early_stopping_patience.is_some_and(|p| state.evals_since_best >= p);
+                }
+            }
+            let interrupted = opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+            if interrupted
+                || cfg.train.save_every.is_some_and(|every| step % every == 0 && step < total_steps)
+            {
+                let dir = save_checkpoint(&state, &trainer)?;
+                if interrupted {
+                    bar.finish_and_clear();
+                    return Err(Interrupted { step, checkpoint: dir }.into());
+                }
+            }
+            if stop_early {
+                println!("  early stop: no better validation loss in {} evaluations", state.evals_since_best);
+                break 'epochs;
             }
         }
     }
@@ -399,14 +531,18 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let elapsed = started.elapsed().as_secs_f64();
     let adapter_dir = run_dir.join("adapter");
     peft::save(&adapter_dir, &lora_cfg, &injected, &base_model)?;
+    // The final state too, so a finished run can be extended with a larger max_steps.
+    save_checkpoint(&state, &trainer)?;
 
+    let first_loss = state.first_loss.unwrap_or(f64::NAN);
     println!(
-        "  trained {step} steps in {elapsed:.1} s ({:.0} tokens/s, {:.0}% of batch tokens real): loss {first_loss:.4} → {last_loss:.4}",
-        tokens_seen as f64 / elapsed,
-        100.0 * tokens_seen as f64 / padded_seen.max(1) as f64
+        "  trained {} steps in {elapsed:.1} s ({:.0} tokens/s, {:.0}% of batch tokens real): loss {first_loss:.4} → {last_loss:.4}{}",
+        state.step,
+        (state.tokens_seen - tokens_at_start) as f64 / elapsed,
+        100.0 * state.tokens_seen as f64 / state.padded_seen.max(1) as f64,
+        if state.skipped_steps > 0 { format!(", {} non-finite steps skipped", state.skipped_steps) } else { String::new() }
     );
-    let val_loss_after = val_batches.as_ref().map(|b| evaluate(&model, b).0);
-    if let (Some(before), Some(after)) = (val_loss_before, val_loss_after) {
+    if let (Some(before), Some(after)) = (val_loss_before, last_val_loss) {
         println!(
             "  validation loss {before:.4} → {after:.4} (perplexity {:.2} → {:.2})",
             before.exp(),
@@ -418,10 +554,40 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     Ok(RunSummary {
         run_dir,
         adapter_dir,
-        steps: step,
+        steps: state.step,
         first_loss,
         last_loss,
         val_loss_before,
-        val_loss_after,
+        val_loss_after: last_val_loss,
     })
+}
+
+/// The output section that puts the run in `run_dir` (for a resumed run found by path).
+fn run_output(cfg: &Config, run_dir: &Path) -> crate::config::OutputConfig {
+    crate::config::OutputConfig {
+        dir: run_dir.parent().map(Path::to_path_buf).unwrap_or_default(),
+        run_name: run_dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+        ..cfg.output.clone()
+    }
+}
+
+/// `lorafit eval`: the validation loss of the base model with `adapter` (none: the base
+/// alone), computed exactly as during training. Returns (mean token loss, label tokens).
+pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
+    let device = resolve_device(&cfg.train.device)?;
+    if let Some(threads) = cfg.train.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let data = load_data(cfg, &spec)?;
+    let Some(validation) = &data.validation else {
+        bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
+    };
+    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
+    let mut model = load_model(&cfg.model.path, kind, device)?;
+    if let Some(dir) = adapter {
+        peft::load(dir, &mut model, device)?;
+    }
+    let batches = eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device);
+    Ok(evaluate(&model, &batches))
 }

@@ -1,0 +1,173 @@
+//! Resumable checkpoints: `step-<N>/` holds the adapter (a PEFT adapter other tools can load
+//! as it is), the AdamW moments and `trainer_state.json` (step, data position, evaluation
+//! history). The directory is built under a temporary name and renamed into place, and the
+//! state file is written last, so a checkpoint either exists whole or not at all.
+
+use super::optim::AdamW;
+use crate::config::LoraConfig;
+use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
+use crate::lora::{peft, Injected};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Where training stands: enough to continue exactly where it stopped.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The epoch the next step belongs to, and the steps of its plan already done.
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub best_eval_loss: Option<f64>,
+    pub evals_since_best: usize,
+    pub tokens_seen: i64,
+    pub padded_seen: i64,
+    pub first_loss: Option<f64>,
+    pub skipped_steps: usize,
+}
+
+/// The directory of the checkpoint after `step` steps.
+pub fn dir_for(run_dir: &Path, step: usize) -> PathBuf {
+    run_dir.join(format!("step-{step}"))
+}
+
+/// Saves a checkpoint into `dir`, replacing it atomically.
+pub fn save(
+    dir: &Path,
+    state: &TrainerState,
+    lora: &LoraConfig,
+    injected: &Injected,
+    optimizer: &AdamW,
+    base_model: &str,
+) -> Result<()> {
+    let mut moments = Vec::with_capacity(2 * injected.trainables.len());
+    for (t, (m, v)) in injected.trainables.iter().zip(&optimizer.moments) {
+        moments.push((format!("{}.exp_avg", t.peft_key), m.shallow_clone()));
+        moments.push((format!("{}.exp_avg_sq", t.peft_key), v.shallow_clone()));
+    }
+    let optimizer_step = optimizer.step.to_string();
+    let optimizer_bytes = safetensors_bytes(&moments, &[("adamw_step", &optimizer_step)])?;
+    publish_dir(dir, |tmp| {
+        peft::write_files(tmp, lora, injected, base_model)?;
+        write_atomic(&tmp.join(OPTIMIZER_FILE), &optimizer_bytes)?;
+        write_atomic(&tmp.join(STATE_FILE), &serde_json::to_vec_pretty(state)?)
+    })
+    .with_context(|| {
+        format!("cannot save the checkpoint {} (the previous checkpoint is kept)", dir.display())
+    })
+}
+
+/// Restores the adapter and optimizer from `dir` and returns the trainer state.
+pub fn load(dir: &Path, injected: &Injected, optimizer: &mut AdamW) -> Result<TrainerState> {
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("{} is not a complete checkpoint (no {STATE_FILE})", dir.display()))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", state_path.display()))?;
+    peft::copy_weights(dir, injected)?;
+    let path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let header = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let step = header.1.metadata().as_ref().and_then(|m| m.get("adamw_step")).and_then(|s| s.parse().ok());
+    let Some(step) = step else { bail!("{}: no optimizer step recorded", path.display()) };
+    let mut stored: HashMap<String, tch::Tensor> = read_safetensors(&path)?.into_iter().collect();
+    for (t, (m, v)) in injected.trainables.iter().zip(optimizer.moments.iter_mut()) {
+        for (suffix, moment) in [("exp_avg", m), ("exp_avg_sq", v)] {
+            let key = format!("{}.{suffix}", t.peft_key);
+            let Some(value) = stored.remove(&key) else { bail!("{}: no `{key}`", path.display()) };
+            if value.size() != moment.size() {
+                bail!(
+                    "{}: `{key}` has shape {:?}, expected {:?}",
+                    path.display(),
+                    value.size(),
+                    moment.size()
+                );
+            }
+            tch::no_grad(|| moment.copy_(&value.to_device(moment.device())));
+        }
+    }
+    optimizer.step = step;
+    Ok(state)
+}
+
+/// Complete step checkpoints of a run, oldest first.
+pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join(STATE_FILE).exists().then(|| (step, e.path()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The checkpoint to resume from: `path` itself when it is one, else the newest in the run
+/// directory `path`.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).exists() {
+        return Ok(path.to_path_buf());
+    }
+    match list(path).pop() {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "{} holds no complete checkpoint (step-N/ with {STATE_FILE}); set train.save_every to write them",
+            path.display()
+        ),
+    }
+}
+
+/// Removes all but the newest `keep` step checkpoints.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
+    let all = list(run_dir);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Before resuming from step `step`: removes what a killed run left behind — staging and
+/// incomplete directories of unfinished saves, checkpoints after `step`, and metrics.jsonl lines of steps
+/// after it (they will be logged again) — so the resumed run's record reads like an
+/// uninterrupted one.
+pub fn forget_after(run_dir: &Path, step: usize) -> Result<()> {
+    for entry in std::fs::read_dir(run_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let staging = name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-"));
+        let incomplete = name.starts_with("step-") && !entry.path().join(STATE_FILE).exists();
+        if staging || incomplete {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    for (n, dir) in list(run_dir) {
+        if n > step {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+    }
+    let metrics = run_dir.join("metrics.jsonl");
+    if let Ok(text) = std::fs::read_to_string(&metrics) {
+        let kept: String = text
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s as usize <= step)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        write_atomic(&metrics, kept.as_bytes())?;
+    }
+    Ok(())
+}

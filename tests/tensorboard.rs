@@ -1,0 +1,193 @@
+//! The event files a run writes are read by TensorBoard's own reader (`EventAccumulator`) with
+//! exactly the scalars `metrics.jsonl` holds, and the run's text entry shows in the Text plugin.
+
+mod common;
+
+use lorafit::observe::{MetricsLog, METRICS_FILE};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+/// Prints `{"scalars": {tag: [[step, value], ...]}, "text": {tag: [[step, text, rank]]},
+/// "html": {tag: the Text tab's rendering}, "text_plugin_tags": [...]}` for the run directory in
+/// `argv[1]`, keeping every event.
+const READ_EVENTS: &str = r#"
+import json, sys
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.text import text_plugin
+from tensorboard.util import tensor_util
+acc = ea.EventAccumulator(sys.argv[1], size_guidance={ea.SCALARS: 0, ea.TENSORS: 0})
+acc.Reload()
+tags = acc.Tags()
+scalars = {t: [[e.step, e.value] for e in acc.Scalars(t)] for t in tags[ea.SCALARS]}
+text, html = {}, {}
+for t in tags[ea.TENSORS]:
+    rows = []
+    for e in acc.Tensors(t):
+        arr = tensor_util.make_ndarray(e.tensor_proto)
+        rows.append([e.step, arr.item().decode("utf-8"), arr.ndim])
+        html[t] = text_plugin.text_array_to_html(arr, True)
+    text[t] = rows
+try:
+    plugin = sorted(acc.PluginTagToContent("text"))
+except KeyError:
+    plugin = []
+print(json.dumps({"scalars": scalars, "text": text, "html": html, "text_plugin_tags": plugin}))
+"#;
+
+fn read_events(python: &Path, run_dir: &Path) -> Value {
+    let out = Command::new(python).arg("-c").arg(READ_EVENTS).arg(run_dir).output().expect("run python");
+    assert!(out.status.success(), "the event reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("the reader prints JSON")
+}
+
+/// tag → [(step, value as f32)] from metrics.jsonl, leaving out `null`s.
+fn jsonl_scalars(run_dir: &Path) -> BTreeMap<String, Vec<(i64, f32)>> {
+    let text = std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap();
+    let mut out: BTreeMap<String, Vec<(i64, f32)>> = BTreeMap::new();
+    for line in text.lines() {
+        let Value::Object(record) = serde_json::from_str(line).unwrap() else {
+            panic!("not an object: {line}")
+        };
+        let step = record["step"].as_i64().unwrap();
+        for (tag, v) in &record {
+            if let (false, Some(v)) = (tag == "step", v.as_f64()) {
+                out.entry(tag.clone()).or_default().push((step, v as f32));
+            }
+        }
+    }
+    out
+}
+
+/// tag → [(step, value)] from the reader's output; the values are `f32`s widened, so exact.
+fn tensorboard_scalars(events: &Value) -> BTreeMap<String, Vec<(i64, f32)>> {
+    let mut out = BTreeMap::new();
+    for (tag, rows) in events["scalars"].as_object().unwrap() {
+        let rows =
+            rows.as_array().unwrap().iter().map(|r| (r[0].as_i64().unwrap(), r[1].as_f64().unwrap() as f32));
+        out.insert(tag.clone(), rows.collect());
+    }
+    out
+}
+
+const HPARAMS: &str = "| key | value |\n|---|---|\n| lr | 0.0002 |\n| lora.r | 16 |\n\nüñí©ødé ✓";
+
+#[test]
+fn tensorboard_reads_the_same_scalars_as_metrics_jsonl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("checkpoints/run-a");
+    let mut log = MetricsLog::create(&run_dir).unwrap();
+    log.text("hparams", HPARAMS).unwrap();
+    let extremes = [1e-30, 3.0e38, 1.4e-45, -2.5e-20, 1e30, 0.0, -0.0, 123_456_789.125, f64::MIN_POSITIVE];
+    for step in 1..=20u64 {
+        let s = step as f64;
+        let mut values = vec![
+            ("train/loss", 4.0 / s.sqrt() + 0.1234567890123),
+            ("train/lr", 2e-4 * (s / 20.0)),
+            ("train/grad_norm", extremes[step as usize % extremes.len()]),
+        ];
+        if step % 5 == 0 {
+            values.push(("eval/loss", 3.0 - s / 10.0));
+        }
+        if step == 7 {
+            values.push(("train/odd", f64::NAN));
+        }
+        if step == 8 {
+            values.push(("train/odd", f64::INFINITY));
+        }
+        if step == 9 {
+            values.push(("train/odd", 1e300)); // finite, but not an f32
+        }
+        log.log(step, &values).unwrap();
+    }
+    drop(log);
+
+    let expected = jsonl_scalars(&run_dir);
+    assert_eq!(expected["train/loss"].len(), 20);
+    assert_eq!(expected["eval/loss"].iter().map(|r| r.0).collect::<Vec<_>>(), [5, 10, 15, 20]);
+    let lines = std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap();
+    assert!(lines.lines().nth(6).unwrap().ends_with("\"train/odd\": null}"), "NaN is written as null");
+    assert!(lines.lines().nth(7).unwrap().ends_with("\"train/odd\": null}"), "inf is written as null");
+
+    let Some(python) = common::python() else {
+        return;
+    };
+    let events = read_events(&python, &run_dir);
+    let mut tensorboard = tensorboard_scalars(&events);
+    // The one value JSON has and TensorBoard cannot: 1e300 overflows f32.
+    let mut expected = expected;
+    assert_eq!(expected.remove("train/odd").unwrap(), [(9, f32::INFINITY)]);
+    assert_eq!(tensorboard.remove("train/odd"), None);
+    assert_eq!(tensorboard, expected);
+    assert_eq!(events["text"], serde_json::json!({"hparams": [[0, HPARAMS, 0]]}));
+    assert_eq!(events["text_plugin_tags"], serde_json::json!(["hparams"]));
+    let html = events["html"]["hparams"].as_str().unwrap();
+    assert!(html.contains("<td>lora.r</td>") && html.contains("✓"), "the Text tab shows a table: {html}");
+}
+
+#[test]
+fn a_resumed_log_continues_after_a_partial_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run-b");
+    let mut log = MetricsLog::create(&run_dir).unwrap();
+    log.text("hparams", "first start").unwrap();
+    for step in 1..=3u64 {
+        log.log(step, &[("train/loss", 1.0 / step as f64)]).unwrap();
+    }
+    let first_events = log.event_file().to_path_buf();
+    drop(log);
+    // A crash in the middle of writing step 4.
+    let mut file = std::fs::OpenOptions::new().append(true).open(run_dir.join(METRICS_FILE)).unwrap();
+    std::io::Write::write_all(&mut file, b"{\"step\": 4, \"train/lo").unwrap();
+    drop(file);
+
+    let mut log = MetricsLog::open_append(&run_dir).unwrap();
+    assert_ne!(log.event_file(), first_events, "a resumed run starts a new event file");
+    for step in 4..=6u64 {
+        log.log(step, &[("train/loss", 1.0 / step as f64)]).unwrap();
+    }
+    drop(log);
+
+    let text = std::fs::read_to_string(run_dir.join(METRICS_FILE)).unwrap();
+    assert!(text.ends_with('\n'));
+    let steps: Vec<i64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every line is JSON")["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+    let expected = jsonl_scalars(&run_dir);
+    assert_eq!(expected["train/loss"].len(), 6);
+
+    let Some(python) = common::python() else {
+        return;
+    };
+    let events = read_events(&python, &run_dir);
+    assert_eq!(tensorboard_scalars(&events), expected, "both event files are read as one run");
+    assert_eq!(events["text"]["hparams"][0][1], "first start");
+}
+
+#[test]
+fn a_training_run_logs_the_same_scalars_to_tensorboard_and_metrics_jsonl() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model: {{path: {}}}\ndata: {{train: stories.jsonl, validation: stories.jsonl, format: completion}}\n\
+             train: {{max_steps: 6, eval_every: 2, micro_batch_size: 2}}\noutput: {{run_name: logged}}\n",
+            common::stories260k(&assets).display()
+        ),
+    );
+    let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = tmp.path().join("checkpoints/logged");
+    let events = read_events(&python, &run);
+    let logged = jsonl_scalars(&run);
+    assert_eq!(tensorboard_scalars(&events), logged);
+    assert_eq!(logged["train/loss"].len(), 6);
+    assert_eq!(logged["eval/loss"].iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4, 6]);
+    let hparams = events["text"]["hparams"][0][1].as_str().unwrap();
+    assert!(hparams.contains("max_steps: 6"), "{hparams}");
+}
