@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use lorafit::config::{Config, TargetModules};
 use lorafit::data::preview;
 use lorafit::inspect::inspect;
-use lorafit::train::run::{eval, run, Interrupted, RunOptions};
+use lorafit::train::run::{eval, run, Interrupted, LogFormat, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,6 +36,11 @@ enum Command {
         /// (output.run_name), or from the checkpoint or run directory given.
         #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
         resume: Option<String>,
+        /// How progress is reported: `text` (lines, and a progress bar on a terminal), `json`
+        /// (one JSON object per logged step and evaluation on stdout, for scripts and CI), or
+        /// `quiet` (errors only).
+        #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+        log_format: LogFormatArg,
     },
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
@@ -68,6 +73,13 @@ enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
+    Quiet,
+}
+
 #[derive(Subcommand)]
 enum DataCommand {
     /// Print the first examples with the trained tokens marked, token counts, the real-token
@@ -87,14 +99,21 @@ enum DataCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, overrides, overwrite, resume } => Config::load(&config, &overrides)
-            .and_then(|cfg| {
+        Command::Train { config, overrides, overwrite, resume, log_format } => {
+            Config::load(&config, &overrides).and_then(|cfg| {
                 let config_stem =
                     config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                 let resume = resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p)));
-                run(&cfg, &RunOptions { overwrite, config_stem, resume, stop: Some(stop_on_signal()) })
-                    .map(|_| ())
-            }),
+                let log_format = match log_format {
+                    LogFormatArg::Text => LogFormat::Text,
+                    LogFormatArg::Json => LogFormat::Json,
+                    LogFormatArg::Quiet => LogFormat::Quiet,
+                };
+                let options =
+                    RunOptions { overwrite, config_stem, resume, stop: Some(stop_on_signal()), log_format };
+                run(&cfg, &options).map(|_| ())
+            })
+        }
         Command::Eval { config, adapter, overrides } => Config::load(&config, &overrides).and_then(|cfg| {
             let adapter = match adapter {
                 Some(dir) if dir.as_os_str() == "none" => None,

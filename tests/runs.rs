@@ -228,3 +228,49 @@ fn an_unwritable_output_directory_fails_before_training() {
     assert!(!out.status.success() && stderr.contains("/proc/lorafit-runs"), "{stderr}");
     assert!(!stderr.contains("step 1"), "{stderr}");
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "");
+    // An absurd learning rate overflows the adapter after the first update.
+    let args = ["train", "run.yaml", "--set", "train.lr=1e38", "--set", "train.max_grad_norm=null"];
+    let out = common::lorafit(tmp.path(), &[&args[..], &["--set", "output.run_name=stopped"]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("non-finite") && stderr.contains("at step 2"), "{stderr}");
+    assert!(stderr.contains("stopped/step-1"), "the last good checkpoint is named: {stderr}");
+
+    let skip = [
+        "--set",
+        "output.run_name=skipped",
+        "--set",
+        "train.on_nonfinite=skip",
+        "--set",
+        "train.max_steps=4",
+    ];
+    let out = common::lorafit(tmp.path(), &[&args[..], &skip[..]].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("3 non-finite steps skipped"), "{stdout}");
+}
+
+#[test]
+fn json_log_format_prints_one_object_per_step_on_stdout() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "");
+    let out = train(tmp.path(), &["--log-format", "json", "--set", "train.max_steps=3", "--set", "train.eval_every=3"]);
+    let records: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let events: Vec<(&str, u64)> =
+        records.iter().map(|r| (r["event"].as_str().unwrap(), r["step"].as_u64().unwrap())).collect();
+    assert_eq!(events, vec![("train", 1), ("train", 2), ("train", 3), ("eval", 3)]);
+    assert!(records[0]["train/loss"].as_f64().unwrap() > 0.0);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trained 3 steps"));
+}

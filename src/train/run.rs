@@ -36,6 +36,50 @@ pub struct RunOptions {
     pub resume: Option<Option<PathBuf>>,
     /// Set (e.g. by Ctrl-C) to stop after the current step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    pub log_format: LogFormat,
+}
+
+/// How progress is reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines on stdout, and a progress bar on a terminal.
+    #[default]
+    Text,
+    /// One JSON object per logged step and evaluation on stdout (the records of
+    /// metrics.jsonl, with an `"event"` field), for scripts; human-readable lines go to stderr.
+    Json,
+    /// Only errors.
+    Quiet,
+}
+
+/// Where a run's messages go, by [`LogFormat`].
+#[derive(Clone, Copy)]
+struct Console(LogFormat);
+
+impl Console {
+    fn line(&self, text: &str) {
+        match self.0 {
+            LogFormat::Text => println!("{text}"),
+            LogFormat::Json => eprintln!("{text}"),
+            LogFormat::Quiet => {}
+        }
+    }
+
+    fn record(&self, event: &str, step: usize, values: &[(&str, f64)]) {
+        if self.0 == LogFormat::Json {
+            let mut record = serde_json::Map::new();
+            record.insert("event".into(), event.into());
+            record.insert("step".into(), step.into());
+            for (k, v) in values {
+                record.insert(k.to_string(), serde_json::json!(v));
+            }
+            println!("{}", serde_json::Value::Object(record));
+        }
+    }
+}
+
+macro_rules! say {
+    ($console:expr, $($arg:tt)*) => { $console.line(&format!($($arg)*)) };
 }
 
 /// The run stopped on request after saving a checkpoint (exit code 130).
@@ -182,8 +226,8 @@ fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, Path
     Ok((checkpoint, run_dir))
 }
 
-fn progress_bar(total: u64) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
+fn progress_bar(total: u64, wanted: bool) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
         return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
     }
     let bar = ProgressBar::new(total);
@@ -197,6 +241,7 @@ fn progress_bar(total: u64) -> ProgressBar {
 
 /// Prints greedy continuations of the sample prompts under `heading`.
 fn print_samples(
+    console: Console,
     cfg: &Config,
     model: &Decoder,
     tok: &TextTokenizer,
@@ -206,7 +251,7 @@ fn print_samples(
     for prompt in &cfg.output.sample_prompts {
         let ids = tok.encode(&render_prompt(&cfg.data, prompt), true)?;
         let new = greedy(model, &ids, cfg.output.sample_max_new_tokens, Some(tok.eos_id), device);
-        println!("  [{heading}] {prompt:?} → {:?}", tok.decode(&new)?.trim());
+        say!(console, "  [{heading}] {prompt:?} → {:?}", tok.decode(&new)?.trim());
     }
     Ok(())
 }
@@ -293,6 +338,7 @@ fn collate(
 
 /// Runs `lorafit train` for a loaded, validated config.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    let console = Console(opts.log_format);
     let device = resolve_device(&cfg.train.device)?;
     let threads = cfg
         .train
@@ -344,7 +390,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     data.store_in_cache();
     let RunData { tokenizer: tok, train: train_data, validation: val_data, cached, .. } = data;
 
-    println!(
+    say!(
+        console,
         "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {:?} weights) on {device:?}, {threads} threads",
         cfg.model.path.display(),
         spec.family,
@@ -352,7 +399,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         spec.parameter_count() as f64 / 1e6,
         kind
     );
-    println!(
+    say!(
+        console,
         "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base){}",
         lora_cfg.r,
         lora_cfg.alpha,
@@ -363,15 +411,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         cfg.lora.init_from.as_ref().map(|d| format!(", starting from {}", d.display())).unwrap_or_default()
     );
     let train_tokens: usize = lengths.iter().sum();
-    println!(
+    say!(
+        console,
         "  training data: {} ({train_tokens} tokens, {} in {prep_secs:.2} s)",
         train_data.report(),
         if cached { "from the data cache" } else { "prepared" }
     );
     if let Some(v) = &val_data {
-        println!("  validation data: {}", v.report());
+        say!(console, "  validation data: {}", v.report());
     }
-    println!(
+    say!(
+        console,
         "  {total_steps} steps of {} micro-batches × {} {} → {}",
         cfg.train.grad_accum_steps,
         cfg.train.micro_batch_size,
@@ -390,14 +440,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     if let Some((point, _)) = &resume {
         state = checkpoint::load(point, &injected, &mut trainer.optimizer)?;
         checkpoint::forget_after(&run_dir, state.step)?;
-        println!("  resuming from {} (step {}, epoch {})", point.display(), state.step, state.epoch + 1);
+        say!(console, "  resuming from {} (step {}, epoch {})", point.display(), state.step, state.epoch + 1);
     }
     let val_loss_before = val_batches.as_ref().filter(|_| resume.is_none()).map(|b| evaluate(&model, b).0);
     if let Some(loss) = val_loss_before {
-        println!("  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
+        say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
     if resume.is_none() {
-        print_samples(cfg, &model, &tok, device, "before")?;
+        print_samples(console, cfg, &model, &tok, device, "before")?;
     }
 
     let base_model = cfg.model.path.display().to_string();
@@ -414,7 +464,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         Ok(dir)
     };
-    let bar = progress_bar(total_steps as u64);
+    let bar = progress_bar(total_steps as u64, opts.log_format == LogFormat::Text);
     bar.set_position(state.step as u64);
     let started = Instant::now();
     let tokens_at_start = state.tokens_seen;
@@ -470,19 +520,19 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             bar.set_position(step as u64);
             bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
             if step % cfg.train.log_every == 0 || step == total_steps {
-                metrics.log(
-                    step as u64,
-                    &[
-                        ("train/loss", stats.loss),
-                        ("train/lr", lr),
-                        ("train/grad_norm", stats.grad_norm),
-                        ("train/tokens_per_s", tokens_per_s),
-                        ("train/real_token_share", real_share),
-                        ("train/epoch", (epoch + 1) as f64),
-                    ],
-                )?;
+                let values = [
+                    ("train/loss", stats.loss),
+                    ("train/lr", lr),
+                    ("train/grad_norm", stats.grad_norm),
+                    ("train/tokens_per_s", tokens_per_s),
+                    ("train/real_token_share", real_share),
+                    ("train/epoch", (epoch + 1) as f64),
+                ];
+                metrics.log(step as u64, &values)?;
+                console.record("train", step, &values);
                 if bar.is_hidden() {
-                    println!(
+                    say!(
+                        console,
                         "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens",
                         stats.loss,
                         stats.grad_norm,
@@ -495,9 +545,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             if let (Some(batches), true) = (&val_batches, eval_now) {
                 let loss = evaluate(&model, batches).0;
                 last_val_loss = Some(loss);
-                metrics.log(step as u64, &[("eval/loss", loss), ("eval/perplexity", loss.exp())])?;
+                let values = [("eval/loss", loss), ("eval/perplexity", loss.exp())];
+                metrics.log(step as u64, &values)?;
+                console.record("eval", step, &values);
                 bar.suspend(|| {
-                    println!("  eval at step {step}: loss {loss:.4} (perplexity {:.2})", loss.exp())
+                    say!(console, "  eval at step {step}: loss {loss:.4} (perplexity {:.2})", loss.exp())
                 });
                 if state.best_eval_loss.is_none_or(|best| loss < best) {
                     state.best_eval_loss = Some(loss);
@@ -522,7 +574,11 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 }
             }
             if stop_early {
-                println!("  early stop: no better validation loss in {} evaluations", state.evals_since_best);
+                say!(
+                    console,
+                    "  early stop: no better validation loss in {} evaluations",
+                    state.evals_since_best
+                );
                 break 'epochs;
             }
         }
@@ -535,7 +591,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     save_checkpoint(&state, &trainer)?;
 
     let first_loss = state.first_loss.unwrap_or(f64::NAN);
-    println!(
+    say!(
+                        console,
         "  trained {} steps in {elapsed:.1} s ({:.0} tokens/s, {:.0}% of batch tokens real): loss {first_loss:.4} → {last_loss:.4}{}",
         state.step,
         (state.tokens_seen - tokens_at_start) as f64 / elapsed,
@@ -543,14 +600,15 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         if state.skipped_steps > 0 { format!(", {} non-finite steps skipped", state.skipped_steps) } else { String::new() }
     );
     if let (Some(before), Some(after)) = (val_loss_before, last_val_loss) {
-        println!(
+        say!(
+            console,
             "  validation loss {before:.4} → {after:.4} (perplexity {:.2} → {:.2})",
             before.exp(),
             after.exp()
         );
     }
-    print_samples(cfg, &model, &tok, device, "after")?;
-    println!("  adapter (PEFT format): {}", adapter_dir.display());
+    print_samples(console, cfg, &model, &tok, device, "after")?;
+    say!(console, "  adapter (PEFT format): {}", adapter_dir.display());
     Ok(RunSummary {
         run_dir,
         adapter_dir,
