@@ -265,7 +265,10 @@ fn json_log_format_prints_one_object_per_step_on_stdout() {
     }
     let tmp = tempfile::tempdir().unwrap();
     project(tmp.path(), "");
-    let out = train(tmp.path(), &["--log-format", "json", "--set", "train.max_steps=3", "--set", "train.eval_every=3"]);
+    let out = train(
+        tmp.path(),
+        &["--log-format", "json", "--set", "train.max_steps=3", "--set", "train.eval_every=3"],
+    );
     let records: Vec<Value> =
         String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let events: Vec<(&str, u64)> =

@@ -161,8 +161,10 @@ fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, device: D
         .collect()
 }
 
-/// A run name from the config file name and the local time: `default-20261123-171502`.
-fn generated_run_name(stem: &str) -> String {
+/// A run name from the config file name, the time (UTC) and a short hash of the resolved
+/// config, so runs sort by time and differently configured runs never collide:
+/// `default-20261123-171502-3fa9c1`.
+fn generated_run_name(stem: &str, cfg: &Config) -> String {
     let secs =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -177,12 +179,19 @@ fn generated_run_name(stem: &str) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     let stem = if stem.is_empty() { "run" } else { stem };
-    format!("{stem}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    let hash = cache::CacheKey::default().add_bytes(cfg.to_yaml().as_bytes()).hex();
+    format!(
+        "{stem}-{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        &hash[..6]
+    )
 }
 
 /// Creates the run directory, refusing to mix a new run into an old one.
 fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
-    let name = cfg.output.run_name.clone().unwrap_or_else(|| generated_run_name(&opts.config_stem));
+    let name = cfg.output.run_name.clone().unwrap_or_else(|| generated_run_name(&opts.config_stem, cfg));
     let dir = cfg.output.dir.join(name);
     // A probe write, so a read-only or full output directory fails before any training.
     let probe = |dir: &Path| {
@@ -458,7 +467,17 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     let save_checkpoint = |state: &TrainerState, trainer: &Trainer| -> Result<PathBuf> {
         let dir = checkpoint::dir_for(&run_dir, state.step);
+        let started = Instant::now();
         checkpoint::save(&dir, state, &lora_cfg, &injected, &trainer.optimizer, &base_model)?;
+        let bytes: u64 =
+            std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+        say!(
+            console,
+            "  checkpoint {} ({:.1} MB) written in {:.0} ms",
+            dir.display(),
+            bytes as f64 / 1e6,
+            started.elapsed().as_secs_f64() * 1e3
+        );
         if let Some(keep) = cfg.train.keep_last {
             checkpoint::prune(&run_dir, keep)?;
         }
