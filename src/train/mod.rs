@@ -27,9 +27,25 @@ pub fn loss_sum(model: &Decoder, batch: &Batch, train: bool) -> Tensor {
 
 /// Mean token NLL over `batches` without gradients or dropout: (loss, label tokens).
 pub fn evaluate(model: &Decoder, batches: &[Batch]) -> (f64, i64) {
+    evaluate_with_progress(model, batches, &indicatif::ProgressBar::hidden())
+}
+
+/// [`evaluate`], advancing `bar` by one per batch.
+pub fn evaluate_with_progress(
+    model: &Decoder,
+    batches: &[Batch],
+    bar: &indicatif::ProgressBar,
+) -> (f64, i64) {
     let tokens: i64 = batches.iter().map(|b| b.label_tokens).sum();
-    let total =
-        tch::no_grad(|| batches.iter().map(|b| loss_sum(model, b, false).double_value(&[])).sum::<f64>());
+    let total = tch::no_grad(|| {
+        let mut total = 0.0;
+        for b in batches {
+            total += loss_sum(model, b, false).double_value(&[]);
+            bar.inc(1);
+        }
+        total
+    });
+    bar.finish_and_clear();
     (total / tokens.max(1) as f64, tokens)
 }
 

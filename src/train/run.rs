@@ -4,7 +4,7 @@
 //! is created, so a bad input leaves nothing behind in `checkpoints/`.
 
 use super::checkpoint::{self, TrainerState};
-use super::{evaluate, schedule, StepStats, Trainer};
+use super::{evaluate, evaluate_with_progress, schedule, StepStats, Trainer};
 use crate::config::{Config, DataFormat, LoraConfig, OnNonFinite, Precision, WeightDtype};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{prepare_splits, render_prompt, ChatFormat, Example, Prepared};
@@ -235,16 +235,24 @@ fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, Path
     Ok((checkpoint, run_dir))
 }
 
-fn progress_bar(total: u64, wanted: bool) -> ProgressBar {
+/// A bar counting `unit`s on a terminal (hidden otherwise, or when not `wanted`).
+fn progress_bar(total: u64, wanted: bool, unit: &str) -> ProgressBar {
     if !wanted || !std::io::stderr().is_terminal() {
         return ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
     }
     let bar = ProgressBar::new(total);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
+    let template = format!("{{spinner}} {unit} {{pos}}/{{len}} [{{bar:30}}] {{msg}} eta {{eta}}");
+    bar.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    bar
+}
+
+/// A spinner with `message` on a terminal while something of unknown length runs.
+fn spinner(message: &str, wanted: bool) -> ProgressBar {
+    if !wanted || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner().with_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
 }
 
@@ -359,7 +367,10 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     // Everything a user supplies is read and checked before the run directory exists.
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
-    let data = load_data(cfg, &spec)?;
+    let spinner = spinner("preparing data", opts.log_format == LogFormat::Text);
+    let data = load_data(cfg, &spec);
+    spinner.finish_and_clear();
+    let data = data?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
     let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
     let mut model = load_model(&cfg.model.path, kind, device)?;
@@ -451,7 +462,12 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         checkpoint::forget_after(&run_dir, state.step)?;
         say!(console, "  resuming from {} (step {}, epoch {})", point.display(), state.step, state.epoch + 1);
     }
-    let val_loss_before = val_batches.as_ref().filter(|_| resume.is_none()).map(|b| evaluate(&model, b).0);
+    let show_bars = opts.log_format == LogFormat::Text;
+    let eval_bar = |n: usize| progress_bar(n as u64, show_bars, "eval batch");
+    let val_loss_before = val_batches
+        .as_ref()
+        .filter(|_| resume.is_none())
+        .map(|b| evaluate_with_progress(&model, b, &eval_bar(b.len())).0);
     if let Some(loss) = val_loss_before {
         say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
@@ -483,7 +499,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         Ok(dir)
     };
-    let bar = progress_bar(total_steps as u64, opts.log_format == LogFormat::Text);
+    let bar = progress_bar(total_steps as u64, show_bars, "step");
     bar.set_position(state.step as u64);
     let started = Instant::now();
     let tokens_at_start = state.tokens_seen;
@@ -562,7 +578,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let eval_now = cfg.train.eval_every.is_some_and(|n| step % n == 0) || step == total_steps;
             let mut stop_early = false;
             if let (Some(batches), true) = (&val_batches, eval_now) {
-                let loss = evaluate(&model, batches).0;
+                let loss =
+                    bar.suspend(|| evaluate_with_progress(&model, batches, &eval_bar(batches.len())).0);
                 last_val_loss = Some(loss);
                 let values = [("eval/loss", loss), ("eval/perplexity", loss.exp())];
                 metrics.log(step as u64, &values)?;
