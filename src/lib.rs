@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod data;
+pub mod export;
 pub mod files;
 pub mod generate;
 pub mod inspect;

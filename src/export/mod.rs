@@ -1,0 +1,1 @@
+//! Adapters for other runtimes: a merged Hugging Face model and llama.cpp GGUF LoRA files.
