@@ -1,11 +1,74 @@
-//! Greedy decoding, to try a model before and after training.
+//! Decoding, to try a model or an adapter: a KV cache so each new token costs one token's
+//! work, and greedy or sampled choice (temperature, top-k, top-p, seeded).
 
-use crate::model::Decoder;
-use tch::{Device, Tensor};
+use crate::model::{Decoder, KvCache};
+use tch::{Device, Kind, Tensor};
 
-/// Appends up to `max_new_tokens` greedy tokens to `prompt_ids`, stopping after `stop_at` if given.
-/// Returns only the new tokens. Each step re-runs the whole sequence (no KV cache): meant for
-/// short samples from small models.
+/// How the next token is chosen. `temperature == 0` is greedy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+}
+
+impl Sampling {
+    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+}
+
+/// The next token from the logits `[vocab]` of the last position.
+fn choose(logits: &Tensor, sampling: &Sampling) -> i64 {
+    if sampling.temperature <= 0.0 {
+        return logits.argmax(-1, false).int64_value(&[]);
+    }
+    let mut logits = logits.to_kind(Kind::Float) / sampling.temperature;
+    if let Some(k) = sampling.top_k.filter(|&k| k > 0 && k < logits.size()[0]) {
+        let kth = logits.topk(k, -1, true, true).0.get(k - 1);
+        logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
+    }
+    if let Some(p) = sampling.top_p.filter(|&p| p < 1.0) {
+        // Keep the smallest set of most likely tokens whose probability reaches p.
+        let (sorted, order) = logits.sort(-1, true);
+        let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+        let drop_sorted = (&cumulative - sorted.softmax(-1, Kind::Float)).gt(p);
+        let drop = drop_sorted.zeros_like().scatter(-1, &order, &drop_sorted);
+        logits = logits.masked_fill(&drop, f64::NEG_INFINITY);
+    }
+    logits.softmax(-1, Kind::Float).multinomial(1, false).int64_value(&[0])
+}
+
+/// Appends up to `max_new_tokens` tokens to `prompt_ids`, stopping after any of `stop`; calls
+/// `on_token` with each new token as it is chosen (for streaming). Returns the new tokens.
+pub fn generate(
+    model: &Decoder,
+    prompt_ids: &[i64],
+    max_new_tokens: usize,
+    stop: &[i64],
+    sampling: &Sampling,
+    device: Device,
+    mut on_token: impl FnMut(i64),
+) -> Vec<i64> {
+    tch::manual_seed(sampling.seed as i64);
+    let mut out = Vec::new();
+    tch::no_grad(|| {
+        let mut cache = KvCache::new(model);
+        let mut input = Tensor::from_slice(prompt_ids).view([1, -1]).to_device(device);
+        for _ in 0..max_new_tokens {
+            let logits = model.forward_cached(&input, &mut cache);
+            let next = choose(&logits.get(0).get(-1), sampling);
+            out.push(next);
+            on_token(next);
+            if stop.contains(&next) {
+                break;
+            }
+            input = Tensor::from_slice(&[next]).view([1, 1]).to_device(device);
+        }
+    });
+    out
+}
+
+/// Greedy decoding (see [`generate`]), stopping after `stop_at` if given.
 pub fn greedy(
     model: &Decoder,
     prompt_ids: &[i64],
@@ -13,16 +76,24 @@ pub fn greedy(
     stop_at: Option<i64>,
     device: Device,
 ) -> Vec<i64> {
+    let stop: Vec<i64> = stop_at.into_iter().collect();
+    generate(model, prompt_ids, max_new_tokens, &stop, &Sampling::GREEDY, device, |_| {})
+}
+
+/// Greedy decoding that re-runs the whole sequence for every token: the reference the KV cache
+/// is measured against.
+pub fn greedy_without_cache(
+    model: &Decoder,
+    prompt_ids: &[i64],
+    max_new_tokens: usize,
+    device: Device,
+) -> Vec<i64> {
     let mut ids = prompt_ids.to_vec();
     tch::no_grad(|| {
         for _ in 0..max_new_tokens {
             let input = Tensor::from_slice(&ids).view([1, -1]).to_device(device);
-            let logits = model.forward(&input, false);
-            let next = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
+            let next = model.forward(&input, false).get(0).get(-1).argmax(-1, false).int64_value(&[]);
             ids.push(next);
-            if Some(next) == stop_at {
-                break;
-            }
         }
     });
     ids.split_off(prompt_ids.len())

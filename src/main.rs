@@ -58,6 +58,8 @@ enum Command {
     /// Look at the training data as the model will see it.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Try a model, with or without an adapter: a prompt in, the continuation streamed out.
+    Generate(GenerateArgs),
     /// Describe a Hugging Face model directory: family, size, dtype, its linear layers (the names
     /// `lora.target_modules` can use) and the trainable parameters an adapter would add.
     Inspect {
@@ -71,6 +73,43 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         r: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// The Hugging Face model directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT adapter directory to apply.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Send the prompt as a user message through the chat template (see --template).
+    #[arg(long)]
+    chat: bool,
+    /// Chat template for --chat: auto (the model's own, else ChatML), chatml, llama3.
+    #[arg(long, default_value = "auto")]
+    template: String,
+    /// Print the base model's answer and the adapted one, one after the other.
+    #[arg(long, requires = "adapter")]
+    compare: bool,
+    /// Most tokens to generate (it stops earlier at EOS).
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (the most likely token every time).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Sample only among the k most likely tokens.
+    #[arg(long)]
+    top_k: Option<i64>,
+    /// Sample only among the most likely tokens whose probabilities add up to p.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Seed of the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -133,6 +172,7 @@ fn main() -> ExitCode {
             );
             Ok(())
         }),
+        Command::Generate(args) => generate_command(&args),
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
         }
@@ -189,4 +229,56 @@ fn stop_on_signal() -> Arc<AtomicBool> {
         eprintln!("warning: Ctrl-C will stop training without a checkpoint: {e}");
     }
     stop
+}
+
+/// `lorafit generate`: streams the continuation of a prompt, and with `--compare` the base
+/// model's next to the adapted one.
+fn generate_command(args: &GenerateArgs) -> anyhow::Result<()> {
+    use lorafit::data::format::{ChatFormat, TextTokenizer};
+    use lorafit::generate::{generate, Sampling};
+    use std::io::Write;
+    let device = tch::Device::cuda_if_available();
+    let spec = lorafit::model::ModelSpec::from_dir(&args.model)?;
+    let tok = TextTokenizer::from_model_dir(&args.model, &spec)?;
+    let mut model = lorafit::train::run::load_model(&args.model, tch::Kind::Float, device)?;
+    let mut stop = spec.eos_token_ids.clone();
+    let prompt_ids = if args.chat {
+        let chat = ChatFormat::resolve(&args.template, &args.model, &tok)?;
+        let text = chat.template.render(&[lorafit::data::chat::Message::new("user", &args.prompt)], true)?;
+        if let Ok(end) = chat.template.end_of_turn() {
+            stop.extend(tok.encode(end, false).ok().filter(|ids| ids.len() == 1).unwrap_or_default());
+        }
+        let writes_bos = chat.template.bos_token().is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        tok.encode(&text, !writes_bos)?
+    } else {
+        tok.encode(&args.prompt, true)?
+    };
+    let sampling =
+        Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let run = |model: &lorafit::model::Decoder, label: &str| -> anyhow::Result<()> {
+        if !label.is_empty() {
+            println!("── {label} ──");
+        }
+        let (mut ids, mut shown) = (Vec::new(), 0usize);
+        generate(model, &prompt_ids, args.max_new_tokens, &stop, &sampling, device, |id| {
+            ids.push(id);
+            // Decode everything so far and print what is new: tokens can join into one character.
+            if let Ok(text) = tok.decode(&ids) {
+                if text.len() > shown && text.is_char_boundary(shown) {
+                    print!("{}", &text[shown..]);
+                    let _ = std::io::stdout().flush();
+                    shown = text.len();
+                }
+            }
+        });
+        println!();
+        Ok(())
+    };
+    if args.compare {
+        run(&model, "base model")?;
+    }
+    if let Some(adapter) = &args.adapter {
+        lorafit::lora::peft::load(adapter, &mut model, device)?;
+    }
+    run(&model, if args.compare { "with the adapter" } else { "" })
 }

@@ -1,1 +1,3 @@
 //! Adapters for other runtimes: a merged Hugging Face model and llama.cpp GGUF LoRA files.
+
+pub mod merge;

@@ -314,12 +314,32 @@ impl Decoder {
     /// token's position within its example and the example's index within the row, so that
     /// positions restart per example and attention never crosses from one example to another.
     pub fn forward_packed(&self, input_ids: &Tensor, packing: Option<&Packing>, train: bool) -> Tensor {
+        self.forward_inner(input_ids, packing, None, train)
+    }
+
+    /// Logits of `input_ids` `[1, n]` continuing the sequence whose keys and values `cache`
+    /// holds (empty for a prompt), which it then extends: decoding costs one token's work per
+    /// step instead of the whole sequence's.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        self.forward_inner(input_ids, None, Some(cache), false)
+    }
+
+    fn forward_inner(
+        &self,
+        input_ids: &Tensor,
+        packing: Option<&Packing>,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
+        let offset = cache.as_ref().map_or(0, |c| c.len);
         let positions = match packing {
             Some(p) => p.positions.shallow_clone(),
-            None => Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false),
+            None => Tensor::arange_start(offset, offset + seq, (Kind::Int64, device))
+                .unsqueeze(0)
+                .expand([batch, seq], false),
         };
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
         if let Some(scale) = s.embed_scale {
@@ -331,7 +351,7 @@ impl Decoder {
         let documents = packing.map(|p| &p.documents);
         let global_rope = s.rope.as_ref().map(|r| rope_tables(r, &positions));
         let local_rope = s.local_rope.as_ref().map(|r| rope_tables(r, &positions));
-        for block in &self.layers {
+        for (i, block) in self.layers.iter().enumerate() {
             let h = block.attn_norm.forward(&x);
             let (q, k, v) = match &block.qkv {
                 Qkv::Separate { q, k, v } => {
@@ -358,6 +378,10 @@ impl Decoder {
                 q = apply_rope(&q, cos, sin);
                 k = apply_rope(&k, cos, sin);
             }
+            let (k, v) = match cache.as_deref_mut() {
+                Some(cache) => cache.extend(i, k, v),
+                None => (k, v),
+            };
             let attn = self.attention(&q, &k, &v, block.span, documents);
             let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
             let mut out = block.o_proj.forward(&attn, train);
@@ -372,6 +396,9 @@ impl Decoder {
                 out = norm.forward(&out);
             }
             x = &x + out;
+        }
+        if let Some(cache) = cache {
+            cache.len += seq;
         }
         let x = self.norm.forward(&x);
         let logits = match &self.lm_head {
@@ -415,18 +442,29 @@ impl Decoder {
         documents: Option<&Tensor>,
     ) -> Tensor {
         let s = &self.spec;
-        let seq = q.size()[2];
+        let (q_len, k_len) = (q.size()[2], k.size()[2]);
         let gqa = s.num_kv_heads != s.num_heads;
         let window = match span {
-            AttentionSpan::Sliding(w) if w < seq => Some(w),
+            AttentionSpan::Sliding(w) if w < k_len => Some(w),
             _ => None,
         };
-        let plain_causal = window.is_none() && documents.is_none();
-        let allowed = || attention_mask(seq, window, documents, q.device());
+        // With cached keys the queries are the last q_len positions; SDPA's own causal mask
+        // assumes they are the first.
+        let plain_causal = window.is_none() && documents.is_none() && q_len == k_len;
+        // One new query after cached keys sees all of them: no mask at all.
+        let sees_all = window.is_none() && documents.is_none() && q_len == 1;
+        let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
         match s.attn_softcap {
-            None if plain_causal => {
-                Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, s.attn_scale, gqa)
-            }
+            None if plain_causal || sees_all => Tensor::scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                None::<Tensor>,
+                0.0,
+                plain_causal,
+                s.attn_scale,
+                gqa,
+            ),
             None => {
                 Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
             }
@@ -445,6 +483,29 @@ impl Decoder {
     }
 }
 
+/// Keys and values of every layer for the tokens decoded so far.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Tokens held.
+    pub len: i64,
+}
+
+impl KvCache {
+    pub fn new(model: &Decoder) -> KvCache {
+        KvCache { layers: (0..model.spec.num_layers).map(|_| None).collect(), len: 0 }
+    }
+
+    /// Appends a layer's new keys and values `[batch, kv_heads, n, head_dim]` and returns all.
+    fn extend(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let (k, v) = match self.layers[layer].take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+            None => (k, v),
+        };
+        self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+        (k, v)
+    }
+}
+
 /// Where each token of packed rows sits: `[batch, seq]` position within its example, and the
 /// example's index within the row (padding gets its own index, so it attends only to itself).
 pub struct Packing {
@@ -455,8 +516,20 @@ pub struct Packing {
 /// Booleans, broadcastable to `[batch, heads, seq, seq]`: query i may see key j when j ≤ i,
 /// i − j < window (sliding layers), and both belong to the same example (packed rows).
 pub fn attention_mask(seq: i64, window: Option<i64>, documents: Option<&Tensor>, device: Device) -> Tensor {
-    let idx = Tensor::arange(seq, (Kind::Int64, device));
-    let distance = idx.unsqueeze(1) - idx.unsqueeze(0);
+    attention_mask_offset(seq, seq, window, documents, device)
+}
+
+/// [`attention_mask`] for `q_len` queries at the end of `k_len` keys (decoding with a cache).
+fn attention_mask_offset(
+    q_len: i64,
+    k_len: i64,
+    window: Option<i64>,
+    documents: Option<&Tensor>,
+    device: Device,
+) -> Tensor {
+    let queries = Tensor::arange_start(k_len - q_len, k_len, (Kind::Int64, device));
+    let keys = Tensor::arange(k_len, (Kind::Int64, device));
+    let distance = queries.unsqueeze(1) - keys.unsqueeze(0);
     let mut allowed = distance.ge(0);
     if let Some(w) = window {
         allowed = allowed.logical_and(&distance.lt(w));
@@ -476,7 +549,7 @@ fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
     let device = positions.device();
     let (batch, seq) = positions.size2().expect("positions are [batch, seq]");
     // Longrope picks its factors by sequence length, as transformers does from the positions.
-    let span = positions.max().int64_value(&[]) + 1;
+    let span = || positions.max().int64_value(&[]) + 1;
     let dim = rope.rotary_dim;
     // In fp32 exactly as transformers computes them, so far positions rotate identically.
     let exponents =
@@ -507,7 +580,7 @@ fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
             original_max_position_embeddings,
             attention_factor,
         } => {
-            let factors = if span > *original_max_position_embeddings { long_factor } else { short_factor };
+            let factors = if span() > *original_max_position_embeddings { long_factor } else { short_factor };
             let factors = Tensor::from_slice(factors).to_kind(Kind::Float).to_device(device);
             ((factors * powers).reciprocal(), *attention_factor)
         }

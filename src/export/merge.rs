@@ -1,0 +1,715 @@
+//! A merged Hugging Face model: the base checkpoint with a PEFT LoRA adapter folded into its
+//! weights, `W' = W + scale · (B @ A)` (transposed for `[in, out]` Conv1D weights), computed in
+//! fp32, cast once to the output dtype and checked for NaN/Inf.
+//!
+//! The merge streams: it reads the safetensors headers, then one tensor at a time by its byte
+//! offset, and writes each output shard tensor by tensor (the shard layout is planned from the
+//! headers first). Tensor names stay exactly as in the input, so a tied checkpoint stays tied
+//! and GPT-2 keeps or omits its `transformer.` prefix. config.json, generation_config.json and
+//! the tokenizer files are copied beside the weights; everything is written under a temporary
+//! name and renamed into place once complete.
+
+use crate::files::{publish_dir, read_safetensors};
+use crate::lora::{self, peft};
+use crate::model::layout::{AttnProjections, Layout, MlpProjections};
+use crate::model::ModelSpec;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// The largest output shard [`merge`] writes (a single tensor larger than this gets a shard of
+/// its own).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 2_000_000_000;
+
+/// Files copied from the model directory when present, besides the weights.
+const SIDE_FILES: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// The dtype of the merged model's floating-point tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MergeDtype {
+    /// Each tensor keeps the dtype it has in the base checkpoint.
+    #[default]
+    Same,
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+impl MergeDtype {
+    /// The safetensors dtype a stored floating-point tensor of `stored` dtype is written in.
+    fn output(self, stored: &str) -> &str {
+        match self {
+            MergeDtype::Same => stored,
+            MergeDtype::Bf16 => "BF16",
+            MergeDtype::Fp16 => "F16",
+            MergeDtype::Fp32 => "F32",
+        }
+    }
+
+    /// The name config.json uses (`torch_dtype` / `dtype`), `None` for [`MergeDtype::Same`].
+    fn config_name(self) -> Option<&'static str> {
+        match self {
+            MergeDtype::Same => None,
+            MergeDtype::Bf16 => Some("bfloat16"),
+            MergeDtype::Fp16 => Some("float16"),
+            MergeDtype::Fp32 => Some("float32"),
+        }
+    }
+}
+
+impl std::str::FromStr for MergeDtype {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<MergeDtype> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "same" | "auto" => MergeDtype::Same,
+            "bf16" | "bfloat16" => MergeDtype::Bf16,
+            "fp16" | "f16" | "float16" | "half" => MergeDtype::Fp16,
+            "fp32" | "f32" | "float32" | "float" => MergeDtype::Fp32,
+            _ => bail!("unknown dtype `{s}`: use same, bf16, fp16 or fp32"),
+        })
+    }
+}
+
+impl std::fmt::Display for MergeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MergeDtype::Same => "same",
+            MergeDtype::Bf16 => "bf16",
+            MergeDtype::Fp16 => "fp16",
+            MergeDtype::Fp32 => "fp32",
+        })
+    }
+}
+
+/// What [`merge`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeReport {
+    /// Weight tensors that received an adapter's update.
+    pub tensors_merged: usize,
+    /// Size of the safetensors files written (headers included).
+    pub bytes: u64,
+    /// Number of safetensors files (1: `model.safetensors`, otherwise sharded with an index).
+    pub shards: usize,
+}
+
+/// Merges the PEFT LoRA adapter in `adapter_dir` into the Hugging Face model in `model_dir` and
+/// writes the result, a model directory that loads like the original, to `out_dir`, which must
+/// not exist or be empty.
+pub fn merge(model_dir: &Path, adapter_dir: &Path, out_dir: &Path, dtype: MergeDtype) -> Result<MergeReport> {
+    merge_with(model_dir, adapter_dir, out_dir, dtype, DEFAULT_MAX_SHARD_BYTES)
+}
+
+/// [`merge`] with output shards of at most `max_shard_bytes` of tensor data each.
+pub fn merge_with(
+    model_dir: &Path,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    dtype: MergeDtype,
+    max_shard_bytes: u64,
+) -> Result<MergeReport> {
+    check_out_dir(out_dir)?;
+    let spec = ModelSpec::from_dir(model_dir)?;
+    let layout = Layout::of(spec.family);
+    let mut source = Source::open(model_dir)?;
+    let deltas = adapter_deltas(&spec, &layout, &source, adapter_dir).with_context(|| {
+        format!("the adapter in {} does not fit the model in {}", adapter_dir.display(), model_dir.display())
+    })?;
+    let shards = plan_shards(&source, dtype, max_shard_bytes.max(1))?;
+    let mut report = MergeReport { tensors_merged: deltas.len(), bytes: 0, shards: shards.len() };
+    publish_dir(out_dir, |tmp| {
+        let count = shards.len();
+        let mut weight_map = BTreeMap::new();
+        let mut total_size = 0u64;
+        for (k, shard) in shards.iter().enumerate() {
+            let file_name = if count == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{count:05}.safetensors", k + 1)
+            };
+            report.bytes += write_shard(&tmp.join(&file_name), shard, &mut source, &deltas)?;
+            for entry in shard {
+                total_size += entry.bytes;
+                weight_map.insert(source.tensors[entry.tensor].name.clone(), file_name.clone());
+            }
+        }
+        if count > 1 {
+            let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
+            std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
+        }
+        copy_side_files(model_dir, tmp, dtype)
+    })
+    .with_context(|| format!("writing the merged model to {}", out_dir.display()))?;
+    Ok(report)
+}
+
+/// Refuses an output directory that holds anything: a merge never overwrites files.
+fn check_out_dir(out_dir: &Path) -> Result<()> {
+    if !out_dir.exists() {
+        return Ok(());
+    }
+    if !out_dir.is_dir() {
+        bail!("{} exists and is not a directory; choose another output directory", out_dir.display());
+    }
+    let mut entries =
+        std::fs::read_dir(out_dir).with_context(|| format!("cannot read {}", out_dir.display()))?;
+    if entries.next().is_some() {
+        bail!(
+            "{} already exists and is not empty; the merged model needs a new or empty directory",
+            out_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// One tensor of the input checkpoint, located by the safetensors headers.
+struct StoredTensor {
+    name: String,
+    dtype: String,
+    shape: Vec<i64>,
+    /// Index into [`Source::paths`].
+    file: usize,
+    /// Absolute byte offset of the data in its file.
+    start: u64,
+    len: u64,
+}
+
+/// The input checkpoint's tensors (headers only), in file order and by offset within a file.
+struct Source {
+    paths: Vec<PathBuf>,
+    files: Vec<File>,
+    tensors: Vec<StoredTensor>,
+    by_name: HashMap<String, usize>,
+}
+
+impl Source {
+    fn open(dir: &Path) -> Result<Source> {
+        let paths = weight_files(dir)?;
+        let mut files = Vec::new();
+        let mut tensors = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let mut found = read_header(&mut file, path, i)?;
+            found.sort_by_key(|t| t.start);
+            tensors.extend(found);
+            files.push(file);
+        }
+        let mut by_name = HashMap::new();
+        for (i, t) in tensors.iter().enumerate() {
+            if by_name.insert(t.name.clone(), i).is_some() {
+                bail!("tensor `{}` is stored twice in {}", t.name, dir.display());
+            }
+        }
+        Ok(Source { paths, files, tensors, by_name })
+    }
+
+    fn get(&self, name: &str) -> Option<&StoredTensor> {
+        self.by_name.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The stored bytes of tensor `i`.
+    fn read(&mut self, i: usize) -> Result<Vec<u8>> {
+        let t = &self.tensors[i];
+        let path = &self.paths[t.file];
+        let file = &mut self.files[t.file];
+        let mut data = vec![0u8; t.len as usize];
+        file.seek(SeekFrom::Start(t.start))
+            .and_then(|_| file.read_exact(&mut data))
+            .with_context(|| format!("cannot read tensor `{}` from {}", t.name, path.display()))?;
+        Ok(data)
+    }
+}
+
+/// The weight files of a model directory: the shards of the index when there is one.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text =
+            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
+        let parsed: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+        let map = parsed
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| anyhow!("{} has no `weight_map`", index.display()))?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    bail!(
+        "{} has neither model.safetensors nor model.safetensors.index.json \
+         (PyTorch .bin checkpoints are not supported: convert them to safetensors)",
+        dir.display()
+    )
+}
+
+/// The tensors listed in the header of the safetensors file `path`.
+fn read_header(file: &mut File, path: &Path, index: usize) -> Result<Vec<StoredTensor>> {
+    let bad = || format!("{} is not a valid safetensors file", path.display());
+    let file_len = file.metadata().with_context(bad)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(bad)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > (100 << 20) || 8 + header_len > file_len {
+        bail!("{}: the header length is invalid", bad());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).with_context(bad)?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).with_context(bad)?;
+    let data_start = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, entry) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let entry_error = || anyhow!("{}: tensor `{name}` has a malformed header entry", bad());
+        let dtype = entry.get("dtype").and_then(Value::as_str).ok_or_else(entry_error)?.to_string();
+        let shape: Vec<i64> = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(entry_error)?
+            .iter()
+            .map(|d| d.as_i64().filter(|&d| d >= 0))
+            .collect::<Option<_>>()
+            .ok_or_else(entry_error)?;
+        let offsets: Vec<u64> = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .ok_or_else(entry_error)?
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<_>>()
+            .ok_or_else(entry_error)?;
+        let [begin, end] = offsets[..] else {
+            return Err(entry_error());
+        };
+        let size = elt_size(&dtype)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` has unknown dtype {dtype}", bad()))?;
+        let numel: u64 = shape.iter().map(|&d| d as u64).product();
+        if end < begin || end - begin != numel * size || data_start + end > file_len {
+            bail!("{}: tensor `{name}` has data offsets that do not match its shape", bad());
+        }
+        out.push(StoredTensor {
+            name,
+            dtype,
+            shape,
+            file: index,
+            start: data_start + begin,
+            len: end - begin,
+        });
+    }
+    Ok(out)
+}
+
+/// Bytes per element of a safetensors dtype.
+fn elt_size(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "F64" | "I64" | "U64" => 8,
+        "F32" | "I32" | "U32" => 4,
+        "F16" | "BF16" | "I16" | "U16" => 2,
+        "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+        _ => return None,
+    })
+}
+
+/// The libtorch kind of a floating-point safetensors dtype that merging can compute with.
+fn float_kind(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F64" => Kind::Double,
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        _ => return None,
+    })
+}
+
+/// One adapted module's update, ready to add to its weight.
+struct Delta {
+    /// `[r, in]`, fp32.
+    a: Tensor,
+    /// `[out, r]`, fp32.
+    b: Tensor,
+    scale: f64,
+    /// The weight is stored `[in, out]` (GPT-2's Conv1D).
+    fan_in_fan_out: bool,
+}
+
+impl Delta {
+    /// `scale · (B @ A)` in the weight's storage order, fp32.
+    fn weight_update(&self) -> Tensor {
+        let d = self.b.matmul(&self.a) * self.scale;
+        if self.fan_in_fan_out {
+            d.tr().contiguous()
+        } else {
+            d
+        }
+    }
+}
+
+/// Every linear layer's module path, in model order: the names PEFT adapters are keyed by (the
+/// same list as [`crate::model::Decoder::linear_layers_mut`], from config.json alone).
+fn linear_paths(spec: &ModelSpec, l: &Layout) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..spec.num_layers {
+        let attn = format!("{}.{i}.{}", l.layers, l.attn);
+        let mlp = format!("{}.{i}.{}", l.layers, l.mlp);
+        match l.attn_projections {
+            AttnProjections::Separate { q, k, v } => {
+                out.extend([q, k, v].map(|n| format!("{attn}.{n}")));
+            }
+            AttnProjections::Fused(n) => out.push(format!("{attn}.{n}")),
+        }
+        out.push(format!("{attn}.{}", l.o_proj));
+        match l.mlp_projections {
+            MlpProjections::Gated { gate, up, down } => {
+                out.extend([gate, up, down].map(|n| format!("{mlp}.{n}")));
+            }
+            MlpProjections::GatedFused { gate_up, down } => {
+                out.extend([gate_up, down].map(|n| format!("{mlp}.{n}")));
+            }
+            MlpProjections::Plain { fc, proj } => out.extend([fc, proj].map(|n| format!("{mlp}.{n}"))),
+        }
+    }
+    if !spec.tie_word_embeddings {
+        out.push(l.lm_head.to_string());
+    }
+    out
+}
+
+/// The checkpoint's name for the weight of module `path` (without the optional prefix when
+/// the checkpoint omits it).
+fn weight_name(source: &Source, layout: &Layout, path: &str) -> Option<String> {
+    let full = format!("{path}.weight");
+    if source.get(&full).is_some() {
+        return Some(full);
+    }
+    let short = layout.optional_prefix.and_then(|p| full.strip_prefix(p))?;
+    source.get(short).is_some().then(|| short.to_string())
+}
+
+/// An adapter tensor with its key in the adapter file.
+type Keyed = (String, Tensor);
+
+/// Reads the adapter and checks it against the model: every adapter tensor must belong to a
+/// module its config selects in this model, with shapes that fit the module's weight. Returns
+/// the update of each adapted weight, by the weight's tensor name.
+fn adapter_deltas(
+    spec: &ModelSpec,
+    layout: &Layout,
+    source: &Source,
+    adapter_dir: &Path,
+) -> Result<BTreeMap<String, Delta>> {
+    let cfg = peft::read_config(adapter_dir)?;
+    let file = adapter_dir.join(peft::WEIGHTS_FILE);
+    let mut halves: BTreeMap<String, (Option<Keyed>, Option<Keyed>)> = BTreeMap::new();
+    for (key, tensor) in read_safetensors(&file)? {
+        let parsed = key.strip_prefix("base_model.model.").and_then(|rest| {
+            rest.strip_suffix(".lora_A.weight")
+                .map(|p| (p, true))
+                .or_else(|| rest.strip_suffix(".lora_B.weight").map(|p| (p, false)))
+        });
+        let Some((path, is_a)) = parsed else {
+            bail!(
+                "{}: tensor `{key}` is not a LoRA weight (`base_model.model.<module>.lora_A.weight` \
+                 or `.lora_B.weight`); only plain LoRA adapters can be merged",
+                file.display()
+            );
+        };
+        let slot = halves.entry(path.to_string()).or_default();
+        let pair = Some((key.clone(), tensor.to_kind(Kind::Float)));
+        if is_a {
+            slot.0 = pair;
+        } else {
+            slot.1 = pair;
+        }
+    }
+
+    let paths = linear_paths(spec, layout);
+    let rank_of = |p: &str| paths.iter().position(|q| q == p);
+    let mut modules: Vec<&String> = halves.keys().collect();
+    modules.sort_by_key(|p| (rank_of(p).unwrap_or(usize::MAX), p.to_string()));
+    for path in &modules {
+        if rank_of(path).is_none() {
+            let key = match &halves[*path] {
+                (Some((k, _)), _) | (None, Some((k, _))) => k.clone(),
+                (None, None) => unreachable!("a module is recorded with one of its halves"),
+            };
+            bail!(
+                "{}: tensor `{key}` adapts module `{path}`, which this `{}` model does not have \
+                 (its linear layers are named like `{}`); the adapter was trained on a different base model",
+                file.display(),
+                spec.model_type,
+                paths.first().map(String::as_str).unwrap_or("")
+            );
+        }
+    }
+
+    let targets = lora::select_targets(&paths, &cfg, spec.tie_word_embeddings)
+        .with_context(|| format!("{}", adapter_dir.join(peft::CONFIG_FILE).display()))?;
+    let mut deltas = BTreeMap::new();
+    for target in &targets {
+        let entry = halves.remove(&target.path).unwrap_or((None, None));
+        let (Some((a_key, a)), Some((b_key, b))) = entry else {
+            let missing = if entry.0.is_none() { "lora_A" } else { "lora_B" };
+            bail!(
+                "{}: no tensor `{}` for module `{}`, which adapter_config.json selects",
+                file.display(),
+                peft::key(&target.path, missing),
+                target.path
+            );
+        };
+        let name = weight_name(source, layout, &target.path).ok_or_else(|| {
+            anyhow!(
+                "the model has no tensor `{}.weight` for the adapter's `{a_key}` (shape {:?})",
+                target.path,
+                a.size()
+            )
+        })?;
+        let w = source.get(&name).expect("found by name");
+        let fan_in_fan_out = layout.fan_in_fan_out && target.path != layout.lm_head;
+        let r = target.r as i64;
+        let (out_f, in_f) = match w.shape[..] {
+            [rows, cols] if fan_in_fan_out => (cols, rows),
+            [rows, cols] => (rows, cols),
+            _ => bail!(
+                "the model's `{name}` has shape {:?}, not a matrix, but the adapter's `{a_key}` adapts it",
+                w.shape
+            ),
+        };
+        if float_kind(&w.dtype).is_none() {
+            bail!("the model's `{name}` is stored as {}, which cannot be merged into", w.dtype);
+        }
+        for (key, t, want, what) in [
+            (&a_key, &a, [r, in_f], "lora_A must be [r, in_features]"),
+            (&b_key, &b, [out_f, r], "lora_B must be [out_features, r]"),
+        ] {
+            if t.size() != want {
+                bail!(
+                    "`{key}` has shape {:?} but the model's `{name}` has shape {:?} \
+                     ({what} = {want:?}{})",
+                    t.size(),
+                    w.shape,
+                    if fan_in_fan_out { ", the weight being stored [in, out]" } else { "" }
+                );
+            }
+        }
+        let scale = lora::scale(target.alpha, target.r, cfg.use_rslora);
+        deltas.insert(name, Delta { a, b, scale, fan_in_fan_out });
+    }
+    if let Some((path, entry)) = halves.into_iter().next() {
+        let key = entry.0.or(entry.1).map(|(k, _)| k).unwrap_or_default();
+        bail!(
+            "{}: tensor `{key}` adapts module `{path}`, which its adapter_config.json does not select",
+            file.display()
+        );
+    }
+    Ok(deltas)
+}
+
+/// One tensor's place in an output shard.
+struct Planned {
+    /// Index into [`Source::tensors`].
+    tensor: usize,
+    dtype: String,
+    bytes: u64,
+}
+
+/// Assigns the tensors, in input order, to shards of at most `max_bytes` of data each.
+fn plan_shards(source: &Source, dtype: MergeDtype, max_bytes: u64) -> Result<Vec<Vec<Planned>>> {
+    let mut shards: Vec<Vec<Planned>> = vec![];
+    let mut current = 0u64;
+    for (i, t) in source.tensors.iter().enumerate() {
+        let out = if float_kind(&t.dtype).is_some() { dtype.output(&t.dtype) } else { &t.dtype };
+        let numel: u64 = t.shape.iter().map(|&d| d as u64).product();
+        let bytes = numel * elt_size(out).expect("a known dtype");
+        if shards.is_empty() || (current > 0 && current + bytes > max_bytes) {
+            shards.push(vec![]);
+            current = 0;
+        }
+        current += bytes;
+        shards.last_mut().expect("pushed above").push(Planned { tensor: i, dtype: out.to_string(), bytes });
+    }
+    if shards.is_empty() {
+        bail!("the model has no tensors");
+    }
+    Ok(shards)
+}
+
+/// Writes one safetensors file holding `shard`'s tensors, one tensor in memory at a time.
+/// Returns the file's size.
+fn write_shard(
+    path: &Path,
+    shard: &[Planned],
+    source: &mut Source,
+    deltas: &BTreeMap<String, Delta>,
+) -> Result<u64> {
+    // Widest elements first, so that every tensor's data stays aligned to its element size.
+    let mut order: Vec<&Planned> = shard.iter().collect();
+    order.sort_by(|x, y| {
+        let size = |p: &Planned| elt_size(&p.dtype).unwrap_or(1);
+        size(y).cmp(&size(x)).then_with(|| source.tensors[x.tensor].name.cmp(&source.tensors[y.tensor].name))
+    });
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for p in &order {
+        let t = &source.tensors[p.tensor];
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": p.dtype, "shape": t.shape, "data_offsets": [offset, offset + p.bytes]}),
+        );
+        offset += p.bytes;
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header))?;
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = BufWriter::new(file);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    for p in &order {
+        let data = output_bytes(source, p, deltas)?;
+        debug_assert_eq!(data.len() as u64, p.bytes);
+        out.write_all(&data)?;
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(8 + header.len() as u64 + offset)
+}
+
+/// The bytes of one output tensor: the stored bytes when nothing changes, otherwise the
+/// (merged and) converted tensor.
+fn output_bytes(source: &mut Source, p: &Planned, deltas: &BTreeMap<String, Delta>) -> Result<Vec<u8>> {
+    let raw = source.read(p.tensor)?;
+    let t = &source.tensors[p.tensor];
+    let delta = deltas.get(&t.name);
+    if delta.is_none() && p.dtype == t.dtype {
+        return Ok(raw);
+    }
+    let (Some(kind_in), Some(kind_out)) = (float_kind(&t.dtype), float_kind(&p.dtype)) else {
+        bail!("tensor `{}` is stored as {}, which cannot be converted to {}", t.name, t.dtype, p.dtype);
+    };
+    let stored = Tensor::f_from_data_size(&raw, &t.shape, kind_in)?;
+    drop(raw);
+    let merged = match delta {
+        Some(d) => stored.to_kind(Kind::Float) + d.weight_update(),
+        None => stored.to_kind(Kind::Float),
+    };
+    let out = merged.to_kind(kind_out).contiguous();
+    if !all_finite(&out) && (delta.is_some() || all_finite(&stored)) {
+        let what = if delta.is_some() { "merging the adapter into" } else { "converting" };
+        bail!(
+            "{what} `{}` gives NaN or infinite values in {}; the merged model would be broken \
+             (try another output dtype, or check the adapter)",
+            t.name,
+            p.dtype
+        );
+    }
+    let mut data = vec![0u8; p.bytes as usize];
+    out.f_copy_data_u8(&mut data, out.numel())?;
+    Ok(data)
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.numel() == 0 || t.isfinite().all().int64_value(&[]) != 0
+}
+
+/// Copies config.json (with its dtype updated when the merge changes it), generation config and
+/// tokenizer files into `out`.
+fn copy_side_files(model_dir: &Path, out: &Path, dtype: MergeDtype) -> Result<()> {
+    for name in SIDE_FILES {
+        let from = model_dir.join(name);
+        if !from.is_file() {
+            continue;
+        }
+        let to = out.join(name);
+        match (*name, dtype.config_name()) {
+            ("config.json", Some(dtype_name)) => {
+                let text = std::fs::read_to_string(&from)
+                    .with_context(|| format!("cannot read {}", from.display()))?;
+                let mut config: Value = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not valid JSON", from.display()))?;
+                let map = config
+                    .as_object_mut()
+                    .ok_or_else(|| anyhow!("{} must be a JSON object", from.display()))?;
+                let mut updated = false;
+                for key in ["torch_dtype", "dtype"] {
+                    if let Some(v) = map.get_mut(key) {
+                        *v = json!(dtype_name);
+                        updated = true;
+                    }
+                }
+                if !updated {
+                    map.insert("torch_dtype".into(), json!(dtype_name));
+                }
+                std::fs::write(&to, serde_json::to_vec_pretty(&config)?)
+                    .with_context(|| format!("cannot write {}", to.display()))?;
+            }
+            _ => {
+                std::fs::copy(&from, &to)
+                    .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dtype_names_parse() {
+        assert_eq!("bf16".parse::<MergeDtype>().unwrap(), MergeDtype::Bf16);
+        assert_eq!("float16".parse::<MergeDtype>().unwrap(), MergeDtype::Fp16);
+        assert_eq!("FP32".parse::<MergeDtype>().unwrap(), MergeDtype::Fp32);
+        assert_eq!("same".parse::<MergeDtype>().unwrap(), MergeDtype::Same);
+        assert!("int8".parse::<MergeDtype>().unwrap_err().to_string().contains("bf16"));
+        assert_eq!(MergeDtype::Bf16.output("F32"), "BF16");
+        assert_eq!(MergeDtype::Same.output("F16"), "F16");
+    }
+
+    #[test]
+    fn a_transposed_update_matches_the_weight_layout() {
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([1, 3]);
+        let b = Tensor::from_slice(&[1.0f32, -1.0]).view([2, 1]);
+        let d = Delta { a: a.shallow_clone(), b: b.shallow_clone(), scale: 2.0, fan_in_fan_out: false };
+        assert_eq!(d.weight_update().size(), [2, 3]);
+        assert_eq!(
+            Vec::<f32>::try_from(d.weight_update().flatten(0, -1)).unwrap(),
+            [2.0, 4.0, 6.0, -2.0, -4.0, -6.0]
+        );
+        let t = Delta { a, b, scale: 2.0, fan_in_fan_out: true };
+        assert_eq!(t.weight_update().size(), [3, 2]);
+    }
+
+    #[test]
+    fn a_non_empty_output_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        check_out_dir(dir.path()).unwrap();
+        check_out_dir(&dir.path().join("new")).unwrap();
+        std::fs::write(dir.path().join("x"), "x").unwrap();
+        let err = check_out_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+    }
+}
