@@ -58,6 +58,22 @@ enum Command {
     /// Look at the training data as the model will see it.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Merge an adapter into its base model: W' = W + scale·(B@A), computed in fp32 and cast once,
+    /// written as a complete Hugging Face model directory (streamed tensor by tensor).
+    Merge {
+        /// The base model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The new model directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Weight dtype of the merged model: same (as the base), bf16, fp16 or fp32.
+        #[arg(long, default_value = "same")]
+        dtype: String,
+    },
     /// Try a model, with or without an adapter: a prompt in, the continuation streamed out.
     Generate(GenerateArgs),
     /// Describe a Hugging Face model directory: family, size, dtype, its linear layers (the names
@@ -173,6 +189,20 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Generate(args) => generate_command(&args),
+        Command::Merge { model, adapter, out, dtype } => dtype
+            .parse::<lorafit::export::merge::MergeDtype>()
+            .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
+            .and_then(|dtype| lorafit::export::merge::merge(&model, &adapter, &out, dtype))
+            .map(|report| {
+                println!(
+                    "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",
+                    report.tensors_merged,
+                    out.display(),
+                    report.shards,
+                    if report.shards == 1 { "" } else { "s" },
+                    report.bytes as f64 / 1e6
+                )
+            }),
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
         }
