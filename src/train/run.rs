@@ -645,6 +645,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     print_samples(console, cfg, &model, &tok, device, "after")?;
     say!(console, "  adapter (PEFT format): {}", adapter_dir.display());
+    say!(console, "  {}", crate::export::compat::check(&adapter_dir)?.describe());
     Ok(RunSummary {
         run_dir,
         adapter_dir,

@@ -1,0 +1,151 @@
+//! Which runtimes will load an adapter as it is, and what would make the others refuse it:
+//! vLLM, mistral.rs and llama.cpp each check different parts of a PEFT adapter.
+
+use crate::lora::peft::CONFIG_FILE;
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// Ranks vLLM accepts as `max_lora_rank`; its default is 16.
+const VLLM_RANKS: &[u64] = &[1, 8, 16, 32, 64, 128, 256, 320, 512];
+const VLLM_DEFAULT_MAX_RANK: u64 = 16;
+/// mistral.rs's default `--lora-max-rank`.
+const MISTRALRS_DEFAULT_MAX_RANK: u64 = 256;
+
+/// The verdict for one adapter directory.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Compatibility {
+    /// Runtimes that load the adapter with their default settings.
+    pub loads_in: Vec<&'static str>,
+    /// Why others refuse it, or what they need to be told.
+    pub warnings: Vec<String>,
+}
+
+impl Compatibility {
+    /// Lines for a run's summary.
+    pub fn describe(&self) -> String {
+        let mut out = format!("loads as it is in: {}", self.loads_in.join(", "));
+        for w in &self.warnings {
+            out.push_str(&format!("\n    warning: {w}"));
+        }
+        out
+    }
+}
+
+/// Checks the `adapter_config.json` in `dir`.
+pub fn check(dir: &Path) -> Result<Compatibility> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+    Ok(assess(&cfg))
+}
+
+/// The verdict for a parsed `adapter_config.json`.
+pub fn assess(cfg: &Value) -> Compatibility {
+    let field = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
+    let ranks: Vec<u64> = std::iter::once(field("r").as_u64().unwrap_or(8))
+        .chain(field("rank_pattern").as_object().into_iter().flatten().filter_map(|(_, v)| v.as_u64()))
+        .collect();
+    let max_rank = ranks.iter().copied().max().unwrap_or(8);
+    let (mut vllm, mut mistralrs, mut llama_cpp) = (true, true, true);
+    let mut warnings = Vec::new();
+
+    let dora = field("use_dora").as_bool() == Some(true);
+    let bias =
+        field("bias").as_str().is_some_and(|b| b != "none") || field("lora_bias").as_bool() == Some(true);
+    let saved = field("modules_to_save").as_array().is_some_and(|m| !m.is_empty());
+    let targets_embeddings = match field("target_modules") {
+        Value::Array(names) => names
+            .iter()
+            .filter_map(Value::as_str)
+            .any(|n| matches!(n, "embed_tokens" | "lm_head" | "wte" | "wpe") || n.ends_with(".embed_tokens")),
+        Value::String(regex) => regex.contains("embed_tokens") || regex.contains("lm_head"),
+        _ => false,
+    };
+    if dora {
+        (vllm, mistralrs, llama_cpp) = (false, false, false);
+        warnings.push(
+            "DoRA (use_dora) is refused by vLLM and mistral.rs, and llama.cpp's converter stops on it".into(),
+        );
+    }
+    if bias {
+        (vllm, mistralrs) = (false, false);
+        warnings.push("trained biases are refused by vLLM and mistral.rs".into());
+    }
+    if saved {
+        (vllm, mistralrs, llama_cpp) = (false, false, false);
+        warnings.push(
+            "modules_to_save (full copies of layers) are refused by vLLM and mistral.rs; llama.cpp's converter \
+             stops on full embed_tokens/lm_head copies"
+                .into(),
+        );
+    }
+    if targets_embeddings {
+        mistralrs = false;
+        warnings.push(
+            "adapters on embed_tokens/lm_head are refused by mistral.rs and need extra settings in vLLM"
+                .into(),
+        );
+    }
+    if !VLLM_RANKS.contains(&max_rank) {
+        vllm = false;
+        warnings.push(format!(
+            "rank {max_rank} is not one vLLM accepts as max_lora_rank ({}); use r in 8, 16, 32, 64, ...",
+            VLLM_RANKS.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+        ));
+    } else if max_rank > VLLM_DEFAULT_MAX_RANK {
+        warnings.push(format!(
+            "rank {max_rank} is above vLLM's default max_lora_rank {VLLM_DEFAULT_MAX_RANK}: start vLLM with \
+             --max-lora-rank {max_rank}"
+        ));
+    }
+    if max_rank > MISTRALRS_DEFAULT_MAX_RANK {
+        warnings.push(format!(
+            "rank {max_rank} is above mistral.rs's default --lora-max-rank {MISTRALRS_DEFAULT_MAX_RANK}"
+        ));
+    }
+    let rslora = field("use_rslora").as_bool() == Some(true);
+    let patterns =
+        ["rank_pattern", "alpha_pattern"].iter().any(|k| field(k).as_object().is_some_and(|m| !m.is_empty()));
+    if llama_cpp && (rslora || patterns) {
+        warnings.push(
+            "llama.cpp ignores use_rslora and rank/alpha patterns (scale = alpha/rank): export with \
+             `lorafit export --format gguf`, which folds them in, rather than llama.cpp's converter"
+                .into(),
+        );
+    }
+    let loads_in =
+        [("PEFT", true), ("vLLM", vllm), ("mistral.rs", mistralrs), ("llama.cpp (GGUF export)", llama_cpp)]
+            .into_iter()
+            .filter_map(|(name, ok)| ok.then_some(name))
+            .collect();
+    Compatibility { loads_in, warnings }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_plain_rank_16_adapter_loads_everywhere() {
+        let c = assess(&json!({"r": 16, "lora_alpha": 32, "bias": "none", "target_modules": ["q_proj"]}));
+        assert_eq!(c.loads_in, vec!["PEFT", "vLLM", "mistral.rs", "llama.cpp (GGUF export)"]);
+        assert!(c.warnings.is_empty());
+    }
+
+    #[test]
+    fn ranks_and_features_that_runtimes_refuse_are_named() {
+        let c = assess(&json!({"r": 12, "target_modules": ["q_proj"]}));
+        assert!(!c.loads_in.contains(&"vLLM") && c.warnings[0].contains("rank 12"), "{c:?}");
+        let c = assess(&json!({"r": 64, "target_modules": ["q_proj"]}));
+        assert!(c.loads_in.contains(&"vLLM") && c.warnings[0].contains("--max-lora-rank 64"), "{c:?}");
+        let c = assess(&json!({"r": 8, "rank_pattern": {"q_proj": 32}, "target_modules": ["q_proj"]}));
+        assert!(c.warnings.iter().any(|w| w.contains("rank 32")), "{c:?}");
+        let c = assess(&json!({"r": 8, "modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}));
+        assert_eq!(c.loads_in, vec!["PEFT"]);
+        let c = assess(&json!({"r": 8, "use_rslora": true, "target_modules": ["q_proj"]}));
+        assert!(c.warnings.iter().any(|w| w.contains("use_rslora")), "{c:?}");
+    }
+}
