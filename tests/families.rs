@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{fixture, FAMILIES};
+
 use lorafit::config::{LoraConfig, TargetModules};
 use lorafit::data::format::Example;
 use lorafit::data::Batch;
@@ -15,27 +17,9 @@ use lorafit::train::run::load_model;
 use lorafit::train::Trainer;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-const FAMILIES: &[&str] = &[
-    "llama3",
-    "llama-legacy",
-    "smollm2",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "gpt2",
-    "gpt2-noprefix",
-];
-
-fn fixture(family: &str) -> PathBuf {
-    common::repo().join("tests/fixtures/models").join(family)
-}
 
 fn reference(dir: &Path) -> HashMap<String, Tensor> {
     read_safetensors(&dir.join("reference.safetensors")).unwrap().into_iter().collect()

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::{fixture, FAMILIES};
+
 use lorafit::config::{LoraConfig, TargetModules};
 use lorafit::export::merge::{merge, merge_with, MergeDtype};
 use lorafit::files::{read_safetensors, safetensors_dtypes};
@@ -14,24 +16,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
-
-const FAMILIES: &[&str] = &[
-    "llama3",
-    "llama-legacy",
-    "smollm2",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma2",
-    "gemma3",
-    "phi3",
-    "gpt2",
-    "gpt2-noprefix",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    common::repo().join("tests/fixtures/models").join(name)
-}
 
 /// Two rows of ten token ids, valid for every fixture (vocabulary 256) and stories260K.
 fn ids() -> Tensor {

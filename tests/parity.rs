@@ -3,16 +3,14 @@
 
 mod common;
 
+use common::ids;
+
 use lorafit::data::TextTokenizer;
 use lorafit::generate::greedy;
 use lorafit::model::ModelSpec;
 use lorafit::train::run::load_model;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
 
 #[test]
 fn stories260k_matches_transformers() {

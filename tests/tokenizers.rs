@@ -4,12 +4,10 @@
 
 mod common;
 
+use common::ids;
+
 use lorafit::data::TextTokenizer;
 use serde_json::Value;
-
-fn ids(v: &Value) -> Vec<i64> {
-    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
-}
 
 #[test]
 fn real_tokenizers_match_transformers() {

@@ -137,7 +137,11 @@ pub fn parse_messages(
     };
     let turns = match list {
         Value::Array(turns) => turns,
-        other => bail!("{}: `{column}` must be a list of messages, found {}", at(), kind_name(other)),
+        other => bail!(
+            "{}: `{column}` must be a list of messages, found {}",
+            at(),
+            super::source::kind_name(other)
+        ),
     };
     if turns.is_empty() {
         bail!("{}: `{column}` is an empty conversation", at());
@@ -149,7 +153,11 @@ pub fn parse_messages(
         Some(Value::String(s)) if s.is_empty() => {}
         Some(Value::String(s)) => messages.push(Message::new("system", s)),
         Some(other) => {
-            bail!("{}: the `{SYSTEM_FIELD}` field must be a string, found {}", at(), kind_name(other))
+            bail!(
+                "{}: the `{SYSTEM_FIELD}` field must be a string, found {}",
+                at(),
+                super::source::kind_name(other)
+            )
         }
     }
     for (i, turn) in turns.iter().enumerate() {
@@ -159,7 +167,7 @@ pub fn parse_messages(
             other => bail!(
                 "{}: message {n} of `{column}` must be an object with role and content, found {}",
                 at(),
-                kind_name(other)
+                super::source::kind_name(other)
             ),
         };
         let role_key = if obj.contains_key("role") { "role" } else { "from" };
@@ -168,7 +176,7 @@ pub fn parse_messages(
             Some(other) => bail!(
                 "{}: message {n} of `{column}`: `{role_key}` must be a string, found {}",
                 at(),
-                kind_name(other)
+                super::source::kind_name(other)
             ),
             None => bail!("{}: message {n} of `{column}` has neither a `role` nor a `from` key", at()),
         };
@@ -192,7 +200,7 @@ pub fn parse_messages(
                 "{}: message {n} of `{column}` ({role_name}): `{content_key}` must be a string \
                  or a list of text parts, found {}",
                 at(),
-                kind_name(other)
+                super::source::kind_name(other)
             ),
             None => bail!(
                 "{}: message {n} of `{column}` ({role_name}) has neither a `content` nor a \
@@ -226,7 +234,11 @@ fn text_parts(parts: &[Value]) -> std::result::Result<String, String> {
                 continue;
             }
             other => {
-                return Err(format!("content part {} must be an object, found {}", i + 1, kind_name(other)))
+                return Err(format!(
+                    "content part {} must be an object, found {}",
+                    i + 1,
+                    super::source::kind_name(other)
+                ))
             }
         };
         match obj.get("type") {
@@ -242,24 +254,13 @@ fn text_parts(parts: &[Value]) -> std::result::Result<String, String> {
                 return Err(format!(
                     "content part {}: the text must be a string, found {}",
                     i + 1,
-                    kind_name(other)
+                    super::source::kind_name(other)
                 ))
             }
             None => return Err(format!("content part {} has neither a `text` nor a `value` key", i + 1)),
         }
     }
     Ok(texts.join("\n"))
-}
-
-fn kind_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// Which parts of a rendered conversation carry loss.
@@ -389,7 +390,7 @@ impl ChatTemplate {
                     "{}: `chat_template` must be a string or a list of {{name, template}}, \
                      found {}",
                     config_path.display(),
-                    kind_name(other)
+                    super::source::kind_name(other)
                 ),
             }
         };
@@ -602,7 +603,9 @@ fn token_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
             Some(Value::String(s)) => Ok(Some(s.clone())),
             _ => bail!("`{key}` is an object without a string `content`"),
         },
-        Some(other) => bail!("`{key}` must be a string or a token object, found {}", kind_name(other)),
+        Some(other) => {
+            bail!("`{key}` must be a string or a token object, found {}", super::source::kind_name(other))
+        }
     }
 }
 

@@ -475,7 +475,8 @@ fn into_object(
     }
 }
 
-fn kind_name(v: &Value) -> &'static str {
+/// How a JSON value is named in error messages.
+pub(crate) fn kind_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

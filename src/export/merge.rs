@@ -200,7 +200,7 @@ struct Source {
 
 impl Source {
     fn open(dir: &Path) -> Result<Source> {
-        let paths = weight_files(dir)?;
+        let paths = crate::model::weights::safetensors_files(dir)?;
         let mut files = Vec::new();
         let mut tensors = Vec::new();
         for (i, path) in paths.iter().enumerate() {
@@ -234,34 +234,6 @@ impl Source {
             .with_context(|| format!("cannot read tensor `{}` from {}", t.name, path.display()))?;
         Ok(data)
     }
-}
-
-/// The weight files of a model directory: the shards of the index when there is one.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text =
-            std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-        let parsed: Value =
-            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
-        let map = parsed
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| anyhow!("{} has no `weight_map`", index.display()))?;
-        let mut files: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files);
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    bail!(
-        "{} has neither model.safetensors nor model.safetensors.index.json \
-         (PyTorch .bin checkpoints are not supported: convert them to safetensors)",
-        dir.display()
-    )
 }
 
 /// The tensors listed in the header of the safetensors file `path`.

@@ -71,7 +71,7 @@ impl Weights {
 }
 
 /// The weight files of a model directory: the shards of the index when there is one.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         #[derive(serde::Deserialize)]

@@ -58,3 +58,28 @@ pub const STORY_ROWS: &str = r#"{"text": "Once upon a time, there was a little d
 {"text": "One day, a bird flew into the garden and sang a happy song."}
 {"text": "Tom and his mom went to the store to buy some milk and bread. They were very happy."}
 "#;
+
+/// Every model family fixture in tests/fixtures/models (scripts/make_model_fixtures.py).
+pub const FAMILIES: &[&str] = &[
+    "llama3",
+    "llama-legacy",
+    "smollm2",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "gpt2",
+    "gpt2-noprefix",
+];
+
+/// The directory of a model fixture.
+pub fn fixture(family: &str) -> PathBuf {
+    repo().join("tests/fixtures/models").join(family)
+}
+
+/// A JSON array of integers as token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<i64> {
+    v.as_array().expect("a JSON array").iter().map(|x| x.as_i64().expect("an integer")).collect()
+}
