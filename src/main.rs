@@ -45,8 +45,17 @@ enum Command {
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
     Eval {
-        /// The run's YAML config file (model, validation data, batching).
-        config: PathBuf,
+        /// The run's YAML config file (model, validation data, batching); or give --model and
+        /// --data instead.
+        #[arg(required_unless_present_all = ["model", "data"])]
+        config: Option<PathBuf>,
+        /// The base model directory (without a config).
+        #[arg(long, conflicts_with = "config", requires = "data")]
+        model: Option<PathBuf>,
+        /// The evaluation data file (without a config); its format is `alpaca` unless
+        /// `--set data.format=...` says otherwise.
+        #[arg(long, conflicts_with = "config", requires = "model")]
+        data: Option<PathBuf>,
         /// The PEFT adapter directory; default: the run's final adapter
         /// (output.dir/output.run_name/adapter). `none` evaluates the base model alone.
         #[arg(long, value_name = "DIR")]
@@ -169,7 +178,10 @@ fn main() -> ExitCode {
                 run(&cfg, &options).map(|_| ())
             })
         }
-        Command::Eval { config, adapter, overrides } => Config::load(&config, &overrides).and_then(|cfg| {
+        Command::Eval { config, model, data, adapter, overrides } => eval_config(
+            config, model, data, &overrides,
+        )
+        .and_then(|cfg| {
             let adapter = match adapter {
                 Some(dir) if dir.as_os_str() == "none" => None,
                 Some(dir) => Some(dir),
@@ -311,4 +323,23 @@ fn generate_command(args: &GenerateArgs) -> anyhow::Result<()> {
         lorafit::lora::peft::load(adapter, &mut model, device)?;
     }
     run(&model, if args.compare { "with the adapter" } else { "" })
+}
+
+/// The config of `lorafit eval`: the file, or one made of `--model` and `--data`.
+fn eval_config(
+    config: Option<PathBuf>,
+    model: Option<PathBuf>,
+    data: Option<PathBuf>,
+    overrides: &[String],
+) -> anyhow::Result<Config> {
+    match (config, model, data) {
+        (Some(config), _, _) => Config::load(&config, overrides),
+        (None, Some(model), Some(data)) => {
+            // JSON strings are YAML scalars, so any path is quoted correctly.
+            let (model, data) = (serde_json::json!(model), serde_json::json!(data));
+            let yaml = format!("model: {{path: {model}}}\ndata: {{train: {data}, validation: {data}}}\n");
+            Config::from_yaml_str(&yaml, "the command line", overrides)
+        }
+        _ => anyhow::bail!("give a CONFIG, or both --model and --data"),
+    }
 }

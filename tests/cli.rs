@@ -100,3 +100,15 @@ fn data_preview_marks_trained_tokens() {
     assert!(text.contains("</s>]]"), "{text}");
     assert!(text.contains("468 examples") && text.contains("length histogram"), "{text}");
 }
+
+#[test]
+fn eval_without_a_config_reads_model_and_data_flags() {
+    let args = ["eval", "--model", "data/default-model", "--data", "data/default/val.jsonl", "--adapter", "none"];
+    let out = common::lorafit(&common::repo(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    // The base model has never seen the question format: its loss is well above the trained one.
+    assert!(report["eval_loss"].as_f64().unwrap() > 1.0, "{stdout}");
+    assert!(report["label_tokens"].as_i64().unwrap() > 300, "{stdout}");
+}
