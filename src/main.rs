@@ -5,7 +5,7 @@ use lorafit::config::{Config, TargetModules};
 use lorafit::data::preview;
 use lorafit::inspect::inspect;
 use lorafit::train::run::{eval, run, Interrupted, LogFormat, RunOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -81,6 +81,25 @@ enum Command {
         out: PathBuf,
         /// Weight dtype of the merged model: same (as the base), bf16, fp16 or fp32.
         #[arg(long, default_value = "same")]
+        dtype: String,
+    },
+    /// Convert an adapter for another runtime: a llama.cpp LoRA GGUF (for llama-server, LM Studio,
+    /// Ollama). Prints which runtimes load the adapter as it is.
+    Export {
+        /// The PEFT adapter directory.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// The output format (only `gguf` for now).
+        #[arg(long, default_value = "gguf")]
+        format: String,
+        /// The base model directory the adapter was trained on.
+        #[arg(long)]
+        model: PathBuf,
+        /// The output file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Tensor type of the GGUF file: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
         dtype: String,
     },
     /// Try a model, with or without an adapter: a prompt in, the continuation streamed out.
@@ -201,6 +220,9 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Generate(args) => generate_command(&args),
+        Command::Export { adapter, format, model, out, dtype } => {
+            export_command(&adapter, &format, &model, &out, &dtype)
+        }
         Command::Merge { model, adapter, out, dtype } => dtype
             .parse::<lorafit::export::merge::MergeDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
@@ -342,4 +364,27 @@ fn eval_config(
         }
         _ => anyhow::bail!("give a CONFIG, or both --model and --data"),
     }
+}
+
+/// `lorafit export`: writes the GGUF file and reports compatibility.
+fn export_command(adapter: &Path, format: &str, model: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+    use lorafit::export::gguf::{export, GgufDtype};
+    if format != "gguf" {
+        anyhow::bail!(
+            "--format {format}: only gguf is supported (the adapter itself is already in PEFT format)"
+        );
+    }
+    let dtype = match dtype {
+        "f32" => GgufDtype::F32,
+        "f16" => GgufDtype::F16,
+        "bf16" => GgufDtype::Bf16,
+        other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
+    };
+    let report = export(adapter, model, out, dtype)?;
+    println!("wrote {} ({} tensors, {:.1} MB)", out.display(), report.tensors, report.bytes as f64 / 1e6);
+    for w in &report.warnings {
+        println!("  note: {w}");
+    }
+    println!("  {}", lorafit::export::compat::check(adapter)?.describe());
+    Ok(())
 }

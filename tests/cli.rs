@@ -103,7 +103,8 @@ fn data_preview_marks_trained_tokens() {
 
 #[test]
 fn eval_without_a_config_reads_model_and_data_flags() {
-    let args = ["eval", "--model", "data/default-model", "--data", "data/default/val.jsonl", "--adapter", "none"];
+    let args =
+        ["eval", "--model", "data/default-model", "--data", "data/default/val.jsonl", "--adapter", "none"];
     let out = common::lorafit(&common::repo(), &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Fetches llama.cpp's LoRA-to-GGUF converter, the reference lorafit's GGUF adapter export is
+# checked against. llama.cpp ships it inside the llama-cpp-python source distribution on PyPI;
+# this script downloads that sdist (llama-cpp-python 0.3.36, which vendors
+# ggml-org/llama.cpp@0c1e57098; sha256 checked) with pip and extracts only what the converter needs:
+#
+#   vendor/llama.cpp/convert_lora_to_gguf.py, convert_hf_to_gguf.py, conversion/ (the model
+#   classes both import) and gguf-py/ (the `gguf` package, used through PYTHONPATH)
+#
+# into ${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}/llama-cpp-python/<version>/, then
+# prints the path of convert_lora_to_gguf.py on stdout. Run it as
+#
+#   PYTHONPATH=<dir>/gguf-py:<dir> python <dir>/convert_lora_to_gguf.py --base MODEL ADAPTER
+#
+# with a Python that has torch, transformers, numpy and safetensors (the lorafit venv).
+# Idempotent: once extracted, it only prints the path. Messages go to stderr.
+# LORAFIT_PYTHON picks the interpreter whose pip downloads (default: the lorafit venv, else python3).
+set -euo pipefail
+
+VERSION=0.3.36
+SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
+root="$cache/llama-cpp-python"
+dest="$root/$VERSION"
+converter="$dest/convert_lora_to_gguf.py"
+
+case "${1:-}" in
+  "") ;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  *) echo "fetch-llama-cpp-converter: unknown argument '$1' (expected none)" >&2; exit 2 ;;
+esac
+
+say() { echo "fetch-llama-cpp-converter: $*" >&2; }
+
+is_ready() { [ -f "$dest/.complete" ] && [ -f "$converter" ]; }
+
+if is_ready; then
+  echo "$converter"
+  exit 0
+fi
+
+mkdir -p "$root"
+# Two runs at once (parallel tests) would both download; the second waits and finds it ready.
+exec 9>"$root/.lock"
+if command -v flock >/dev/null; then
+  flock 9
+  if is_ready; then
+    echo "$converter"
+    exit 0
+  fi
+fi
+
+python=${LORAFIT_PYTHON:-}
+if [ -z "$python" ]; then
+  venv_python="$cache/venv-torch-2.13.0/bin/python"
+  if [ -x "$venv_python" ]; then python=$venv_python; else python=python3; fi
+fi
+"$python" -m pip --version >/dev/null 2>&1 || { say "'$python' has no pip; set LORAFIT_PYTHON"; exit 1; }
+
+sdist_dir="$root/sdist"
+sdist="$sdist_dir/llama_cpp_python-$VERSION.tar.gz"
+if [ ! -f "$sdist" ]; then
+  mkdir -p "$sdist_dir"
+  say "downloading the llama-cpp-python $VERSION source distribution"
+  # Only llama-cpp-python itself must come as source; its build tools (needed by pip to read the
+  # sdist's metadata) may come as wheels instead of being compiled.
+  "$python" -m pip download --quiet --no-deps --no-binary llama-cpp-python \
+    "llama-cpp-python==$VERSION" -d "$sdist_dir" >&2
+  found=$(ls "$sdist_dir"/llama*cpp*python-"$VERSION".tar.gz 2>/dev/null | head -n1 || true)
+  [ -n "$found" ] || { say "pip did not leave a llama-cpp-python $VERSION sdist in $sdist_dir"; exit 1; }
+  [ "$found" = "$sdist" ] || mv "$found" "$sdist"
+fi
+if [ "$(sha256sum "$sdist" | cut -d' ' -f1)" != "$SHA256" ]; then
+  say "$sdist does not have the pinned sha256 $SHA256; removing it (run again to download it anew)"
+  rm -f "$sdist"
+  exit 1
+fi
+
+tmp="$root/.extract-$$"
+rm -rf "$tmp"
+mkdir -p "$tmp"
+trap 'rm -rf "$tmp"' EXIT
+prefix=$(tar -tzf "$sdist" | awk -F/ 'NR == 1 { print $1 }')
+say "extracting the converter from $(basename "$sdist")"
+tar -xzf "$sdist" -C "$tmp" --wildcards \
+  "$prefix/vendor/llama.cpp/convert_lora_to_gguf.py" \
+  "$prefix/vendor/llama.cpp/convert_hf_to_gguf.py" \
+  "$prefix/vendor/llama.cpp/conversion/*" \
+  "$prefix/vendor/llama.cpp/gguf-py/*"
+touch "$tmp/$prefix/vendor/llama.cpp/.complete"
+rm -rf "$dest"
+mv "$tmp/$prefix/vendor/llama.cpp" "$dest"
+say "converter ready at $dest"
+echo "$converter"

@@ -1,0 +1,464 @@
+//! llama.cpp LoRA adapters: a PEFT adapter directory → one GGUF v3 file, as llama.cpp's
+//! `convert_lora_to_gguf.py` writes it and `llama_adapter_lora_init` reads it.
+//!
+//! The file holds the KV pairs `general.architecture` (llama.cpp's name of the base's
+//! architecture, which the runtime checks against the model), `general.type = "adapter"`,
+//! `adapter.type = "lora"`, `general.name`, `adapter.lora.alpha` (f32) and
+//! `general.quantization_version`, then per adapted layer `blk.N.<tensor>.weight.lora_a`
+//! (`[r, in]`, ggml `ne = [in, r]`) and `.lora_b` (`[out, r]`, `ne = [r, out]`).
+//!
+//! What the converter does and this module repeats:
+//! - Llama and Mistral: llama.cpp stores q/k projections with the rows of each head
+//!   interleaved for its RoPE (`LlamaModel.permute`); the rows of B of `q_proj`/`k_proj` are
+//!   reordered the same way (A is unchanged).
+//! - Tensors in the order of the adapter file's keys, data aligned to 32 bytes.
+//!
+//! Where lorafit differs on purpose:
+//! - llama.cpp scales every tensor by `adapter.lora.alpha / rank` (rank from the tensor's
+//!   shape); the converter writes `lora_alpha` and ignores `use_rslora`, `alpha_pattern` and
+//!   `rank_pattern`. lorafit keeps PEFT's scale: with rsLoRA the stored alpha is
+//!   `lora_alpha · √r` (so `alpha / r = lora_alpha / √r`), and a module whose scale still
+//!   differs (its own alpha or rank by pattern) has its B multiplied by the ratio. Each such
+//!   fold is reported as a warning.
+//! - GPT-2 (`fan_in_fan_out`): PEFT's A and B already have the `[r, in]` / `[out, r]` layout
+//!   of a linear layer; the converter transposes them as it does GPT-2's `Conv1D` weights,
+//!   which gives tensors llama.cpp's loader rejects. lorafit writes them untransposed.
+
+use crate::files::{read_safetensors, write_atomic};
+use crate::lora::peft::{self, WEIGHTS_FILE};
+use crate::lora::{pattern_value, scale};
+use crate::model::layout::{AttnProjections, Layout, MlpProjections};
+use crate::model::spec::{Family, ModelSpec};
+use anyhow::{anyhow, bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+use tch::{Kind, Tensor};
+
+/// The element type of the exported tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgufDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl GgufDtype {
+    /// ggml's type id.
+    fn ggml_type(self) -> u32 {
+        match self {
+            GgufDtype::F32 => 0,
+            GgufDtype::F16 => 1,
+            GgufDtype::Bf16 => 30,
+        }
+    }
+
+    fn kind(self) -> Kind {
+        match self {
+            GgufDtype::F32 => Kind::Float,
+            GgufDtype::F16 => Kind::Half,
+            GgufDtype::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// What [`export`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportReport {
+    /// Tensors in the file (two per adapted layer).
+    pub tensors: usize,
+    /// Size of the file.
+    pub bytes: u64,
+    /// Scales lorafit folded because llama.cpp's `alpha / rank` rule alone would not give PEFT's.
+    pub warnings: Vec<String>,
+}
+
+/// GGUF's data alignment (`general.alignment` is not written, so readers use this default).
+const ALIGNMENT: usize = 32;
+/// `GGML_QUANT_VERSION`, which llama.cpp's converter writes into every file.
+const QUANT_VERSION: u32 = 2;
+
+/// Writes the PEFT adapter in `adapter_dir`, trained on the model in `model_dir`, to `out` as a
+/// llama.cpp LoRA adapter (atomically: a temporary file, then a rename).
+pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype) -> Result<ExportReport> {
+    let cfg = peft::read_config(adapter_dir)?;
+    refuse_alora(adapter_dir)?;
+    let spec = ModelSpec::from_dir(model_dir)?;
+    let layout = Layout::of(spec.family);
+    let weights_path = adapter_dir.join(WEIGHTS_FILE);
+    let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
+    for (key, tensor) in read_safetensors(&weights_path)? {
+        let (path, is_a) = split_key(&key).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{key}` is not a LoRA A or B matrix (llama.cpp adapters hold only those)",
+                weights_path.display()
+            )
+        })?;
+        let entry = halves.entry(path.to_string()).or_default();
+        if is_a {
+            entry.0 = Some(tensor);
+        } else {
+            entry.1 = Some(tensor);
+        }
+    }
+    if halves.is_empty() {
+        bail!("{}: the adapter has no tensors", weights_path.display());
+    }
+
+    // One alpha for the file: PEFT's scale at the adapter's base rank times that rank.
+    let alpha = if cfg.use_rslora { cfg.alpha * (cfg.r as f64).sqrt() } else { cfg.alpha } as f32;
+    let mut warnings = Vec::new();
+    if cfg.use_rslora {
+        warnings.push(format!(
+            "rsLoRA: adapter.lora.alpha is lora_alpha·√r = {}·√{} = {alpha}, so that llama.cpp's alpha / rank \
+             equals PEFT's lora_alpha / √r",
+            cfg.alpha, cfg.r
+        ));
+    }
+
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    // BTreeMap order is the order of the adapter file's keys, which the converter keeps.
+    for (path, (a, b)) in halves {
+        let key_a = peft::key(&path, "lora_A");
+        let key_b = peft::key(&path, "lora_B");
+        let a = a.ok_or_else(|| anyhow!("{}: `{key_b}` has no `{key_a}`", weights_path.display()))?;
+        let b = b.ok_or_else(|| anyhow!("{}: `{key_a}` has no `{key_b}`", weights_path.display()))?;
+        let module = locate(&spec, &layout, &path).with_context(|| {
+            format!(
+                "{}: tensor `{key_a}` does not fit the model in {}",
+                weights_path.display(),
+                model_dir.display()
+            )
+        })?;
+        let (out_features, in_features) = module.shape;
+        let (sa, sb) = (a.size(), b.size());
+        let r = *sa.first().unwrap_or(&0);
+        if sa != [r, in_features] || r == 0 {
+            bail!(
+                "{}: `{key_a}` has shape {sa:?}; the model's `{path}` takes {in_features} inputs, so A must be \
+                 [r, {in_features}]",
+                weights_path.display()
+            );
+        }
+        if sb != [out_features, r] {
+            bail!(
+                "{}: `{key_b}` has shape {sb:?}; the model's `{path}` has {out_features} outputs and A has rank \
+                 {r}, so B must be [{out_features}, {r}]",
+                weights_path.display()
+            );
+        }
+        let module_alpha = pattern_value("alpha_pattern", &cfg.alpha_pattern, &path)?.unwrap_or(cfg.alpha);
+        let peft_scale = scale(module_alpha, r as usize, cfg.use_rslora);
+        let factor = peft_scale * r as f64 / alpha as f64;
+        let mut b = b.to_kind(Kind::Float);
+        if (factor - 1.0).abs() > 1e-6 {
+            warnings.push(format!(
+                "{path}: PEFT scales it by {peft_scale} (alpha {module_alpha}, rank {r}{}), llama.cpp by \
+                 {alpha}/{r}; its B is multiplied by {factor}",
+                if cfg.use_rslora { ", rsLoRA" } else { "" }
+            ));
+            b = (b.to_kind(Kind::Double) * factor).to_kind(Kind::Float);
+        }
+        if let Some(heads) = module.rope_heads {
+            b = permute_rows(&b, heads);
+        }
+        let a = a.to_kind(Kind::Float);
+        tensors.push((format!("{}.weight.lora_a", module.gguf_name), a.to_kind(dtype.kind())));
+        tensors.push((format!("{}.weight.lora_b", module.gguf_name), b.to_kind(dtype.kind())));
+    }
+
+    let kvs = [
+        ("general.architecture", Kv::Str(arch_name(spec.family).to_string())),
+        ("general.type", Kv::Str("adapter".into())),
+        ("adapter.type", Kv::Str("lora".into())),
+        ("general.name", Kv::Str(display_name(adapter_dir, model_dir))),
+        ("adapter.lora.alpha", Kv::F32(alpha)),
+        ("general.quantization_version", Kv::U32(QUANT_VERSION)),
+    ];
+    let bytes = gguf_bytes(&kvs, &tensors, dtype)?;
+    write_atomic(out, &bytes)?;
+    Ok(ExportReport { tensors: tensors.len(), bytes: bytes.len() as u64, warnings })
+}
+
+/// llama.cpp's architecture name (`LLM_ARCH_NAMES`) of each family, as the converter writes it.
+pub fn arch_name(family: Family) -> &'static str {
+    match family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+        Family::Gemma2 => "gemma2",
+        Family::Gemma3 => "gemma3",
+        Family::Phi3 => "phi3",
+        Family::Gpt2 => "gpt2",
+    }
+}
+
+/// aLoRA adapters need `adapter.alora.invocation_tokens` and an activation rule lorafit does
+/// not implement.
+fn refuse_alora(adapter_dir: &Path) -> Result<()> {
+    let path = adapter_dir.join(peft::CONFIG_FILE);
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    for key in ["alora_invocation_tokens", "invocation_string"] {
+        if cfg.get(key).is_some_and(|v| !v.is_null()) {
+            bail!("{}: activated LoRA (`{key}`) adapters are not supported", path.display());
+        }
+    }
+    Ok(())
+}
+
+/// `base_model.model.<path>.lora_A.weight` → (`<path>`, true).
+fn split_key(key: &str) -> Option<(&str, bool)> {
+    let rest = key.strip_prefix("base_model.model.")?;
+    if let Some(path) = rest.strip_suffix(".lora_A.weight") {
+        Some((path, true))
+    } else {
+        rest.strip_suffix(".lora_B.weight").map(|path| (path, false))
+    }
+}
+
+/// Where an adapted module lives in llama.cpp's model.
+#[derive(Debug, PartialEq)]
+struct Module {
+    /// e.g. `blk.3.attn_q`
+    gguf_name: String,
+    /// `(out, in)` of the base layer.
+    shape: (i64, i64),
+    /// For q/k projections of Llama-family models: the head count whose rows llama.cpp
+    /// interleaves.
+    rope_heads: Option<i64>,
+}
+
+/// The llama.cpp tensor of the module at `path`, with the base layer's shape.
+fn locate(spec: &ModelSpec, layout: &Layout, path: &str) -> Result<Module> {
+    let full = match layout.optional_prefix {
+        Some(prefix) if !path.starts_with(prefix) => format!("{prefix}{path}"),
+        _ => path.to_string(),
+    };
+    let (h, f) = (spec.hidden_size, spec.intermediate_size);
+    let q_dim = spec.num_heads * spec.head_dim;
+    let kv_dim = spec.num_kv_heads * spec.head_dim;
+    let not_in_model = || anyhow!("module `{path}` is not a linear layer of this {} model", spec.model_type);
+    if full == layout.lm_head {
+        if spec.tie_word_embeddings {
+            bail!(
+                "`{path}` is tied to the input embeddings in this model; llama.cpp has no separate output \
+                 matrix to adapt"
+            );
+        }
+        return Ok(Module { gguf_name: "output".into(), shape: (spec.vocab_size, h), rope_heads: None });
+    }
+    let rest = full.strip_prefix(&format!("{}.", layout.layers)).ok_or_else(not_in_model)?;
+    let (index, rest) = rest.split_once('.').ok_or_else(not_in_model)?;
+    let layer: usize = index.parse().map_err(|_| not_in_model())?;
+    if layer >= spec.num_layers {
+        bail!("module `{path}`: layer {layer} does not exist, the model has {} layers", spec.num_layers);
+    }
+    let (block, leaf) = rest.split_once('.').ok_or_else(not_in_model)?;
+    let llama_rope = matches!(spec.family, Family::Llama | Family::Mistral);
+    let (name, shape, rope_heads) = if block == layout.attn {
+        match (layout.attn_projections, leaf) {
+            (AttnProjections::Separate { q, .. }, l) if l == q => {
+                ("attn_q", (q_dim, h), llama_rope.then_some(spec.num_heads))
+            }
+            (AttnProjections::Separate { k, .. }, l) if l == k => {
+                ("attn_k", (kv_dim, h), llama_rope.then_some(spec.num_kv_heads))
+            }
+            (AttnProjections::Separate { v, .. }, l) if l == v => ("attn_v", (kv_dim, h), None),
+            (AttnProjections::Fused(qkv), l) if l == qkv => ("attn_qkv", (q_dim + 2 * kv_dim, h), None),
+            (_, l) if l == layout.o_proj => ("attn_output", (h, q_dim), None),
+            _ => return Err(not_in_model()),
+        }
+    } else if block == layout.mlp {
+        match (layout.mlp_projections, leaf) {
+            (MlpProjections::Gated { gate, .. }, l) if l == gate => ("ffn_gate", (f, h), None),
+            (MlpProjections::Gated { up, .. }, l) if l == up => ("ffn_up", (f, h), None),
+            (MlpProjections::Gated { down, .. }, l) if l == down => ("ffn_down", (h, f), None),
+            (MlpProjections::GatedFused { gate_up, .. }, l) if l == gate_up => ("ffn_up", (2 * f, h), None),
+            (MlpProjections::GatedFused { down, .. }, l) if l == down => ("ffn_down", (h, f), None),
+            (MlpProjections::Plain { fc, .. }, l) if l == fc => ("ffn_up", (f, h), None),
+            (MlpProjections::Plain { proj, .. }, l) if l == proj => ("ffn_down", (h, f), None),
+            _ => return Err(not_in_model()),
+        }
+    } else {
+        return Err(not_in_model());
+    };
+    Ok(Module { gguf_name: format!("blk.{layer}.{name}"), shape, rope_heads })
+}
+
+/// `LlamaModel.permute` of llama.cpp's converter on the rows of `[heads · head_dim, r]`: each
+/// head's two rotary halves interleaved.
+fn permute_rows(b: &Tensor, heads: i64) -> Tensor {
+    let (rows, r) = b.size2().expect("B is a matrix");
+    b.reshape([heads, 2, rows / heads / 2, r]).transpose(1, 2).reshape([rows, r]).contiguous()
+}
+
+/// `general.name` as the converter derives it from the adapter directory's name (gguf-py's
+/// `Metadata.id_to_title`), for a directory without a model card.
+fn display_name(adapter_dir: &Path, model_dir: &Path) -> String {
+    let dir_name = |p: &Path| {
+        let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    };
+    let name = dir_name(adapter_dir);
+    let name = if name.is_empty() { dir_name(model_dir) } else { name };
+    id_to_title(&name)
+}
+
+fn id_to_title(id: &str) -> String {
+    static VERSIONISH: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"^(?:v\d+(?:\.\d+)*|\d.*)$").expect("static regex"));
+    id.trim()
+        .replace('-', " ")
+        .split_whitespace()
+        .map(|w| if is_lower(w) && !VERSIONISH.is_match(w) { python_title(w) } else { w.to_string() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Python's `str.islower`: some cased character, none uppercase.
+fn is_lower(w: &str) -> bool {
+    w.chars().any(char::is_lowercase) && !w.chars().any(char::is_uppercase)
+}
+
+/// Python's `str.title`: a letter after a non-letter is uppercased, the others lowercased.
+fn python_title(w: &str) -> String {
+    let mut out = String::new();
+    let mut after_letter = false;
+    for c in w.chars() {
+        if after_letter {
+            out.extend(c.to_lowercase());
+        } else {
+            out.extend(c.to_uppercase());
+        }
+        after_letter = c.is_alphabetic();
+    }
+    out
+}
+
+/// A GGUF metadata value.
+enum Kv {
+    Str(String),
+    U32(u32),
+    F32(f32),
+}
+
+const GGUF_TYPE_UINT32: u32 = 4;
+const GGUF_TYPE_FLOAT32: u32 = 6;
+const GGUF_TYPE_STRING: u32 = 8;
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend_from_slice(&(s.len() as u64).to_le_bytes());
+    buf.extend_from_slice(s.as_bytes());
+}
+
+fn pad_to(buf: &mut Vec<u8>, alignment: usize) {
+    buf.resize(buf.len().div_ceil(alignment) * alignment, 0);
+}
+
+/// A GGUF v3 file: header, KV pairs, tensor infos (ggml dimension order: torch's reversed),
+/// padding, then each tensor's data padded to [`ALIGNMENT`].
+fn gguf_bytes(kvs: &[(&str, Kv)], tensors: &[(String, Tensor)], dtype: GgufDtype) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    buf.extend_from_slice(b"GGUF");
+    buf.extend_from_slice(&3u32.to_le_bytes());
+    buf.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for (key, value) in kvs {
+        put_str(&mut buf, key);
+        match value {
+            Kv::Str(s) => {
+                buf.extend_from_slice(&GGUF_TYPE_STRING.to_le_bytes());
+                put_str(&mut buf, s);
+            }
+            Kv::U32(v) => {
+                buf.extend_from_slice(&GGUF_TYPE_UINT32.to_le_bytes());
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+            Kv::F32(v) => {
+                buf.extend_from_slice(&GGUF_TYPE_FLOAT32.to_le_bytes());
+                buf.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    let mut data = Vec::new();
+    for (name, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        if t.kind() != dtype.kind() {
+            bail!("tensor `{name}` is {:?}, expected {:?}", t.kind(), dtype.kind());
+        }
+        put_str(&mut buf, name);
+        let dims = t.size();
+        buf.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims.iter().rev() {
+            buf.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        buf.extend_from_slice(&dtype.ggml_type().to_le_bytes());
+        buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+        let start = data.len();
+        data.resize(start + t.numel() * t.kind().elt_size_in_bytes(), 0);
+        t.f_copy_data_u8(&mut data[start..], t.numel())?;
+        if cfg!(target_endian = "big") {
+            bail!("GGUF export writes little-endian files and needs a little-endian host");
+        }
+        pad_to(&mut data, ALIGNMENT);
+    }
+    pad_to(&mut buf, ALIGNMENT);
+    buf.extend_from_slice(&data);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_spec() -> ModelSpec {
+        ModelSpec::from_json(
+            r#"{"model_type":"llama","hidden_size":32,"intermediate_size":64,"num_hidden_layers":2,
+                "num_attention_heads":2,"num_key_value_heads":1,"head_dim":16,"vocab_size":256,
+                "tie_word_embeddings":true}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn maps_hf_modules_to_llama_cpp_tensors() {
+        let spec = llama_spec();
+        let layout = Layout::of(spec.family);
+        let q = locate(&spec, &layout, "model.layers.1.self_attn.q_proj").unwrap();
+        assert_eq!(q, Module { gguf_name: "blk.1.attn_q".into(), shape: (32, 32), rope_heads: Some(2) });
+        let k = locate(&spec, &layout, "model.layers.0.self_attn.k_proj").unwrap();
+        assert_eq!(k.rope_heads, Some(1));
+        assert_eq!(k.shape, (16, 32));
+        assert_eq!(locate(&spec, &layout, "model.layers.0.mlp.down_proj").unwrap().shape, (32, 64));
+        let err = locate(&spec, &layout, "model.layers.2.mlp.up_proj").unwrap_err();
+        assert!(format!("{err}").contains("layer 2"), "{err}");
+        assert!(locate(&spec, &layout, "lm_head").is_err(), "tied lm_head has no llama.cpp tensor");
+        assert!(locate(&spec, &layout, "model.layers.0.self_attn.rotary").is_err());
+    }
+
+    #[test]
+    fn permutes_rows_like_the_converter() {
+        // 2 heads of 4 rows: [h0: 0 1 2 3, h1: 4 5 6 7] → halves interleaved per head.
+        let b = Tensor::arange(8, (Kind::Float, tch::Device::Cpu)).reshape([8, 1]);
+        let p = permute_rows(&b, 2);
+        let rows: Vec<f32> = Vec::try_from(p.reshape([-1])).unwrap();
+        assert_eq!(rows, vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+    }
+
+    #[test]
+    fn titles_names_like_gguf_py() {
+        assert_eq!(id_to_title("adapter"), "Adapter");
+        assert_eq!(id_to_title("my-lora_run v2"), "My Lora_Run v2");
+        assert_eq!(id_to_title("Llama-3-8B"), "Llama 3 8B");
+    }
+
+    #[test]
+    fn header_and_alignment() {
+        let t = Tensor::ones([2, 3], (Kind::Float, tch::Device::Cpu));
+        let bytes =
+            gguf_bytes(&[("general.type", Kv::Str("adapter".into()))], &[("x".into(), t)], GgufDtype::F32)
+                .unwrap();
+        assert_eq!(&bytes[..4], b"GGUF");
+        assert_eq!(u32::from_le_bytes(bytes[4..8].try_into().unwrap()), 3);
+        assert_eq!(bytes.len() % ALIGNMENT, 0);
+    }
+}
