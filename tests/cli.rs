@@ -33,10 +33,8 @@ fn project(model: &Path, config_body: &str, data: &str) -> tempfile::TempDir {
 
 #[test]
 fn bad_inputs_fail_before_any_work_and_name_the_culprit() {
-    let Some(assets) = common::assets() else {
-        return;
-    };
-    let model = common::stories260k(&assets);
+    // The shipped default model: these checks need no test assets.
+    let model = common::repo().join("data/default-model");
 
     let p = project(&model, "train:\n  lr_sheduler: cosine\n", common::STORY_ROWS);
     let err = train_fails(p.path());
@@ -72,10 +70,7 @@ fn bad_inputs_fail_before_any_work_and_name_the_culprit() {
 
 #[test]
 fn set_overrides_are_validated_like_the_file() {
-    let Some(assets) = common::assets() else {
-        return;
-    };
-    let p = project(&common::stories260k(&assets), "", common::STORY_ROWS);
+    let p = project(&common::repo().join("data/default-model"), "", common::STORY_ROWS);
     let out = common::lorafit(p.path(), &["train", "run.yaml", "--set", "lora.dropout=1.5"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("--set lora.dropout=1.5"), "{stderr}");
