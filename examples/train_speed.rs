@@ -1,0 +1,220 @@
+//! lorafit's side of the speed benchmark (`scripts/bench.sh`): LoRA training steps through the
+//! library on saved token batches, measured the way `scripts/bench/peft_train.py` measures PEFT.
+//!
+//!     cargo run --release --example train_speed -- --model DIR --batches FILE \
+//!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
+//!     cargo run --release --example train_speed -- --gemm [--threads N]
+//!
+//! Training: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down; AdamW (lr 1e-4, no weight
+//! decay), gradient norm clipped at 1.0; step i trains on saved batch i (labels = inputs).
+//! `bf16-mixed` holds the frozen weights in bf16, as `lorafit train` does for that precision.
+//! Prints one JSON line: tokens_per_s (tokens of one step / median step time), median_step_s,
+//! peak_rss_mb (VmHWM, the whole process including loading), first_loss (step 0, before any
+//! update), final_loss (the last step's), and the per-step times and losses of the measured steps.
+//!
+//! `--gemm` measures the machine's matmul throughput instead (the roofline for model FLOP
+//! utilisation): square 2048² matmuls in fp32 and bf16, the best of ten, printed as GFLOP/s.
+
+use anyhow::{bail, Context, Result};
+use lorafit::config::{LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
+use lorafit::data::{Batch, Example};
+use lorafit::lora;
+use lorafit::train::run::{load_model, weight_kind};
+use lorafit::train::Trainer;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+const LR: f64 = 1e-4;
+
+struct Args {
+    model: Option<PathBuf>,
+    batches: Option<PathBuf>,
+    precision: Precision,
+    warmup: usize,
+    steps: usize,
+    threads: usize,
+    gemm: bool,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        model: None,
+        batches: None,
+        precision: Precision::Fp32,
+        warmup: 2,
+        steps: 5,
+        threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        gemm: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "--gemm" {
+            args.gemm = true;
+            continue;
+        }
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--model" => args.model = Some(value.into()),
+            "--batches" => args.batches = Some(value.into()),
+            "--precision" => {
+                args.precision = match value.as_str() {
+                    "fp32" => Precision::Fp32,
+                    "bf16-mixed" => Precision::Bf16Mixed,
+                    other => bail!("--precision {other}: expected fp32 or bf16-mixed"),
+                }
+            }
+            "--warmup" => args.warmup = value.parse()?,
+            "--steps" => args.steps = value.parse()?,
+            "--threads" => args.threads = value.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(args)
+}
+
+/// Peak resident set size of this process in MB (VmHWM, reported in kB by Linux).
+fn peak_rss_mb() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// GFLOP/s of an `n`×`n` by `n`×`n` matmul in `kind`: the best of ten timed products after two
+/// warm-ups (thread pool start, kernel selection). The best, not the median, because this is the
+/// roofline: on a shared machine the slower products measure the neighbours, not the hardware.
+fn gemm_gflops(kind: Kind, n: i64) -> f64 {
+    let a = Tensor::randn([n, n], (kind, Device::Cpu));
+    let b = Tensor::randn([n, n], (kind, Device::Cpu));
+    for _ in 0..2 {
+        let _ = a.matmul(&b);
+    }
+    let best = (0..10)
+        .map(|_| {
+            let t = Instant::now();
+            let c = a.matmul(&b);
+            let secs = t.elapsed().as_secs_f64();
+            drop(c);
+            secs
+        })
+        .fold(f64::INFINITY, f64::min);
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    tch::set_num_threads(args.threads as i32);
+    if args.gemm {
+        let n = 2048;
+        let out = json!({
+            "gemm_n": n,
+            "threads": args.threads,
+            "fp32_gflops": gemm_gflops(Kind::Float, n),
+            "bf16_gflops": gemm_gflops(Kind::BFloat16, n),
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let (Some(model_dir), Some(batches_file)) = (&args.model, &args.batches) else {
+        bail!("usage: train_speed --model DIR --batches FILE --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] | --gemm");
+    };
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let device = Device::Cpu;
+    tch::manual_seed(0);
+
+    let saved = Tensor::read_safetensors(batches_file)?;
+    let ids = saved
+        .into_iter()
+        .find(|(name, _)| name == "input_ids")
+        .map(|(_, t)| t)
+        .with_context(|| format!("{} holds no input_ids", batches_file.display()))?;
+    let (count, batch, seq) = ids.size3()?;
+    let total = args.warmup + args.steps;
+    if (count as usize) < total {
+        bail!("{} holds {count} batches, {total} steps asked for", batches_file.display());
+    }
+    // Each saved [batch, seq] block becomes one micro-batch of equal-length rows, labels = ids
+    // (collate makes the first position of every row a non-target, as the shifted HF loss does).
+    let batches: Vec<Batch> = (0..total as i64)
+        .map(|i| {
+            let rows: Vec<Example> = (0..batch)
+                .map(|r| {
+                    let row = Vec::<i64>::try_from(&ids.get(i).get(r)).expect("int64 token ids");
+                    Example { input_ids: row.clone(), labels: row }
+                })
+                .collect();
+            let refs: Vec<&Example> = rows.iter().collect();
+            Batch::collate(&refs, 0, device)
+        })
+        .collect();
+
+    let kind = weight_kind(WeightDtype::Auto, args.precision);
+    let mut model = load_model(model_dir, kind, device)?;
+    let lora_cfg = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: TargetModules::List(TARGETS.iter().map(|s| s.to_string()).collect()),
+        ..LoraConfig::default()
+    };
+    let injected = lora::inject(&mut model, &lora_cfg, device)?;
+    let train_cfg =
+        TrainConfig { weight_decay: 0.0, max_grad_norm: Some(1.0), lr: LR, ..TrainConfig::default() };
+    let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
+    let mut trainer = Trainer::new(params, &train_cfg);
+
+    let (mut times, mut losses, mut first_loss) = (Vec::new(), Vec::new(), None);
+    for (step, b) in batches.iter().enumerate() {
+        let started = Instant::now();
+        // `step` reads the loss and gradient norm back, so the time covers all the work.
+        let stats = trainer.step(&model, std::slice::from_ref(b), LR);
+        let elapsed = started.elapsed().as_secs_f64();
+        // Step 0 runs before any update: the base model's loss, which PEFT's run must match.
+        first_loss.get_or_insert(stats.loss);
+        if step >= args.warmup {
+            times.push(elapsed);
+            losses.push(stats.loss);
+        }
+    }
+    let med = median(&times);
+    let precision = match args.precision {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16Mixed => "bf16-mixed",
+    };
+    let out = json!({
+        "runner": "lorafit",
+        "precision": precision,
+        "threads": args.threads,
+        "batch": batch,
+        "seq": seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "tokens_per_s": (batch * seq) as f64 / med,
+        "median_step_s": med,
+        "peak_rss_mb": peak_rss_mb(),
+        "first_loss": first_loss,
+        "final_loss": losses.last().copied().unwrap_or(f64::NAN),
+        "step_s": times,
+        "losses": losses,
+    });
+    println!("{out}");
+    Ok(())
+}

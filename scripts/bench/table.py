@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Summarises a benchmark results file (JSON Lines written by scripts/bench.sh) as a table.
+
+    python3 scripts/bench/table.py RESULTS.jsonl [--json SUMMARY.json]
+
+Needs only the standard library. Each record is either `{"gemm": {...}}` (the machine's measured
+matmul throughput) or `{"size", "model", "result"}` with a runner's output. Runs repeated over
+several rounds are combined: median of the tokens/s and step-time medians, largest peak RSS,
+the last round's losses. The ratio rows give lorafit/PEFT for speed, step time and memory, and
+lorafit − PEFT for the losses (first loss: step 0, before any update, so only numerics differ).
+
+Model FLOP utilisation (MFU) = model FLOPs per token × tokens/s / measured GEMM FLOP/s (bf16 GEMM
+for bf16-mixed runs, fp32 GEMM for fp32 runs), with FLOPs per token of a LoRA training step:
+
+    4·N_mm                  frozen matmuls: forward 2·N_mm, input-gradient backward 2·N_mm
+                            (no weight gradient); N_mm = every block projection plus the output
+                            projection (vocab × hidden, counted also when tied to the embeddings)
+  + 6·L·T·H·d               causal attention, T = sequence length, H·d = query width: QKᵀ and PV
+                            are 2·2·T·H·d forward, halved by the causal mask, backward twice that
+  + 6·r·Σ(in + out)         the adapters: forward, input gradient and weight gradient, each
+                            2·r·(in + out), summed over the adapted projections
+
+Norms, RoPE, activations, softmax and the loss are elementwise and left out.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+RANK = 16
+
+
+def flops_per_token(config, seq):
+    h = config["hidden_size"]
+    layers = config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    d = config.get("head_dim") or h // heads
+    ffn = config["intermediate_size"]
+    vocab = config["vocab_size"]
+    # (in, out) of the seven adapted projections of one block.
+    projections = [(h, heads * d), (h, kv * d), (h, kv * d), (heads * d, h), (h, ffn), (h, ffn), (ffn, h)]
+    n_mm = layers * sum(i * o for i, o in projections) + vocab * h
+    attention = 6 * layers * seq * heads * d
+    adapters = 6 * RANK * layers * sum(i + o for i, o in projections)
+    return 4 * n_mm + attention + adapters
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results")
+    parser.add_argument("--json", help="also write the summary here")
+    args = parser.parse_args()
+
+    gemm = None
+    runs = {}  # (size, precision, runner) -> list of results
+    models = {}
+    with open(args.results) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "gemm" in record:
+                # Measured before and after the runs: the higher figure is the roofline.
+                g = record["gemm"]
+                if gemm is None:
+                    gemm = dict(g)
+                else:
+                    for key in ("fp32_gflops", "bf16_gflops"):
+                        gemm[key] = max(gemm[key], g[key])
+                continue
+            r = record["result"]
+            runs.setdefault((record["size"], r["precision"], r["runner"]), []).append(r)
+            models[record["size"]] = record["model"]
+
+    summary = {"gemm": gemm, "runs": []}
+    if gemm:
+        print(
+            f"GEMM {gemm['gemm_n']}², {gemm['threads']} threads: fp32 {gemm['fp32_gflops']:.0f} GFLOP/s, "
+            f"bf16 {gemm['bf16_gflops']:.0f} GFLOP/s"
+        )
+    header = (
+        f"{'model':<7} {'precision':<10} {'runner':<12} {'batch×seq':>9} {'tokens/s':>9} {'step s':>8} "
+        f"{'peak RSS MB':>11} {'first loss':>10} {'final loss':>10} {'MFU':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    sizes = sorted({k[0] for k in runs}, key=["tiny", "small", "medium"].index)
+    for size in sizes:
+        with open(os.path.join(models[size], "config.json")) as f:
+            config = json.load(f)
+        for precision in ["fp32", "bf16-mixed"]:
+            agg = {}
+            for runner in ["peft", "lorafit"]:
+                results = runs.get((size, precision, runner))
+                if not results:
+                    continue
+                last = results[-1]
+                tokens_per_s = statistics.median(r["tokens_per_s"] for r in results)
+                row = {
+                    "size": size,
+                    "precision": precision,
+                    "runner": runner,
+                    "batch": last["batch"],
+                    "seq": last["seq"],
+                    "rounds": len(results),
+                    "measured_steps": last["steps"],
+                    "tokens_per_s": tokens_per_s,
+                    "median_step_s": statistics.median(r["median_step_s"] for r in results),
+                    "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+                    "first_loss": last.get("first_loss", float("nan")),
+                    "final_loss": last["final_loss"],
+                    "flops_per_token": flops_per_token(config, last["seq"]),
+                }
+                if gemm:
+                    peak = gemm["bf16_gflops" if precision == "bf16-mixed" else "fp32_gflops"] * 1e9
+                    row["mfu"] = row["flops_per_token"] * tokens_per_s / peak
+                agg[runner] = row
+                summary["runs"].append(row)
+                mfu = f"{100 * row['mfu']:5.1f}%" if "mfu" in row else "     -"
+                print(
+                    f"{size:<7} {precision:<10} {runner:<12} {row['batch']:>4}×{row['seq']:<4} "
+                    f"{tokens_per_s:>9.0f} {row['median_step_s']:>8.3f} {row['peak_rss_mb']:>11.0f} "
+                    f"{row['first_loss']:>10.4f} {row['final_loss']:>10.4f} {mfu}"
+                )
+            if len(agg) == 2:
+                p, l = agg["peft"], agg["lorafit"]
+                ratio = {
+                    "size": size,
+                    "precision": precision,
+                    "tokens_per_s_ratio": l["tokens_per_s"] / p["tokens_per_s"],
+                    "step_time_ratio": l["median_step_s"] / p["median_step_s"],
+                    "peak_rss_ratio": l["peak_rss_mb"] / p["peak_rss_mb"],
+                    "first_loss_diff": l["first_loss"] - p["first_loss"],
+                    "final_loss_diff": l["final_loss"] - p["final_loss"],
+                }
+                summary.setdefault("ratios", []).append(ratio)
+                print(
+                    f"{size:<7} {precision:<10} {'lorafit/PEFT':<12} {'':>9} "
+                    f"{ratio['tokens_per_s_ratio']:>8.2f}x {ratio['step_time_ratio']:>7.2f}x "
+                    f"{ratio['peak_rss_ratio']:>10.2f}x {ratio['first_loss_diff']:>+10.4f} {ratio['final_loss_diff']:>+10.4f}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+            f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
