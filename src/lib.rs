@@ -3,6 +3,7 @@
 //! Data flows config → data → model + LoRA → training loop → run directory; each stage is a
 //! module here, and `main.rs` only parses the command line and dispatches.
 
+pub mod clock;
 pub mod config;
 pub mod data;
 pub mod export;
