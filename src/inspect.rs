@@ -5,7 +5,7 @@ use crate::config::{LoraConfig, TargetModules};
 use crate::lora::select_targets;
 use crate::model::spec::AttentionSpan;
 use crate::train::run::load_model;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::fmt::Write;
 use std::path::Path;
 use tch::{Device, Kind};
@@ -66,11 +66,8 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
 /// The dtypes the weight files hold, read from the safetensors headers.
 fn stored_dtypes(dir: &Path) -> Result<Vec<String>> {
     let mut dtypes = std::collections::BTreeSet::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            dtypes.extend(crate::files::safetensors_dtypes(&path)?);
-        }
+    for file in crate::model::weights::safetensors_files(dir)? {
+        dtypes.extend(crate::files::safetensors_dtypes(&file)?);
     }
     Ok(dtypes.into_iter().collect())
 }

@@ -87,7 +87,7 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
     let weights_path = adapter_dir.join(WEIGHTS_FILE);
     let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
     for (key, tensor) in read_safetensors(&weights_path)? {
-        let (path, is_a) = split_key(&key).ok_or_else(|| {
+        let (path, is_a) = peft::split_key(&key).ok_or_else(|| {
             anyhow!(
                 "{}: tensor `{key}` is not a LoRA A or B matrix (llama.cpp adapters hold only those)",
                 weights_path.display()
@@ -203,16 +203,6 @@ fn refuse_alora(adapter_dir: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `base_model.model.<path>.lora_A.weight` → (`<path>`, true).
-fn split_key(key: &str) -> Option<(&str, bool)> {
-    let rest = key.strip_prefix("base_model.model.")?;
-    if let Some(path) = rest.strip_suffix(".lora_A.weight") {
-        Some((path, true))
-    } else {
-        rest.strip_suffix(".lora_B.weight").map(|path| (path, false))
-    }
 }
 
 /// Where an adapted module lives in llama.cpp's model.

@@ -396,12 +396,7 @@ fn adapter_deltas(
     let file = adapter_dir.join(peft::WEIGHTS_FILE);
     let mut halves: BTreeMap<String, (Option<Keyed>, Option<Keyed>)> = BTreeMap::new();
     for (key, tensor) in read_safetensors(&file)? {
-        let parsed = key.strip_prefix("base_model.model.").and_then(|rest| {
-            rest.strip_suffix(".lora_A.weight")
-                .map(|p| (p, true))
-                .or_else(|| rest.strip_suffix(".lora_B.weight").map(|p| (p, false)))
-        });
-        let Some((path, is_a)) = parsed else {
+        let Some((path, is_a)) = peft::split_key(&key) else {
             bail!(
                 "{}: tensor `{key}` is not a LoRA weight (`base_model.model.<module>.lora_A.weight` \
                  or `.lora_B.weight`); only plain LoRA adapters can be merged",

@@ -20,6 +20,15 @@ pub fn key(module_path: &str, half: &str) -> String {
     format!("{KEY_PREFIX}{module_path}.{half}.weight")
 }
 
+/// The module path and half a PEFT key names, `true` for `lora_A`: the inverse of [`key`].
+pub fn split_key(key: &str) -> Option<(&str, bool)> {
+    let rest = key.strip_prefix(KEY_PREFIX)?;
+    match rest.strip_suffix(".lora_A.weight") {
+        Some(path) => Some((path, true)),
+        None => rest.strip_suffix(".lora_B.weight").map(|path| (path, false)),
+    }
+}
+
 /// `adapter_config.json` as PEFT writes it for a LoRA adapter of a causal LM.
 pub fn adapter_config(cfg: &LoraConfig, injected: &Injected, base_model: &str) -> serde_json::Value {
     json!({
