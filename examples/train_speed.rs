@@ -118,6 +118,7 @@ fn gemm_gflops(kind: Kind, n: i64) -> f64 {
 }
 
 fn main() -> Result<()> {
+    lorafit::host_memory::retain_freed_memory();
     let args = parse_args()?;
     tch::set_num_threads(args.threads as i32);
     if args.gemm {

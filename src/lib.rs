@@ -9,6 +9,7 @@ pub mod data;
 pub mod export;
 pub mod files;
 pub mod generate;
+pub mod host_memory;
 pub mod inspect;
 pub mod lora;
 pub mod model;

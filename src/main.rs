@@ -180,6 +180,7 @@ enum DataCommand {
 }
 
 fn main() -> ExitCode {
+    lorafit::host_memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, overrides, overwrite, resume, log_format } => {

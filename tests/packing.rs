@@ -9,8 +9,8 @@ use common::fixture;
 use lorafit::data::format::{Example, IGNORE};
 use lorafit::data::Batch;
 use lorafit::model::decoder::attention_mask;
-use lorafit::train::loss_sum;
 use lorafit::train::run::load_model;
+use lorafit::train::token_loss;
 use tch::{Device, Kind, Tensor};
 
 fn examples() -> Vec<Example> {
@@ -37,9 +37,9 @@ fn a_packed_row_has_the_loss_of_its_examples_run_alone() {
         let model = load_model(&fixture(family), Kind::Float, Device::Cpu).unwrap();
         let packed = Batch::pack(&[ex.iter().collect()], 0, Device::Cpu);
         let alone: Vec<Batch> = ex.iter().map(|e| Batch::collate(&[e], 0, Device::Cpu)).collect();
-        let packed_loss = tch::no_grad(|| loss_sum(&model, &packed, false)).double_value(&[]);
+        let packed_loss = tch::no_grad(|| token_loss(&model, &packed, None)).double_value(&[]);
         let alone_loss: f64 =
-            alone.iter().map(|b| tch::no_grad(|| loss_sum(&model, b, false)).double_value(&[])).sum();
+            alone.iter().map(|b| tch::no_grad(|| token_loss(&model, b, None)).double_value(&[])).sum();
         assert_eq!(packed.label_tokens, alone.iter().map(|b| b.label_tokens).sum::<i64>());
         assert!(
             (packed_loss - alone_loss).abs() <= 1e-4,
@@ -47,7 +47,7 @@ fn a_packed_row_has_the_loss_of_its_examples_run_alone() {
         );
         // Without the example boundaries the same row gives a different loss: the test can tell.
         let unmasked = Batch { packing: None, ..Batch::pack(&[ex.iter().collect()], 0, Device::Cpu) };
-        let unmasked_loss = tch::no_grad(|| loss_sum(&model, &unmasked, false)).double_value(&[]);
+        let unmasked_loss = tch::no_grad(|| token_loss(&model, &unmasked, None)).double_value(&[]);
         assert!((unmasked_loss - alone_loss).abs() > 1e-2, "{family}: {unmasked_loss} vs {alone_loss}");
     }
 }

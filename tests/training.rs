@@ -90,9 +90,11 @@ fn step_grads(
     if mean_of_means {
         // The wrong way: average per-micro-batch means. Used to show the test can tell.
         for b in &batches {
-            let loss =
-                lorafit::train::loss_sum(&model, b, true) / (b.label_tokens as f64 * batches.len() as f64);
-            loss.backward();
+            let _ = lorafit::train::token_loss(
+                &model,
+                b,
+                Some(1.0 / (b.label_tokens as f64 * batches.len() as f64)),
+            );
         }
     } else {
         let _ = trainer.accumulate(&model, &batches);

@@ -20,6 +20,11 @@ pub struct Batch {
     pub labels: Tensor,
     /// Positions and example boundaries, when rows hold several examples.
     pub packing: Option<Packing>,
+    /// The loss's view of `labels`: flat indices into `[batch · seq]` of the positions whose
+    /// next token is a target, and those targets, in the same order (computed here on the host,
+    /// so the loss needs no device-to-host read to find them).
+    pub target_positions: Tensor,
+    pub target_ids: Tensor,
     /// Tokens that count in the loss (labels other than IGNORE, after the shift).
     pub label_tokens: i64,
     /// Real (non-pad) tokens.
@@ -63,12 +68,23 @@ impl Batch {
             positions.extend(0..pad as i64);
             documents.extend(std::iter::repeat_n(row.len() as i64, pad));
         }
+        let (mut target_positions, mut target_ids) = (Vec::new(), Vec::new());
+        for (flat, &label) in labels.iter().enumerate() {
+            // Position `flat - 1` predicts this label; a row's first label is always IGNORE.
+            if label != IGNORE {
+                target_positions.push(flat as i64 - 1);
+                target_ids.push(label);
+            }
+        }
         let shape = [rows.len() as i64, seq as i64];
         let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
+        let flat = |v: &[i64]| Tensor::from_slice(v).to_device(device);
         Batch {
             input_ids: tensor(&ids),
-            label_tokens: labels.iter().filter(|&&l| l != IGNORE).count() as i64,
+            label_tokens: target_ids.len() as i64,
             labels: tensor(&labels),
+            target_positions: flat(&target_positions),
+            target_ids: flat(&target_ids),
             packing: packed.then(|| Packing { positions: tensor(&positions), documents: tensor(&documents) }),
             real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
@@ -207,6 +223,8 @@ mod tests {
             vec![IGNORE, IGNORE, 6, 2, IGNORE, 7, IGNORE, IGNORE]
         );
         assert_eq!(batch.label_tokens, 3);
+        assert_eq!(Vec::<i64>::try_from(&batch.target_positions).unwrap(), vec![1, 2, 4]);
+        assert_eq!(Vec::<i64>::try_from(&batch.target_ids).unwrap(), vec![6, 2, 7]);
         assert_eq!((batch.real_tokens, batch.padded_tokens), (6, 8));
     }
 

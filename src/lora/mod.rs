@@ -21,9 +21,19 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    /// `base + scale · B A dropout(x)` for `x` `[..., in]` and the frozen layer's output `base`
+    /// `[..., out]`, computed in `x`'s kind (the fp32 A and B are cast, as `torch.autocast`
+    /// does, so gradients still reach them in fp32). The scale is folded into B and the sum
+    /// into the second product, so the adapter adds one small and one fused matmul and no pass
+    /// over the output.
+    pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
-        x.to_kind(self.a.kind()).matmul(&self.a.tr()).matmul(&self.b.tr()) * self.scale
+        let kind = x.kind();
+        let r = self.a.size()[0];
+        let down = x.reshape([-1, x.size().last().copied().unwrap_or(0)]).matmul(&self.a.to_kind(kind).tr());
+        let up = (&self.b * self.scale).to_kind(kind);
+        let out = base.size();
+        base.reshape([-1, up.size()[0]]).addmm(&down.view([-1, r]), &up.tr()).view(out.as_slice())
     }
 }
 

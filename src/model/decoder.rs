@@ -2,8 +2,11 @@
 //! (sizes and switches) and [`Layout`] (tensor names): norm → attention → residual,
 //! norm → MLP → residual, with the family's variations chosen by data.
 //!
-//! Activations stay in fp32; frozen weights may be held in bf16, in which case each frozen
-//! matmul runs in bf16 and its result is cast back (what `torch.autocast` does for PEFT users).
+//! Precision follows `torch.autocast`, which is what PEFT users train with: the residual stream,
+//! norms, rotary tables, softmax statistics and the loss stay in fp32, while everything between
+//! a norm and the residual add (projections, adapters, attention, MLP) runs in the decoder's
+//! activation kind, bf16 for `bf16-mixed`. Weights held in bf16 under fp32 activations are
+//! multiplied in bf16 and their products cast back.
 
 use super::layout::{AttnProjections, Layout, MlpProjections};
 use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind, Rope, RopeScaling};
@@ -48,17 +51,18 @@ impl Linear {
         self.weight.size()[0]
     }
 
+    /// `x Wᵀ (+ b)` plus the adapter's term, in `x`'s kind.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let kind = self.weight.kind();
-        let base = x.to_kind(kind).linear(&self.weight, self.bias.as_ref()).to_kind(x.kind());
+        let base = x.to_kind(self.weight.kind()).linear(&self.weight, self.bias.as_ref()).to_kind(x.kind());
         match &self.adapter {
-            Some(adapter) => base + adapter.forward(x, train),
+            Some(adapter) => adapter.add_to(&base, x, train),
             None => base,
         }
     }
 }
 
-/// RMSNorm (plain or Gemma's `1 + w`) or LayerNorm, always computed in fp32.
+/// RMSNorm (plain or Gemma's `1 + w`) or LayerNorm, computed in fp32; the result has the
+/// input's kind.
 struct Norm {
     /// Already `1 + w` for Gemma.
     weight: Tensor,
@@ -79,16 +83,18 @@ impl Norm {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        match self.kind {
+        let x32 = x.to_kind(Kind::Float);
+        let out = match self.kind {
             NormKind::Layer => {
                 let dim = self.weight.size()[0];
-                x.layer_norm([dim], Some(&self.weight), self.bias.as_ref(), self.eps, false)
+                x32.layer_norm([dim], Some(&self.weight), self.bias.as_ref(), self.eps, false)
             }
             NormKind::Rms | NormKind::RmsPlusOne => {
-                let variance = x.square().mean_dim(-1, true, Kind::Float);
-                x * (variance + self.eps).rsqrt() * &self.weight
+                let variance = x32.square().mean_dim(-1, true, Kind::Float);
+                x32 * (variance + self.eps).rsqrt() * &self.weight
             }
-        }
+        };
+        out.to_kind(x.kind())
     }
 }
 
@@ -126,6 +132,9 @@ pub struct Decoder {
     norm: Norm,
     /// `None` when the output projection is tied to `embed_tokens`.
     lm_head: Option<Linear>,
+    /// The kind of the activations inside each block (see the module docs): the weights' kind
+    /// when loaded; set it to fp32 to multiply bf16-held weights with fp32 activations.
+    pub activations: Kind,
 }
 
 /// Tensors some checkpoints carry that are not weights (precomputed buffers).
@@ -230,7 +239,17 @@ impl Decoder {
                 unused.join(", ")
             );
         }
-        Ok(Decoder { spec, layout, embed_tokens, embed_positions, layers, norm: final_norm, lm_head })
+        let activations = embed_tokens.kind();
+        Ok(Decoder {
+            spec,
+            layout,
+            embed_tokens,
+            embed_positions,
+            layers,
+            norm: final_norm,
+            lm_head,
+            activations,
+        })
     }
 
     /// Every linear layer by its Hugging Face module path (`model.layers.0.self_attn.q_proj`,
@@ -328,6 +347,35 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         packing: Option<&Packing>,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        self.logits(&self.hidden_inner(input_ids, packing, cache, train), train)
+    }
+
+    /// The final-normed hidden states `[batch, seq, hidden]` that [`Decoder::logits`] projects:
+    /// for a loss that needs logits only at some positions, and only a few at a time.
+    pub fn hidden_states(&self, input_ids: &Tensor, packing: Option<&Packing>, train: bool) -> Tensor {
+        self.hidden_inner(input_ids, packing, None, train)
+    }
+
+    /// fp32 logits `[..., vocab]` of final-normed hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Tensor, train: bool) -> Tensor {
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(hidden, train),
+            None => hidden.to_kind(self.embed_tokens.kind()).matmul(&self.embed_tokens.tr()),
+        }
+        .to_kind(Kind::Float);
+        match self.spec.final_softcap {
+            Some(cap) => (logits / cap).tanh() * cap,
+            None => logits,
+        }
+    }
+
+    fn hidden_inner(
+        &self,
+        input_ids: &Tensor,
+        packing: Option<&Packing>,
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
@@ -351,8 +399,9 @@ impl Decoder {
         let documents = packing.map(|p| &p.documents);
         let global_rope = s.rope.as_ref().map(|r| rope_tables(r, &positions));
         let local_rope = s.local_rope.as_ref().map(|r| rope_tables(r, &positions));
+        let act = self.activations;
         for (i, block) in self.layers.iter().enumerate() {
-            let h = block.attn_norm.forward(&x);
+            let h = block.attn_norm.forward(&x).to_kind(act);
             let (q, k, v) = match &block.qkv {
                 Qkv::Separate { q, k, v } => {
                     (q.forward(&h, train), k.forward(&h, train), v.forward(&h, train))
@@ -390,7 +439,7 @@ impl Decoder {
             }
             x = &x + out;
 
-            let h = block.mlp_norm.forward(&x);
+            let h = block.mlp_norm.forward(&x).to_kind(act);
             let mut out = self.mlp(&block.mlp, &h, train);
             if let Some(norm) = &block.post_mlp_norm {
                 out = norm.forward(&out);
@@ -400,15 +449,7 @@ impl Decoder {
         if let Some(cache) = cache {
             cache.len += seq;
         }
-        let x = self.norm.forward(&x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x, train),
-            None => x.to_kind(self.embed_tokens.kind()).matmul(&self.embed_tokens.tr()).to_kind(Kind::Float),
-        };
-        match s.final_softcap {
-            Some(cap) => (logits / cap).tanh() * cap,
-            None => logits,
-        }
+        self.norm.forward(&x)
     }
 
     fn mlp(&self, mlp: &Mlp, h: &Tensor, train: bool) -> Tensor {
@@ -591,14 +632,16 @@ fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
     ((emb.cos() * attention_factor).view(shape), (emb.sin() * attention_factor).view(shape))
 }
 
-/// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, heads, seq, head_dim]`.
+/// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, heads, seq,
+/// head_dim]`, in `x`'s kind.
 fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let head_dim = x.size()[3];
     let rotary_dim = cos.size()[3];
     let (rot, pass) = (x.narrow(3, 0, rotary_dim), x.narrow(3, rotary_dim, head_dim - rotary_dim));
     let half = rotary_dim / 2;
     let rotated = Tensor::cat(&[&(-rot.narrow(3, half, half)), &rot.narrow(3, 0, half)], 3);
-    let out = &rot * cos + rotated * sin;
+    // In fp32 (the tables' kind), back in x's kind.
+    let out = (&rot * cos + rotated * sin).to_kind(x.kind());
     if rotary_dim == head_dim {
         out
     } else {

@@ -16,13 +16,51 @@ use crate::model::Decoder;
 use optim::AdamW;
 use tch::{Kind, Reduction, Tensor};
 
-/// Summed next-token NLL (fp32) over the label tokens of `batch`.
-pub fn loss_sum(model: &Decoder, batch: &Batch, train: bool) -> Tensor {
-    let logits = model.forward_packed(&batch.input_ids, batch.packing.as_ref(), train);
-    let (b, t, v) = logits.size3().expect("logits are [batch, seq, vocab]");
-    let predictions = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
-    let targets = batch.labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    predictions.to_kind(Kind::Float).cross_entropy_loss(&targets, None::<Tensor>, Reduction::Sum, IGNORE, 0.0)
+/// fp32 logits computed at once in the loss: 16M of them (64 MB), whatever the vocabulary, so
+/// full-vocabulary logits of a whole batch (400 MB for 4 × 512 tokens of a 49k vocabulary, and as
+/// much again for their gradient) never exist.
+const LOGITS_PER_CHUNK: i64 = 16 << 20;
+
+/// Summed next-token NLL (fp32 scalar, detached) over the label tokens of `batch`.
+///
+/// With `backward: Some(scale)` it also accumulates the gradient of `scale · loss` into the
+/// adapters. Logits are computed only at the positions whose next token is a target, a chunk of
+/// rows at a time; each chunk's backward runs at once into a detached copy of the hidden states,
+/// and their summed gradient then goes through the body of the model in one backward pass.
+pub fn token_loss(model: &Decoder, batch: &Batch, backward: Option<f64>) -> Tensor {
+    token_loss_in_chunks(model, batch, backward, (LOGITS_PER_CHUNK / model.spec.vocab_size).max(1))
+}
+
+/// [`token_loss`] with logits for `rows_per_chunk` target positions at a time.
+pub fn token_loss_in_chunks(
+    model: &Decoder,
+    batch: &Batch,
+    backward: Option<f64>,
+    rows_per_chunk: i64,
+) -> Tensor {
+    let train = backward.is_some();
+    let hidden = model.hidden_states(&batch.input_ids, batch.packing.as_ref(), train);
+    let width = *hidden.size().last().expect("hidden states have a width");
+    let hidden = hidden.reshape([-1, width]);
+    let head_input = if train { hidden.detach().set_requires_grad(true) } else { hidden.shallow_clone() };
+    let targets = batch.target_ids.numel() as i64;
+    let mut total = Tensor::zeros([], (Kind::Float, hidden.device()));
+    for start in (0..targets).step_by(rows_per_chunk as usize) {
+        let rows = rows_per_chunk.min(targets - start);
+        let positions = batch.target_positions.narrow(0, start, rows);
+        let logits = model.logits(&head_input.index_select(0, &positions), train);
+        let ids = batch.target_ids.narrow(0, start, rows);
+        let loss = logits.cross_entropy_loss(&ids, None::<Tensor>, Reduction::Sum, IGNORE, 0.0);
+        if let Some(scale) = backward {
+            (&loss * scale).backward();
+        }
+        total += loss.detach();
+    }
+    let head_grad = head_input.grad();
+    if train && head_grad.defined() {
+        (hidden * head_grad).sum(Kind::Float).backward();
+    }
+    total
 }
 
 /// Mean token NLL over `batches` without gradients or dropout: (loss, label tokens).
@@ -40,7 +78,7 @@ pub fn evaluate_with_progress(
     let total = tch::no_grad(|| {
         let mut total = 0.0;
         for b in batches {
-            total += loss_sum(model, b, false).double_value(&[]);
+            total += token_loss(model, b, None).double_value(&[]);
             bar.inc(1);
         }
         total
@@ -78,10 +116,10 @@ impl Trainer {
     pub fn accumulate(&mut self, model: &Decoder, micro_batches: &[Batch]) -> Tensor {
         let total_tokens: i64 = micro_batches.iter().map(|b| b.label_tokens).sum();
         let mut step_loss = Tensor::from(0f32);
+        let scale = 1.0 / total_tokens.max(1) as f64;
         for batch in micro_batches {
-            let loss = loss_sum(model, batch, true) / total_tokens.max(1) as f64;
-            loss.backward();
-            step_loss = &step_loss + loss.detach().to_device(tch::Device::Cpu);
+            let loss = token_loss(model, batch, Some(scale)) * scale;
+            step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
         }
         step_loss
     }

@@ -153,6 +153,16 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
     Decoder::load(spec, weights).with_context(|| format!("loading the model in {}", dir.display()))
 }
 
+/// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind.
+fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
+    let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
+    model.activations = match cfg.train.precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16Mixed => Kind::BFloat16,
+    };
+    Ok(model)
+}
+
 /// Micro-batches of `examples`, in order, for evaluation.
 fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, device: Device) -> Vec<Batch> {
     data.examples
@@ -363,8 +373,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     spinner.finish_and_clear();
     let data = data?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
-    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
-    let mut model = load_model(&cfg.model.path, kind, device)?;
+    let mut model = load_model_for(cfg, device)?;
     let lora_cfg = match &cfg.lora.init_from {
         Some(dir) => LoraConfig { dropout: cfg.lora.dropout, ..peft::read_config(dir)? },
         None => cfg.lora.clone(),
@@ -408,7 +417,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         spec.family,
         spec.num_layers,
         spec.parameter_count() as f64 / 1e6,
-        kind
+        weight_kind(cfg.model.dtype, cfg.train.precision)
     );
     say!(
         console,
@@ -669,8 +678,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
     let Some(validation) = &data.validation else {
         bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
     };
-    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
-    let mut model = load_model(&cfg.model.path, kind, device)?;
+    let mut model = load_model_for(cfg, device)?;
     if let Some(dir) = adapter {
         peft::load(dir, &mut model, device)?;
     }
