@@ -3,7 +3,11 @@
 //!
 //!     cargo run --release --example train_speed -- --model DIR --batches FILE \
 //!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
+//!     cargo run --release --example train_speed -- --model DIR --data CONFIG --examples-out FILE \
+//!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
 //!     cargo run --release --example train_speed -- --gemm [--threads N]
+//!
+//! `--checkpointing` turns on activation checkpointing (`train.gradient_checkpointing`).
 //!
 //! Training: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down; AdamW (lr 1e-4, no weight
 //! decay), gradient norm clipped at 1.0; step i trains on saved batch i (labels = inputs).
@@ -12,17 +16,27 @@
 //! peak_rss_mb (VmHWM, the whole process including loading), first_loss (step 0, before any
 //! update), final_loss (the last step's), and the per-step times and losses of the measured steps.
 //!
+//! `--data` is the real-data case: the data section of CONFIG (its model path replaced by `--model`)
+//! is prepared as `lorafit train` prepares it, the examples are written to FILE as JSON Lines
+//! (`input_ids`, `labels`) for the PEFT side, and training runs on `lorafit train`'s batches
+//! (packed rows of `max_seq_len`, `micro_batch_size` rows a step). The JSON adds label_tokens_per_s
+//! and real_tokens_per_s (over all measured steps), since steps then differ in size.
+//!
 //! `--gemm` measures the machine's matmul throughput instead (the roofline for model FLOP
 //! utilisation): square 2048² matmuls in fp32 and bf16, the best of ten, printed as GFLOP/s.
 
 use anyhow::{bail, Context, Result};
+use lorafit::config::Config;
 use lorafit::config::{LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
+use lorafit::data::EpochPlan;
 use lorafit::data::{Batch, Example};
+use lorafit::files::write_atomic;
 use lorafit::lora;
-use lorafit::train::run::{load_model, weight_kind};
+use lorafit::model::ModelSpec;
+use lorafit::train::run::{collate, load_data, load_model, row_layout, weight_kind};
 use lorafit::train::Trainer;
 use serde_json::json;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -37,6 +51,9 @@ struct Args {
     steps: usize,
     threads: usize,
     gemm: bool,
+    checkpointing: bool,
+    data: Option<PathBuf>,
+    examples_out: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -48,17 +65,23 @@ fn parse_args() -> Result<Args> {
         steps: 5,
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         gemm: false,
+        checkpointing: false,
+        data: None,
+        examples_out: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--gemm" {
-            args.gemm = true;
+        if flag == "--gemm" || flag == "--checkpointing" {
+            args.gemm |= flag == "--gemm";
+            args.checkpointing |= flag == "--checkpointing";
             continue;
         }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--model" => args.model = Some(value.into()),
             "--batches" => args.batches = Some(value.into()),
+            "--data" => args.data = Some(value.into()),
+            "--examples-out" => args.examples_out = Some(value.into()),
             "--precision" => {
                 args.precision = match value.as_str() {
                     "fp32" => Precision::Fp32,
@@ -132,40 +155,21 @@ fn main() -> Result<()> {
         println!("{out}");
         return Ok(());
     }
-    let (Some(model_dir), Some(batches_file)) = (&args.model, &args.batches) else {
-        bail!("usage: train_speed --model DIR --batches FILE --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] | --gemm");
+    let Some(model_dir) = &args.model else {
+        bail!("usage: train_speed --model DIR (--batches FILE | --data CONFIG --examples-out FILE) --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing] | --gemm");
     };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let device = Device::Cpu;
     tch::manual_seed(0);
-
-    let saved = Tensor::read_safetensors(batches_file)?;
-    let ids = saved
-        .into_iter()
-        .find(|(name, _)| name == "input_ids")
-        .map(|(_, t)| t)
-        .with_context(|| format!("{} holds no input_ids", batches_file.display()))?;
-    let (count, batch, seq) = ids.size3()?;
     let total = args.warmup + args.steps;
-    if (count as usize) < total {
-        bail!("{} holds {count} batches, {total} steps asked for", batches_file.display());
-    }
-    // Each saved [batch, seq] block becomes one micro-batch of equal-length rows, labels = ids
-    // (collate makes the first position of every row a non-target, as the shifted HF loss does).
-    let batches: Vec<Batch> = (0..total as i64)
-        .map(|i| {
-            let rows: Vec<Example> = (0..batch)
-                .map(|r| {
-                    let row = Vec::<i64>::try_from(&ids.get(i).get(r)).expect("int64 token ids");
-                    Example { input_ids: row.clone(), labels: row }
-                })
-                .collect();
-            let refs: Vec<&Example> = rows.iter().collect();
-            Batch::collate(&refs, 0, device)
-        })
-        .collect();
+    let batches = match (&args.batches, &args.data, &args.examples_out) {
+        (Some(file), None, None) => saved_batches(file, total, device)?,
+        (None, Some(config), Some(out)) => real_data_batches(config, model_dir, out, total, device)?,
+        _ => bail!("give either --batches, or --data with --examples-out"),
+    };
+    let (batch, seq) = batches[0].input_ids.size2()?;
 
     let kind = weight_kind(WeightDtype::Auto, args.precision);
     let mut model = load_model(model_dir, kind, device)?;
@@ -177,12 +181,18 @@ fn main() -> Result<()> {
         ..LoraConfig::default()
     };
     let injected = lora::inject(&mut model, &lora_cfg, device)?;
-    let train_cfg =
-        TrainConfig { weight_decay: 0.0, max_grad_norm: Some(1.0), lr: LR, ..TrainConfig::default() };
+    let train_cfg = TrainConfig {
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        lr: LR,
+        gradient_checkpointing: args.checkpointing,
+        ..TrainConfig::default()
+    };
     let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &train_cfg);
 
     let (mut times, mut losses, mut first_loss) = (Vec::new(), Vec::new(), None);
+    let (mut label_tokens, mut real_tokens) = (0, 0);
     for (step, b) in batches.iter().enumerate() {
         let started = Instant::now();
         // `step` reads the loss and gradient norm back, so the time covers all the work.
@@ -193,6 +203,8 @@ fn main() -> Result<()> {
         if step >= args.warmup {
             times.push(elapsed);
             losses.push(stats.loss);
+            label_tokens += stats.label_tokens;
+            real_tokens += stats.real_tokens;
         }
     }
     let med = median(&times);
@@ -213,9 +225,72 @@ fn main() -> Result<()> {
         "peak_rss_mb": peak_rss_mb(),
         "first_loss": first_loss,
         "final_loss": losses.last().copied().unwrap_or(f64::NAN),
+        "checkpointing": args.checkpointing,
+        "label_tokens_per_s": label_tokens as f64 / times.iter().sum::<f64>(),
+        "real_tokens_per_s": real_tokens as f64 / times.iter().sum::<f64>(),
         "step_s": times,
         "losses": losses,
     });
     println!("{out}");
     Ok(())
+}
+
+/// Saved `[count, batch, seq]` token blocks, each one micro-batch of equal-length rows with
+/// labels = ids (collate makes the first position of every row a non-target, as the shifted HF
+/// loss does).
+fn saved_batches(file: &Path, total: usize, device: Device) -> Result<Vec<Batch>> {
+    let saved = Tensor::read_safetensors(file)?;
+    let ids = saved
+        .into_iter()
+        .find(|(name, _)| name == "input_ids")
+        .map(|(_, t)| t)
+        .with_context(|| format!("{} holds no input_ids", file.display()))?;
+    let (count, batch, _) = ids.size3()?;
+    if (count as usize) < total {
+        bail!("{} holds {count} batches, {total} steps asked for", file.display());
+    }
+    Ok((0..total as i64)
+        .map(|i| {
+            let rows: Vec<Example> = (0..batch)
+                .map(|r| {
+                    let row = Vec::<i64>::try_from(&ids.get(i).get(r)).expect("int64 token ids");
+                    Example { input_ids: row.clone(), labels: row }
+                })
+                .collect();
+            let refs: Vec<&Example> = rows.iter().collect();
+            Batch::collate(&refs, 0, device)
+        })
+        .collect())
+}
+
+/// The first `total` micro-batches `lorafit train` would build from `config`'s data for the model
+/// in `model_dir`; the prepared examples also go to `examples_out` for the PEFT side.
+fn real_data_batches(
+    config: &Path,
+    model_dir: &Path,
+    examples_out: &Path,
+    total: usize,
+    device: Device,
+) -> Result<Vec<Batch>> {
+    let model_path = format!("model.path={}", model_dir.display());
+    let cfg = Config::load(config, &[model_path])?;
+    let data = load_data(&cfg, &ModelSpec::from_dir(model_dir)?)?;
+    let examples = &data.train.examples;
+    let lines: Vec<String> =
+        examples.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels}).to_string()).collect();
+    write_atomic(examples_out, (lines.join("\n") + "\n").as_bytes())?;
+    let layout = row_layout(&cfg);
+    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    let (micro, seed) = (cfg.train.micro_batch_size, cfg.train.seed);
+    let mut batches = Vec::new();
+    for epoch in 0.. {
+        let plan = EpochPlan::new(&lengths, micro, 1, layout, true, seed, epoch);
+        for micro_batch in plan.steps.into_iter().flatten() {
+            batches.push(collate(examples, &micro_batch, layout, data.tokenizer.eos_id, device));
+            if batches.len() == total {
+                return Ok(batches);
+            }
+        }
+    }
+    unreachable!("epochs go on until enough batches are made")
 }

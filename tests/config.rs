@@ -146,7 +146,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 23 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 24 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
@@ -219,6 +219,7 @@ fn to_yaml_round_trips_a_changed_config() {
         adam_eps: 1e-12,
         max_grad_norm: None,
         precision: Precision::Bf16Mixed,
+        gradient_checkpointing: true,
         device: "cuda:1".into(),
         threads: Some(2),
         log_every: 10,

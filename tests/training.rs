@@ -8,7 +8,7 @@ use lorafit::data::{Batch, TextTokenizer};
 use lorafit::lora;
 use lorafit::model::{Decoder, ModelSpec};
 use lorafit::train::run::load_model;
-use lorafit::train::Trainer;
+use lorafit::train::{Backward, Trainer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
@@ -90,11 +90,8 @@ fn step_grads(
     if mean_of_means {
         // The wrong way: average per-micro-batch means. Used to show the test can tell.
         for b in &batches {
-            let _ = lorafit::train::token_loss(
-                &model,
-                b,
-                Some(1.0 / (b.label_tokens as f64 * batches.len() as f64)),
-            );
+            let scale = 1.0 / (b.label_tokens as f64 * batches.len() as f64);
+            let _ = lorafit::train::token_loss(&model, b, Some(Backward { scale, checkpointing: false }));
         }
     } else {
         let _ = trainer.accumulate(&model, &batches);

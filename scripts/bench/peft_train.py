@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """The reference side of the speed benchmark: transformers + PEFT training LoRA the usual way.
 
-    "$VENV/bin/python" scripts/bench/peft_train.py --model DIR --batches FILE \
-        --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
+    "$VENV/bin/python" scripts/bench/peft_train.py --model DIR (--batches FILE | --examples FILE) \
+        --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing]
 
 Same work as examples/train_speed.rs: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down;
 AdamW (lr 1e-4, no weight decay), gradient norm clipped at 1.0; step i trains on saved batch
 i (labels = inputs, every position trained). bf16-mixed is what PEFT users do on a CPU: an fp32
 model under `torch.autocast("cpu", dtype=torch.bfloat16)`, adapters and optimizer in fp32.
+
+`--checkpointing` turns on transformers' gradient checkpointing (non-reentrant, as recommended
+for PEFT). `--examples` is the real-data case: tokenized examples (JSON Lines of `input_ids` and
+`labels`, -100 where not trained, as lorafit prepared them) trained the usual way: shuffled,
+`--micro-batch` examples a step, right-padded to the longest in the batch with an attention mask.
 
 Prints one JSON line: tokens_per_s (tokens of one step / median step time), median_step_s,
 peak_rss_mb (ru_maxrss, the whole process including loading), first_loss (step 0, before any
@@ -28,7 +33,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--batches", required=True)
+    parser.add_argument("--batches")
+    parser.add_argument("--examples")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], required=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -42,12 +50,19 @@ def main():
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    batches = load_file(args.batches)["input_ids"]
     total = args.warmup + args.steps
-    if batches.shape[0] < total:
-        raise SystemExit(f"{args.batches} holds {batches.shape[0]} batches, {total} steps asked for")
+    if args.examples:
+        steps = padded_batches(args.examples, args.micro_batch, total)
+    else:
+        saved = load_file(args.batches)["input_ids"]
+        if saved.shape[0] < total:
+            raise SystemExit(f"{args.batches} holds {saved.shape[0]} batches, {total} steps asked for")
+        steps = [(ids, None, ids) for ids in saved[:total]]  # no padding: no mask
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.checkpointing:
+        model.config.use_cache = False
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     model.train()
@@ -60,11 +75,11 @@ def main():
         return contextlib.nullcontext()
 
     times, losses, first_loss = [], [], None
-    for step in range(total):
-        ids = batches[step]
+    label_tokens = real_tokens = 0
+    for step, (ids, mask, labels) in enumerate(steps):
         started = time.perf_counter()
         with autocast():
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -76,6 +91,8 @@ def main():
         if step >= args.warmup:
             times.append(elapsed)
             losses.append(loss)
+            label_tokens += int((labels[:, 1:] != -100).sum())
+            real_tokens += int(mask.sum()) if mask is not None else ids.numel()
 
     median = statistics.median(times)
     print(
@@ -84,20 +101,49 @@ def main():
                 "runner": "peft",
                 "precision": args.precision,
                 "threads": args.threads,
-                "batch": int(batches.shape[1]),
-                "seq": int(batches.shape[2]),
+                "batch": int(steps[0][0].shape[0]),
+                "seq": int(steps[0][0].shape[1]),
                 "warmup": args.warmup,
                 "steps": args.steps,
-                "tokens_per_s": batches.shape[1] * batches.shape[2] / median,
+                "tokens_per_s": steps[0][0].numel() / median,
                 "median_step_s": median,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "first_loss": first_loss,
                 "final_loss": losses[-1],
+                "checkpointing": args.checkpointing,
+                "label_tokens_per_s": label_tokens / sum(times),
+                "real_tokens_per_s": real_tokens / sum(times),
                 "step_s": times,
                 "losses": losses,
             }
         )
     )
+
+
+def padded_batches(path, micro_batch, total):
+    """(input_ids, attention_mask, labels) of `total` steps: the examples shuffled (again each
+    epoch) and cut into batches of `micro_batch`, right-padded to the longest of each batch."""
+    import random
+
+    import torch
+
+    with open(path) as f:
+        examples = [json.loads(line) for line in f if line.strip()]
+    rng, steps = random.Random(0), []
+    while len(steps) < total:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - micro_batch + 1, micro_batch):
+            batch = [examples[i] for i in order[start : start + micro_batch]]
+            width = max(len(e["input_ids"]) for e in batch)
+            pad = [width - len(e["input_ids"]) for e in batch]
+            ids = torch.tensor([e["input_ids"] + [0] * p for e, p in zip(batch, pad)])
+            mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * p for e, p in zip(batch, pad)])
+            labels = torch.tensor([e["labels"] + [-100] * p for e, p in zip(batch, pad)])
+            steps.append((ids, mask, labels))
+            if len(steps) == total:
+                break
+    return steps
 
 
 if __name__ == "__main__":

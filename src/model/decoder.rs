@@ -379,10 +379,23 @@ impl Decoder {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let (mut x, pass) = self.embed(input_ids, packing, offset);
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, &pass, cache.as_deref_mut(), train);
+        }
+        if let Some(cache) = cache {
+            cache.len += input_ids.size()[1];
+        }
+        self.final_norm(&x)
+    }
+
+    /// The residual stream `[batch, seq, hidden]` (fp32) entering the first block, and what every
+    /// block of the pass shares. `offset` is the position of the first token (cached decoding).
+    pub fn embed(&self, input_ids: &Tensor, packing: Option<&Packing>, offset: i64) -> (Tensor, Pass) {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
-        let offset = cache.as_ref().map_or(0, |c| c.len);
         let positions = match packing {
             Some(p) => p.positions.shallow_clone(),
             None => Tensor::arange_start(offset, offset + seq, (Kind::Int64, device))
@@ -396,60 +409,81 @@ impl Decoder {
         if let Some(table) = &self.embed_positions {
             x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
         }
-        let documents = packing.map(|p| &p.documents);
-        let global_rope = s.rope.as_ref().map(|r| rope_tables(r, &positions));
-        let local_rope = s.local_rope.as_ref().map(|r| rope_tables(r, &positions));
-        let act = self.activations;
-        for (i, block) in self.layers.iter().enumerate() {
-            let h = block.attn_norm.forward(&x).to_kind(act);
-            let (q, k, v) = match &block.qkv {
-                Qkv::Separate { q, k, v } => {
-                    (q.forward(&h, train), k.forward(&h, train), v.forward(&h, train))
-                }
-                Qkv::Fused(qkv) => {
-                    let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
-                    let parts = qkv.forward(&h, train).split_with_sizes([q_dim, kv_dim, kv_dim], -1);
-                    let [q, k, v]: [Tensor; 3] = parts.try_into().expect("three parts");
-                    (q, k, v)
-                }
-            };
-            let heads = |t: Tensor, n: i64, norm: Option<&Norm>| {
-                let t = t.view([batch, seq, n, s.head_dim]);
-                norm.map_or(t.shallow_clone(), |nm| nm.forward(&t)).transpose(1, 2)
-            };
-            let mut q = heads(q, s.num_heads, block.q_norm.as_ref());
-            let mut k = heads(k, s.num_kv_heads, block.k_norm.as_ref());
-            let v = heads(v, s.num_kv_heads, None);
-            let sliding = matches!(block.span, AttentionSpan::Sliding(_));
-            if let Some((cos, sin)) =
-                if sliding { local_rope.as_ref().or(global_rope.as_ref()) } else { global_rope.as_ref() }
-            {
-                q = apply_rope(&q, cos, sin);
-                k = apply_rope(&k, cos, sin);
-            }
-            let (k, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.extend(i, k, v),
-                None => (k, v),
-            };
-            let attn = self.attention(&q, &k, &v, block.span, documents);
-            let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
-            let mut out = block.o_proj.forward(&attn, train);
-            if let Some(norm) = &block.post_attn_norm {
-                out = norm.forward(&out);
-            }
-            x = &x + out;
+        let pass = Pass {
+            global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
+            local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
+            documents: packing.map(|p| p.documents.shallow_clone()),
+        };
+        (x, pass)
+    }
 
-            let h = block.mlp_norm.forward(&x).to_kind(act);
-            let mut out = self.mlp(&block.mlp, &h, train);
-            if let Some(norm) = &block.post_mlp_norm {
-                out = norm.forward(&out);
+    /// Block `i` on the residual stream `x`: `x + attention(norm(x))`, then `+ mlp(norm(..))`.
+    pub fn block(
+        &self,
+        i: usize,
+        x: &Tensor,
+        pass: &Pass,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let s = &self.spec;
+        let block = &self.layers[i];
+        let (batch, seq, _) = x.size3().expect("the residual stream is [batch, seq, hidden]");
+        let act = self.activations;
+        let h = block.attn_norm.forward(x).to_kind(act);
+        let (q, k, v) = match &block.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(&h, train), k.forward(&h, train), v.forward(&h, train)),
+            Qkv::Fused(qkv) => {
+                let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+                let parts = qkv.forward(&h, train).split_with_sizes([q_dim, kv_dim, kv_dim], -1);
+                let [q, k, v]: [Tensor; 3] = parts.try_into().expect("three parts");
+                (q, k, v)
             }
-            x = &x + out;
+        };
+        let heads = |t: Tensor, n: i64, norm: Option<&Norm>| {
+            let t = t.view([batch, seq, n, s.head_dim]);
+            norm.map_or(t.shallow_clone(), |nm| nm.forward(&t)).transpose(1, 2)
+        };
+        let mut q = heads(q, s.num_heads, block.q_norm.as_ref());
+        let mut k = heads(k, s.num_kv_heads, block.k_norm.as_ref());
+        let v = heads(v, s.num_kv_heads, None);
+        let sliding = matches!(block.span, AttentionSpan::Sliding(_));
+        if let Some((cos, sin)) = if sliding {
+            pass.local_rope.as_ref().or(pass.global_rope.as_ref())
+        } else {
+            pass.global_rope.as_ref()
+        } {
+            q = apply_rope(&q, cos, sin);
+            k = apply_rope(&k, cos, sin);
         }
-        if let Some(cache) = cache {
-            cache.len += seq;
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(i, k, v),
+            None => (k, v),
+        };
+        let attn = self.attention(&q, &k, &v, block.span, pass.documents.as_ref());
+        let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
+        let mut out = block.o_proj.forward(&attn, train);
+        if let Some(norm) = &block.post_attn_norm {
+            out = norm.forward(&out);
         }
-        self.norm.forward(&x)
+        let x = x + out;
+
+        let h = block.mlp_norm.forward(&x).to_kind(act);
+        let mut out = self.mlp(&block.mlp, &h, train);
+        if let Some(norm) = &block.post_mlp_norm {
+            out = norm.forward(&out);
+        }
+        x + out
+    }
+
+    /// The final norm of the residual stream: the hidden states [`Decoder::logits`] projects.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
+    }
+
+    /// How many blocks [`Decoder::block`] takes.
+    pub fn num_blocks(&self) -> usize {
+        self.layers.len()
     }
 
     fn mlp(&self, mlp: &Mlp, h: &Tensor, train: bool) -> Tensor {
@@ -522,6 +556,14 @@ impl Decoder {
             }
         }
     }
+}
+
+/// What the blocks of one forward pass share: the rotary tables of the tokens' positions and, in
+/// packed rows, which example each token belongs to.
+pub struct Pass {
+    global_rope: Option<(Tensor, Tensor)>,
+    local_rope: Option<(Tensor, Tensor)>,
+    documents: Option<Tensor>,
 }
 
 /// Keys and values of every layer for the tokens decoded so far.

@@ -6,6 +6,6 @@ pub mod layout;
 pub mod spec;
 pub mod weights;
 
-pub use decoder::{Decoder, KvCache, Linear, Packing};
+pub use decoder::{Decoder, KvCache, Linear, Packing, Pass};
 pub use spec::ModelSpec;
 pub use weights::Weights;

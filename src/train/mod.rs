@@ -4,6 +4,7 @@
 //! micro-batch contributes `sum(token NLL) / total label tokens of the step`, so gradient
 //! accumulation gives the same update as one large batch (not a mean of per-batch means).
 
+pub mod body;
 pub mod checkpoint;
 pub mod optim;
 pub mod run;
@@ -13,6 +14,7 @@ use crate::config::TrainConfig;
 use crate::data::format::IGNORE;
 use crate::data::Batch;
 use crate::model::Decoder;
+use body::Body;
 use optim::AdamW;
 use tch::{Kind, Reduction, Tensor};
 
@@ -21,13 +23,22 @@ use tch::{Kind, Reduction, Tensor};
 /// much again for their gradient) never exist.
 const LOGITS_PER_CHUNK: i64 = 16 << 20;
 
-/// Summed next-token NLL (fp32 scalar, detached) over the label tokens of `batch`.
+/// The gradient [`token_loss`] accumulates into the adapters besides computing the loss.
+#[derive(Debug, Clone, Copy)]
+pub struct Backward {
+    /// The gradient is that of `scale · loss`.
+    pub scale: f64,
+    /// Activation checkpointing (see [`body`]).
+    pub checkpointing: bool,
+}
+
+/// Summed next-token NLL (fp32 scalar, detached) over the label tokens of `batch`, with dropout
+/// and gradients when `backward` is given.
 ///
-/// With `backward: Some(scale)` it also accumulates the gradient of `scale · loss` into the
-/// adapters. Logits are computed only at the positions whose next token is a target, a chunk of
-/// rows at a time; each chunk's backward runs at once into a detached copy of the hidden states,
-/// and their summed gradient then goes through the body of the model in one backward pass.
-pub fn token_loss(model: &Decoder, batch: &Batch, backward: Option<f64>) -> Tensor {
+/// Logits are computed only at the positions whose next token is a target, a chunk of rows at a
+/// time; each chunk's backward runs at once into a detached copy of the hidden states, and their
+/// summed gradient then goes through the body of the model in one backward pass.
+pub fn token_loss(model: &Decoder, batch: &Batch, backward: Option<Backward>) -> Tensor {
     token_loss_in_chunks(model, batch, backward, (LOGITS_PER_CHUNK / model.spec.vocab_size).max(1))
 }
 
@@ -35,11 +46,12 @@ pub fn token_loss(model: &Decoder, batch: &Batch, backward: Option<f64>) -> Tens
 pub fn token_loss_in_chunks(
     model: &Decoder,
     batch: &Batch,
-    backward: Option<f64>,
+    backward: Option<Backward>,
     rows_per_chunk: i64,
 ) -> Tensor {
     let train = backward.is_some();
-    let hidden = model.hidden_states(&batch.input_ids, batch.packing.as_ref(), train);
+    let body = Body::forward(model, batch, train, backward.is_some_and(|b| b.checkpointing));
+    let hidden = model.final_norm(&body.output);
     let width = *hidden.size().last().expect("hidden states have a width");
     let hidden = hidden.reshape([-1, width]);
     let head_input = if train { hidden.detach().set_requires_grad(true) } else { hidden.shallow_clone() };
@@ -51,14 +63,15 @@ pub fn token_loss_in_chunks(
         let logits = model.logits(&head_input.index_select(0, &positions), train);
         let ids = batch.target_ids.narrow(0, start, rows);
         let loss = logits.cross_entropy_loss(&ids, None::<Tensor>, Reduction::Sum, IGNORE, 0.0);
-        if let Some(scale) = backward {
-            (&loss * scale).backward();
+        if let Some(b) = backward {
+            (&loss * b.scale).backward();
         }
         total += loss.detach();
     }
     let head_grad = head_input.grad();
-    if train && head_grad.defined() {
+    if train && head_grad.defined() && hidden.requires_grad() {
         (hidden * head_grad).sum(Kind::Float).backward();
+        body.backward(model);
     }
     total
 }
@@ -103,12 +116,18 @@ pub struct Trainer {
     pub params: Vec<Tensor>,
     pub optimizer: AdamW,
     max_grad_norm: Option<f64>,
+    checkpointing: bool,
 }
 
 impl Trainer {
     pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
         let optimizer = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
-        Trainer { params, optimizer, max_grad_norm: cfg.max_grad_norm }
+        Trainer {
+            params,
+            optimizer,
+            max_grad_norm: cfg.max_grad_norm,
+            checkpointing: cfg.gradient_checkpointing,
+        }
     }
 
     /// Forward and backward over the micro-batches of one step, leaving the step's gradient in
@@ -118,7 +137,8 @@ impl Trainer {
         let mut step_loss = Tensor::from(0f32);
         let scale = 1.0 / total_tokens.max(1) as f64;
         for batch in micro_batches {
-            let loss = token_loss(model, batch, Some(scale)) * scale;
+            let loss =
+                token_loss(model, batch, Some(Backward { scale, checkpointing: self.checkpointing })) * scale;
             step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
         }
         step_loss

@@ -328,7 +328,7 @@ pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
 }
 
 /// How the run lays examples into rows.
-fn row_layout(cfg: &Config) -> RowLayout {
+pub fn row_layout(cfg: &Config) -> RowLayout {
     if cfg.data.packing {
         RowLayout::Packed(cfg.data.max_seq_len)
     } else {
@@ -337,7 +337,7 @@ fn row_layout(cfg: &Config) -> RowLayout {
 }
 
 /// The tensors of one micro-batch.
-fn collate(
+pub fn collate(
     examples: &[Example],
     micro_batch: &MicroBatch,
     layout: RowLayout,

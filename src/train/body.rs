@@ -1,0 +1,79 @@
+//! The decoder's blocks run for training, either keeping every activation for autograd, or with
+//! activation checkpointing: keeping only each block's input during the forward pass and running
+//! the block again, one at a time from the last, during the backward pass.
+
+use crate::data::Batch;
+use crate::model::{Decoder, Pass};
+use tch::{Device, Kind, Tensor};
+
+/// The residual stream after the last block, and what its backward pass still needs.
+pub struct Body {
+    /// With activation checkpointing a leaf that collects the gradient from the head; otherwise
+    /// the end of the whole body's autograd graph.
+    pub output: Tensor,
+    recompute: Option<Recompute>,
+}
+
+/// What running the blocks again needs.
+struct Recompute {
+    inputs: Vec<Tensor>,
+    pass: Pass,
+    /// See [`Body::forward`].
+    seed: i64,
+}
+
+impl Body {
+    /// Runs the blocks. Training draws one seed from the global generator and seeds each block's
+    /// run with `seed + block`, with or without checkpointing, so that dropout draws the same
+    /// masks when a block runs again, and the same masks in both modes.
+    pub fn forward(model: &Decoder, batch: &Batch, train: bool, checkpointing: bool) -> Body {
+        let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0);
+        if !train {
+            for i in 0..model.num_blocks() {
+                x = model.block(i, &x, &pass, None, false);
+            }
+            return Body { output: x, recompute: None };
+        }
+        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let run = |i: usize, x: &Tensor| {
+            tch::manual_seed(seed.wrapping_add(i as i64));
+            model.block(i, x, &pass, None, true)
+        };
+        if !checkpointing {
+            for i in 0..model.num_blocks() {
+                x = run(i, &x);
+            }
+            return Body { output: x, recompute: None };
+        }
+        let mut inputs = Vec::with_capacity(model.num_blocks());
+        tch::no_grad(|| {
+            for i in 0..model.num_blocks() {
+                let next = run(i, &x);
+                inputs.push(std::mem::replace(&mut x, next));
+            }
+        });
+        Body { output: x.set_requires_grad(true), recompute: Some(Recompute { inputs, pass, seed }) }
+    }
+
+    /// Carries the gradient that has reached `output` back through the blocks, when they were
+    /// run with activation checkpointing (otherwise autograd has already done so).
+    pub fn backward(self, model: &Decoder) {
+        let Some(r) = self.recompute else {
+            return;
+        };
+        let mut grad = self.output.grad();
+        for (i, input) in r.inputs.iter().enumerate().rev() {
+            if !grad.defined() {
+                break;
+            }
+            // The embeddings are frozen: the first block's input needs no gradient.
+            let x = if i == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
+            tch::manual_seed(r.seed.wrapping_add(i as i64));
+            let out = model.block(i, &x, &r.pass, None, true);
+            if out.requires_grad() {
+                (out * &grad).sum(Kind::Float).backward();
+            }
+            grad = if i == 0 { Tensor::new() } else { x.grad() };
+        }
+    }
+}
