@@ -52,6 +52,7 @@ impl Batch {
         let cells = rows.len() * seq;
         let (mut ids, mut labels) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
         let (mut positions, mut documents) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
+        let mut segments = Vec::with_capacity(rows.len());
         for row in rows {
             for (doc, e) in row.iter().enumerate() {
                 ids.extend_from_slice(&e.input_ids);
@@ -63,6 +64,11 @@ impl Batch {
                 documents.extend(std::iter::repeat_n(doc as i64, e.input_ids.len()));
             }
             let pad = seq - row_len(row);
+            let mut lengths: Vec<i64> = row.iter().map(|e| e.input_ids.len() as i64).collect();
+            if pad > 0 {
+                lengths.push(pad as i64);
+            }
+            segments.push(lengths);
             ids.extend(std::iter::repeat_n(pad_id, pad));
             labels.extend(std::iter::repeat_n(IGNORE, pad));
             positions.extend(0..pad as i64);
@@ -85,7 +91,11 @@ impl Batch {
             labels: tensor(&labels),
             target_positions: flat(&target_positions),
             target_ids: flat(&target_ids),
-            packing: packed.then(|| Packing { positions: tensor(&positions), documents: tensor(&documents) }),
+            packing: packed.then(|| Packing {
+                positions: tensor(&positions),
+                documents: tensor(&documents),
+                segments,
+            }),
             real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
         }

@@ -413,6 +413,7 @@ impl Decoder {
             global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
             local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
             documents: packing.map(|p| p.documents.shallow_clone()),
+            segments: packing.map(|p| p.segments.clone()),
         };
         (x, pass)
     }
@@ -460,7 +461,14 @@ impl Decoder {
             Some(cache) => cache.extend(i, k, v),
             None => (k, v),
         };
-        let attn = self.attention(&q, &k, &v, block.span, pass.documents.as_ref());
+        let attn = match (&pass.segments, block.span, s.attn_softcap) {
+            // Causal attention example by example does the block-diagonal mask's work without
+            // computing the blocks it masks out (most of a packed row's scores).
+            (Some(segments), AttentionSpan::Global, None) => {
+                attention_per_example(&q, &k, &v, segments, s.attn_scale)
+            }
+            _ => self.attention(&q, &k, &v, block.span, pass.documents.as_ref()),
+        };
         let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
         let mut out = block.o_proj.forward(&attn, train);
         if let Some(norm) = &block.post_attn_norm {
@@ -564,6 +572,38 @@ pub struct Pass {
     global_rope: Option<(Tensor, Tensor)>,
     local_rope: Option<(Tensor, Tensor)>,
     documents: Option<Tensor>,
+    segments: Option<Vec<Vec<i64>>>,
+}
+
+/// Causal attention within each example of packed rows: `segments` holds each row's example (and
+/// padding) lengths, in order.
+fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64>], scale: f64) -> Tensor {
+    let gqa = q.size()[1] != k.size()[1];
+    let rows: Vec<Tensor> = segments
+        .iter()
+        .enumerate()
+        .map(|(row, lengths)| {
+            let [q, k, v] = [q, k, v].map(|t| t.get(row as i64).split_with_sizes(lengths, 1));
+            let parts: Vec<Tensor> = (0..lengths.len())
+                .map(|i| {
+                    let one = |t: &[Tensor]| t[i].unsqueeze(0);
+                    Tensor::scaled_dot_product_attention(
+                        &one(&q),
+                        &one(&k),
+                        &one(&v),
+                        None::<Tensor>,
+                        0.0,
+                        true,
+                        scale,
+                        gqa,
+                    )
+                    .squeeze_dim(0)
+                })
+                .collect();
+            Tensor::cat(&parts, 1)
+        })
+        .collect();
+    Tensor::stack(&rows, 0)
 }
 
 /// Keys and values of every layer for the tokens decoded so far.
@@ -594,6 +634,8 @@ impl KvCache {
 pub struct Packing {
     pub positions: Tensor,
     pub documents: Tensor,
+    /// Per row, the lengths of its examples in order, then of its padding (if any).
+    pub segments: Vec<Vec<i64>>,
 }
 
 /// Booleans, broadcastable to `[batch, heads, seq, seq]`: query i may see key j when j ≤ i,
