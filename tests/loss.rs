@@ -12,7 +12,6 @@ use lorafit::lora;
 use lorafit::model::Decoder;
 use lorafit::train::run::load_model;
 use lorafit::train::{token_loss_in_chunks, Backward};
-use std::sync::Mutex;
 use tch::{Device, Kind, Reduction, Tensor};
 
 /// The loss as it was before chunking: full `[batch, seq, vocab]` logits, shifted labels.
@@ -36,10 +35,6 @@ fn example(ids: &[i64], prompt: usize) -> Example {
     let labels = ids.iter().enumerate().map(|(i, &t)| if i < prompt { IGNORE } else { t }).collect();
     Example { input_ids: ids.to_vec(), labels }
 }
-
-/// libtorch's global generator seeds the adapters and draws the dropout masks; the tests of this
-/// file take turns with it.
-static GLOBAL_RNG: Mutex<()> = Mutex::new(());
 
 /// A fixture model with adapters on `targets` (B non-zero, so that A gets gradients too).
 fn adapted(family: &str, targets: &[&str], dropout: f64) -> (Decoder, Vec<Tensor>) {
@@ -79,7 +74,7 @@ fn assert_close(what: &str, want: &[Tensor], got: &[Tensor]) {
 
 #[test]
 fn chunked_target_only_loss_equals_the_full_logits_loss() {
-    let _turn = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = common::global_rng_turn();
     // Untied with an adapted lm_head (llama3), tied (smollm2), tied with logit soft-capping (gemma2).
     for (family, targets) in [
         ("llama3", &["q_proj", "down_proj", "lm_head"][..]),
@@ -116,7 +111,7 @@ fn chunked_target_only_loss_equals_the_full_logits_loss() {
 /// masks: the gradients equal those of the plain backward pass.
 #[test]
 fn activation_checkpointing_gives_the_same_gradients() {
-    let _turn = GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = common::global_rng_turn();
     // Sliding-window layers and soft-capping (gemma2), an adapted lm_head (llama3); dropout on.
     for (family, targets) in
         [("gemma2", &["q_proj", "o_proj", "up_proj"][..]), ("llama3", &["v_proj", "lm_head"][..])]

@@ -46,6 +46,7 @@ fn story_data(dir: &Path) -> std::path::PathBuf {
 
 #[test]
 fn a_step_changes_only_the_adapter() {
+    let _turn = common::global_rng_turn();
     let Some(assets) = common::assets() else {
         return;
     };
@@ -108,6 +109,7 @@ fn max_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
 
 #[test]
 fn grad_accumulation_equals_one_large_batch() {
+    let _turn = common::global_rng_turn();
     let Some(assets) = common::assets() else {
         return;
     };

@@ -241,6 +241,7 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
         fan_in_fan_out |= linear.fan_in_fan_out;
         linear.adapter = Some(adapter);
     }
+    model.adapter_dropout |= cfg.dropout > 0.0;
     Ok(Injected { module_paths: targets.into_iter().map(|t| t.path).collect(), trainables, fan_in_fan_out })
 }
 

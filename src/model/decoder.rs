@@ -135,6 +135,8 @@ pub struct Decoder {
     /// The kind of the activations inside each block (see the module docs): the weights' kind
     /// when loaded; set it to fp32 to multiply bf16-held weights with fp32 activations.
     pub activations: Kind,
+    /// Some adapter applies dropout in training (set when adapters are attached).
+    pub adapter_dropout: bool,
 }
 
 /// Tensors some checkpoints carry that are not weights (precomputed buffers).
@@ -249,6 +251,7 @@ impl Decoder {
             norm: final_norm,
             lm_head,
             activations,
+            adapter_dropout: false,
         })
     }
 

@@ -18,14 +18,15 @@ pub struct Body {
 struct Recompute {
     inputs: Vec<Tensor>,
     pass: Pass,
-    /// See [`Body::forward`].
-    seed: i64,
+    /// See [`Body::forward`]; `None` without dropout.
+    seed: Option<i64>,
 }
 
 impl Body {
-    /// Runs the blocks. Training draws one seed from the global generator and seeds each block's
-    /// run with `seed + block`, with or without checkpointing, so that dropout draws the same
-    /// masks when a block runs again, and the same masks in both modes.
+    /// Runs the blocks. When adapters apply dropout, training draws one seed from the global
+    /// generator and seeds each block's run with `seed + block`, with or without checkpointing,
+    /// so that dropout draws the same masks when a block runs again, and the same masks in both
+    /// modes. Without dropout nothing random happens and the generator is left alone.
     pub fn forward(model: &Decoder, batch: &Batch, train: bool, checkpointing: bool) -> Body {
         let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0);
         if !train {
@@ -34,9 +35,13 @@ impl Body {
             }
             return Body { output: x, recompute: None };
         }
-        let seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]);
+        let seed = model
+            .adapter_dropout
+            .then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
         let run = |i: usize, x: &Tensor| {
-            tch::manual_seed(seed.wrapping_add(i as i64));
+            if let Some(seed) = seed {
+                tch::manual_seed(seed.wrapping_add(i as i64));
+            }
             model.block(i, x, &pass, None, true)
         };
         if !checkpointing {
@@ -68,7 +73,9 @@ impl Body {
             }
             // The embeddings are frozen: the first block's input needs no gradient.
             let x = if i == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
-            tch::manual_seed(r.seed.wrapping_add(i as i64));
+            if let Some(seed) = r.seed {
+                tch::manual_seed(seed.wrapping_add(i as i64));
+            }
             let out = model.block(i, &x, &r.pass, None, true);
             if out.requires_grad() {
                 (out * &grad).sum(Kind::Float).backward();

@@ -83,3 +83,10 @@ pub fn fixture(family: &str) -> PathBuf {
 pub fn ids(v: &serde_json::Value) -> Vec<i64> {
     v.as_array().expect("a JSON array").iter().map(|x| x.as_i64().expect("an integer")).collect()
 }
+
+/// libtorch's global generator seeds adapters and draws dropout masks; tests of one binary that
+/// seed it and rely on what it draws take turns with it through this lock.
+pub fn global_rng_turn() -> std::sync::MutexGuard<'static, ()> {
+    static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
