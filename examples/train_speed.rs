@@ -11,7 +11,8 @@
 //!
 //! Training: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down; AdamW (lr 1e-4, no weight
 //! decay), gradient norm clipped at 1.0; step i trains on saved batch i (labels = inputs).
-//! `bf16-mixed` holds the frozen weights in bf16, as `lorafit train` does for that precision.
+//! `bf16-mixed` is what `lorafit train` does for that precision: frozen weights in bf16 and the
+//! blocks computed in bf16, with fp32 adapter weights, residual stream, norms and loss.
 //! Prints one JSON line: tokens_per_s (tokens of one step / median step time), median_step_s,
 //! peak_rss_mb (VmHWM, the whole process including loading), first_loss (step 0, before any
 //! update), final_loss (the last step's), and the per-step times and losses of the measured steps.
@@ -26,10 +27,8 @@
 //! utilisation): square 2048² matmuls in fp32 and bf16, the best of ten, printed as GFLOP/s.
 
 use anyhow::{bail, Context, Result};
-use lorafit::config::Config;
-use lorafit::config::{LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
-use lorafit::data::EpochPlan;
-use lorafit::data::{Batch, Example};
+use lorafit::config::{Config, LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
+use lorafit::data::{Batch, EpochPlan, Example};
 use lorafit::files::write_atomic;
 use lorafit::lora;
 use lorafit::model::ModelSpec;
