@@ -415,8 +415,10 @@ impl Decoder {
         let pass = Pass {
             global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
             local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
-            documents: packing.map(|p| p.documents.shallow_clone()),
-            segments: packing.map(|p| p.segments.clone()),
+            examples: packing.map(|p| PackedExamples {
+                documents: p.documents.shallow_clone(),
+                segments: p.segments.clone(),
+            }),
         };
         (x, pass)
     }
@@ -464,14 +466,7 @@ impl Decoder {
             Some(cache) => cache.extend(i, k, v),
             None => (k, v),
         };
-        let attn = match (&pass.segments, block.span, s.attn_softcap) {
-            // Causal attention example by example does the block-diagonal mask's work without
-            // computing the blocks it masks out (most of a packed row's scores).
-            (Some(segments), AttentionSpan::Global, None) => {
-                attention_per_example(&q, &k, &v, segments, s.attn_scale)
-            }
-            _ => self.attention(&q, &k, &v, block.span, pass.documents.as_ref()),
-        };
+        let attn = self.attention(&q, &k, &v, block.span, pass.examples.as_ref());
         let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
         let mut out = block.o_proj.forward(&attn, train);
         if let Some(norm) = &block.post_attn_norm {
@@ -525,9 +520,10 @@ impl Decoder {
         k: &Tensor,
         v: &Tensor,
         span: AttentionSpan,
-        documents: Option<&Tensor>,
+        examples: Option<&PackedExamples>,
     ) -> Tensor {
         let s = &self.spec;
+        let documents = examples.map(|e| &e.documents);
         let (q_len, k_len) = (q.size()[2], k.size()[2]);
         let gqa = s.num_kv_heads != s.num_heads;
         let window = match span {
@@ -540,8 +536,8 @@ impl Decoder {
         // One new query after cached keys sees all of them: no mask at all.
         let sees_all = window.is_none() && documents.is_none() && q_len == 1;
         let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
-        match s.attn_softcap {
-            None if plain_causal || sees_all => Tensor::scaled_dot_product_attention(
+        match (s.attn_softcap, examples) {
+            (None, _) if plain_causal || sees_all => Tensor::scaled_dot_product_attention(
                 q,
                 k,
                 v,
@@ -551,10 +547,15 @@ impl Decoder {
                 s.attn_scale,
                 gqa,
             ),
-            None => {
+            // Causal attention example by example does the block-diagonal mask's work without
+            // computing the blocks it masks out (most of a packed row's scores).
+            (None, Some(examples)) if window.is_none() && q_len == k_len => {
+                attention_per_example(q, k, v, &examples.segments, s.attn_scale)
+            }
+            (None, _) => {
                 Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
             }
-            Some(cap) => {
+            (Some(cap), _) => {
                 let groups = s.num_heads / s.num_kv_heads;
                 let (k, v) = (
                     k.repeat_interleave_self_int(groups, 1, None),
@@ -574,8 +575,14 @@ impl Decoder {
 pub struct Pass {
     global_rope: Option<(Tensor, Tensor)>,
     local_rope: Option<(Tensor, Tensor)>,
-    documents: Option<Tensor>,
-    segments: Option<Vec<Vec<i64>>>,
+    examples: Option<PackedExamples>,
+}
+
+/// Which example each token of packed rows belongs to (`[batch, seq]`), and each row's example
+/// (and padding) lengths in order.
+struct PackedExamples {
+    documents: Tensor,
+    segments: Vec<Vec<i64>>,
 }
 
 /// Causal attention within each example of packed rows: `segments` holds each row's example (and
