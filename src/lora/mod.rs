@@ -29,11 +29,10 @@ impl Adapter {
     pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let kind = x.kind();
-        let r = self.a.size()[0];
-        let down = x.reshape([-1, x.size().last().copied().unwrap_or(0)]).matmul(&self.a.to_kind(kind).tr());
+        let (out_features, in_features) = (self.b.size()[0], self.a.size()[1]);
+        let down = x.reshape([-1, in_features]).matmul(&self.a.to_kind(kind).tr());
         let up = (&self.b * self.scale).to_kind(kind);
-        let out = base.size();
-        base.reshape([-1, up.size()[0]]).addmm(&down.view([-1, r]), &up.tr()).view(out.as_slice())
+        base.reshape([-1, out_features]).addmm(&down, &up.tr()).view(base.size().as_slice())
     }
 }
 

@@ -29,22 +29,15 @@ impl Body {
     /// modes. Without dropout nothing random happens and the generator is left alone.
     pub fn forward(model: &Decoder, batch: &Batch, train: bool, checkpointing: bool) -> Body {
         let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0);
-        if !train {
-            for i in 0..model.num_blocks() {
-                x = model.block(i, &x, &pass, None, false);
-            }
-            return Body { output: x, recompute: None };
-        }
-        let seed = model
-            .adapter_dropout
+        let seed = (train && model.adapter_dropout)
             .then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
         let run = |i: usize, x: &Tensor| {
             if let Some(seed) = seed {
                 tch::manual_seed(seed.wrapping_add(i as i64));
             }
-            model.block(i, x, &pass, None, true)
+            model.block(i, x, &pass, None, train)
         };
-        if !checkpointing {
+        if !(train && checkpointing) {
             for i in 0..model.num_blocks() {
                 x = run(i, &x);
             }

@@ -140,9 +140,18 @@ pub fn resolve_device(name: &str) -> Result<Device> {
 
 /// The dtype frozen weights are held in.
 pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
-    match (dtype, precision) {
-        (WeightDtype::Fp32, _) | (WeightDtype::Auto, Precision::Fp32) => Kind::Float,
-        (WeightDtype::Bf16, _) | (WeightDtype::Auto, Precision::Bf16Mixed) => Kind::BFloat16,
+    match dtype {
+        WeightDtype::Fp32 => Kind::Float,
+        WeightDtype::Bf16 => Kind::BFloat16,
+        WeightDtype::Auto => activation_kind(precision),
+    }
+}
+
+/// The dtype of the activations inside each block for `precision`.
+pub fn activation_kind(precision: Precision) -> Kind {
+    match precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16Mixed => Kind::BFloat16,
     }
 }
 
@@ -156,10 +165,7 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
 /// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind.
 fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
     let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
-    model.activations = match cfg.train.precision {
-        Precision::Fp32 => Kind::Float,
-        Precision::Bf16Mixed => Kind::BFloat16,
-    };
+    model.activations = activation_kind(cfg.train.precision);
     Ok(model)
 }
 
