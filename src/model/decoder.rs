@@ -537,14 +537,12 @@ impl Decoder {
         let sees_all = window.is_none() && documents.is_none() && q_len == 1;
         let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
         match (s.attn_softcap, examples) {
-            (None, _) if plain_causal => causal_attention(q, k, v, s.attn_scale),
+            (None, _) if plain_causal => causal_attention(q, k, v, s.attn_scale, None),
             (None, _) if sees_all => {
                 Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, s.attn_scale, gqa)
             }
-            // Causal attention example by example does the block-diagonal mask's work without
-            // computing the blocks it masks out (most of a packed row's scores).
             (None, Some(examples)) if window.is_none() && q_len == k_len => {
-                attention_per_example(q, k, v, &examples.segments, s.attn_scale)
+                causal_attention(q, k, v, s.attn_scale, Some(examples))
             }
             (None, _) => {
                 Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
@@ -579,6 +577,30 @@ struct PackedExamples {
     segments: Vec<Vec<i64>>,
 }
 
+/// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
+/// `[batch, kv_heads, seq, head_dim]`, within each example in packed rows.
+fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    examples: Option<&PackedExamples>,
+) -> Tensor {
+    let seq = q.size()[2];
+    if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
+        return attention_by_query_blocks(q, k, v, scale, examples);
+    }
+    match examples {
+        None => {
+            let gqa = q.size()[1] != k.size()[1];
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa)
+        }
+        // Example by example does the block-diagonal mask's work without computing the blocks it
+        // masks out (most of a packed row's scores).
+        Some(examples) => attention_per_example(q, k, v, &examples.segments, scale),
+    }
+}
+
 /// Causal attention within each example of packed rows: `segments` holds each row's example (and
 /// padding) lengths, in order.
 fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64>], scale: f64) -> Tensor {
@@ -590,7 +612,7 @@ fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64
             let parts: Vec<Tensor> = (0..lengths.len())
                 .map(|i| {
                     let one = |t: &[Tensor]| t[i].unsqueeze(0);
-                    causal_attention(&one(&q), &one(&k), &one(&v), scale).squeeze_dim(0)
+                    causal_attention(&one(&q), &one(&k), &one(&v), scale, None).squeeze_dim(0)
                 })
                 .collect();
             Tensor::cat(&parts, 1)
@@ -599,26 +621,28 @@ fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64
     Tensor::stack(&rows, 0)
 }
 
-/// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
-/// `[batch, kv_heads, seq, head_dim]`.
-fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
-    if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 {
-        return causal_attention_by_query_blocks(q, k, v, scale);
-    }
-    let gqa = q.size()[1] != k.size()[1];
-    Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa)
-}
+/// Queries per block of [`attention_by_query_blocks`] (the fastest of 64–512 at 512 tokens on 2
+/// cores).
+const QUERY_BLOCK: i64 = 128;
 
-/// Fewest queries per block of [`causal_attention_by_query_blocks`]; longer sequences use eight
-/// blocks. Measured on 2 cores: 128 is fastest at 512 tokens, 256 at 2048.
-const MIN_QUERY_BLOCK: i64 = 128;
+/// Longest sequence for [`attention_by_query_blocks`]. It keeps each block's probabilities for the
+/// backward pass, which grow with the square of the length: at 2048 tokens they raised a 135M
+/// model's peak memory by 40%. Longer sequences go to SDPA's flash kernel, which keeps none.
+const MAX_QUERY_BLOCKED_LEN: i64 = 1024;
 
-/// Causal attention as bf16 GEMMs over blocks of queries, each block scoring only the keys up to
-/// its last query, so most of the causal mask's empty half is never computed. On CPU, libtorch's
-/// bf16 SDPA kernel works through small fp32 tiles and was 2–2.5× slower forward and backward.
-/// Scores and probabilities are bf16 and the softmax accumulates in fp32, as in eager attention
-/// under bf16; each score is rounded once, after scaling and masking.
-fn causal_attention_by_query_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+/// Causal attention as bf16 GEMMs over blocks of queries, each block scoring only the keys from
+/// the first example it touches (packed rows) up to its last query, so most of the mask's empty
+/// part is never computed. On CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and
+/// was 2–2.5× slower forward and backward; one SDPA call per packed example also cost more than
+/// these few larger GEMMs. Scores and probabilities are bf16 and the softmax accumulates in fp32,
+/// as in eager attention under bf16; each score is rounded once, after scaling and masking.
+fn attention_by_query_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    examples: Option<&PackedExamples>,
+) -> Tensor {
     let [batch, heads, seq, dim] = q.size()[..] else { panic!("attention queries are 4-D") };
     let kv_heads = k.size()[1];
     let groups = heads / kv_heads;
@@ -626,23 +650,53 @@ fn causal_attention_by_query_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f
     let q = q.reshape([batch, kv_heads, groups, seq, dim]);
     let k = k.reshape([batch * kv_heads, seq, dim]);
     let v = v.reshape([batch * kv_heads, seq, dim]);
-    let block = MIN_QUERY_BLOCK.max((seq + 7) / 8);
     let mut outputs = Vec::new();
-    let mut start = 0;
-    while start < seq {
-        let len = block.min(seq - start);
+    for start in (0..seq).step_by(QUERY_BLOCK as usize) {
+        let len = QUERY_BLOCK.min(seq - start);
         let end = start + len;
+        let first_key = examples.map_or(0, |e| first_example_start(&e.segments, start));
+        let keys = end - first_key;
         let queries = q.narrow(3, start, len).reshape([batch * kv_heads, groups * len, dim]);
-        // Query `start + r` sees the keys up to itself; the mask is the GEMM's addend.
-        let future = Tensor::full([len, end], f64::NEG_INFINITY, (q.kind(), q.device())).triu(start + 1);
-        let future = future.repeat([groups, 1]).expand([batch * kv_heads, groups * len, end], false);
-        let scores = future.baddbmm(&queries, &k.narrow(1, 0, end).transpose(1, 2), 1.0, scale);
+        // The mask is the score GEMM's addend. Query `start + r` sees the keys up to itself...
+        let future =
+            Tensor::full([len, keys], f64::NEG_INFINITY, (q.kind(), q.device())).triu(start - first_key + 1);
+        let mask = match examples {
+            None => future.repeat([groups, 1]).expand([batch * kv_heads, groups * len, keys], false),
+            // ...and of its own example.
+            Some(e) => {
+                let documents = |from: i64, n: i64| e.documents.narrow(1, from, n);
+                let other =
+                    documents(start, len).unsqueeze(2).ne_tensor(&documents(first_key, keys).unsqueeze(1));
+                future
+                    .masked_fill(&other, f64::NEG_INFINITY)
+                    .repeat([1, groups, 1])
+                    .unsqueeze(1)
+                    .expand([batch, kv_heads, groups * len, keys], false)
+                    .reshape([batch * kv_heads, groups * len, keys])
+            }
+        };
+        let scores = mask.baddbmm(&queries, &k.narrow(1, first_key, keys).transpose(1, 2), 1.0, scale);
         let probs = scores.softmax(-1, q.kind());
-        let out = probs.bmm(&v.narrow(1, 0, end));
+        let out = probs.bmm(&v.narrow(1, first_key, keys));
         outputs.push(out.view([batch, kv_heads, groups, len, dim]));
-        start = end;
     }
     Tensor::cat(&outputs, 3).view([batch, heads, seq, dim])
+}
+
+/// Where the earliest example holding position `at` in any row begins; `segments` holds each
+/// row's example lengths in order.
+fn first_example_start(segments: &[Vec<i64>], at: i64) -> i64 {
+    let start_in_row = |lengths: &Vec<i64>| {
+        let mut start = 0;
+        for length in lengths {
+            if start + length > at {
+                break;
+            }
+            start += length;
+        }
+        start
+    };
+    segments.iter().map(start_in_row).min().unwrap_or(0)
 }
 
 /// Keys and values of every layer for the tokens decoded so far.
@@ -783,23 +837,52 @@ mod tests {
             / reference.abs().mean(Kind::Float).double_value(&[])
     }
 
+    /// Packed rows whose examples have these lengths.
+    fn packed(segments: &[&[i64]]) -> PackedExamples {
+        let documents: Vec<Tensor> = segments
+            .iter()
+            .map(|lengths| {
+                let ids: Vec<i64> =
+                    lengths.iter().enumerate().flat_map(|(i, &n)| vec![i as i64; n as usize]).collect();
+                Tensor::from_slice(&ids)
+            })
+            .collect();
+        PackedExamples {
+            documents: Tensor::stack(&documents, 0),
+            segments: segments.iter().map(|lengths| lengths.to_vec()).collect(),
+        }
+    }
+
     /// The query-block attention in bf16 must be as close to fp32 attention as libtorch's own bf16
-    /// SDPA, in its output and in the gradients of queries, keys and values, for sequences of one
-    /// block, several, and a short last block, with grouped key/value heads.
+    /// SDPA, in its output and in the gradients of queries, keys and values: for sequences of one
+    /// block, several, and a short last block, with grouped key/value heads, and for packed rows
+    /// whose examples start and end inside blocks and differ between the rows.
     #[test]
     fn query_block_attention_matches_sdpa() {
         tch::manual_seed(7);
         let (heads, kv_heads, dim, scale) = (6, 2, 16, 0.3);
-        for (batch, seq) in [(2, 2), (2, 37), (1, 300), (1, 1100)] {
+        let cases: [(i64, i64, Option<PackedExamples>); 7] = [
+            (2, 2, None),
+            (2, 37, None),
+            (1, 300, None),
+            (1, 1100, None),
+            (2, 37, Some(packed(&[&[10, 27], &[37]]))),
+            (2, 300, Some(packed(&[&[50, 130, 100, 20], &[1, 299]]))),
+            (1, 520, Some(packed(&[&[7, 200, 129, 1, 183]]))),
+        ];
+        for (batch, seq, examples) in &cases {
+            let (batch, seq) = (*batch, *seq);
             let inputs = [heads, kv_heads, kv_heads]
                 .map(|h| Tensor::randn([batch, h, seq, dim], (Kind::Float, Device::Cpu)));
             let upstream = Tensor::randn([batch, heads, seq, dim], (Kind::Float, Device::Cpu));
+            let documents = examples.as_ref().map(|e| &e.documents);
+            let allowed = attention_mask(seq, None, documents, Device::Cpu);
             let run = |kind: Kind, blocks: bool| {
                 let [q, k, v] = inputs.each_ref().map(|t| t.to_kind(kind).detach().set_requires_grad(true));
                 let out = if blocks {
-                    causal_attention_by_query_blocks(&q, &k, &v, scale)
+                    attention_by_query_blocks(&q, &k, &v, scale, examples.as_ref())
                 } else {
-                    Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, true)
+                    Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, true)
                 };
                 (out.to_kind(Kind::Float) * &upstream).sum(Kind::Float).backward();
                 let grads = [&q, &k, &v].map(|t| t.grad().to_kind(Kind::Float));
@@ -812,9 +895,10 @@ mod tests {
                 .chain(our_grads.iter().zip(&sdpa_grads).zip(&reference_grads).map(|((o, s), r)| (o, s, r)));
             for ((ours, sdpa, reference), what) in results.zip(["output", "dq", "dk", "dv"]) {
                 let (e_ours, e_sdpa) = (relative_error(ours, reference), relative_error(sdpa, reference));
+                let packed = examples.is_some();
                 assert!(
                     e_ours <= 2.0 * e_sdpa,
-                    "seq {seq}, {what}: error {e_ours:.2e} against bf16 SDPA's {e_sdpa:.2e}"
+                    "seq {seq} (packed: {packed}), {what}: error {e_ours:.2e} against bf16 SDPA's {e_sdpa:.2e}"
                 );
             }
         }
