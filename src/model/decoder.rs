@@ -621,14 +621,15 @@ fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64
     Tensor::stack(&rows, 0)
 }
 
-/// Queries per block of [`attention_by_query_blocks`] (the fastest of 64–512 at 512 tokens on 2
-/// cores).
-const QUERY_BLOCK: i64 = 128;
+/// Fewest queries per block of [`attention_by_query_blocks`]; longer sequences use eight blocks.
+/// Measured on 2 cores: 128 is the fastest at 512 tokens, 256 at 2048.
+const MIN_QUERY_BLOCK: i64 = 128;
 
 /// Longest sequence for [`attention_by_query_blocks`]. It keeps each block's probabilities for the
-/// backward pass, which grow with the square of the length: at 2048 tokens they raised a 135M
-/// model's peak memory by 40%. Longer sequences go to SDPA's flash kernel, which keeps none.
-const MAX_QUERY_BLOCKED_LEN: i64 = 1024;
+/// backward pass, and they grow with the square of the length: at 2048 tokens they added 47% to a
+/// 135M model's peak memory (still half of PEFT's) for a step a third shorter; at 4096 they would
+/// add four times as much. Longer sequences go to SDPA's flash kernel, which keeps none.
+const MAX_QUERY_BLOCKED_LEN: i64 = 2048;
 
 /// Causal attention as bf16 GEMMs over blocks of queries, each block scoring only the keys from
 /// the first example it touches (packed rows) up to its last query, so most of the mask's empty
@@ -651,8 +652,9 @@ fn attention_by_query_blocks(
     let k = k.reshape([batch * kv_heads, seq, dim]);
     let v = v.reshape([batch * kv_heads, seq, dim]);
     let mut outputs = Vec::new();
-    for start in (0..seq).step_by(QUERY_BLOCK as usize) {
-        let len = QUERY_BLOCK.min(seq - start);
+    let block = MIN_QUERY_BLOCK.max((seq + 7) / 8);
+    for start in (0..seq).step_by(block as usize) {
+        let len = block.min(seq - start);
         let end = start + len;
         let first_key = examples.map_or(0, |e| first_example_start(&e.segments, start));
         let keys = end - first_key;
