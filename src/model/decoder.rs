@@ -530,19 +530,13 @@ impl Decoder {
             AttentionSpan::Sliding(w) if w < k_len => Some(w),
             _ => None,
         };
-        // With cached keys the queries are the last q_len positions; SDPA's own causal mask
-        // assumes they are the first.
-        let plain_causal = window.is_none() && documents.is_none() && q_len == k_len;
         // One new query after cached keys sees all of them: no mask at all.
         let sees_all = window.is_none() && documents.is_none() && q_len == 1;
         let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
         match (s.attn_softcap, examples) {
-            (None, _) if plain_causal => causal_attention(q, k, v, s.attn_scale, None),
+            (None, _) if q_len == k_len => causal_attention(q, k, v, s.attn_scale, window, examples),
             (None, _) if sees_all => {
                 Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, s.attn_scale, gqa)
-            }
-            (None, Some(examples)) if window.is_none() && q_len == k_len => {
-                causal_attention(q, k, v, s.attn_scale, Some(examples))
             }
             (None, _) => {
                 Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
@@ -578,26 +572,30 @@ struct PackedExamples {
 }
 
 /// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
-/// `[batch, kv_heads, seq, head_dim]`, within each example in packed rows.
+/// `[batch, kv_heads, seq, head_dim]`, within a sliding window where given and within each
+/// example in packed rows.
 fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    window: Option<i64>,
     examples: Option<&PackedExamples>,
 ) -> Tensor {
     let seq = q.size()[2];
     if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
-        return attention_by_query_blocks(q, k, v, scale, examples);
+        return attention_by_query_blocks(q, k, v, scale, window, examples);
     }
-    match examples {
-        None => {
-            let gqa = q.size()[1] != k.size()[1];
-            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa)
-        }
+    let gqa = q.size()[1] != k.size()[1];
+    match (window, examples) {
+        (None, None) => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa),
         // Example by example does the block-diagonal mask's work without computing the blocks it
         // masks out (most of a packed row's scores).
-        Some(examples) => attention_per_example(q, k, v, &examples.segments, scale),
+        (None, Some(examples)) => attention_per_example(q, k, v, &examples.segments, scale),
+        (Some(_), _) => {
+            let allowed = attention_mask(seq, window, examples.map(|e| &e.documents), q.device());
+            Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), 0.0, false, scale, gqa)
+        }
     }
 }
 
@@ -612,7 +610,7 @@ fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64
             let parts: Vec<Tensor> = (0..lengths.len())
                 .map(|i| {
                     let one = |t: &[Tensor]| t[i].unsqueeze(0);
-                    causal_attention(&one(&q), &one(&k), &one(&v), scale, None).squeeze_dim(0)
+                    causal_attention(&one(&q), &one(&k), &one(&v), scale, None, None).squeeze_dim(0)
                 })
                 .collect();
             Tensor::cat(&parts, 1)
@@ -632,8 +630,8 @@ const MIN_QUERY_BLOCK: i64 = 128;
 const MAX_QUERY_BLOCKED_LEN: i64 = 2048;
 
 /// Causal attention as bf16 GEMMs over blocks of queries, each block scoring only the keys from
-/// the first example it touches (packed rows) up to its last query, so most of the mask's empty
-/// part is never computed. On CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and
+/// the earliest one its first query may see (the window's edge, or the first example it touches
+/// in packed rows) up to its last query, so most of the mask's empty part is never computed. On CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and
 /// was 2–2.5× slower forward and backward; one SDPA call per packed example also cost more than
 /// these few larger GEMMs. Scores and probabilities are bf16 and the softmax accumulates in fp32,
 /// as in eager attention under bf16; each score is rounded once, after scaling and masking.
@@ -642,6 +640,7 @@ fn attention_by_query_blocks(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    window: Option<i64>,
     examples: Option<&PackedExamples>,
 ) -> Tensor {
     let [batch, heads, seq, dim] = q.size()[..] else { panic!("attention queries are 4-D") };
@@ -656,12 +655,19 @@ fn attention_by_query_blocks(
     for start in (0..seq).step_by(block as usize) {
         let len = block.min(seq - start);
         let end = start + len;
-        let first_key = examples.map_or(0, |e| first_example_start(&e.segments, start));
+        let first_key = examples
+            .map_or(0, |e| first_example_start(&e.segments, start))
+            .max(window.map_or(0, |w| start + 1 - w));
         let keys = end - first_key;
         let queries = q.narrow(3, start, len).reshape([batch * kv_heads, groups * len, dim]);
-        // The mask is the score GEMM's addend. Query `start + r` sees the keys up to itself...
-        let future =
-            Tensor::full([len, keys], f64::NEG_INFINITY, (q.kind(), q.device())).triu(start - first_key + 1);
+        // The mask is the score GEMM's addend. Query `start + r` sees the keys up to itself, the
+        // last `window` of them...
+        let offset = start - first_key;
+        let hidden = || Tensor::full([len, keys], f64::NEG_INFINITY, (q.kind(), q.device()));
+        let future = match window {
+            None => hidden().triu(offset + 1),
+            Some(w) => hidden().triu(offset + 1) + hidden().tril(offset - w),
+        };
         let mask = match examples {
             None => future.repeat([groups, 1]).expand([batch * kv_heads, groups * len, keys], false),
             // ...and of its own example.
@@ -857,32 +863,36 @@ mod tests {
 
     /// The query-block attention in bf16 must be as close to fp32 attention as libtorch's own bf16
     /// SDPA, in its output and in the gradients of queries, keys and values: for sequences of one
-    /// block, several, and a short last block, with grouped key/value heads, and for packed rows
-    /// whose examples start and end inside blocks and differ between the rows.
+    /// block, several, and a short last block, with grouped key/value heads, with sliding windows
+    /// shorter and longer than a block, and for packed rows whose examples start and end inside
+    /// blocks and differ between the rows.
     #[test]
     fn query_block_attention_matches_sdpa() {
         tch::manual_seed(7);
         let (heads, kv_heads, dim, scale) = (6, 2, 16, 0.3);
-        let cases: [(i64, i64, Option<PackedExamples>); 7] = [
-            (2, 2, None),
-            (2, 37, None),
-            (1, 300, None),
-            (1, 1100, None),
-            (2, 37, Some(packed(&[&[10, 27], &[37]]))),
-            (2, 300, Some(packed(&[&[50, 130, 100, 20], &[1, 299]]))),
-            (1, 520, Some(packed(&[&[7, 200, 129, 1, 183]]))),
+        let cases: [(i64, i64, Option<i64>, Option<PackedExamples>); 10] = [
+            (2, 2, None, None),
+            (2, 37, None, None),
+            (1, 300, None, None),
+            (1, 1100, None, None),
+            (2, 37, None, Some(packed(&[&[10, 27], &[37]]))),
+            (2, 300, None, Some(packed(&[&[50, 130, 100, 20], &[1, 299]]))),
+            (1, 520, None, Some(packed(&[&[7, 200, 129, 1, 183]]))),
+            (2, 300, Some(100), None),
+            (1, 1100, Some(7), None),
+            (2, 300, Some(60), Some(packed(&[&[50, 130, 100, 20], &[1, 299]]))),
         ];
-        for (batch, seq, examples) in &cases {
+        for (batch, seq, window, examples) in &cases {
             let (batch, seq) = (*batch, *seq);
             let inputs = [heads, kv_heads, kv_heads]
                 .map(|h| Tensor::randn([batch, h, seq, dim], (Kind::Float, Device::Cpu)));
             let upstream = Tensor::randn([batch, heads, seq, dim], (Kind::Float, Device::Cpu));
             let documents = examples.as_ref().map(|e| &e.documents);
-            let allowed = attention_mask(seq, None, documents, Device::Cpu);
+            let allowed = attention_mask(seq, *window, documents, Device::Cpu);
             let run = |kind: Kind, blocks: bool| {
                 let [q, k, v] = inputs.each_ref().map(|t| t.to_kind(kind).detach().set_requires_grad(true));
                 let out = if blocks {
-                    attention_by_query_blocks(&q, &k, &v, scale, examples.as_ref())
+                    attention_by_query_blocks(&q, &k, &v, scale, *window, examples.as_ref())
                 } else {
                     Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, true)
                 };
@@ -900,7 +910,7 @@ mod tests {
                 let packed = examples.is_some();
                 assert!(
                     e_ours <= 2.0 * e_sdpa,
-                    "seq {seq} (packed: {packed}), {what}: error {e_ours:.2e} against bf16 SDPA's {e_sdpa:.2e}"
+                    "seq {seq} (window {window:?}, packed: {packed}), {what}: error {e_ours:.2e} against bf16 SDPA's {e_sdpa:.2e}"
                 );
             }
         }
