@@ -631,9 +631,9 @@ const MAX_QUERY_BLOCKED_LEN: i64 = 2048;
 
 /// Causal attention as bf16 GEMMs over blocks of queries, each block scoring only the keys from
 /// the earliest one its first query may see (the window's edge, or the first example it touches
-/// in packed rows) up to its last query, so most of the mask's empty part is never computed. On CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and
-/// was 2–2.5× slower forward and backward; one SDPA call per packed example also cost more than
-/// these few larger GEMMs. Scores and probabilities are bf16 and the softmax accumulates in fp32,
+/// in packed rows) up to its last query, so most of the mask's empty part is never computed. On
+/// CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and was 2–2.5× slower forward
+/// and backward; one SDPA call per packed example also cost more than these few larger GEMMs. Scores and probabilities are bf16 and the softmax accumulates in fp32,
 /// as in eager attention under bf16; each score is rounded once, after scaling and masking.
 fn attention_by_query_blocks(
     q: &Tensor,
@@ -663,19 +663,19 @@ fn attention_by_query_blocks(
         // The mask is the score GEMM's addend. Query `start + r` sees the keys up to itself, the
         // last `window` of them...
         let offset = start - first_key;
-        let hidden = || Tensor::full([len, keys], f64::NEG_INFINITY, (q.kind(), q.device()));
-        let future = match window {
-            None => hidden().triu(offset + 1),
-            Some(w) => hidden().triu(offset + 1) + hidden().tril(offset - w),
+        let blocked = || Tensor::full([len, keys], f64::NEG_INFINITY, (q.kind(), q.device()));
+        let unseen = match window {
+            None => blocked().triu(offset + 1),
+            Some(w) => blocked().triu(offset + 1) + blocked().tril(offset - w),
         };
         let mask = match examples {
-            None => future.repeat([groups, 1]).expand([batch * kv_heads, groups * len, keys], false),
+            None => unseen.repeat([groups, 1]).expand([batch * kv_heads, groups * len, keys], false),
             // ...and of its own example.
             Some(e) => {
                 let documents = |from: i64, n: i64| e.documents.narrow(1, from, n);
                 let other =
                     documents(start, len).unsqueeze(2).ne_tensor(&documents(first_key, keys).unsqueeze(1));
-                future
+                unseen
                     .masked_fill(&other, f64::NEG_INFINITY)
                     .repeat([1, groups, 1])
                     .unsqueeze(1)
