@@ -51,17 +51,14 @@ impl Batch {
         let seq = rows.iter().map(row_len).max().unwrap_or(0);
         let cells = rows.len() * seq;
         let (mut ids, mut labels) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
-        let (mut positions, mut documents) = (Vec::with_capacity(cells), Vec::with_capacity(cells));
         let mut segments = Vec::with_capacity(rows.len());
         for row in rows {
-            for (doc, e) in row.iter().enumerate() {
+            for e in row {
                 ids.extend_from_slice(&e.input_ids);
                 // An example's first token is never a target: in a packed row it would otherwise
                 // be predicted from the end of the previous example.
                 labels.push(IGNORE);
                 labels.extend_from_slice(&e.labels[1..]);
-                positions.extend(0..e.input_ids.len() as i64);
-                documents.extend(std::iter::repeat_n(doc as i64, e.input_ids.len()));
             }
             let pad = seq - row_len(row);
             let mut lengths: Vec<i64> = row.iter().map(|e| e.input_ids.len() as i64).collect();
@@ -71,8 +68,6 @@ impl Batch {
             segments.push(lengths);
             ids.extend(std::iter::repeat_n(pad_id, pad));
             labels.extend(std::iter::repeat_n(IGNORE, pad));
-            positions.extend(0..pad as i64);
-            documents.extend(std::iter::repeat_n(row.len() as i64, pad));
         }
         let (mut target_positions, mut target_ids) = (Vec::new(), Vec::new());
         for (flat, &label) in labels.iter().enumerate() {
@@ -91,11 +86,7 @@ impl Batch {
             labels: tensor(&labels),
             target_positions: flat(&target_positions),
             target_ids: flat(&target_ids),
-            packing: packed.then(|| Packing {
-                positions: tensor(&positions),
-                documents: tensor(&documents),
-                segments,
-            }),
+            packing: packed.then(|| Packing::from_segments(segments, device)),
             real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
         }

@@ -395,7 +395,12 @@ impl Decoder {
 
     /// The residual stream `[batch, seq, hidden]` (fp32) entering the first block, and what every
     /// block of the pass shares. `offset` is the position of the first token (cached decoding).
-    pub fn embed(&self, input_ids: &Tensor, packing: Option<&Packing>, offset: i64) -> (Tensor, Pass) {
+    pub fn embed<'a>(
+        &self,
+        input_ids: &Tensor,
+        packing: Option<&'a Packing>,
+        offset: i64,
+    ) -> (Tensor, Pass<'a>) {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
@@ -415,10 +420,7 @@ impl Decoder {
         let pass = Pass {
             global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
             local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
-            examples: packing.map(|p| PackedExamples {
-                documents: p.documents.shallow_clone(),
-                segments: p.segments.clone(),
-            }),
+            packing,
         };
         (x, pass)
     }
@@ -428,7 +430,7 @@ impl Decoder {
         &self,
         i: usize,
         x: &Tensor,
-        pass: &Pass,
+        pass: &Pass<'_>,
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
@@ -466,7 +468,7 @@ impl Decoder {
             Some(cache) => cache.extend(i, k, v),
             None => (k, v),
         };
-        let attn = self.attention(&q, &k, &v, block.span, pass.examples.as_ref());
+        let attn = self.attention(&q, &k, &v, block.span, pass.packing);
         let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
         let mut out = block.o_proj.forward(&attn, train);
         if let Some(norm) = &block.post_attn_norm {
@@ -520,10 +522,10 @@ impl Decoder {
         k: &Tensor,
         v: &Tensor,
         span: AttentionSpan,
-        examples: Option<&PackedExamples>,
+        packing: Option<&Packing>,
     ) -> Tensor {
         let s = &self.spec;
-        let documents = examples.map(|e| &e.documents);
+        let documents = packing.map(|p| &p.documents);
         let (q_len, k_len) = (q.size()[2], k.size()[2]);
         let gqa = s.num_kv_heads != s.num_heads;
         let window = match span {
@@ -533,15 +535,15 @@ impl Decoder {
         // One new query after cached keys sees all of them: no mask at all.
         let sees_all = window.is_none() && documents.is_none() && q_len == 1;
         let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
-        match (s.attn_softcap, examples) {
-            (None, _) if q_len == k_len => causal_attention(q, k, v, s.attn_scale, window, examples),
-            (None, _) if sees_all => {
+        match s.attn_softcap {
+            None if q_len == k_len => causal_attention(q, k, v, s.attn_scale, window, packing),
+            None if sees_all => {
                 Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, s.attn_scale, gqa)
             }
-            (None, _) => {
+            None => {
                 Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
             }
-            (Some(cap), _) => {
+            Some(cap) => {
                 let groups = s.num_heads / s.num_kv_heads;
                 let (k, v) = (
                     k.repeat_interleave_self_int(groups, 1, None),
@@ -557,18 +559,11 @@ impl Decoder {
 }
 
 /// What the blocks of one forward pass share: the rotary tables of the tokens' positions and, in
-/// packed rows, which example each token belongs to.
-pub struct Pass {
+/// packed rows, where each example lies.
+pub struct Pass<'a> {
     global_rope: Option<(Tensor, Tensor)>,
     local_rope: Option<(Tensor, Tensor)>,
-    examples: Option<PackedExamples>,
-}
-
-/// Which example each token of packed rows belongs to (`[batch, seq]`), and each row's example
-/// (and padding) lengths in order.
-struct PackedExamples {
-    documents: Tensor,
-    segments: Vec<Vec<i64>>,
+    packing: Option<&'a Packing>,
 }
 
 /// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
@@ -580,20 +575,20 @@ fn causal_attention(
     v: &Tensor,
     scale: f64,
     window: Option<i64>,
-    examples: Option<&PackedExamples>,
+    packing: Option<&Packing>,
 ) -> Tensor {
     let seq = q.size()[2];
     if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
-        return attention_by_query_blocks(q, k, v, scale, window, examples);
+        return attention_by_query_blocks(q, k, v, scale, window, packing);
     }
     let gqa = q.size()[1] != k.size()[1];
-    match (window, examples) {
+    match (window, packing) {
         (None, None) => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa),
         // Example by example does the block-diagonal mask's work without computing the blocks it
         // masks out (most of a packed row's scores).
-        (None, Some(examples)) => attention_per_example(q, k, v, &examples.segments, scale),
+        (None, Some(packing)) => attention_per_example(q, k, v, &packing.segments, scale),
         (Some(_), _) => {
-            let allowed = attention_mask(seq, window, examples.map(|e| &e.documents), q.device());
+            let allowed = attention_mask(seq, window, packing.map(|p| &p.documents), q.device());
             Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), 0.0, false, scale, gqa)
         }
     }
@@ -633,15 +628,16 @@ const MAX_QUERY_BLOCKED_LEN: i64 = 2048;
 /// the earliest one its first query may see (the window's edge, or the first example it touches
 /// in packed rows) up to its last query, so most of the mask's empty part is never computed. On
 /// CPU, libtorch's bf16 SDPA kernel works through small fp32 tiles and was 2–2.5× slower forward
-/// and backward; one SDPA call per packed example also cost more than these few larger GEMMs. Scores and probabilities are bf16 and the softmax accumulates in fp32,
-/// as in eager attention under bf16; each score is rounded once, after scaling and masking.
+/// and backward; one SDPA call per packed example also cost more than these few larger GEMMs.
+/// Scores and probabilities are bf16 and the softmax accumulates in fp32, as in eager attention
+/// under bf16; each score is rounded once, after scaling and masking.
 fn attention_by_query_blocks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     window: Option<i64>,
-    examples: Option<&PackedExamples>,
+    packing: Option<&Packing>,
 ) -> Tensor {
     let [batch, heads, seq, dim] = q.size()[..] else { panic!("attention queries are 4-D") };
     let kv_heads = k.size()[1];
@@ -655,8 +651,8 @@ fn attention_by_query_blocks(
     for start in (0..seq).step_by(block as usize) {
         let len = block.min(seq - start);
         let end = start + len;
-        let first_key = examples
-            .map_or(0, |e| first_example_start(&e.segments, start))
+        let first_key = packing
+            .map_or(0, |p| first_example_start(&p.segments, start))
             .max(window.map_or(0, |w| start + 1 - w));
         let keys = end - first_key;
         let queries = q.narrow(3, start, len).reshape([batch * kv_heads, groups * len, dim]);
@@ -668,11 +664,11 @@ fn attention_by_query_blocks(
             None => blocked().triu(offset + 1),
             Some(w) => blocked().triu(offset + 1) + blocked().tril(offset - w),
         };
-        let mask = match examples {
+        let mask = match packing {
             None => unseen.repeat([groups, 1]).expand([batch * kv_heads, groups * len, keys], false),
             // ...and of its own example.
-            Some(e) => {
-                let documents = |from: i64, n: i64| e.documents.narrow(1, from, n);
+            Some(p) => {
+                let documents = |from: i64, n: i64| p.documents.narrow(1, from, n);
                 let other =
                     documents(start, len).unsqueeze(2).ne_tensor(&documents(first_key, keys).unsqueeze(1));
                 unseen
@@ -737,6 +733,26 @@ pub struct Packing {
     pub documents: Tensor,
     /// Per row, the lengths of its examples in order, then of its padding (if any).
     pub segments: Vec<Vec<i64>>,
+}
+
+impl Packing {
+    /// The packing of rows whose examples (then padding, if any) have these lengths, in order:
+    /// positions restart at each, and each gets the next example index.
+    pub fn from_segments(segments: Vec<Vec<i64>>, device: Device) -> Packing {
+        let per_token = |value: fn(i64, i64) -> i64| {
+            let values: Vec<i64> = segments
+                .iter()
+                .flat_map(|lengths| {
+                    lengths
+                        .iter()
+                        .zip(0..)
+                        .flat_map(move |(&n, example)| (0..n).map(move |at| value(example, at)))
+                })
+                .collect();
+            Tensor::from_slice(&values).view([segments.len() as i64, -1]).to_device(device)
+        };
+        Packing { positions: per_token(|_, at| at), documents: per_token(|example, _| example), segments }
+    }
 }
 
 /// Booleans, broadcastable to `[batch, heads, seq, seq]`: query i may see key j when j ≤ i,
@@ -846,19 +862,8 @@ mod tests {
     }
 
     /// Packed rows whose examples have these lengths.
-    fn packed(segments: &[&[i64]]) -> PackedExamples {
-        let documents: Vec<Tensor> = segments
-            .iter()
-            .map(|lengths| {
-                let ids: Vec<i64> =
-                    lengths.iter().enumerate().flat_map(|(i, &n)| vec![i as i64; n as usize]).collect();
-                Tensor::from_slice(&ids)
-            })
-            .collect();
-        PackedExamples {
-            documents: Tensor::stack(&documents, 0),
-            segments: segments.iter().map(|lengths| lengths.to_vec()).collect(),
-        }
+    fn packed(segments: &[&[i64]]) -> Packing {
+        Packing::from_segments(segments.iter().map(|lengths| lengths.to_vec()).collect(), Device::Cpu)
     }
 
     /// The query-block attention in bf16 must be as close to fp32 attention as libtorch's own bf16
@@ -870,7 +875,7 @@ mod tests {
     fn query_block_attention_matches_sdpa() {
         tch::manual_seed(7);
         let (heads, kv_heads, dim, scale) = (6, 2, 16, 0.3);
-        let cases: [(i64, i64, Option<i64>, Option<PackedExamples>); 10] = [
+        let cases: [(i64, i64, Option<i64>, Option<Packing>); 10] = [
             (2, 2, None, None),
             (2, 37, None, None),
             (1, 300, None, None),
@@ -882,17 +887,17 @@ mod tests {
             (1, 1100, Some(7), None),
             (2, 300, Some(60), Some(packed(&[&[50, 130, 100, 20], &[1, 299]]))),
         ];
-        for (batch, seq, window, examples) in &cases {
+        for (batch, seq, window, packing) in &cases {
             let (batch, seq) = (*batch, *seq);
             let inputs = [heads, kv_heads, kv_heads]
                 .map(|h| Tensor::randn([batch, h, seq, dim], (Kind::Float, Device::Cpu)));
             let upstream = Tensor::randn([batch, heads, seq, dim], (Kind::Float, Device::Cpu));
-            let documents = examples.as_ref().map(|e| &e.documents);
+            let documents = packing.as_ref().map(|p| &p.documents);
             let allowed = attention_mask(seq, *window, documents, Device::Cpu);
             let run = |kind: Kind, blocks: bool| {
                 let [q, k, v] = inputs.each_ref().map(|t| t.to_kind(kind).detach().set_requires_grad(true));
                 let out = if blocks {
-                    attention_by_query_blocks(&q, &k, &v, scale, *window, examples.as_ref())
+                    attention_by_query_blocks(&q, &k, &v, scale, *window, packing.as_ref())
                 } else {
                     Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, true)
                 };
@@ -907,7 +912,7 @@ mod tests {
                 .chain(our_grads.iter().zip(&sdpa_grads).zip(&reference_grads).map(|((o, s), r)| (o, s, r)));
             for ((ours, sdpa, reference), what) in results.zip(["output", "dq", "dk", "dv"]) {
                 let (e_ours, e_sdpa) = (relative_error(ours, reference), relative_error(sdpa, reference));
-                let packed = examples.is_some();
+                let packed = packing.is_some();
                 assert!(
                     e_ours <= 2.0 * e_sdpa,
                     "seq {seq} (window {window:?}, packed: {packed}), {what}: error {e_ours:.2e} against bf16 SDPA's {e_sdpa:.2e}"

@@ -7,27 +7,27 @@ use crate::model::{Decoder, Pass};
 use tch::{Device, Kind, Tensor};
 
 /// The residual stream after the last block, and what its backward pass still needs.
-pub struct Body {
+pub struct Body<'a> {
     /// With activation checkpointing a leaf that collects the gradient from the head; otherwise
     /// the end of the whole body's autograd graph.
     pub output: Tensor,
-    recompute: Option<Recompute>,
+    recompute: Option<Recompute<'a>>,
 }
 
 /// What running the blocks again needs.
-struct Recompute {
+struct Recompute<'a> {
     inputs: Vec<Tensor>,
-    pass: Pass,
+    pass: Pass<'a>,
     /// See [`Body::forward`]; `None` without dropout.
     seed: Option<i64>,
 }
 
-impl Body {
+impl<'a> Body<'a> {
     /// Runs the blocks. When adapters apply dropout, training draws one seed from the global
     /// generator and seeds each block's run with `seed + block`, with or without checkpointing,
     /// so that dropout draws the same masks when a block runs again, and the same masks in both
     /// modes. Without dropout nothing random happens and the generator is left alone.
-    pub fn forward(model: &Decoder, batch: &Batch, train: bool, checkpointing: bool) -> Body {
+    pub fn forward(model: &Decoder, batch: &'a Batch, train: bool, checkpointing: bool) -> Body<'a> {
         let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0);
         let seed = (train && model.adapter_dropout)
             .then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
