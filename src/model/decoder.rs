@@ -350,16 +350,18 @@ impl Decoder {
         &self,
         input_ids: &Tensor,
         packing: Option<&Packing>,
-        cache: Option<&mut KvCache>,
+        mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
-        self.logits(&self.hidden_inner(input_ids, packing, cache, train), train)
-    }
-
-    /// The final-normed hidden states `[batch, seq, hidden]` that [`Decoder::logits`] projects:
-    /// for a loss that needs logits only at some positions, and only a few at a time.
-    pub fn hidden_states(&self, input_ids: &Tensor, packing: Option<&Packing>, train: bool) -> Tensor {
-        self.hidden_inner(input_ids, packing, None, train)
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        let (mut x, pass) = self.embed(input_ids, packing, offset);
+        for i in 0..self.layers.len() {
+            x = self.block(i, &x, &pass, cache.as_deref_mut(), train);
+        }
+        if let Some(cache) = cache {
+            cache.len += input_ids.size()[1];
+        }
+        self.logits(&self.final_norm(&x), train)
     }
 
     /// fp32 logits `[..., vocab]` of final-normed hidden states `[..., hidden]`.
@@ -373,24 +375,6 @@ impl Decoder {
             Some(cap) => (logits / cap).tanh() * cap,
             None => logits,
         }
-    }
-
-    fn hidden_inner(
-        &self,
-        input_ids: &Tensor,
-        packing: Option<&Packing>,
-        mut cache: Option<&mut KvCache>,
-        train: bool,
-    ) -> Tensor {
-        let offset = cache.as_ref().map_or(0, |c| c.len);
-        let (mut x, pass) = self.embed(input_ids, packing, offset);
-        for i in 0..self.layers.len() {
-            x = self.block(i, &x, &pass, cache.as_deref_mut(), train);
-        }
-        if let Some(cache) = cache {
-            cache.len += input_ids.size()[1];
-        }
-        self.final_norm(&x)
     }
 
     /// The residual stream `[batch, seq, hidden]` (fp32) entering the first block, and what every
