@@ -258,8 +258,8 @@ pub struct DataConfig {
     /// Alpaca prompt for rows without `input`, with `{instruction}`; null for Stanford Alpaca's.
     #[serde(default)]
     pub prompt_template_no_input: Option<String>,
-    /// Chat rendering: `auto` (the model's tokenizer_config.json chat_template, else ChatML),
-    /// `chatml`, `llama3`, or a Jinja template.
+    /// Chat rendering: `auto` (the model's own template), `chatml`, `llama3`, a `.jinja` file,
+    /// or the Jinja text.
     #[serde(default = "default_chat_template")]
     pub chat_template: String,
     /// Which chat tokens carry loss.
@@ -329,6 +329,17 @@ pub enum DataFormat {
     /// `{"messages": [{"role", "content"}]}` or ShareGPT `{"conversations": [{"from", "value"}]}`,
     /// rendered with the chat template.
     Chat,
+}
+
+impl fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataFormat::Completion => "completion",
+            DataFormat::Alpaca => "alpaca",
+            DataFormat::InputOutput => "input_output",
+            DataFormat::Chat => "chat",
+        })
+    }
 }
 
 /// The optimisation: schedule, optimizer, precision, device, logging and checkpoints.

@@ -1,7 +1,11 @@
 //! Decoding, to try a model or an adapter: a KV cache so each new token costs one token's
 //! work, and greedy or sampled choice (temperature, top-k, top-p, seeded).
 
+use crate::data::format::{ChatFormat, TextTokenizer};
 use crate::model::{Decoder, KvCache};
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 /// How the next token is chosen. `temperature == 0` is greedy.
@@ -15,6 +19,46 @@ pub struct Sampling {
 
 impl Sampling {
     pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+}
+
+/// The tokens after which an answer ends: the EOS ids of the model's `config.json`
+/// (`config_eos`) and `generation_config.json` (which instruct models use for their end-of-turn
+/// token: Llama 3.1 Instruct's `<|eot_id|>`), and the chat template's end-of-turn marker when it
+/// is one token.
+pub fn stop_tokens(
+    model_dir: &Path,
+    config_eos: &[i64],
+    chat: Option<&ChatFormat>,
+    tok: &TextTokenizer,
+) -> Result<Vec<i64>> {
+    let mut stop = config_eos.to_vec();
+    let path = model_dir.join("generation_config.json");
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let json: Value =
+            serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let ids = match json.get("eos_token_id") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Number(n)) => vec![n.as_i64()],
+            Some(Value::Array(list)) => list.iter().map(Value::as_i64).collect(),
+            Some(other) => vec![other.as_i64()],
+        };
+        let Some(ids) = ids.into_iter().collect::<Option<Vec<i64>>>() else {
+            bail!("{}: `eos_token_id` must be a token id or a list of token ids", path.display());
+        };
+        stop.extend(ids);
+    }
+    if let Some(chat) = chat {
+        if let Ok(marker) = chat.template.end_of_turn() {
+            if let Ok([id]) = tok.encode(marker.trim(), false).as_deref() {
+                stop.push(*id);
+            }
+        }
+    }
+    stop.sort_unstable();
+    stop.dedup();
+    Ok(stop)
 }
 
 /// The next token from the logits `[vocab]` of the last position.

@@ -121,9 +121,18 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// The Hugging Face model directory.
-    #[arg(long)]
-    model: PathBuf,
+    /// The Hugging Face model directory (or take it from --run or --config).
+    #[arg(long, required_unless_present_any = ["run", "config"], conflicts_with_all = ["run", "config"])]
+    model: Option<PathBuf>,
+    /// A training run's directory: its model, its adapter (RUN_DIR/adapter, unless --adapter
+    /// says otherwise), and prompts put to the model as its training data put its examples
+    /// (the alpaca prompt or the chat template).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    run: Option<PathBuf>,
+    /// A run's YAML config: its model and its prompt format, as with --run (the adapter only
+    /// with --adapter).
+    #[arg(long, value_name = "CONFIG")]
+    config: Option<PathBuf>,
     /// A PEFT adapter directory to apply.
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -131,15 +140,20 @@ struct GenerateArgs {
     #[arg(long)]
     prompt: String,
     /// Send the prompt as a user message through the chat template (see --template).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["run", "config"])]
     chat: bool,
-    /// Chat template for --chat: auto (the model's own, else ChatML), chatml, llama3.
+    /// Chat template for --chat: auto (the model's own), chatml, llama3, a .jinja file, or the
+    /// template's text.
     #[arg(long, default_value = "auto")]
     template: String,
     /// Print the base model's answer and the adapted one, one after the other.
-    #[arg(long, requires = "adapter")]
+    #[arg(long)]
     compare: bool,
-    /// Most tokens to generate (it stops earlier at EOS).
+    /// Print the exact text put to the model (prompt format and special tokens included) to
+    /// stderr before generating.
+    #[arg(long)]
+    show_prompt: bool,
+    /// Most tokens to generate (it stops earlier at EOS or the end of the turn).
     #[arg(long, default_value_t = 128)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy (the most likely token every time).
@@ -177,6 +191,27 @@ enum DataCommand {
         #[arg(short, long, default_value_t = 3)]
         n: usize,
     },
+    /// Write every prepared example as one JSON line with `input_ids`, `labels` (-100 where no
+    /// loss) and `text`: exactly what a run trains on.
+    Export {
+        /// The run's YAML config file.
+        config: PathBuf,
+        /// Override one config key, as for `train`.
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// The JSON Lines file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Which examples: the training set or the validation set.
+        #[arg(long, value_enum, default_value_t = SplitArg::Train)]
+        split: SplitArg,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SplitArg {
+    Train,
+    Validation,
 }
 
 fn main() -> ExitCode {
@@ -241,6 +276,9 @@ fn main() -> ExitCode {
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
         }
+        Command::Data(DataCommand::Export { config, overrides, out, split }) => {
+            Config::load(&config, &overrides).and_then(|cfg| data_export_command(&cfg, &out, split))
+        }
         Command::Inspect { model, targets, r } => serde_yaml::from_str::<TargetModules>(&targets)
             .map_err(|e| anyhow::anyhow!("--targets {targets}: {e}"))
             .and_then(|targets| inspect(&model, &targets, r))
@@ -264,6 +302,13 @@ fn preview_command(cfg: &Config, n: usize) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     let spec = lorafit::model::ModelSpec::from_dir(&cfg.model.path)?;
     let data = lorafit::train::run::load_data(cfg, &spec)?;
+    data.check_vocabulary(spec.vocab_size)?;
+    if let Some(chat) = &data.chat {
+        println!("chat template: {}", chat.described);
+    }
+    for note in &data.train.notes {
+        println!("note: {note}");
+    }
     let marks = if std::io::stdout().is_terminal() { &preview::COLOURS } else { &preview::BRACKETS };
     let report = preview::preview(
         &data.train,
@@ -274,6 +319,25 @@ fn preview_command(cfg: &Config, n: usize) -> anyhow::Result<()> {
         marks,
     )?;
     print!("{report}");
+    Ok(())
+}
+
+/// `lorafit data export`: prepares the data exactly as `train` would and writes it as JSON Lines.
+fn data_export_command(cfg: &Config, out: &Path, split: SplitArg) -> anyhow::Result<()> {
+    let spec = lorafit::model::ModelSpec::from_dir(&cfg.model.path)?;
+    let data = lorafit::train::run::load_data(cfg, &spec)?;
+    data.check_vocabulary(spec.vocab_size)?;
+    let examples = match split {
+        SplitArg::Train => &data.train,
+        SplitArg::Validation => data.validation.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("there is no validation data: set data.validation or data.val_split")
+        })?,
+    };
+    for note in &examples.notes {
+        eprintln!("note: {note}");
+    }
+    let n = lorafit::data::export::write_jsonl(examples, &data.tokenizer, out)?;
+    println!("wrote {n} examples to {} ({})", out.display(), examples.report());
     Ok(())
 }
 
@@ -299,25 +363,58 @@ fn stop_on_signal() -> Arc<AtomicBool> {
 /// `lorafit generate`: streams the continuation of a prompt, and with `--compare` the base
 /// model's next to the adapted one.
 fn generate_command(args: &GenerateArgs) -> anyhow::Result<()> {
-    use lorafit::data::format::{ChatFormat, TextTokenizer};
-    use lorafit::generate::{generate, Sampling};
+    use lorafit::data::format::{ChatFormat, PromptFormat, TextTokenizer};
+    use lorafit::generate::{generate, stop_tokens, Sampling};
     use std::io::Write;
-    let device = tch::Device::cuda_if_available();
-    let spec = lorafit::model::ModelSpec::from_dir(&args.model)?;
-    let tok = TextTokenizer::from_model_dir(&args.model, &spec)?;
-    let mut model = lorafit::train::run::load_model(&args.model, tch::Kind::Float, device)?;
-    let mut stop = spec.eos_token_ids.clone();
-    let prompt_ids = if args.chat {
-        let chat = ChatFormat::resolve(&args.template, &args.model, &tok)?;
-        let text = chat.template.render(&[lorafit::data::chat::Message::new("user", &args.prompt)], true)?;
-        if let Ok(end) = chat.template.end_of_turn() {
-            stop.extend(tok.encode(end, false).ok().filter(|ids| ids.len() == 1).unwrap_or_default());
-        }
-        let writes_bos = chat.template.bos_token().is_some_and(|b| !b.is_empty() && text.starts_with(b));
-        tok.encode(&text, !writes_bos)?
-    } else {
-        tok.encode(&args.prompt, true)?
+    // The run's config, when the prompt format comes from a run.
+    let run_config = match (&args.run, &args.config) {
+        (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
+            anyhow::anyhow!(
+                "--run {}: {e:#} (is it a run directory written by lorafit train?)",
+                dir.display()
+            )
+        })?),
+        (None, Some(path)) => Some(Config::load(path, &[])?),
+        (None, None) => None,
     };
+    let model_dir = match (&run_config, &args.model) {
+        (Some(cfg), _) => cfg.model.path.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => anyhow::bail!("give --model, --run or --config"),
+    };
+    let adapter = args.adapter.clone().or_else(|| args.run.as_ref().map(|dir| dir.join("adapter")));
+    if args.compare && adapter.is_none() {
+        anyhow::bail!("--compare needs an adapter: give --adapter or --run");
+    }
+    let device = tch::Device::cuda_if_available();
+    let spec = lorafit::model::ModelSpec::from_dir(&model_dir)?;
+    let tok = TextTokenizer::from_model_dir(&model_dir, &spec)?;
+    let chat = match &run_config {
+        Some(cfg) if cfg.data.format == lorafit::config::DataFormat::Chat => {
+            Some(ChatFormat::resolve(&cfg.data.chat_template, &model_dir)?)
+        }
+        Some(_) => None,
+        None if args.chat => Some(ChatFormat::resolve(&args.template, &model_dir)?),
+        None => None,
+    };
+    let format = match (&run_config, &chat) {
+        (Some(cfg), _) => PromptFormat::of_data(&cfg.data, chat.as_ref()),
+        (None, Some(chat)) => PromptFormat::Chat(chat),
+        (None, None) => PromptFormat::Text,
+    };
+    let prompt_ids = format.ids(&tok, &args.prompt)?;
+    if let Some(&id) = prompt_ids.iter().find(|&&id| id >= spec.vocab_size) {
+        anyhow::bail!(
+            "the prompt holds token id {id}, but the model's embedding has {} rows: the tokenizer is larger \
+             than the model",
+            spec.vocab_size
+        );
+    }
+    if args.show_prompt {
+        eprintln!("{}", tok.decode_all(&prompt_ids)?);
+    }
+    let stop = stop_tokens(&model_dir, &spec.eos_token_ids, chat.as_ref(), &tok)?;
+    let mut model = lorafit::train::run::load_model(&model_dir, tch::Kind::Float, device)?;
     let sampling =
         Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     let run = |model: &lorafit::model::Decoder, label: &str| -> anyhow::Result<()> {
@@ -342,7 +439,7 @@ fn generate_command(args: &GenerateArgs) -> anyhow::Result<()> {
     if args.compare {
         run(&model, "base model")?;
     }
-    if let Some(adapter) = &args.adapter {
+    if let Some(adapter) = &adapter {
         lorafit::lora::peft::load(adapter, &mut model, device)?;
     }
     run(&model, if args.compare { "with the adapter" } else { "" })

@@ -21,7 +21,7 @@ fn setup(dir: &Path, name: &str, body: &[u8], format: DataFormat) -> (Config, Te
 
 fn prepare_with(cfg: &Config, tok: &TextTokenizer) -> anyhow::Result<lorafit::data::Prepared> {
     let chat = match cfg.data.format {
-        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path, tok).unwrap()),
+        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path).unwrap()),
         _ => None,
     };
     prepare(&cfg.data.train, &cfg.data, tok, chat.as_ref())

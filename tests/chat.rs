@@ -147,10 +147,6 @@ fn builtin_chatml() {
             ("\n".to_string(), false),
         ]
     );
-    let mut segs2 = segs.clone();
-    assert!(!strip_leading_bos(&mut segs2, "<s>"));
-    assert!(!strip_leading_bos(&mut segs2, ""));
-    assert_eq!(segs2, segs);
 }
 
 #[test]
@@ -170,18 +166,9 @@ fn builtin_llama3() {
     assert_eq!(t.eos_token(), Some("<|eot_id|>"));
     assert_eq!(t.end_of_turn().unwrap(), "<|eot_id|>");
 
-    let mut segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
     assert_eq!(joined(&segs), text);
     assert_eq!(trained(&segs), ["Hello!<|eot_id|>"]);
-    assert!(strip_leading_bos(&mut segs, "<|begin_of_text|>"));
-    assert!(segs[0].0.starts_with("<|start_header_id|>system<|end_header_id|>"));
-    assert_eq!(joined(&segs), &text["<|begin_of_text|>".len()..]);
-    assert!(!strip_leading_bos(&mut segs, "<|begin_of_text|>"));
-
-    // A first segment that is only BOS disappears.
-    let mut only = vec![("<|begin_of_text|>".to_string(), false), ("x".to_string(), true)];
-    assert!(strip_leading_bos(&mut only, "<|begin_of_text|>"));
-    assert_eq!(only, vec![("x".to_string(), true)]);
 
     let err = ChatTemplate::builtin("vicuna").unwrap_err().to_string();
     assert!(err.contains("chatml") && err.contains("llama3"), "{err}");

@@ -7,7 +7,12 @@ use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"LFDATA01";
+const MAGIC: &[u8; 8] = b"LFDATA02";
+
+/// The version of the way examples are prepared, part of every cache key: bumped whenever the
+/// same inputs would tokenize or label differently, so entries from before are never read.
+/// 2: each example's whole text tokenized once, labels from byte offsets.
+pub const FORMAT_VERSION: &[u8] = b"lorafit-prepared-examples-2";
 
 /// A 128-bit FNV-1a digest of everything the prepared data depends on.
 #[derive(Clone)]
@@ -106,10 +111,12 @@ fn write_prepared(out: &mut Vec<u8>, p: &Prepared) {
             out.extend_from_slice(&(v as i32).to_le_bytes());
         }
     }
-    out.extend_from_slice(&(p.bad_row_samples.len() as u64).to_le_bytes());
-    for s in &p.bad_row_samples {
-        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
+    for list in [&p.bad_row_samples, &p.notes] {
+        out.extend_from_slice(&(list.len() as u64).to_le_bytes());
+        for s in list {
+            out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
     }
 }
 
@@ -148,12 +155,8 @@ impl Reader<'_> {
             let len = self.u64()?;
             examples.push(Example { input_ids: self.i32s(len)?, labels: self.i32s(len)? });
         }
-        let samples = self.u64()?;
-        let mut bad_row_samples = Vec::new();
-        for _ in 0..samples {
-            let len = self.u64()?;
-            bad_row_samples.push(String::from_utf8(self.take(len)?.to_vec())?);
-        }
+        let bad_row_samples = self.strings()?;
+        let notes = self.strings()?;
         Ok(Prepared {
             examples,
             truncated,
@@ -161,7 +164,18 @@ impl Reader<'_> {
             dropped_no_labels,
             skipped_bad_rows,
             bad_row_samples,
+            notes,
         })
+    }
+
+    fn strings(&mut self) -> Result<Vec<String>> {
+        let n = self.u64()?;
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let len = self.u64()?;
+            out.push(String::from_utf8(self.take(len)?.to_vec())?);
+        }
+        Ok(out)
     }
 }
 
@@ -178,6 +192,7 @@ mod tests {
             truncated: 3,
             skipped_bad_rows: 1,
             bad_row_samples: vec!["a.jsonl:4: bad".into()],
+            notes: vec!["columns not used: id".into()],
             ..Prepared::default()
         };
         let val = Prepared {
@@ -189,8 +204,8 @@ mod tests {
         let (t, v) = load(&path).unwrap();
         assert_eq!(t.examples, train.examples);
         assert_eq!(
-            (t.truncated, t.skipped_bad_rows, t.bad_row_samples.clone()),
-            (3, 1, train.bad_row_samples.clone())
+            (t.truncated, t.skipped_bad_rows, t.bad_row_samples.clone(), t.notes.clone()),
+            (3, 1, train.bad_row_samples.clone(), train.notes.clone())
         );
         assert_eq!(v.unwrap().examples, val.examples);
         let bytes = std::fs::read(&path).unwrap();

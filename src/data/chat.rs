@@ -34,11 +34,9 @@
 //!
 //! # BOS
 //!
-//! Some templates write the BOS token themselves (Llama 3's starts with `<|begin_of_text|>`),
-//! and tokenizers whose post-processor adds BOS would then double it when the first segment is
-//! encoded with special tokens. [`strip_leading_bos`] removes the template's copy; the
-//! alternative is to encode the first segment without special tokens, as transformers does
-//! (`apply_chat_template(tokenize=True)` encodes with `add_special_tokens=False`).
+//! The rendered text is tokenized without the tokenizer's special tokens, as transformers'
+//! `apply_chat_template(tokenize=True)` does: a template that starts with BOS (Llama 3's
+//! `<|begin_of_text|>`) writes it itself, and one that does not gets none.
 
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Enumerator, Kwargs, Object, Value as JValue, ValueKind};
@@ -1009,8 +1007,7 @@ fn turn_end(text: &str, start: usize, content: &str, marker: &str) -> Option<usi
 /// The conversation as `(text, trainable)` segments whose concatenation is the rendered
 /// conversation (`add_generation_prompt = false`): assistant turns trainable per `train_on`
 /// (see the module documentation for what a turn's span covers), the rest not. Adjacent
-/// segments never share a flag. The text may start with the template's BOS string: see
-/// [`strip_leading_bos`].
+/// segments never share a flag.
 pub fn render_segments(
     template: &ChatTemplate,
     messages: &[Message],
@@ -1045,27 +1042,6 @@ pub fn render_segments(
     }
     push(&text[pos..], false);
     Ok(segments)
-}
-
-/// Removes `bos` from the start of the first segment (dropping the segment if nothing is left)
-/// and says whether it was there. For tokenizers whose post-processor adds BOS to the first
-/// segment, when the template also writes it (Llama 3): without this the example would start
-/// with two BOS tokens. An empty `bos` removes nothing.
-pub fn strip_leading_bos(segments: &mut Vec<(String, bool)>, bos: &str) -> bool {
-    if bos.is_empty() {
-        return false;
-    }
-    let Some((first, _)) = segments.first_mut() else {
-        return false;
-    };
-    if !first.starts_with(bos) {
-        return false;
-    }
-    first.drain(..bos.len());
-    if first.is_empty() {
-        segments.remove(0);
-    }
-    true
 }
 
 #[cfg(test)]

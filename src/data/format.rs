@@ -51,7 +51,14 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json`. Padding and truncation settings stored in the file are
     /// dropped: batching pads and `max_seq_len` truncates, each with its own accounting.
     pub fn from_file(path: &Path, eos_id: i64) -> Result<TextTokenizer> {
-        let mut inner = Tokenizer::from_file(path)
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
+        let mut json: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
+        if let Some(post) = json.get_mut("post_processor") {
+            keep_whitespace_offsets(post);
+        }
+        let mut inner: Tokenizer = serde_json::from_value(json)
             .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
         inner.with_padding(None);
         inner
@@ -74,6 +81,30 @@ impl TextTokenizer {
         Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&id| id as i64).collect()).collect())
     }
 
+    /// [`TextTokenizer::encode_batch`] with each token's byte range in its text.
+    pub fn encode_batch_with_offsets(
+        &self,
+        texts: &[&str],
+        add_special_tokens: bool,
+    ) -> Result<Vec<Encoded>> {
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), add_special_tokens)
+            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        Ok(encodings
+            .iter()
+            .map(|e| Encoded {
+                ids: e.get_ids().iter().map(|&id| id as i64).collect(),
+                offsets: e.get_offsets().to_vec(),
+            })
+            .collect())
+    }
+
+    /// The largest token id, added tokens included.
+    pub fn largest_id(&self) -> i64 {
+        self.inner.get_vocab(true).into_values().max().map_or(-1, i64::from)
+    }
+
     /// Text of `ids` without special tokens (BOS, EOS, ...).
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         self.decode_with(ids, true)
@@ -90,32 +121,81 @@ impl TextTokenizer {
     }
 }
 
-/// How chats are rendered for one tokenizer.
+/// A text's token ids and the byte range of the text each token stands for (empty for the
+/// tokens the post-processor adds, such as BOS).
+pub struct Encoded {
+    pub ids: Vec<i64>,
+    pub offsets: Vec<(usize, usize)>,
+}
+
+/// Turns off `trim_offsets` in a post-processor (and the processors of a sequence). It changes
+/// no id, only offsets: trimmed, a token of only whitespace (`\n`) gets an empty range placed
+/// after itself, which would label it by the text that follows.
+fn keep_whitespace_offsets(post: &mut Value) {
+    if let Some(flag) = post.get_mut("trim_offsets") {
+        *flag = Value::Bool(false);
+    }
+    if let Some(Value::Array(processors)) = post.get_mut("processors") {
+        processors.iter_mut().for_each(keep_whitespace_offsets);
+    }
+}
+
+/// The chat template a run renders conversations with, resolved from `data.chat_template`.
 pub struct ChatFormat {
     pub template: ChatTemplate,
-    /// The tokenizer's post-processor adds BOS to the first segment.
-    pub tokenizer_adds_bos: bool,
+    /// Which template this is, in words, for the banner and `data preview`.
+    pub described: String,
 }
 
 impl ChatFormat {
-    /// `data.chat_template`: `auto` (the model's own template, else ChatML), `chatml`,
-    /// `llama3`, or the text of a Jinja template.
-    pub fn resolve(name: &str, model_dir: &Path, tok: &TextTokenizer) -> Result<ChatFormat> {
-        let template = match name {
-            "auto" => match ChatTemplate::from_model_dir(model_dir)? {
-                Some(t) => t,
-                None => ChatTemplate::builtin("chatml")?,
-            },
-            "chatml" | "llama3" => ChatTemplate::builtin(name)?,
-            source => {
-                let own = ChatTemplate::from_model_dir(model_dir)?;
-                let (bos, eos) = own
-                    .map(|t| (t.bos_token().map(str::to_string), t.eos_token().map(str::to_string)))
-                    .unwrap_or_default();
-                ChatTemplate::from_source(source.to_string(), "data.chat_template".to_string(), bos, eos)?
-            }
+    /// The names `data.chat_template` accepts besides a `.jinja` file or Jinja text.
+    pub const NAMES: [&'static str; 3] = ["auto", "chatml", "llama3"];
+
+    /// `data.chat_template`: `auto` (the model's own template; an error when it has none),
+    /// `chatml` or `llama3` (built in), a path to a `.jinja` file, or the template text itself.
+    /// Templates not from the model are rendered with the model's BOS/EOS strings.
+    pub fn resolve(name: &str, model_dir: &Path) -> Result<ChatFormat> {
+        let own = ChatTemplate::from_model_dir(model_dir)?;
+        let tokens = || {
+            own.as_ref()
+                .map(|t| (t.bos_token().map(str::to_string), t.eos_token().map(str::to_string)))
+                .unwrap_or_default()
         };
-        Ok(ChatFormat { template, tokenizer_adds_bos: !tok.encode("", true)?.is_empty() })
+        let (template, described) = match name {
+            "auto" => match own {
+                Some(t) => {
+                    let described = format!("the model's own, from {}", t.origin());
+                    (t, described)
+                }
+                None => bail!(
+                    "the model in {} has no chat template (no chat_template.jinja, and none in \
+                     tokenizer_config.json); set data.chat_template to {} or a .jinja file",
+                    model_dir.display(),
+                    ChatTemplate::BUILTIN_NAMES.join(" or ")
+                ),
+            },
+            builtin if ChatTemplate::BUILTIN_NAMES.contains(&builtin) => {
+                (ChatTemplate::builtin(builtin)?, format!("built-in `{builtin}`"))
+            }
+            source if source.contains("{{") || source.contains("{%") => {
+                let (bos, eos) = tokens();
+                let template =
+                    ChatTemplate::from_source(source.to_string(), "data.chat_template".into(), bos, eos)?;
+                (template, "the Jinja text of data.chat_template".to_string())
+            }
+            path if path.ends_with(".jinja") || Path::new(path).is_file() => {
+                let source = std::fs::read_to_string(path)
+                    .with_context(|| format!("data.chat_template: cannot read the template file {path}"))?;
+                let (bos, eos) = tokens();
+                (ChatTemplate::from_source(source, path.to_string(), bos, eos)?, format!("the file {path}"))
+            }
+            unknown => bail!(
+                "unknown chat template `{unknown}`: use one of {}, a path to a .jinja file, or the \
+                 template's Jinja text",
+                Self::NAMES.join(", ")
+            ),
+        };
+        Ok(ChatFormat { template, described })
     }
 }
 
@@ -143,6 +223,8 @@ pub struct Prepared {
     /// Rows that could not be used, left out (`on_bad_row: skip`), with the first reasons.
     pub skipped_bad_rows: usize,
     pub bad_row_samples: Vec<String>,
+    /// What the user should know about the data before training on it (columns it ignores).
+    pub notes: Vec<String>,
 }
 
 impl Prepared {
@@ -167,12 +249,34 @@ impl Prepared {
     }
 }
 
-/// The prompt text for `prompt` as a user would give it: an instruction in alpaca format, a
-/// plain text prefix otherwise.
-pub fn render_prompt(cfg: &DataConfig, prompt: &str) -> String {
-    match cfg.format {
-        DataFormat::Alpaca => alpaca_prompt(cfg, prompt, ""),
-        _ => prompt.to_string(),
+/// How a prompt is put to the model, the way the run's training data put its examples: as a
+/// user message followed by the assistant header (chat), inside the alpaca prompt, or as it is.
+pub enum PromptFormat<'a> {
+    Text,
+    Alpaca(&'a DataConfig),
+    Chat(&'a ChatFormat),
+}
+
+impl<'a> PromptFormat<'a> {
+    /// The prompt format of data prepared with `cfg` (and `chat`, for chat data).
+    pub fn of_data(cfg: &'a DataConfig, chat: Option<&'a ChatFormat>) -> PromptFormat<'a> {
+        match (cfg.format, chat) {
+            (DataFormat::Chat, Some(chat)) => PromptFormat::Chat(chat),
+            (DataFormat::Alpaca, _) => PromptFormat::Alpaca(cfg),
+            _ => PromptFormat::Text,
+        }
+    }
+
+    /// The token ids the model is given for `prompt`, encoded as training encoded its examples.
+    pub fn ids(&self, tok: &TextTokenizer, prompt: &str) -> Result<Vec<i64>> {
+        match self {
+            PromptFormat::Text => tok.encode(prompt, true),
+            PromptFormat::Alpaca(cfg) => tok.encode(&alpaca_prompt(cfg, prompt, ""), true),
+            PromptFormat::Chat(chat) => {
+                let text = chat.template.render(&[chat::Message::new("user", prompt)], true)?;
+                tok.encode(&text, false)
+            }
+        }
     }
 }
 
@@ -259,41 +363,59 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
                 TrainOn::Last => chat::TrainOn::LastAssistantTurn,
                 TrainOn::All => chat::TrainOn::All,
             };
-            let mut segs = chat::render_segments(&template.template, &messages, train_on)?;
-            // The tokenizer adds BOS itself; a template that also writes it would double it.
-            if template.tokenizer_adds_bos {
-                chat::strip_leading_bos(&mut segs, template.template.bos_token().unwrap_or(""));
-            }
-            segs
+            chat::render_segments(&template.template, &messages, train_on)?
         }
     })
 }
 
-/// Tokenizes every record's segments (in parallel batches): the first segment with the
-/// tokenizer's special tokens (BOS), the rest without, then (with `append_eos`) EOS, which is
-/// trained so the model learns to stop. Chats need no EOS: the template's end-of-turn marker
-/// closes each trained assistant turn.
-fn tokenize_all(tok: &TextTokenizer, all: &[Segments], append_eos: bool) -> Result<Vec<Example>> {
-    let firsts: Vec<&str> = all.iter().map(|s| s.first().map(|(t, _)| t.as_str()).unwrap_or("")).collect();
-    let rests: Vec<&str> = all.iter().flat_map(|s| s.iter().skip(1).map(|(t, _)| t.as_str())).collect();
-    let mut first_ids = tok.encode_batch(&firsts, true)?.into_iter();
-    let mut rest_ids = tok.encode_batch(&rests, false)?.into_iter();
+/// How an example's rendered text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    /// With the tokenizer's special tokens (BOS), then a trained EOS so the model learns to stop.
+    Text,
+    /// Exactly as transformers' `apply_chat_template(tokenize=True)`: without special tokens, as
+    /// the template writes whatever BOS and end-of-turn markers the model expects.
+    Chat,
+}
+
+/// Tokenizes every record's whole text once (in parallel batches) and labels each token by the
+/// segment its text comes from: a token is trained when any byte of it lies in a trainable
+/// segment. Encoding segments one by one and joining the ids would not give the same tokens:
+/// SentencePiece tokenizers start every encoded text with `▁`, and merges across a segment
+/// border would be missed. Tokens with no text of their own (BOS added by the post-processor)
+/// are not trained.
+fn tokenize_all(tok: &TextTokenizer, all: &[Segments], encoding: Encoding) -> Result<Vec<Example>> {
+    let texts: Vec<String> = all.iter().map(|segs| segs.iter().map(|(t, _)| t.as_str()).collect()).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let encoded = tok.encode_batch_with_offsets(&refs, encoding == Encoding::Text)?;
     let mut out = Vec::with_capacity(all.len());
-    for segs in all {
-        let mut ex = Example { input_ids: vec![], labels: vec![] };
-        for (i, (_, trainable)) in segs.iter().enumerate() {
-            let ids =
-                if i == 0 { first_ids.next() } else { rest_ids.next() }.expect("one encoding per segment");
-            ex.labels.extend(ids.iter().map(|&id| if *trainable { id } else { IGNORE }));
-            ex.input_ids.extend(ids);
-        }
-        if append_eos {
+    for (segs, Encoded { ids, offsets }) in all.iter().zip(encoded) {
+        let trainable = trainable_bytes(segs);
+        let labels = ids
+            .iter()
+            .zip(&offsets)
+            .map(|(&id, &(start, end))| {
+                let trained = trainable.get(start..end).is_some_and(|bytes| bytes.contains(&true));
+                if trained {
+                    id
+                } else {
+                    IGNORE
+                }
+            })
+            .collect();
+        let mut ex = Example { input_ids: ids, labels };
+        if encoding == Encoding::Text {
             ex.input_ids.push(tok.eos_id);
             ex.labels.push(tok.eos_id);
         }
         out.push(ex);
     }
     Ok(out)
+}
+
+/// For each byte of the segments' joined text, whether it belongs to a trainable segment.
+fn trainable_bytes(segs: &Segments) -> Vec<bool> {
+    segs.iter().flat_map(|(text, trainable)| std::iter::repeat_n(*trainable, text.len())).collect()
 }
 
 /// Reads, renders and tokenizes the records of `path` (a file, folder or glob), applying the
@@ -311,6 +433,91 @@ pub fn prepare(
     prepare_records(&records, cfg, tok, chat).with_context(|| format!("preparing {}", path.display()))
 }
 
+/// The fields each format reads, by lorafit's name for them (before `data.columns` renames).
+fn format_fields(format: DataFormat) -> &'static [&'static str] {
+    match format {
+        DataFormat::Completion => &["text"],
+        DataFormat::Alpaca => &["instruction", "input", "output"],
+        DataFormat::InputOutput => &["segments"],
+        DataFormat::Chat => &["messages", chat::SYSTEM_FIELD],
+    }
+}
+
+/// The columns a format reads in the user's files: its fields after renames, and for chats the
+/// ShareGPT `conversations` column tried when `messages` is not renamed.
+fn used_columns(cfg: &DataConfig) -> Vec<&str> {
+    let mut used: Vec<&str> = format_fields(cfg.format).iter().map(|f| column(cfg, f)).collect();
+    if cfg.format == DataFormat::Chat && !cfg.columns.contains_key("messages") {
+        used.extend(chat::DEFAULT_MESSAGES_FIELDS);
+    }
+    used
+}
+
+/// Columns of preference data, which supervised fine-tuning must not take for its own: pairs of
+/// a preferred and a rejected answer (DPO, as TRL and LLaMA-Factory lay them out).
+const PREFERENCE_PAIRS: [(&str, &str); 2] =
+    [("chosen", "rejected"), ("chosen_messages", "rejected_messages")];
+
+/// Checks the columns of `records` against `cfg.format` before any row is used: renames in
+/// `data.columns` must name a field of the format and a column of the data; preference data
+/// (`chosen`/`rejected` pairs, KTO's boolean `label`) is refused, as training on its
+/// conversations alone would train on rejected answers too. Returns a note listing the columns
+/// the format ignores, if any.
+fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>> {
+    let Some(first) = records.first() else { return Ok(None) };
+    let file = first.file.display();
+    let mut present: Vec<&str> = Vec::new();
+    for record in records {
+        for key in record.fields.keys() {
+            if !present.contains(&key.as_str()) {
+                present.push(key);
+            }
+        }
+    }
+    let fields = format_fields(cfg.format);
+    for (field, column) in &cfg.columns {
+        if !fields.contains(&field.as_str()) {
+            bail!(
+                "data.columns renames `{field}`, which data.format {} does not read (it reads: {})",
+                cfg.format,
+                fields.join(", ")
+            );
+        }
+        if !present.contains(&column.as_str()) {
+            bail!(
+                "data.columns maps `{field}` to the column `{column}`, but no row of {file} has it (columns: {})",
+                present.join(", ")
+            );
+        }
+    }
+    let used = used_columns(cfg);
+    for (chosen, rejected) in PREFERENCE_PAIRS {
+        if [chosen, rejected].iter().all(|c| present.contains(c) && !used.contains(c)) {
+            bail!(
+                "{file} holds preference pairs (columns `{chosen}` and `{rejected}`): they are for preference \
+                 training such as DPO, which lorafit does not do yet; as data.format {} it would train on the \
+                 conversation without either answer. Use supervised data, or keep only the preferred answer \
+                 in the format's own columns",
+                cfg.format
+            );
+        }
+    }
+    if !used.contains(&"label")
+        && records.iter().any(|r| r.fields.get("label").is_some_and(Value::is_boolean))
+    {
+        bail!(
+            "{file} holds KTO-style feedback (a true/false `label` column): as data.format {} every answer \
+             would be trained, the undesirable ones (label false) too. Keep only the rows labelled true and \
+             drop the column",
+            cfg.format
+        );
+    }
+    let ignored: Vec<&str> = present.iter().copied().filter(|c| !used.contains(c)).collect();
+    Ok((!ignored.is_empty()).then(|| {
+        format!("{file}: columns that data.format {} does not read: {}", cfg.format, ignored.join(", "))
+    }))
+}
+
 /// [`prepare`] for records already read.
 pub fn prepare_records(
     records: &[Record],
@@ -319,6 +526,7 @@ pub fn prepare_records(
     chat: Option<&ChatFormat>,
 ) -> Result<Prepared> {
     let mut out = Prepared::default();
+    out.notes.extend(check_columns(records, cfg)?);
     let (mut all, mut origins) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
     for record in records {
         match segments(record, cfg, chat) {
@@ -345,7 +553,10 @@ pub fn prepare_records(
             }
         }
     }
-    for (mut ex, origin) in tokenize_all(tok, &all, cfg.format != DataFormat::Chat)?.into_iter().zip(origins)
+    for (mut ex, origin) in
+        tokenize_all(tok, &all, if cfg.format == DataFormat::Chat { Encoding::Chat } else { Encoding::Text })?
+            .into_iter()
+            .zip(origins)
     {
         if ex.input_ids.len() > cfg.max_seq_len {
             match cfg.too_long {

@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod cache;
 pub mod chat;
+pub mod export;
 pub mod format;
 pub mod preview;
 pub mod source;

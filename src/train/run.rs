@@ -7,11 +7,11 @@ use super::checkpoint::{self, TrainerState};
 use super::{evaluate, evaluate_with_progress, schedule, StepStats, Trainer};
 use crate::config::{Config, DataFormat, LoraConfig, OnNonFinite, Precision, WeightDtype};
 use crate::data::batch::MicroBatch;
-use crate::data::format::{prepare_splits, render_prompt, ChatFormat, Example, Prepared};
+use crate::data::format::{prepare_splits, ChatFormat, Example, Prepared, PromptFormat};
 use crate::data::source::expand_paths;
 use crate::data::{cache, Batch, EpochPlan, RowLayout, TextTokenizer};
 use crate::files::write_atomic;
-use crate::generate::greedy;
+use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, Injected};
 use crate::model::{Decoder, ModelSpec, Weights};
 use crate::observe::MetricsLog;
@@ -263,19 +263,23 @@ fn spinner(message: &str, wanted: bool) -> ProgressBar {
     bar
 }
 
-/// Prints greedy continuations of the sample prompts under `heading`.
+/// Prints greedy continuations of the sample prompts under `heading`, each prompt put to the
+/// model as the training data put its examples (see [`PromptFormat`]).
 fn print_samples(
     console: Console,
     cfg: &Config,
     model: &Decoder,
-    tok: &TextTokenizer,
+    data: &RunData,
+    stop: &[i64],
     device: Device,
     heading: &str,
 ) -> Result<()> {
+    let format = PromptFormat::of_data(&cfg.data, data.chat.as_ref());
     for prompt in &cfg.output.sample_prompts {
-        let ids = tok.encode(&render_prompt(&cfg.data, prompt), true)?;
-        let new = greedy(model, &ids, cfg.output.sample_max_new_tokens, Some(tok.eos_id), device);
-        say!(console, "  [{heading}] {prompt:?} → {:?}", tok.decode(&new)?.trim());
+        let ids = format.ids(&data.tokenizer, prompt)?;
+        let new =
+            generate(model, &ids, cfg.output.sample_max_new_tokens, stop, &Sampling::GREEDY, device, |_| {});
+        say!(console, "  [{heading}] {prompt:?} → {:?}", data.tokenizer.decode(&new)?.trim());
     }
     Ok(())
 }
@@ -284,6 +288,8 @@ fn print_samples(
 /// data files, checked before any work starts.
 pub struct RunData {
     pub tokenizer: TextTokenizer,
+    /// The chat template of chat data.
+    pub chat: Option<ChatFormat>,
     pub train: Prepared,
     pub validation: Option<Prepared>,
     /// Taken from the data cache rather than prepared.
@@ -293,6 +299,34 @@ pub struct RunData {
 }
 
 impl RunData {
+    /// Refuses data the model cannot embed: a token id at or beyond the model's `embedding_rows`
+    /// (config.json's `vocab_size`), freshly prepared or read from the cache. A tokenizer with
+    /// more ids than that, none of which the data uses, only gets a warning.
+    pub fn check_vocabulary(&self, embedding_rows: i64) -> Result<()> {
+        let sets = std::iter::once(("training", &self.train))
+            .chain(self.validation.iter().map(|v| ("validation", v)));
+        for (name, set) in sets {
+            if let Some((i, &id)) = set.examples.iter().enumerate().find_map(|(i, ex)| {
+                ex.input_ids.iter().find(|&&id| id < 0 || id >= embedding_rows).map(|id| (i, id))
+            }) {
+                bail!(
+                    "{name} example {} holds token id {id}, but the model's embedding has {embedding_rows} rows \
+                     (vocab_size in config.json): the tokenizer is larger than the model. Use the tokenizer that \
+                     belongs to the model",
+                    i + 1
+                );
+            }
+        }
+        let largest = self.tokenizer.largest_id();
+        if largest >= embedding_rows {
+            eprintln!(
+                "warning: the tokenizer has ids up to {largest} (added tokens included) but the model's embedding \
+                 has {embedding_rows} rows; the data uses none of them, but generated prompts that do will be refused"
+            );
+        }
+        Ok(())
+    }
+
     /// Saves freshly prepared data for the next run. Called once the run has passed every
     /// check, so that a refused run leaves nothing behind.
     pub fn store_in_cache(&self) {
@@ -311,11 +345,12 @@ impl RunData {
 pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, spec)?;
     let chat = match cfg.data.format {
-        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path, &tokenizer)?),
+        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path)?),
         _ => None,
     };
     let mut key = cache::CacheKey::default();
-    key.add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
+    key.add_bytes(cache::FORMAT_VERSION)
+        .add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
         .add_bytes(&cfg.train.seed.to_le_bytes())
         .add_bytes(&tokenizer.eos_id.to_le_bytes())
         .add_bytes(chat.as_ref().map(|c| c.template.source()).unwrap_or("").as_bytes());
@@ -327,10 +362,10 @@ pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
     }
     let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
     if let Some((train, validation)) = cache::load(&entry) {
-        return Ok(RunData { tokenizer, train, validation, cached: true, cache_entry: entry });
+        return Ok(RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry });
     }
     let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
-    Ok(RunData { tokenizer, train, validation, cached: false, cache_entry: entry })
+    Ok(RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry })
 }
 
 /// How the run lays examples into rows.
@@ -378,6 +413,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let data = load_data(cfg, &spec);
     spinner.finish_and_clear();
     let data = data?;
+    data.check_vocabulary(spec.vocab_size)?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
     let mut model = load_model_for(cfg, device)?;
     let lora_cfg = match &cfg.lora.init_from {
@@ -414,7 +450,8 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
     data.store_in_cache();
-    let RunData { tokenizer: tok, train: train_data, validation: val_data, cached, .. } = data;
+    let (tok, train_data, val_data, cached) = (&data.tokenizer, &data.train, &data.validation, data.cached);
+    let stop = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), tok)?;
 
     say!(
         console,
@@ -443,8 +480,14 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         train_data.report(),
         if cached { "from the data cache" } else { "prepared" }
     );
-    if let Some(v) = &val_data {
+    if let Some(v) = val_data {
         say!(console, "  validation data: {}", v.report());
+    }
+    for note in train_data.notes.iter().chain(val_data.iter().flat_map(|v| &v.notes)) {
+        say!(console, "  note: {note}");
+    }
+    if let Some(chat) = &data.chat {
+        say!(console, "  chat template: {}", chat.described);
     }
     say!(
         console,
@@ -478,7 +521,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
     if resume.is_none() {
-        print_samples(console, cfg, &model, &tok, device, "before")?;
+        print_samples(console, cfg, &model, &data, &stop, device, "before")?;
     }
 
     let base_model = cfg.model.path.display().to_string();
@@ -649,7 +692,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             after.exp()
         );
     }
-    print_samples(console, cfg, &model, &tok, device, "after")?;
+    print_samples(console, cfg, &model, &data, &stop, device, "after")?;
     say!(console, "  adapter (PEFT format): {}", adapter_dir.display());
     say!(console, "  {}", crate::export::compat::check(&adapter_dir)?.describe());
     Ok(RunSummary {
@@ -681,6 +724,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
     }
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let data = load_data(cfg, &spec)?;
+    data.check_vocabulary(spec.vocab_size)?;
     let Some(validation) = &data.validation else {
         bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
     };
