@@ -249,16 +249,31 @@ fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
 }
 
 /// Decoding with the KV cache gives the tokens that re-running the whole sequence gives, also
-/// past sliding windows and with soft-capping. Phi-3 is left out: its longrope switches factors
-/// once the sequence outgrows the original context, and (as in transformers) cached keys keep
-/// the factors they were computed with.
+/// past sliding windows, with soft-capping, and past Phi-3's original context, where longrope
+/// switches every position to its long factors.
 #[test]
 fn kv_cached_decoding_matches_recomputing_the_sequence() {
-    for family in FAMILIES.iter().filter(|f| **f != "phi3") {
+    for family in FAMILIES {
         let model = load_model(&fixture(family), Kind::Float, Device::Cpu).unwrap();
         let prompt = [1i64, 40, 41, 42, 43];
         let cached = lorafit::generate::greedy(&model, &prompt, 24, None, Device::Cpu);
         let recomputed = lorafit::generate::greedy_without_cache(&model, &prompt, 24, Device::Cpu);
         assert_eq!(cached, recomputed, "{family}");
+    }
+}
+
+/// Phi-3's greedy decoding with the KV cache crosses original_max_position_embeddings (8) and
+/// gives transformers' `generate` tokens, which encodes every key again with the long factors
+/// at that step (the fixture checks that keeping the short-factor keys gives other tokens).
+#[test]
+fn phi3_cached_decoding_across_the_original_context_matches_transformers_generate() {
+    let dir = fixture("phi3");
+    let r = reference(&dir);
+    let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let prompts: Vec<Vec<i64>> = Vec::try_from(&r["generate_prompts"]).unwrap();
+    let generated: Vec<Vec<i64>> = Vec::try_from(&r["generated"]).unwrap();
+    for (prompt, want) in prompts.iter().zip(&generated) {
+        let got = lorafit::generate::greedy(&model, prompt, want.len(), None, Device::Cpu);
+        assert_eq!(&got, want, "prompt {prompt:?}");
     }
 }

@@ -343,6 +343,19 @@ impl Decoder {
     /// holds (empty for a prompt), which it then extends: decoding costs one token's work per
     /// step instead of the whole sequence's.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let new = input_ids.size()[1];
+        let (held, total) = (cache.len, cache.len + new);
+        let stale = [&self.spec.rope, &self.spec.local_rope]
+            .iter()
+            .any(|rope| rope.as_ref().is_some_and(|r| r.switches_factors(held, total)));
+        if let Some(tokens) = cache.tokens.as_ref().filter(|_| stale) {
+            // Longrope's factors changed for every position, so the cached keys are stale:
+            // transformers (Phi-3) then drops the cache and encodes the whole sequence again.
+            let all = Tensor::cat(&[tokens, input_ids], 1);
+            *cache = KvCache::new(self);
+            let logits = self.forward_inner(&all, None, Some(cache), false);
+            return logits.narrow(1, cache.len - new, new);
+        }
         self.forward_inner(input_ids, None, Some(cache), false)
     }
 
@@ -359,7 +372,7 @@ impl Decoder {
             x = self.block(i, &x, &pass, cache.as_deref_mut(), train);
         }
         if let Some(cache) = cache {
-            cache.len += input_ids.size()[1];
+            cache.push_tokens(input_ids);
         }
         self.logits(&self.final_norm(&x), train)
     }
@@ -690,13 +703,24 @@ fn first_example_start(segments: &[Vec<i64>], at: i64) -> i64 {
 /// Keys and values of every layer for the tokens decoded so far.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The tokens held `[batch, len]`, to encode them again when the keys go stale (longrope).
+    tokens: Option<Tensor>,
     /// Tokens held.
     pub len: i64,
 }
 
 impl KvCache {
     pub fn new(model: &Decoder) -> KvCache {
-        KvCache { layers: (0..model.spec.num_layers).map(|_| None).collect(), len: 0 }
+        KvCache { layers: (0..model.spec.num_layers).map(|_| None).collect(), tokens: None, len: 0 }
+    }
+
+    /// Records the tokens `[batch, n]` whose keys and values every layer has just appended.
+    fn push_tokens(&mut self, ids: &Tensor) {
+        self.len += ids.size()[1];
+        self.tokens = Some(match self.tokens.take() {
+            Some(held) => Tensor::cat(&[&held, ids], 1),
+            None => ids.shallow_clone(),
+        });
     }
 
     /// Appends a layer's new keys and values `[batch, kv_heads, n, head_dim]` and returns all.

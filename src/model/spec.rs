@@ -78,6 +78,19 @@ pub struct Rope {
     pub rotary_dim: i64,
 }
 
+impl Rope {
+    /// Whether a sequence growing from `from` to `to` tokens changes the frequencies of every
+    /// position: longrope's, once it outgrows the original context.
+    pub fn switches_factors(&self, from: i64, to: i64) -> bool {
+        match self.scaling {
+            RopeScaling::LongRope { original_max_position_embeddings: original, .. } => {
+                from <= original && to > original
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Which keys a layer's queries see besides the causal rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttentionSpan {
