@@ -14,7 +14,7 @@ use lorafit::inspect::inspect;
 use lorafit::lora::{self, peft};
 use lorafit::model::Decoder;
 use lorafit::train::run::load_model;
-use lorafit::train::Trainer;
+use lorafit::train::{token_loss, Backward, Trainer};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -276,4 +276,65 @@ fn phi3_cached_decoding_across_the_original_context_matches_transformers_generat
         let got = lorafit::generate::greedy(&model, prompt, want.len(), None, Device::Cpu);
         assert_eq!(&got, want, "prompt {prompt:?}");
     }
+}
+
+/// Draws of lorafit's training loss the GPT-2 dropout test averages:
+/// DROPOUT_TEST_DRAWS in scripts/make_model_fixtures.py, which checks that the tolerance below
+/// tells each of GPT-2's three dropouts missing.
+const DROPOUT_TEST_DRAWS: i64 = 1000;
+/// DROPOUT_SIGMAS there: the tolerance in standard errors of the difference of the two means.
+const DROPOUT_SIGMAS: f64 = 5.0;
+
+fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// GPT-2's embd_pdrop, attn_pdrop and resid_pdrop apply in training as in transformers' train
+/// mode: over many dropout draws, lorafit's training loss has the mean of transformers' (within
+/// 5 standard errors of the difference of the two means, about 0.01), which lies more than that
+/// above the eval loss; the eval loss is transformers' eval loss.
+#[test]
+fn gpt2_dropout_matches_transformers_train_mode() {
+    let _turn = common::global_rng_turn();
+    // A thousand passes over tiny tensors: threads only add waiting (tenfold on a busy machine).
+    tch::set_num_threads(1);
+    let dir = fixture("gpt2");
+    let r = reference(&dir);
+    let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let rows: Vec<Vec<i64>> = Vec::try_from(&r["dropout_input_ids"]).unwrap();
+    let examples: Vec<Example> =
+        rows.iter().map(|row| Example { input_ids: row.clone(), labels: row.clone() }).collect();
+    let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
+    let mean_loss = |backward: Option<Backward>| {
+        token_loss(&model, &batch, backward).double_value(&[]) / batch.label_tokens as f64
+    };
+
+    let eval = tch::no_grad(|| mean_loss(None));
+    let eval_theirs = r["dropout_eval_loss"].double_value(&[]);
+    assert!((eval - eval_theirs).abs() <= 1e-5, "eval loss {eval} vs transformers' {eval_theirs}");
+
+    let training = Some(Backward { scale: 1.0, checkpointing: false });
+    let ours: Vec<f64> = (0..DROPOUT_TEST_DRAWS)
+        .map(|draw| {
+            tch::manual_seed(draw);
+            mean_loss(training)
+        })
+        .collect();
+    let theirs: Vec<f64> =
+        Vec::<f32>::try_from(&r["dropout_train_losses"]).unwrap().into_iter().map(f64::from).collect();
+    let ((mean, std), (mean_theirs, std_theirs)) = (mean_and_std(&ours), mean_and_std(&theirs));
+    let tolerance = DROPOUT_SIGMAS
+        * (std * std / ours.len() as f64 + std_theirs * std_theirs / theirs.len() as f64).sqrt();
+    eprintln!(
+        "train-mode loss: mean {mean:.4} (std {std:.4}) vs transformers' {mean_theirs:.4} (std \
+         {std_theirs:.4}), eval {eval:.4}, tolerance {tolerance:.4}"
+    );
+    assert!((mean_theirs - eval).abs() > tolerance, "the fixture cannot tell dropout from none");
+    assert!(
+        (mean - mean_theirs).abs() <= tolerance,
+        "mean train-mode loss {mean} vs transformers' {mean_theirs} (tolerance {tolerance})"
+    );
 }
