@@ -278,6 +278,22 @@ fn phi3_cached_decoding_across_the_original_context_matches_transformers_generat
     }
 }
 
+/// Gemma multiplies its embeddings by √hidden_size cast to the embeddings' kind first: the bf16
+/// model's embeddings equal transformers' bf16 ones once rounded to bf16 (lorafit keeps the
+/// residual stream in fp32, transformers' bf16 model rounds the product).
+#[test]
+fn gemma_bf16_embeddings_equal_transformers() {
+    for family in ["gemma2", "gemma3"] {
+        let dir = fixture(family);
+        let r = reference(&dir);
+        let model = load_model(&dir, Kind::BFloat16, Device::Cpu).unwrap();
+        let (embedded, _) = tch::no_grad(|| model.embed(&r["input_ids"], None, 0, false));
+        let ours = embedded.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let differ = ours.ne_tensor(&r["embeddings_bf16"]).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{family}: {differ} bf16 embeddings differ from transformers'");
+    }
+}
+
 /// Draws of lorafit's training loss the GPT-2 dropout test averages:
 /// DROPOUT_TEST_DRAWS in scripts/make_model_fixtures.py, which checks that the tolerance below
 /// tells each of GPT-2's three dropouts missing.

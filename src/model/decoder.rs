@@ -415,7 +415,9 @@ impl Decoder {
         };
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
         if let Some(scale) = s.embed_scale {
-            x *= scale;
+            // transformers multiplies by the fp32 scale cast to the embeddings' kind: under bf16
+            // weights Gemma 2 9B's √3584 = 59.87 is 59.75.
+            x *= Tensor::from(scale as f32).to_kind(self.embed_tokens.kind()).double_value(&[]);
         }
         if let Some(table) = &self.embed_positions {
             x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
