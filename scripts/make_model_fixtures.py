@@ -6,7 +6,7 @@
 (VENV is the one scripts/setup-python.sh creates, by default ~/.cache/lorafit/venv-torch-2.13.0.)
 DIR defaults to tests/fixtures/models/. The whole folder is rebuilt in a temporary folder beside it
 and then swapped in, so a failed run leaves the old fixtures in place. --only NAME... builds a
-subset (into a DIR other than the default). Takes about 10 seconds on one CPU core.
+subset (into a DIR other than the default). Takes about a minute on one CPU core.
 
 One folder per model family lorafit supports. Each holds a tiny random-weight checkpoint written by
 transformers' own `save_pretrained` (config.json, model.safetensors, generation_config.json), the
@@ -27,6 +27,10 @@ and, for phi3 only (LongRoPE switches its frequencies on the total sequence leng
     input_ids_short int64 [2, 8]: the first 8 ids of input_ids, as long as
                     original_max_position_embeddings, so the short factors are used
     logits_short    fp32 [2, 8, 256]
+    generate_prompts, generated   int64 [2, 5], [2, 16]: greedy generate() across that length
+for gemma2 and gemma3, embeddings_bf16 (fp32 [2, 12, 32], the bf16 model's scaled embeddings),
+and for gpt2, dropout_input_ids (int64 [4, 64]), dropout_eval_loss (fp32 []) and
+dropout_train_losses (fp32 [4000]): see the functions that record them.
 
 Every logit comes from the eager attention implementation. After writing a family the script loads
 it back from disk (AutoModelForCausalLM.from_pretrained, PeftModel.from_pretrained) and checks that
@@ -307,6 +311,116 @@ def _minus_one(t):
     return t - 1
 
 
+# ----------------------------------------------------------------------------------------------
+# Extra references of single families: fn(folder, input_ids, ref, notes) adds tensors to `ref`.
+
+# GPT-2's dropout: transformers' train-mode loss is recorded over DROPOUT_DRAWS draws; the test
+# compares the mean of DROPOUT_TEST_DRAWS of lorafit's draws with theirs, at a tolerance of
+# DROPOUT_SIGMAS standard errors of the difference of the two means.
+DROPOUT_DRAWS, DROPOUT_TEST_DRAWS, DROPOUT_SIGMAS = 4000, 1000, 5.0
+DROPOUT_KNOCKOUT_DRAWS = 1000
+
+
+def dropout_tolerance(std, test_std):
+    return DROPOUT_SIGMAS * (std ** 2 / DROPOUT_DRAWS + test_std ** 2 / DROPOUT_TEST_DRAWS) ** 0.5
+
+
+def gpt2_dropout_losses(folder, input_ids, ref, notes):
+    """Train-mode losses of the model's own greedy text: 4 rows of 64 tokens, from 4-token prompts.
+
+    On its own greedy text the eval loss is low and every dropout raises it, so the mean loss tells
+    whether each of embd_pdrop, attn_pdrop and resid_pdrop is applied (on random text their effects
+    on the mean cancel out). Each one switched off must move the mean by more than the test's
+    tolerance (taking lorafit's spread to be transformers').
+    """
+    import torch
+
+    model = load_model(folder)
+    ids = input_ids[:, :8].reshape(4, 4)
+    with torch.no_grad():
+        while ids.shape[1] < model.config.n_positions:
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+
+    def losses(m, n):
+        m.train()
+        torch.manual_seed(SEED)
+        with torch.no_grad():
+            return torch.tensor([m(input_ids=ids, labels=ids).loss.item() for _ in range(n)])
+
+    with torch.no_grad():
+        eval_loss = model.eval()(input_ids=ids, labels=ids).loss
+    draws = losses(model, DROPOUT_DRAWS)
+    mean, std = draws.mean().item(), draws.std().item()
+    tol = dropout_tolerance(std, std)
+    assert abs(mean - eval_loss.item()) > 2 * tol, (mean, eval_loss.item(), tol)
+    effects = {}
+    for key in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+        knocked = losses(load_model(folder, **{key: 0.0}), DROPOUT_KNOCKOUT_DRAWS)
+        shift = knocked.mean().item() - mean
+        noise = 3 * knocked.std().item() / DROPOUT_KNOCKOUT_DRAWS ** 0.5
+        assert abs(shift) > tol + noise, f"gpt2: {key} = 0 moves the mean train loss only by {shift}"
+        effects[key] = round(shift, 4)
+    ref["dropout_input_ids"] = ids
+    ref["dropout_eval_loss"] = eval_loss.float()
+    ref["dropout_train_losses"] = draws.float()
+    notes.append(f"dropout: eval loss {eval_loss.item():.4f}, train-mode mean {mean:.4f} (std {std:.4f}, "
+                 f"{DROPOUT_DRAWS} draws); the test's tolerance is about {tol:.4f}; setting one "
+                 f"dropout to 0 moves the mean by {effects}")
+
+
+def longrope_generation(folder, input_ids, ref, notes):
+    """Greedy generate() (KV cache) from 5-token prompts to 21 tokens, across
+    original_max_position_embeddings 8.
+
+    Phi-3's prepare_inputs_for_generation drops the cache at the step that first exceeds the
+    original context, so every key is computed again with the long factors. Decoding that keeps
+    the short-factor keys (GenerationMixin's own prepare_inputs_for_generation) must give other
+    tokens, or the fixture would not tell the two apart.
+    """
+    import torch
+    from transformers import GenerationMixin
+
+    model = load_model(folder)
+    model.generation_config.eos_token_id = None  # always the full length, as lorafit's greedy
+    prompts = input_ids[:, :5].clone()
+
+    def generate():
+        with torch.no_grad():
+            return torch.cat([model.generate(p[None], attention_mask=torch.ones_like(p[None]), do_sample=False,
+                                             max_new_tokens=16)[:, 5:] for p in prompts])
+
+    generated = generate()
+    cls = type(model)
+    own = cls.prepare_inputs_for_generation
+    cls.prepare_inputs_for_generation = GenerationMixin.prepare_inputs_for_generation
+    try:
+        stale = generate()
+    finally:
+        cls.prepare_inputs_for_generation = own
+    differ = (generated != stale).any(1).sum().item()
+    assert differ == len(prompts), f"phi3: keeping short-factor keys changes only {differ} generations"
+    ref["generate_prompts"] = prompts
+    ref["generated"] = generated
+    notes.append("generated: greedy generate() with the KV cache; keeping the short-factor keys "
+                 f"past position 8 gives other tokens for both prompts: {stale.tolist()}")
+
+
+def bf16_embeddings(folder, input_ids, ref, notes):
+    """The scaled embeddings of the bf16 model: the scale √hidden_size is cast to bf16 first."""
+    import torch
+
+    model = load_model(folder).to(torch.bfloat16)
+    with torch.no_grad():
+        embedded = model.get_input_embeddings()(input_ids)
+        unrounded = (model.get_input_embeddings().weight[input_ids].float()
+                     * model.config.hidden_size ** 0.5).bfloat16()
+    differ = (embedded != unrounded).sum().item()
+    assert differ > 0, "the bf16 scale changes no embedding"
+    ref["embeddings_bf16"] = embedded.float()
+    notes.append(f"embeddings_bf16: {differ} of {embedded.numel()} values differ when the scale "
+                 "is not rounded to bf16 before multiplying")
+
+
 FAMILIES = [
     dict(name="llama3", cls="LlamaForCausalLM", config=cfg_llama3, targets=LLAMA_TARGETS,
          quirk="rope_parameters of type llama3 (all three frequency bands used); GQA 2:1; untied",
@@ -339,7 +453,8 @@ FAMILIES = [
                     "sliding window off": knock(sliding_window=NO_WINDOW),
                     "sliding window 5 (off by one)": knock(sliding_window=5),
                     "query_pre_attn_scalar = head_dim": knock(query_pre_attn_scalar=16),
-                    "norms scale by w, not 1+w": knock_state("norm.weight", _minus_one)}),
+                    "norms scale by w, not 1+w": knock_state("norm.weight", _minus_one)},
+         extras=[bf16_embeddings]),
     dict(name="gemma3", cls="Gemma3ForCausalLM", config=cfg_gemma3, targets=LLAMA_TARGETS,
          quirk="text-only Gemma 3 (model_type gemma3_text): q/k RMSNorm x*(1+w); separate rope "
                "for local (theta 1e4) and global (theta 1e6, linear factor 8) layers; layer types "
@@ -353,7 +468,8 @@ FAMILIES = [
                         "full_attention": _default_rope(10000.0)}),
                     "global linear scaling off": knock(rope_parameters={
                         "sliding_attention": _default_rope(10000.0),
-                        "full_attention": _default_rope(1000000.0)})}),
+                        "full_attention": _default_rope(1000000.0)})},
+         extras=[bf16_embeddings]),
     dict(name="phi3", cls="Phi3ForCausalLM", config=cfg_phi3,
          targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
          quirk="fused qkv_proj (q 32 | k 16 | v 16 rows) and gate_up_proj (gate | up); rope "
@@ -361,12 +477,14 @@ FAMILIES = [
                "sequences longer than 8 (input_ids) use long_factor, up to 8 (input_ids_short) "
                "short_factor; cos/sin scaled by sqrt(1 + ln(64/8)/ln(8)) in both cases",
          knockouts={"longrope off": knock(rope_parameters={
-             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})}),
+             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0})},
+         extras=[longrope_generation]),
     dict(name="gpt2", cls="GPT2LMHeadModel", config=cfg_gpt2, targets=["c_attn", "c_proj", "c_fc"],
          quirk="Conv1D weights stored [in, out] (PEFT fan_in_fan_out true); learned position "
                "embeddings (wpe); LayerNorm with bias; biases on every projection; gelu_new; "
                "keys with the transformer. prefix; tied lm_head",
-         knockouts={"position embeddings zeroed": knock_state("wpe.weight", _zeros)}),
+         knockouts={"position embeddings zeroed": knock_state("wpe.weight", _zeros)},
+         extras=[gpt2_dropout_losses]),
     dict(name="gpt2-noprefix", copy_of="gpt2",
          quirk="gpt2 with model.safetensors keys lacking the transformer. prefix (h.0.attn.c_attn."
                "weight, wte.weight, ...), as some hub checkpoints have them; otherwise identical "
@@ -434,13 +552,13 @@ def randomize_weights(model, seed):
                 raise AssertionError(f"no init rule for {name} {tuple(p.shape)} ({type(mod).__name__})")
 
 
-def load_model(path, attn="eager", dtype=None):
+def load_model(path, attn="eager", dtype=None, **config):
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn} if attn else {}  # None: transformers' default choice
     model, info = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, output_loading_info=True, **kwargs)
+        path, dtype=dtype or torch.float32, output_loading_info=True, **kwargs, **config)
     bad = {k: v for k, v in info.items() if v and k != "error_msgs"} | (
         {"error_msgs": info["error_msgs"]} if info.get("error_msgs") else {})
     assert not bad, f"{path}: loading reported {bad}"
@@ -613,6 +731,8 @@ def build_family(fam, out_root, tok_path, input_ids):
         notes.append(f"logits_short differ from logits[:, :8] by up to {d:.3f}: the same 8 tokens "
                      "give other logits inside a 12-token sequence (long factors)")
     ref["logits_bf16"] = forward(load_model(folder).to(torch.bfloat16), input_ids)
+    for extra in fam.get("extras", []):
+        extra(folder, input_ids, ref, notes)
 
     # 3. Quirk knock-outs: the same weights with the quirk switched off must change the logits.
     effects = {}

@@ -108,3 +108,36 @@ fn eval_without_a_config_reads_model_and_data_flags() {
     assert!(report["eval_loss"].as_f64().unwrap() > 1.0, "{stdout}");
     assert!(report["label_tokens"].as_i64().unwrap() > 300, "{stdout}");
 }
+
+/// NaN or infinite base weights are found when the model loads, naming the tensor and its file,
+/// before the run directory exists (not as a non-finite loss at the first step).
+#[test]
+fn non_finite_base_weights_fail_at_load_naming_tensor_and_file() {
+    let name = "model.layers.1.mlp.down_proj.weight";
+    for (value, what) in [(f64::NAN, "1 NaN"), (f64::NEG_INFINITY, "1 infinite")] {
+        let model = tempfile::tempdir().unwrap();
+        let fixture = common::fixture("llama3");
+        for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(fixture.join(file), model.path().join(file)).unwrap();
+        }
+        let tensors: Vec<(String, tch::Tensor)> =
+            lorafit::files::read_safetensors(&fixture.join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(n, t)| {
+                    if n == name {
+                        let t = t.copy();
+                        let _ = t.view([-1]).get(5).fill_(value);
+                        (n, t)
+                    } else {
+                        (n, t)
+                    }
+                })
+                .collect();
+        let bytes = lorafit::files::safetensors_bytes(&tensors, &[]).unwrap();
+        std::fs::write(model.path().join("model.safetensors"), bytes).unwrap();
+        let p = project(model.path(), "", common::STORY_ROWS);
+        let err = train_fails(p.path());
+        assert!(err.contains(name) && err.contains("model.safetensors") && err.contains(what), "{err}");
+    }
+}

@@ -14,7 +14,7 @@ use lorafit::inspect::inspect;
 use lorafit::lora::{self, peft};
 use lorafit::model::Decoder;
 use lorafit::train::run::load_model;
-use lorafit::train::Trainer;
+use lorafit::train::{token_loss, Backward, Trainer};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
@@ -249,16 +249,108 @@ fn missing_or_misshaped_tensors_are_named_with_shapes_and_file() {
 }
 
 /// Decoding with the KV cache gives the tokens that re-running the whole sequence gives, also
-/// past sliding windows and with soft-capping. Phi-3 is left out: its longrope switches factors
-/// once the sequence outgrows the original context, and (as in transformers) cached keys keep
-/// the factors they were computed with.
+/// past sliding windows, with soft-capping, and past Phi-3's original context, where longrope
+/// switches every position to its long factors.
 #[test]
 fn kv_cached_decoding_matches_recomputing_the_sequence() {
-    for family in FAMILIES.iter().filter(|f| **f != "phi3") {
+    for family in FAMILIES {
         let model = load_model(&fixture(family), Kind::Float, Device::Cpu).unwrap();
         let prompt = [1i64, 40, 41, 42, 43];
         let cached = lorafit::generate::greedy(&model, &prompt, 24, None, Device::Cpu);
         let recomputed = lorafit::generate::greedy_without_cache(&model, &prompt, 24, Device::Cpu);
         assert_eq!(cached, recomputed, "{family}");
     }
+}
+
+/// Phi-3's greedy decoding with the KV cache crosses original_max_position_embeddings (8) and
+/// gives transformers' `generate` tokens, which encodes every key again with the long factors
+/// at that step (the fixture checks that keeping the short-factor keys gives other tokens).
+#[test]
+fn phi3_cached_decoding_across_the_original_context_matches_transformers_generate() {
+    let dir = fixture("phi3");
+    let r = reference(&dir);
+    let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let prompts: Vec<Vec<i64>> = Vec::try_from(&r["generate_prompts"]).unwrap();
+    let generated: Vec<Vec<i64>> = Vec::try_from(&r["generated"]).unwrap();
+    for (prompt, want) in prompts.iter().zip(&generated) {
+        let got = lorafit::generate::greedy(&model, prompt, want.len(), None, Device::Cpu);
+        assert_eq!(&got, want, "prompt {prompt:?}");
+    }
+}
+
+/// Gemma multiplies its embeddings by √hidden_size cast to the embeddings' kind first: the bf16
+/// model's embeddings equal transformers' bf16 ones once rounded to bf16 (lorafit keeps the
+/// residual stream in fp32, transformers' bf16 model rounds the product).
+#[test]
+fn gemma_bf16_embeddings_equal_transformers() {
+    for family in ["gemma2", "gemma3"] {
+        let dir = fixture(family);
+        let r = reference(&dir);
+        let model = load_model(&dir, Kind::BFloat16, Device::Cpu).unwrap();
+        let (embedded, _) = tch::no_grad(|| model.embed(&r["input_ids"], None, 0, false));
+        let ours = embedded.to_kind(Kind::BFloat16).to_kind(Kind::Float);
+        let differ = ours.ne_tensor(&r["embeddings_bf16"]).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(differ, 0, "{family}: {differ} bf16 embeddings differ from transformers'");
+    }
+}
+
+/// Draws of lorafit's training loss the GPT-2 dropout test averages:
+/// DROPOUT_TEST_DRAWS in scripts/make_model_fixtures.py, which checks that the tolerance below
+/// tells each of GPT-2's three dropouts missing.
+const DROPOUT_TEST_DRAWS: i64 = 1000;
+/// DROPOUT_SIGMAS there: the tolerance in standard errors of the difference of the two means.
+const DROPOUT_SIGMAS: f64 = 5.0;
+
+fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, var.sqrt())
+}
+
+/// GPT-2's embd_pdrop, attn_pdrop and resid_pdrop apply in training as in transformers' train
+/// mode: over many dropout draws, lorafit's training loss has the mean of transformers' (within
+/// 5 standard errors of the difference of the two means, about 0.01), which lies more than that
+/// above the eval loss; the eval loss is transformers' eval loss.
+#[test]
+fn gpt2_dropout_matches_transformers_train_mode() {
+    let _turn = common::global_rng_turn();
+    // A thousand passes over tiny tensors: threads only add waiting (tenfold on a busy machine).
+    tch::set_num_threads(1);
+    let dir = fixture("gpt2");
+    let r = reference(&dir);
+    let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let rows: Vec<Vec<i64>> = Vec::try_from(&r["dropout_input_ids"]).unwrap();
+    let examples: Vec<Example> =
+        rows.iter().map(|row| Example { input_ids: row.clone(), labels: row.clone() }).collect();
+    let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
+    let mean_loss = |backward: Option<Backward>| {
+        token_loss(&model, &batch, backward).double_value(&[]) / batch.label_tokens as f64
+    };
+
+    let eval = tch::no_grad(|| mean_loss(None));
+    let eval_theirs = r["dropout_eval_loss"].double_value(&[]);
+    assert!((eval - eval_theirs).abs() <= 1e-5, "eval loss {eval} vs transformers' {eval_theirs}");
+
+    let training = Some(Backward { scale: 1.0, checkpointing: false });
+    let ours: Vec<f64> = (0..DROPOUT_TEST_DRAWS)
+        .map(|draw| {
+            tch::manual_seed(draw);
+            mean_loss(training)
+        })
+        .collect();
+    let theirs: Vec<f64> =
+        Vec::<f32>::try_from(&r["dropout_train_losses"]).unwrap().into_iter().map(f64::from).collect();
+    let ((mean, std), (mean_theirs, std_theirs)) = (mean_and_std(&ours), mean_and_std(&theirs));
+    let tolerance = DROPOUT_SIGMAS
+        * (std * std / ours.len() as f64 + std_theirs * std_theirs / theirs.len() as f64).sqrt();
+    eprintln!(
+        "train-mode loss: mean {mean:.4} (std {std:.4}) vs transformers' {mean_theirs:.4} (std \
+         {std_theirs:.4}), eval {eval:.4}, tolerance {tolerance:.4}"
+    );
+    assert!((mean_theirs - eval).abs() > tolerance, "the fixture cannot tell dropout from none");
+    assert!(
+        (mean - mean_theirs).abs() <= tolerance,
+        "mean train-mode loss {mean} vs transformers' {mean_theirs} (tolerance {tolerance})"
+    );
 }

@@ -108,15 +108,20 @@ fn chunked_target_only_loss_equals_the_full_logits_loss() {
 }
 
 /// Activation checkpointing runs each block again in the backward pass, with the same dropout
-/// masks: the gradients equal those of the plain backward pass.
+/// masks (the adapters' and the model's own): the gradients equal those of the plain backward
+/// pass.
 #[test]
 fn activation_checkpointing_gives_the_same_gradients() {
     let _turn = common::global_rng_turn();
-    // Sliding-window layers and soft-capping (gemma2), an adapted lm_head (llama3); dropout on.
-    for (family, targets) in
-        [("gemma2", &["q_proj", "o_proj", "up_proj"][..]), ("llama3", &["v_proj", "lm_head"][..])]
-    {
-        let (model, params) = adapted(family, targets, 0.1);
+    // Sliding-window layers and soft-capping (gemma2), an adapted lm_head (llama3), with adapter
+    // dropout; GPT-2's own dropout on embeddings, attention probabilities and residual branches,
+    // without adapter dropout.
+    for (family, targets, adapter_dropout) in [
+        ("gemma2", &["q_proj", "o_proj", "up_proj"][..], 0.1),
+        ("llama3", &["v_proj", "lm_head"][..], 0.1),
+        ("gpt2", &["c_attn", "c_fc"][..], 0.0),
+    ] {
+        let (model, params) = adapted(family, targets, adapter_dropout);
         for batch in &batches() {
             let scale = 1.0 / batch.label_tokens as f64;
             let run = |checkpointing: bool| {

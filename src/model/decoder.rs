@@ -343,7 +343,25 @@ impl Decoder {
     /// holds (empty for a prompt), which it then extends: decoding costs one token's work per
     /// step instead of the whole sequence's.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Tensor {
+        let new = input_ids.size()[1];
+        let (held, total) = (cache.len, cache.len + new);
+        let stale = [&self.spec.rope, &self.spec.local_rope]
+            .iter()
+            .any(|rope| rope.as_ref().is_some_and(|r| r.switches_factors(held, total)));
+        if let Some(tokens) = cache.tokens.as_ref().filter(|_| stale) {
+            // Longrope's factors changed for every position, so the cached keys are stale:
+            // transformers (Phi-3) then drops the cache and encodes the whole sequence again.
+            let all = Tensor::cat(&[tokens, input_ids], 1);
+            *cache = KvCache::new(self);
+            let logits = self.forward_inner(&all, None, Some(cache), false);
+            return logits.narrow(1, cache.len - new, new);
+        }
         self.forward_inner(input_ids, None, Some(cache), false)
+    }
+
+    /// Whether training applies dropout anywhere: in adapters or in the model itself.
+    pub fn has_dropout(&self) -> bool {
+        self.adapter_dropout || self.spec.dropout.any()
     }
 
     fn forward_inner(
@@ -354,12 +372,12 @@ impl Decoder {
         train: bool,
     ) -> Tensor {
         let offset = cache.as_ref().map_or(0, |c| c.len);
-        let (mut x, pass) = self.embed(input_ids, packing, offset);
+        let (mut x, pass) = self.embed(input_ids, packing, offset, train);
         for i in 0..self.layers.len() {
             x = self.block(i, &x, &pass, cache.as_deref_mut(), train);
         }
         if let Some(cache) = cache {
-            cache.len += input_ids.size()[1];
+            cache.push_tokens(input_ids);
         }
         self.logits(&self.final_norm(&x), train)
     }
@@ -384,6 +402,7 @@ impl Decoder {
         input_ids: &Tensor,
         packing: Option<&'a Packing>,
         offset: i64,
+        train: bool,
     ) -> (Tensor, Pass<'a>) {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
@@ -396,11 +415,14 @@ impl Decoder {
         };
         let mut x = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false).to_kind(Kind::Float);
         if let Some(scale) = s.embed_scale {
-            x *= scale;
+            // transformers multiplies by the fp32 scale cast to the embeddings' kind: under bf16
+            // weights Gemma 2 9B's √3584 = 59.87 is 59.75.
+            x *= Tensor::from(scale as f32).to_kind(self.embed_tokens.kind()).double_value(&[]);
         }
         if let Some(table) = &self.embed_positions {
             x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
         }
+        let x = dropout(x, s.dropout.in_training(train).embeddings);
         let pass = Pass {
             global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
             local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
@@ -422,6 +444,7 @@ impl Decoder {
         let block = &self.layers[i];
         let (batch, seq, _) = x.size3().expect("the residual stream is [batch, seq, hidden]");
         let act = self.activations;
+        let drop = s.dropout.in_training(train);
         let h = block.attn_norm.forward(x).to_kind(act);
         let (q, k, v) = match &block.qkv {
             Qkv::Separate { q, k, v } => (q.forward(&h, train), k.forward(&h, train), v.forward(&h, train)),
@@ -452,16 +475,16 @@ impl Decoder {
             Some(cache) => cache.extend(i, k, v),
             None => (k, v),
         };
-        let attn = self.attention(&q, &k, &v, block.span, pass.packing);
+        let attn = self.attention(&q, &k, &v, block.span, pass.packing, drop.attention);
         let attn = attn.transpose(1, 2).reshape([batch, seq, s.num_heads * s.head_dim]);
-        let mut out = block.o_proj.forward(&attn, train);
+        let mut out = dropout(block.o_proj.forward(&attn, train), drop.residual);
         if let Some(norm) = &block.post_attn_norm {
             out = norm.forward(&out);
         }
         let x = x + out;
 
         let h = block.mlp_norm.forward(&x).to_kind(act);
-        let mut out = self.mlp(&block.mlp, &h, train);
+        let mut out = dropout(self.mlp(&block.mlp, &h, train), drop.residual);
         if let Some(norm) = &block.post_mlp_norm {
             out = norm.forward(&out);
         }
@@ -499,7 +522,7 @@ impl Decoder {
 
     /// Causal attention over `[batch, heads, seq, head_dim]`, restricted to a sliding window
     /// where the layer has one and to each token's own example in packed rows, with Gemma 2's
-    /// score soft-capping where configured.
+    /// score soft-capping where configured and dropout `dropout_p` on the probabilities.
     fn attention(
         &self,
         q: &Tensor,
@@ -507,6 +530,7 @@ impl Decoder {
         v: &Tensor,
         span: AttentionSpan,
         packing: Option<&Packing>,
+        dropout_p: f64,
     ) -> Tensor {
         let s = &self.spec;
         let documents = packing.map(|p| &p.documents);
@@ -519,14 +543,13 @@ impl Decoder {
         // One new query after cached keys sees all of them: no mask at all.
         let sees_all = window.is_none() && documents.is_none() && q_len == 1;
         let allowed = || attention_mask_offset(q_len, k_len, window, documents, q.device());
+        let sdpa = |mask: Option<Tensor>| {
+            Tensor::scaled_dot_product_attention(q, k, v, mask, dropout_p, false, s.attn_scale, gqa)
+        };
         match s.attn_softcap {
-            None if q_len == k_len => causal_attention(q, k, v, s.attn_scale, window, packing),
-            None if sees_all => {
-                Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, false, s.attn_scale, gqa)
-            }
-            None => {
-                Tensor::scaled_dot_product_attention(q, k, v, Some(allowed()), 0.0, false, s.attn_scale, gqa)
-            }
+            None if q_len == k_len => causal_attention(q, k, v, s.attn_scale, window, packing, dropout_p),
+            None if sees_all => sdpa(None),
+            None => sdpa(Some(allowed())),
             Some(cap) => {
                 let groups = s.num_heads / s.num_kv_heads;
                 let (k, v) = (
@@ -536,7 +559,7 @@ impl Decoder {
                 let scores = q.matmul(&k.transpose(-2, -1)) * s.attn_scale;
                 let scores = (scores / cap).tanh() * cap;
                 let scores = scores.masked_fill(&allowed().logical_not(), f64::NEG_INFINITY);
-                scores.softmax(-1, Kind::Float).to_kind(q.kind()).matmul(&v)
+                dropout(scores.softmax(-1, Kind::Float).to_kind(q.kind()), dropout_p).matmul(&v)
             }
         }
     }
@@ -550,9 +573,18 @@ pub struct Pass<'a> {
     packing: Option<&'a Packing>,
 }
 
+/// `x` with dropout of probability `p` (callers pass 0 outside training).
+fn dropout(x: Tensor, p: f64) -> Tensor {
+    if p > 0.0 {
+        x.dropout(p, true)
+    } else {
+        x
+    }
+}
+
 /// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
 /// `[batch, kv_heads, seq, head_dim]`, within a sliding window where given and within each
-/// example in packed rows.
+/// example in packed rows, with dropout `dropout_p` on the probabilities.
 fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -560,27 +592,39 @@ fn causal_attention(
     scale: f64,
     window: Option<i64>,
     packing: Option<&Packing>,
+    dropout_p: f64,
 ) -> Tensor {
     let seq = q.size()[2];
     if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
-        return attention_by_query_blocks(q, k, v, scale, window, packing);
+        return attention_by_query_blocks(q, k, v, scale, window, packing, dropout_p);
     }
     let gqa = q.size()[1] != k.size()[1];
+    // With dropout, libtorch's CPU SDPA takes its math path, which drops probabilities as eager
+    // attention does.
     match (window, packing) {
-        (None, None) => Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, 0.0, true, scale, gqa),
+        (None, None) => {
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, dropout_p, true, scale, gqa)
+        }
         // Example by example does the block-diagonal mask's work without computing the blocks it
         // masks out (most of a packed row's scores).
-        (None, Some(packing)) => attention_per_example(q, k, v, &packing.segments, scale),
+        (None, Some(packing)) => attention_per_example(q, k, v, &packing.segments, scale, dropout_p),
         (Some(_), _) => {
             let allowed = attention_mask(seq, window, packing.map(|p| &p.documents), q.device());
-            Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), 0.0, false, scale, gqa)
+            Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), dropout_p, false, scale, gqa)
         }
     }
 }
 
 /// Causal attention within each example of packed rows: `segments` holds each row's example (and
 /// padding) lengths, in order.
-fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64>], scale: f64) -> Tensor {
+fn attention_per_example(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<i64>],
+    scale: f64,
+    dropout_p: f64,
+) -> Tensor {
     let rows: Vec<Tensor> = segments
         .iter()
         .enumerate()
@@ -589,7 +633,8 @@ fn attention_per_example(q: &Tensor, k: &Tensor, v: &Tensor, segments: &[Vec<i64
             let parts: Vec<Tensor> = (0..lengths.len())
                 .map(|i| {
                     let one = |t: &[Tensor]| t[i].unsqueeze(0);
-                    causal_attention(&one(&q), &one(&k), &one(&v), scale, None, None).squeeze_dim(0)
+                    causal_attention(&one(&q), &one(&k), &one(&v), scale, None, None, dropout_p)
+                        .squeeze_dim(0)
                 })
                 .collect();
             Tensor::cat(&parts, 1)
@@ -622,6 +667,7 @@ fn attention_by_query_blocks(
     scale: f64,
     window: Option<i64>,
     packing: Option<&Packing>,
+    dropout_p: f64,
 ) -> Tensor {
     let [batch, heads, seq, dim] = q.size()[..] else { panic!("attention queries are 4-D") };
     let kv_heads = k.size()[1];
@@ -664,7 +710,7 @@ fn attention_by_query_blocks(
             }
         };
         let scores = mask.baddbmm(&queries, &k.narrow(1, first_key, keys).transpose(1, 2), 1.0, scale);
-        let probs = scores.softmax(-1, q.kind());
+        let probs = dropout(scores.softmax(-1, q.kind()), dropout_p);
         let out = probs.bmm(&v.narrow(1, first_key, keys));
         outputs.push(out.view([batch, kv_heads, groups, len, dim]));
     }
@@ -690,13 +736,24 @@ fn first_example_start(segments: &[Vec<i64>], at: i64) -> i64 {
 /// Keys and values of every layer for the tokens decoded so far.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The tokens held `[batch, len]`, to encode them again when the keys go stale (longrope).
+    tokens: Option<Tensor>,
     /// Tokens held.
     pub len: i64,
 }
 
 impl KvCache {
     pub fn new(model: &Decoder) -> KvCache {
-        KvCache { layers: (0..model.spec.num_layers).map(|_| None).collect(), len: 0 }
+        KvCache { layers: (0..model.spec.num_layers).map(|_| None).collect(), tokens: None, len: 0 }
+    }
+
+    /// Records the tokens `[batch, n]` whose keys and values every layer has just appended.
+    fn push_tokens(&mut self, ids: &Tensor) {
+        self.len += ids.size()[1];
+        self.tokens = Some(match self.tokens.take() {
+            Some(held) => Tensor::cat(&[&held, ids], 1),
+            None => ids.shallow_clone(),
+        });
     }
 
     /// Appends a layer's new keys and values `[batch, kv_heads, n, head_dim]` and returns all.
@@ -881,7 +938,7 @@ mod tests {
             let run = |kind: Kind, blocks: bool| {
                 let [q, k, v] = inputs.each_ref().map(|t| t.to_kind(kind).detach().set_requires_grad(true));
                 let out = if blocks {
-                    attention_by_query_blocks(&q, &k, &v, scale, *window, packing.as_ref())
+                    attention_by_query_blocks(&q, &k, &v, scale, *window, packing.as_ref(), 0.0)
                 } else {
                     Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&allowed), 0.0, false, scale, true)
                 };

@@ -78,6 +78,46 @@ pub struct Rope {
     pub rotary_dim: i64,
 }
 
+impl Rope {
+    /// Whether a sequence growing from `from` to `to` tokens changes the frequencies of every
+    /// position: longrope's, once it outgrows the original context.
+    pub fn switches_factors(&self, from: i64, to: i64) -> bool {
+        match self.scaling {
+            RopeScaling::LongRope { original_max_position_embeddings: original, .. } => {
+                from <= original && to > original
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Dropout probabilities the model itself applies in training, where transformers applies them
+/// in train mode. Zero for the families whose configs carry none that lorafit reads.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Dropout {
+    /// On the embeddings entering the first block (GPT-2's `embd_pdrop`).
+    pub embeddings: f64,
+    /// On the attention probabilities (GPT-2's `attn_pdrop`).
+    pub attention: f64,
+    /// On the output of each attention and MLP before the residual add (GPT-2's `resid_pdrop`).
+    pub residual: f64,
+}
+
+impl Dropout {
+    pub fn any(&self) -> bool {
+        self.embeddings > 0.0 || self.attention > 0.0 || self.residual > 0.0
+    }
+
+    /// These probabilities in training, none otherwise.
+    pub fn in_training(self, train: bool) -> Dropout {
+        if train {
+            self
+        } else {
+            Dropout::default()
+        }
+    }
+}
+
 /// Which keys a layer's queries see besides the causal rule.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttentionSpan {
@@ -119,6 +159,7 @@ pub struct ModelSpec {
     pub final_softcap: Option<f64>,
     /// Gemma: embeddings × √hidden_size.
     pub embed_scale: Option<f64>,
+    pub dropout: Dropout,
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
@@ -146,6 +187,13 @@ impl Fields<'_> {
     }
     fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         Ok(self.opt_f64(key)?.unwrap_or(default))
+    }
+    fn probability_or(&self, key: &str, default: f64) -> Result<f64> {
+        let p = self.f64_or(key, default)?;
+        if !(0.0..=1.0).contains(&p) {
+            bail!("config.json: `{key}` is a dropout probability and must be within 0..1, found {p}");
+        }
+        Ok(p)
     }
     fn bool_or(&self, key: &str, default: bool) -> bool {
         self.get(key).and_then(Value::as_bool).unwrap_or(default)
@@ -235,6 +283,7 @@ impl ModelSpec {
             attn_softcap: if gemma { f.opt_f64("attn_logit_softcapping")? } else { None },
             final_softcap: if gemma { f.opt_f64("final_logit_softcapping")? } else { None },
             embed_scale: gemma.then(|| (hidden_size as f64).sqrt()),
+            dropout: Dropout::default(),
             // transformers' per-family default when the key is absent: Gemma ties, the rest do not.
             tie_word_embeddings: f.bool_or("tie_word_embeddings", gemma),
             bos_token_id: f.opt_int("bos_token_id")?,
@@ -327,6 +376,12 @@ fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
         attn_softcap: None,
         final_softcap: None,
         embed_scale: None,
+        // GPT2Config's defaults.
+        dropout: Dropout {
+            embeddings: f.probability_or("embd_pdrop", 0.1)?,
+            attention: f.probability_or("attn_pdrop", 0.1)?,
+            residual: f.probability_or("resid_pdrop", 0.1)?,
+        },
         tie_word_embeddings: f.bool_or("tie_word_embeddings", true),
         bos_token_id: f.opt_int("bos_token_id")?,
         eos_token_ids: eos_ids(f),

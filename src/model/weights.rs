@@ -17,12 +17,22 @@ pub struct Weights {
 impl Weights {
     /// Loads every tensor of `model.safetensors` (or the shards listed in
     /// `model.safetensors.index.json`) onto `device`, converting floating tensors to `kind`.
+    /// A NaN or infinite value is refused here, naming the tensor and its file: training on it
+    /// would only fail later with a non-finite loss that looks like a learning rate or data fault.
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Weights> {
         let mut tensors = HashMap::new();
         for file in safetensors_files(dir)? {
-            for (name, tensor) in read_safetensors(&file)? {
-                let tensor = if tensor.is_floating_point() { tensor.to_kind(kind) } else { tensor };
-                tensors.insert(name, (tensor.to_device(device), file.clone()));
+            for (name, stored) in read_safetensors(&file)? {
+                let tensor = if stored.is_floating_point() {
+                    let converted = stored.to_kind(kind).to_device(device);
+                    if converted.isfinite().all().int64_value(&[]) == 0 {
+                        bail!("{}", non_finite(&name, &file, &stored, kind));
+                    }
+                    converted
+                } else {
+                    stored.to_device(device)
+                };
+                tensors.insert(name, (tensor, file.clone()));
             }
         }
         Ok(Weights { tensors, optional_prefix: None })
@@ -67,6 +77,28 @@ impl Weights {
         let mut names: Vec<String> = self.tensors.keys().cloned().collect();
         names.sort();
         names
+    }
+}
+
+/// Why tensor `name` of `file` has non-finite values once converted to `kind`.
+fn non_finite(name: &str, file: &Path, stored: &Tensor, kind: Kind) -> String {
+    let bad = stored.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+    if bad > 0 {
+        let nan = stored.isnan().sum(Kind::Int64).int64_value(&[]);
+        format!(
+            "tensor `{name}` in {} holds {nan} NaN and {} infinite values of {}: the checkpoint is \
+             damaged; download or export it again",
+            file.display(),
+            bad - nan,
+            stored.numel()
+        )
+    } else {
+        format!(
+            "tensor `{name}` in {} holds values beyond the range of {kind:?} (largest magnitude {}); \
+             load the model in float32 (model.dtype: fp32)",
+            file.display(),
+            stored.abs().max().double_value(&[])
+        )
     }
 }
 

@@ -23,13 +23,15 @@ struct Recompute<'a> {
 }
 
 impl<'a> Body<'a> {
-    /// Runs the blocks. When adapters apply dropout, training draws one seed from the global
-    /// generator and seeds each block's run with `seed + block`, with or without checkpointing,
-    /// so that dropout draws the same masks when a block runs again, and the same masks in both
-    /// modes. Without dropout nothing random happens and the generator is left alone.
+    /// Runs the blocks. When training applies dropout (the adapters' or the model's own), it draws
+    /// one seed from the global generator and seeds each block's run with `seed + block`, with or
+    /// without checkpointing, so that dropout draws the same masks when a block runs again, and
+    /// the same masks in both modes. (Dropout on the embeddings draws before that, once: they are
+    /// the first block's kept input.) Without dropout nothing random happens and the generator is
+    /// left alone.
     pub fn forward(model: &Decoder, batch: &'a Batch, train: bool, checkpointing: bool) -> Body<'a> {
-        let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0);
-        let seed = (train && model.adapter_dropout)
+        let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0, train);
+        let seed = (train && model.has_dropout())
             .then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
         let run = |i: usize, x: &Tensor| {
             if let Some(seed) = seed {
