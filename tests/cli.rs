@@ -3,6 +3,8 @@
 
 mod common;
 
+use lorafit::files::{read_safetensors, safetensors_bytes};
+use lorafit::lora::peft;
 use std::path::Path;
 
 /// Runs `lorafit train run.yaml` in `dir` and returns stderr, checking the run failed cleanly.
@@ -107,4 +109,94 @@ fn eval_without_a_config_reads_model_and_data_flags() {
     // The base model has never seen the question format: its loss is well above the trained one.
     assert!(report["eval_loss"].as_f64().unwrap() > 1.0, "{stdout}");
     assert!(report["label_tokens"].as_i64().unwrap() > 300, "{stdout}");
+}
+
+/// Runs the binary with `args` in `cwd` and checks it failed with exit code 1 (an error, not a
+/// panic) and a message naming `culprit` and every one of `words`.
+fn fails_naming(cwd: &Path, args: &[&str], culprit: &Path, words: &[&str]) {
+    let out = common::lorafit(cwd, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?} should exit 1; stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "{args:?}: {stderr}");
+    assert!(stderr.contains(&culprit.display().to_string()), "{args:?}: {culprit:?} not named in {stderr}");
+    for w in words {
+        assert!(stderr.contains(w), "{args:?}: missing {w:?} in {stderr}");
+    }
+}
+
+/// A copy of the llama3 fixture's PEFT adapter in `dir`, with `edit` applied to its config.
+fn adapter_copy(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let source = common::fixture("llama3").join("adapter");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(source.join(peft::WEIGHTS_FILE), dir.join(peft::WEIGHTS_FILE)).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join(peft::CONFIG_FILE)).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(dir.join(peft::CONFIG_FILE), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn bad_adapters_and_rows_exit_1_naming_the_file() {
+    let model = common::fixture("llama3");
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let alpha = adapter_copy(&t.join("alpha"), |c| c["lora_alpha"] = "16".into());
+    let rank = adapter_copy(&t.join("rank"), |c| c["r"] = "4".into());
+    let layers = adapter_copy(&t.join("layers"), |c| c["layers_to_transform"] = "all".into());
+    let alpha_config = alpha.join(peft::CONFIG_FILE);
+    // An adapter holding an infinity in one lora_B.
+    let inf = adapter_copy(&t.join("inf"), |_| {});
+    let weights = inf.join(peft::WEIGHTS_FILE);
+    let tensors: Vec<(String, tch::Tensor)> = read_safetensors(&weights)
+        .unwrap()
+        .into_iter()
+        .map(|(name, t)| {
+            let broken = name.ends_with("layers.0.self_attn.v_proj.lora_B.weight");
+            (name, if broken { t.fill(f64::INFINITY) } else { t })
+        })
+        .collect();
+    std::fs::write(&weights, safetensors_bytes(&tensors, &[("format", "pt")]).unwrap()).unwrap();
+    let m = model.to_str().unwrap();
+    let gguf = t.join("out.gguf");
+    let g = gguf.to_str().unwrap();
+
+    for (dir, key) in [(&alpha, "`lora_alpha`"), (&rank, "`r`"), (&layers, "`layers_to_transform`")] {
+        let a = dir.to_str().unwrap();
+        fails_naming(
+            t,
+            &["export", "--adapter", a, "--model", m, "--out", g],
+            &dir.join(peft::CONFIG_FILE),
+            &[key],
+        );
+    }
+    fails_naming(
+        t,
+        &["export", "--adapter", inf.to_str().unwrap(), "--model", m, "--out", g],
+        &weights,
+        &["layers.0.self_attn.v_proj.lora_B", "infinite"],
+    );
+    assert!(!gguf.exists(), "a refused export wrote {}", gguf.display());
+    let merged = t.join("merged");
+    let a = alpha.to_str().unwrap();
+    fails_naming(
+        t,
+        &["merge", "--model", m, "--adapter", a, "--out", merged.to_str().unwrap()],
+        &alpha_config,
+        &["`lora_alpha`"],
+    );
+    common::write(&t.join("val.jsonl"), "{\"instruction\": \"Say hi.\", \"output\": \"hi\"}\n");
+    fails_naming(
+        t,
+        &["eval", "--model", m, "--data", "val.jsonl", "--adapter", a],
+        &alpha_config,
+        &["`lora_alpha`"],
+    );
+
+    // Training: init_from, and rows in error mode.
+    let p = project(&model, &format!("lora:\n  init_from: {a}\n"), common::STORY_ROWS);
+    fails_naming(p.path(), &["train", "run.yaml"], &alpha_config, &["`lora_alpha`"]);
+    let p = project(&model, "", "");
+    std::fs::write(p.path().join("data.jsonl"), b"{\"text\": \"fine\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    fails_naming(p.path(), &["train", "run.yaml"], Path::new("data.jsonl:2"), &["UTF-8", "on_bad_row"]);
 }
