@@ -200,3 +200,57 @@ fn bad_adapters_and_rows_exit_1_naming_the_file() {
     std::fs::write(p.path().join("data.jsonl"), b"{\"text\": \"fine\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
     fails_naming(p.path(), &["train", "run.yaml"], Path::new("data.jsonl:2"), &["UTF-8", "on_bad_row"]);
 }
+
+/// Trains one step on the default model with `LORAFIT_CPU_BF16` set to `cpu_bf16`; returns
+/// (stdout, stderr, config.yaml).
+fn one_step(precision: Option<&str>, cpu_bf16: &str) -> (String, String, String) {
+    let model = common::repo().join("data/default-model");
+    let train = "train:\n  max_steps: 1\n  device: cpu\noutput:\n  run_name: r\n";
+    let precision = precision.map(|p| format!("  precision: {p}\n")).unwrap_or_default();
+    let p = project(&model, &train.replace("train:\n", &format!("train:\n{precision}")), common::STORY_ROWS);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
+        .args(["train", "run.yaml"])
+        .current_dir(p.path())
+        .env(lorafit::train::precision::CPU_BF16_ENV, cpu_bf16)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "{stderr}");
+    (stdout, stderr, std::fs::read_to_string(p.path().join("checkpoints/r/config.yaml")).unwrap())
+}
+
+#[test]
+fn precision_auto_follows_the_cpu_and_says_why() {
+    let (stdout, stderr, config) = one_step(None, "1");
+    assert!(
+        stdout.contains("precision bf16-mixed (auto: LORAFIT_CPU_BF16=1 says this CPU has native bf16)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("BFloat16 weights") && !stderr.contains("warning"), "{stdout}{stderr}");
+    // The run directory keeps `auto`, so the file picks again on the machine it runs on.
+    assert!(
+        config.starts_with("# precision used: bf16-mixed (auto:") && config.contains("precision: auto"),
+        "{config}"
+    );
+
+    let (stdout, stderr, _) = one_step(None, "0");
+    assert!(
+        stdout.contains("precision fp32 (auto: LORAFIT_CPU_BF16=0 says this CPU has no native bf16; bf16 would be emulated)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Float weights") && !stderr.contains("warning"), "{stdout}{stderr}");
+
+    // Asked for explicitly, bf16-mixed runs, with a warning where it is emulated.
+    let (stdout, stderr, _) = one_step(Some("bf16-mixed"), "0");
+    assert!(stdout.contains("precision bf16-mixed (set in the config)"), "{stdout}");
+    assert!(
+        stderr.contains("warning: train.precision is bf16-mixed but")
+            && stderr.contains("7× slower than fp32"),
+        "{stderr}"
+    );
+    let (_, stderr, _) = one_step(Some("bf16-mixed"), "1");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
