@@ -207,10 +207,7 @@ fn main() -> Result<()> {
         }
     }
     let med = median(&times);
-    let precision = match args.precision {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16Mixed => "bf16-mixed",
-    };
+    let precision = lorafit::train::precision::name(args.precision);
     let out = json!({
         "runner": "lorafit",
         "precision": precision,

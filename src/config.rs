@@ -60,7 +60,7 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
-    /// bf16 when `train.precision` is `bf16-mixed`, else fp32.
+    /// bf16 when the run's (resolved) precision is `bf16-mixed`, else fp32.
     #[default]
     Auto,
     Fp32,
@@ -68,11 +68,14 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
-    /// The concrete dtype for a run with `precision`: never [`WeightDtype::Auto`].
+    /// The concrete dtype for a run with the resolved `precision`: never [`WeightDtype::Auto`].
     pub fn resolve(self, precision: Precision) -> WeightDtype {
         match (self, precision) {
             (WeightDtype::Auto, Precision::Bf16Mixed) => WeightDtype::Bf16,
             (WeightDtype::Auto, Precision::Fp32) => WeightDtype::Fp32,
+            (WeightDtype::Auto, Precision::Auto) => {
+                unreachable!("train.precision auto is resolved when a run starts")
+            }
             (dtype, _) => dtype,
         }
     }
@@ -441,7 +444,10 @@ pub enum LrScheduler {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Precision {
+    /// bf16-mixed where bf16 is native (CUDA, CPUs with AVX512-BF16 or AMX), else fp32; resolved
+    /// when a run starts (`train::precision::choose`), so the model never sees it.
     #[default]
+    Auto,
     Fp32,
     /// bf16 compute with fp32 adapter weights and optimizer state.
     Bf16Mixed,
@@ -1104,7 +1110,7 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.too_long" => &["truncate", "skip", "error"],
         "train.on_nonfinite" => &["stop", "skip"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
-        "train.precision" => &["fp32", "bf16-mixed"],
+        "train.precision" => &["auto", "fp32", "bf16-mixed"],
         _ => return None,
     })
 }

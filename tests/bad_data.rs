@@ -88,3 +88,43 @@ fn too_long_examples_are_cut_skipped_or_refused() {
     let err = format!("{:#}", prepare_with(&cfg, &tok).err().unwrap());
     assert!(err.contains("long.jsonl:1") && err.contains("max_seq_len"), "{err}");
 }
+
+#[test]
+fn skip_mode_skips_malformed_json_and_non_utf8_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Line 2 is broken JSON, line 3 holds a Latin-1 byte, line 4 is not an object.
+    let body = b"{\"text\": \"one\"}\n{\"text\": broken\n{\"text\": \"caf\xe9\"}\n42\n{\"text\": \"two\"}\n";
+    let (mut cfg, tok) = setup(tmp.path(), "rows.jsonl", body, DataFormat::Completion);
+    // `error` stops at the first, naming file and line.
+    let err = format!("{:#}", prepare_with(&cfg, &tok).err().expect("error mode fails"));
+    assert!(err.contains("rows.jsonl:2") && err.contains("JSON") && err.contains("on_bad_row"), "{err}");
+    cfg.data.on_bad_row = OnBadRow::Skip;
+    let prepared = prepare_with(&cfg, &tok).unwrap();
+    assert_eq!((prepared.examples.len(), prepared.skipped_bad_rows), (2, 3));
+    let report = prepared.report();
+    assert!(report.contains("3 bad rows skipped") && report.contains("rows.jsonl:2"), "{report}");
+    let samples = prepared.bad_row_samples.join("\n");
+    for named in ["rows.jsonl:2: line 2 is not valid JSON", "rows.jsonl:3: byte 0xE9", "rows.jsonl:4:"] {
+        assert!(samples.contains(named), "missing {named:?} in {samples}");
+    }
+
+    // Plain text: a paragraph with a byte that is not UTF-8 is one bad row.
+    let (mut cfg, tok) = setup(
+        tmp.path(),
+        "story.txt",
+        b"Once upon a time.\n\nna\xefve\nrow\n\nThe end.\n",
+        DataFormat::Completion,
+    );
+    let err = format!("{:#}", prepare_with(&cfg, &tok).err().expect("error mode fails"));
+    assert!(err.contains("story.txt:3") && err.contains("UTF-8"), "{err}");
+    cfg.data.on_bad_row = OnBadRow::Skip;
+    let prepared = prepare_with(&cfg, &tok).unwrap();
+    assert_eq!((prepared.examples.len(), prepared.skipped_bad_rows), (2, 1));
+    assert!(prepared.report().contains("story.txt:3"), "{}", prepared.report());
+
+    // Every row bad: no usable example, and the report says why.
+    let (mut cfg, tok) = setup(tmp.path(), "all_bad.jsonl", b"{broken\n\xff\n", DataFormat::Completion);
+    cfg.data.on_bad_row = OnBadRow::Skip;
+    let err = format!("{:#}", prepare_with(&cfg, &tok).err().expect("nothing usable"));
+    assert!(err.contains("2 bad rows skipped") && err.contains("all_bad.jsonl:1"), "{err}");
+}

@@ -97,7 +97,7 @@ fn minimal_config_takes_every_default() {
     assert_eq!(train.adam_beta2, 0.999);
     assert_eq!(train.adam_eps, 1e-8);
     assert_eq!(train.max_grad_norm, Some(1.0));
-    assert_eq!(train.precision, Precision::Fp32);
+    assert_eq!(train.precision, Precision::Auto);
     assert_eq!(train.device, "auto");
     assert_eq!(train.threads, None);
     assert_eq!(train.log_every, 1);
@@ -428,7 +428,7 @@ fn wrong_type_names_path_position_and_expectation() {
     let yaml = format!("{BASE}train:\n  precision: [fp32]\n");
     assert_contains(
         &error(&yaml, &[]),
-        &["`train.precision` must be one of fp32, bf16-mixed", "found a list"],
+        &["`train.precision` must be one of auto, fp32, bf16-mixed", "found a list"],
     );
     let yaml = format!("{BASE}lora:\n  target_modules: [q_proj, {{a: b}}]\n");
     assert_contains(&error(&yaml, &[]), &["`lora.target_modules[1]`", "found a mapping"]);
@@ -688,6 +688,6 @@ fn out_of_range_in_the_file_names_file_line_and_key() {
 fn weight_dtype_auto_follows_precision() {
     let config = parse(BASE, &["train.precision=bf16-mixed"]);
     assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Bf16);
-    let config = parse(BASE, &[]);
+    let config = parse(BASE, &["train.precision=fp32"]);
     assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Fp32);
 }

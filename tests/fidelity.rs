@@ -228,7 +228,8 @@ fn sentencepiece_responses_are_tokenized_inside_the_whole_text() {
         row: 1,
         fields: serde_json::from_str(r#"{"instruction": "Greet me", "output": "Hello there"}"#).unwrap(),
     };
-    let prepared = lorafit::data::format::prepare_records(&[record], &cfg.data, &tok, None).unwrap();
+    let rows = lorafit::data::source::Rows { records: vec![record], bad: vec![] };
+    let prepared = lorafit::data::format::prepare_records(&rows, &cfg.data, &tok, None).unwrap();
     let example = &prepared.examples[0];
     let mut whole = tok.encode("Q: Greet me\nHello there", true).unwrap();
     whole.push(tok.eos_id);

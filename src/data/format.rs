@@ -5,7 +5,7 @@
 //! so masking rules live in one place whatever the format.
 
 use super::chat::{self, ChatTemplate};
-use super::source::{expand_paths, read_split, Record};
+use super::source::{expand_paths, read_rows, Record, Rows};
 use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong, TrainOn};
 use crate::model::ModelSpec;
 use anyhow::{anyhow, bail, Context, Result};
@@ -247,6 +247,20 @@ impl Prepared {
         }
         line
     }
+
+    /// Applies `data.on_bad_row` to a row that cannot be used; `reason` names its file and row.
+    fn bad_row(&mut self, policy: OnBadRow, reason: String) -> Result<()> {
+        match policy {
+            OnBadRow::Error => bail!("{reason} (or set data.on_bad_row: skip to leave such rows out)"),
+            OnBadRow::Skip => {
+                self.skipped_bad_rows += 1;
+                if self.bad_row_samples.len() < 5 {
+                    self.bad_row_samples.push(reason);
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How a prompt is put to the model, the way the run's training data put its examples: as a
@@ -426,11 +440,11 @@ pub fn prepare(
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
 ) -> Result<Prepared> {
-    let mut records = Vec::new();
+    let mut rows = Rows::default();
     for file in expand_paths(path)? {
-        records.extend(read_split(&file, &cfg.split)?);
+        rows.extend(read_rows(&file, &cfg.split)?);
     }
-    prepare_records(&records, cfg, tok, chat).with_context(|| format!("preparing {}", path.display()))
+    prepare_records(&rows, cfg, tok, chat).with_context(|| format!("preparing {}", path.display()))
 }
 
 /// The fields each format reads, by lorafit's name for them (before `data.columns` renames).
@@ -518,15 +532,20 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
     }))
 }
 
-/// [`prepare`] for records already read.
+/// [`prepare`] for rows already read.
 pub fn prepare_records(
-    records: &[Record],
+    rows: &Rows,
     cfg: &DataConfig,
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
 ) -> Result<Prepared> {
     let mut out = Prepared::default();
+    let records: &[Record] = &rows.records;
     out.notes.extend(check_columns(records, cfg)?);
+    // Rows the reader could not parse come first; they are in file order among themselves.
+    for reason in &rows.bad {
+        out.bad_row(cfg.on_bad_row, reason.clone())?;
+    }
     let (mut all, mut origins) = (Vec::with_capacity(records.len()), Vec::with_capacity(records.len()));
     for record in records {
         match segments(record, cfg, chat) {
@@ -539,17 +558,7 @@ pub fn prepare_records(
                 let message = format!("{e:#}");
                 let reason =
                     if message.starts_with(&origin) { message } else { format!("{origin}: {message}") };
-                match cfg.on_bad_row {
-                    OnBadRow::Error => {
-                        bail!("{reason} (or set data.on_bad_row: skip to leave such rows out)")
-                    }
-                    OnBadRow::Skip => {
-                        out.skipped_bad_rows += 1;
-                        if out.bad_row_samples.len() < 5 {
-                            out.bad_row_samples.push(reason);
-                        }
-                    }
-                }
+                out.bad_row(cfg.on_bad_row, reason)?;
             }
         }
     }

@@ -47,26 +47,60 @@ pub struct Record {
     pub fields: Map<String, Value>,
 }
 
+/// The records of data files, and the rows that are not records: a JSON Lines line that is not
+/// a JSON object, or a line or paragraph of a text file holding bytes that are not UTF-8.
+/// `data.on_bad_row` decides what the unreadable rows do.
+#[derive(Debug, Default)]
+pub struct Rows {
+    pub records: Vec<Record>,
+    /// "file:row: what is wrong" for each unreadable row, in file order.
+    pub bad: Vec<String>,
+}
+
+impl Rows {
+    pub fn extend(&mut self, other: Rows) {
+        self.records.extend(other.records);
+        self.bad.extend(other.bad);
+    }
+}
+
+impl From<Vec<Record>> for Rows {
+    fn from(records: Vec<Record>) -> Rows {
+        Rows { records, bad: Vec::new() }
+    }
+}
+
 /// Reads every record of `path` (a file, a `save_to_disk` directory or a wildcard pattern);
 /// for a `DatasetDict` the `train` split.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     read_split(path, "train")
 }
 
-/// Reads every record of `path`, taking split `split` of a `DatasetDict` directory. For a
-/// single `Dataset` folder or a file the split name is not used. A pattern reads each match in
-/// sorted order and concatenates the records.
+/// Reads every record of `path`, taking split `split` of a `DatasetDict` directory, failing on
+/// the first unreadable row. For a single `Dataset` folder or a file the split name is not used.
+/// A pattern reads each match in sorted order and concatenates the records.
 pub fn read_split(path: &Path, split: &str) -> Result<Vec<Record>> {
+    let rows = read_rows(path, split)?;
+    match rows.bad.into_iter().next() {
+        Some(reason) => Err(anyhow!(reason)),
+        None => Ok(rows.records),
+    }
+}
+
+/// [`read_split`], collecting the unreadable rows in [`Rows::bad`] instead of failing on them.
+/// A file that cannot be read as a whole (missing, corrupt, a broken JSON document) is still an
+/// error.
+pub fn read_rows(path: &Path, split: &str) -> Result<Rows> {
     let paths = if path.exists() || !has_wildcard(path.as_os_str()) {
         vec![path.to_path_buf()]
     } else {
         expand_paths(path)?
     };
-    let mut records = Vec::new();
+    let mut rows = Rows::default();
     for p in &paths {
-        records.extend(read_one(p, split)?);
+        rows.extend(read_one(p, split)?);
     }
-    Ok(records)
+    Ok(rows)
 }
 
 /// The paths matching `pattern`, sorted. `*` matches any run of characters and `?` one
@@ -153,7 +187,7 @@ fn wildcard_match(pat: &[char], name: &[char]) -> bool {
     pat[p..].iter().all(|&c| c == '*')
 }
 
-fn read_one(path: &Path, split: &str) -> Result<Vec<Record>> {
+fn read_one(path: &Path, split: &str) -> Result<Rows> {
     let meta = std::fs::metadata(path).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             return anyhow!(
@@ -167,11 +201,11 @@ fn read_one(path: &Path, split: &str) -> Result<Vec<Record>> {
     if meta.is_dir() {
         return read_directory(path, split);
     }
-    let records = read_file(path)?;
-    if records.is_empty() {
+    let rows = read_file(path)?;
+    if rows.records.is_empty() && rows.bad.is_empty() {
         bail!("data file {} holds no records; it must hold at least one row", path.display());
     }
-    Ok(records)
+    Ok(rows)
 }
 
 /// What the first bytes (and, for ties, the extension) say a file is.
@@ -232,7 +266,7 @@ fn sniff(path: &Path, head: &[u8]) -> Result<Sniffed> {
 }
 
 /// Reads one file (not a directory); may return no records.
-fn read_file(path: &Path) -> Result<Vec<Record>> {
+fn read_file(path: &Path) -> Result<Rows> {
     let mut head = Vec::with_capacity(8);
     File::open(path).and_then(|f| f.take(8).read_to_end(&mut head)).map_err(|e| {
         anyhow!("cannot read data file {}: {e}; check the path and its permissions", path.display())
@@ -241,9 +275,9 @@ fn read_file(path: &Path) -> Result<Vec<Record>> {
         bail!("data file {} is empty (0 bytes); it must hold at least one record", path.display());
     }
     match sniff(path, &head)? {
-        Sniffed::Parquet => guarded(path, "Parquet", || read_parquet(path)),
-        Sniffed::IpcFile => guarded(path, "Arrow IPC", || read_ipc_file(path)),
-        Sniffed::IpcStream => guarded(path, "Arrow IPC", || read_ipc_stream(path)),
+        Sniffed::Parquet => guarded(path, "Parquet", || read_parquet(path)).map(Rows::from),
+        Sniffed::IpcFile => guarded(path, "Arrow IPC", || read_ipc_file(path)).map(Rows::from),
+        Sniffed::IpcStream => guarded(path, "Arrow IPC", || read_ipc_stream(path)).map(Rows::from),
         Sniffed::Utf8 => read_text_like(path),
     }
 }
@@ -287,134 +321,183 @@ fn guarded(path: &Path, kind: &str, read: impl FnOnce() -> Result<Vec<Record>>) 
 // ---------------------------------------------------------------------------------------------
 // Text formats: JSON, JSON Lines, plain text.
 
-fn read_text_like(path: &Path) -> Result<Vec<Record>> {
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+// JSON Lines and plain text are read line by line, so that a line (or paragraph) with bytes that
+// are not UTF-8 is one bad row; a JSON document must be UTF-8 as a whole.
+fn read_text_like(path: &Path) -> Result<Rows> {
     let bytes = std::fs::read(path).map_err(|e| {
         anyhow!("cannot read data file {}: {e}; check the path and its permissions", path.display())
     })?;
-    let text = decode_utf8(path, &bytes)?;
-    let text = text.strip_prefix('\u{FEFF}').unwrap_or(text);
+    let body = bytes.strip_prefix(BOM).unwrap_or(&bytes);
     let ext = extension(path);
-    let first = text.trim_start().chars().next();
-    if first.is_none() {
+    let Some(first) = body.iter().copied().find(|b| !b.is_ascii_whitespace()) else {
         bail!("data file {} is empty; it must hold at least one record", path.display());
-    }
+    };
     match (ext.as_str(), first) {
-        ("txt" | "text" | "md", _) => Ok(read_paragraphs(path, text)),
-        (_, Some('[')) => read_json_array(path, text, None),
-        ("jsonl" | "ndjson", _) => read_json_lines(path, text),
-        (_, Some('{')) => read_json_object_or_lines(path, text),
+        ("txt" | "text" | "md", _) => Ok(read_paragraphs(path, &bytes)),
+        (_, b'[') => {
+            let text = decode_utf8(path, &bytes, 1, 0)?;
+            read_json_array(path, text.strip_prefix('\u{FEFF}').unwrap_or(text), None).map(Rows::from)
+        }
+        ("jsonl" | "ndjson", _) => read_json_lines(path, &bytes),
+        (_, b'{') => read_json_object_or_lines(path, &bytes),
         ("json", _) => bail!(
             "{}:1: a .json file must start with `[` (an array of objects) or `{{` (JSON Lines, \
              or an object holding one list of objects); if it is plain text, name it .txt",
             path.display()
         ),
-        _ => Ok(read_paragraphs(path, text)),
+        _ => Ok(read_paragraphs(path, &bytes)),
     }
 }
 
-fn decode_utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
+/// `bytes` as text, or an error naming the first byte that is not UTF-8 by line, column and
+/// byte offset in the file; `bytes` start on line `row`, at byte `offset` of the file.
+fn decode_utf8<'a>(path: &Path, bytes: &'a [u8], row: usize, offset: usize) -> Result<&'a str> {
     std::str::from_utf8(bytes).map_err(|e| {
-        let offset = e.valid_up_to();
-        let line = 1 + bytes[..offset].iter().filter(|&&b| b == b'\n').count();
-        let column = offset - bytes[..offset].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let valid = e.valid_up_to();
+        let line = row + bytes[..valid].iter().filter(|&&b| b == b'\n').count();
+        let column = valid - bytes[..valid].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         anyhow!(
-            "{}:{line}: byte 0x{:02X} at byte offset {offset} (line {line}, column {}) is not \
+            "{}:{line}: byte 0x{:02X} at byte offset {} (line {line}, column {}) is not \
              valid UTF-8; text data files must be UTF-8, so convert it (e.g. `iconv -f latin1 \
              -t utf-8`)",
             path.display(),
-            bytes.get(offset).copied().unwrap_or(0),
+            bytes.get(valid).copied().unwrap_or(0),
+            offset + valid,
             column + 1
         )
     })
 }
 
-/// One record per paragraph; a paragraph's row is the line it starts on.
-fn read_paragraphs(path: &Path, text: &str) -> Vec<Record> {
-    let mut records = Vec::new();
-    let mut lines: Vec<&str> = Vec::new();
-    let mut start = 0;
-    let mut flush = |lines: &mut Vec<&str>, start: usize| {
-        if !lines.is_empty() {
-            let mut fields = Map::new();
-            fields.insert("text".into(), Value::String(lines.join("\n")));
-            records.push(Record { file: path.to_path_buf(), row: start, fields });
-            lines.clear();
-        }
-    };
-    for (i, line) in text.split('\n').enumerate() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.trim().is_empty() {
-            flush(&mut lines, start);
-        } else {
-            if lines.is_empty() {
-                start = i + 1;
+/// The lines of a file's `bytes` with their 1-based row, each decoded on its own (a leading BOM
+/// and trailing `\r` removed).
+fn lines<'a>(path: &'a Path, bytes: &'a [u8]) -> impl Iterator<Item = (usize, Result<&'a str>)> + 'a {
+    let mut offset = 0;
+    bytes.split(|&b| b == b'\n').enumerate().map(move |(i, line)| {
+        let mut start = offset;
+        offset += line.len() + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let line = match line.strip_prefix(BOM) {
+            Some(rest) if i == 0 => {
+                start += BOM.len();
+                rest
             }
-            lines.push(line);
-        }
-    }
-    flush(&mut lines, start);
-    records
+            _ => line,
+        };
+        (i + 1, decode_utf8(path, line, i + 1, start))
+    })
 }
 
-fn read_json_lines(path: &Path, text: &str) -> Result<Vec<Record>> {
-    let mut records = Vec::new();
-    for (i, line) in text.split('\n').enumerate() {
-        let row = i + 1;
-        let line = if row == 1 { line.strip_prefix('\u{FEFF}').unwrap_or(line) } else { line };
-        if line.trim().is_empty() {
-            continue;
+/// One record per paragraph; a paragraph's row is the line it starts on. A paragraph with a
+/// line that is not UTF-8 is a bad row.
+fn read_paragraphs(path: &Path, bytes: &[u8]) -> Rows {
+    let mut rows = Rows::default();
+    let mut paragraph: Vec<&str> = Vec::new();
+    let mut problem: Option<String> = None;
+    let mut start = 0;
+    let mut flush = |paragraph: &mut Vec<&str>, problem: &mut Option<String>, start: usize| {
+        if let Some(problem) = problem.take() {
+            rows.bad.push(problem);
+        } else if !paragraph.is_empty() {
+            let mut fields = Map::new();
+            fields.insert("text".into(), Value::String(paragraph.join("\n")));
+            rows.records.push(Record { file: path.to_path_buf(), row: start, fields });
         }
-        let value: Value = serde_json::from_str(line).map_err(|e| {
-            let hint = if records.is_empty() && line.trim() == "{" {
-                "; the file looks like one pretty-printed JSON document, so name it .json"
-            } else {
-                ""
-            };
-            anyhow!(
-                "{}:{row}: line {row} is not valid JSON ({e}); each line must hold one JSON \
-                 object{hint}",
-                path.display()
-            )
-        })?;
-        records.push(Record {
-            file: path.to_path_buf(),
-            row,
-            fields: into_object(path, row, value, "line", "")?,
-        });
+        paragraph.clear();
+    };
+    for (row, line) in lines(path, bytes) {
+        match line {
+            Ok(line) if line.trim().is_empty() => flush(&mut paragraph, &mut problem, start),
+            line => {
+                if paragraph.is_empty() && problem.is_none() {
+                    start = row;
+                }
+                match line {
+                    Ok(line) => paragraph.push(line),
+                    Err(e) => {
+                        problem.get_or_insert(e.to_string());
+                    }
+                }
+            }
+        }
     }
-    Ok(records)
+    flush(&mut paragraph, &mut problem, start);
+    rows
+}
+
+/// One record per non-blank line. A line that is not a JSON object (or not UTF-8) is a bad row;
+/// a first line of `{` alone is a pretty-printed document, which fails the file.
+fn read_json_lines(path: &Path, bytes: &[u8]) -> Result<Rows> {
+    let mut rows = Rows::default();
+    for (row, line) in lines(path, bytes) {
+        let line = match line {
+            Ok(line) if line.trim().is_empty() => continue,
+            Ok(line) => line,
+            Err(e) => {
+                rows.bad.push(e.to_string());
+                continue;
+            }
+        };
+        let value = match serde_json::from_str::<Value>(line) {
+            Ok(value) => value,
+            Err(e) => {
+                let reason = format!(
+                    "{}:{row}: line {row} is not valid JSON ({e}); each line must hold one JSON object",
+                    path.display()
+                );
+                if rows.records.is_empty() && rows.bad.is_empty() && line.trim() == "{" {
+                    bail!("{reason}; the file looks like one pretty-printed JSON document, so name it .json");
+                }
+                rows.bad.push(reason);
+                continue;
+            }
+        };
+        match into_object(path, row, value, "line", "") {
+            Ok(fields) => rows.records.push(Record { file: path.to_path_buf(), row, fields }),
+            Err(e) => rows.bad.push(e.to_string()),
+        }
+    }
+    Ok(rows)
 }
 
 /// A document starting with `{`: one object (perhaps `{"data": [...]}`), else JSON Lines.
-fn read_json_object_or_lines(path: &Path, text: &str) -> Result<Vec<Record>> {
-    let document = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => map,
-        Ok(other) => bail!(
-            "{}:1: the file starts with `{{` but holds {}; expected JSON objects",
-            path.display(),
-            kind_name(&other)
-        ),
-        Err(whole) => {
-            return read_json_lines(path, text).map_err(|lines| {
-                // A document spread over lines whose first line does not parse on its own:
-                // the whole-document error points at the real mistake.
-                let first_line_bad = text
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
-                    .is_some_and(|l| serde_json::from_str::<Value>(l).is_err());
-                if first_line_bad && extension(path) == "json" {
-                    anyhow!(
-                        "{}:{}: not valid JSON ({whole}); the file must be an array of objects, \
-                         an object holding one list of objects, or one JSON object per line",
-                        path.display(),
-                        whole.line()
-                    )
-                } else {
-                    lines
-                }
-            });
-        }
+fn read_json_object_or_lines(path: &Path, bytes: &[u8]) -> Result<Rows> {
+    let text = decode_utf8(path, bytes, 1, 0);
+    let whole = match &text {
+        Ok(text) => match serde_json::from_str::<Value>(text.strip_prefix('\u{FEFF}').unwrap_or(text)) {
+            Ok(Value::Object(map)) => return one_object(path, map).map(Rows::from),
+            Ok(other) => bail!(
+                "{}:1: the file starts with `{{` but holds {}; expected JSON objects",
+                path.display(),
+                kind_name(&other)
+            ),
+            Err(whole) => Some(whole),
+        },
+        Err(_) => None,
     };
+    // A .json document spread over lines whose first line does not parse on its own: the
+    // whole-document error points at the real mistake.
+    let first_line_bad = lines(path, bytes)
+        .find(|(_, line)| line.as_ref().map_or(true, |l| !l.trim().is_empty()))
+        .is_some_and(|(_, line)| line.map_or(true, |l| serde_json::from_str::<Value>(l).is_err()));
+    if first_line_bad && extension(path) == "json" {
+        return Err(match (whole, text) {
+            (Some(whole), _) => anyhow!(
+                "{}:{}: not valid JSON ({whole}); the file must be an array of objects, an object \
+                 holding one list of objects, or one JSON object per line",
+                path.display(),
+                whole.line()
+            ),
+            (None, text) => text.err().unwrap_or_else(|| anyhow!("{}: not valid JSON", path.display())),
+        });
+    }
+    read_json_lines(path, bytes)
+}
+
+/// The records of a JSON object document: the items of its only key when that holds a list,
+/// else the object itself as one record.
+fn one_object(path: &Path, document: Map<String, Value>) -> Result<Vec<Record>> {
     let mut entries = document.into_iter();
     match (entries.next(), entries.next()) {
         (Some((key, Value::Array(items))), None) => read_json_values(path, items, Some(&key)),
@@ -502,7 +585,7 @@ fn read_json_file(path: &Path) -> Result<Value> {
     })
 }
 
-fn read_directory(dir: &Path, split: &str) -> Result<Vec<Record>> {
+fn read_directory(dir: &Path, split: &str) -> Result<Rows> {
     let dict_file = dir.join("dataset_dict.json");
     if dict_file.is_file() {
         let dict = read_json_file(&dict_file)?;
@@ -569,7 +652,7 @@ fn find_data_file(dir: &Path, depth: usize) -> Option<PathBuf> {
 }
 
 /// A `Dataset.save_to_disk` folder: `state.json` names the Arrow shards in order.
-fn read_dataset_folder(dir: &Path) -> Result<Vec<Record>> {
+fn read_dataset_folder(dir: &Path) -> Result<Rows> {
     let state_file = dir.join("state.json");
     let state = read_json_file(&state_file)?;
     let files: Vec<&str> = state
@@ -583,7 +666,7 @@ fn read_dataset_folder(dir: &Path) -> Result<Vec<Record>> {
                 state_file.display()
             )
         })?;
-    let mut records = Vec::new();
+    let mut rows = Rows::default();
     for name in files {
         let file = dir.join(name);
         if !file.is_file() {
@@ -594,12 +677,12 @@ fn read_dataset_folder(dir: &Path) -> Result<Vec<Record>> {
                 file.display()
             );
         }
-        records.extend(read_file(&file)?);
+        rows.extend(read_file(&file)?);
     }
-    if records.is_empty() {
+    if rows.records.is_empty() && rows.bad.is_empty() {
         bail!("dataset {} holds no rows; it must hold at least one", dir.display());
     }
-    Ok(records)
+    Ok(rows)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -915,10 +998,16 @@ mod tests {
 
     #[test]
     fn paragraphs_keep_lines_and_start_rows() {
-        let r = read_paragraphs(Path::new("t.txt"), "\n\na\r\nb\n \n\n\nc\n");
+        let r = read_paragraphs(Path::new("t.txt"), b"\n\na\r\nb\n \n\n\nc\n");
         let texts: Vec<(&str, usize)> =
-            r.iter().map(|r| (r.fields["text"].as_str().unwrap(), r.row)).collect();
+            r.records.iter().map(|r| (r.fields["text"].as_str().unwrap(), r.row)).collect();
         assert_eq!(texts, [("a\nb", 3), ("c", 8)]);
+        // A paragraph with a byte that is not UTF-8 is one bad row, named by its line.
+        let r = read_paragraphs(Path::new("t.txt"), b"one\n\ntw\xE9\nthree\n\nfour\n");
+        let texts: Vec<&str> = r.records.iter().map(|r| r.fields["text"].as_str().unwrap()).collect();
+        assert_eq!(texts, ["one", "four"]);
+        assert_eq!(r.bad.len(), 1);
+        assert!(r.bad[0].starts_with("t.txt:3: byte 0xE9 at byte offset 7"), "{}", r.bad[0]);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Which runtimes will load an adapter as it is, and what would make the others refuse it:
 //! vLLM, mistral.rs and llama.cpp each check different parts of a PEFT adapter.
 
-use crate::lora::peft::CONFIG_FILE;
-use anyhow::{Context, Result};
-use serde_json::Value;
+use crate::config::TargetModules;
+use crate::lora::peft::AdapterConfig;
+use anyhow::Result;
 use std::path::Path;
 
 /// Ranks vLLM accepts as `max_lora_rank`; its default is 16.
@@ -34,33 +34,23 @@ impl Compatibility {
 
 /// Checks the `adapter_config.json` in `dir`.
 pub fn check(dir: &Path) -> Result<Compatibility> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let cfg: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    Ok(assess(&cfg))
+    Ok(assess(&AdapterConfig::read(dir)?))
 }
 
-/// The verdict for a parsed `adapter_config.json`.
-pub fn assess(cfg: &Value) -> Compatibility {
-    let field = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
-    let ranks: Vec<u64> = std::iter::once(field("r").as_u64().unwrap_or(8))
-        .chain(field("rank_pattern").as_object().into_iter().flatten().filter_map(|(_, v)| v.as_u64()))
-        .collect();
-    let max_rank = ranks.iter().copied().max().unwrap_or(8);
+/// The verdict for a read `adapter_config.json`.
+pub fn assess(cfg: &AdapterConfig) -> Compatibility {
+    let max_rank = cfg.rank_pattern.values().copied().chain([cfg.r]).max().unwrap_or(cfg.r) as u64;
     let (mut vllm, mut mistralrs, mut llama_cpp) = (true, true, true);
     let mut warnings = Vec::new();
 
-    let dora = field("use_dora").as_bool() == Some(true);
-    let bias =
-        field("bias").as_str().is_some_and(|b| b != "none") || field("lora_bias").as_bool() == Some(true);
-    let saved = field("modules_to_save").as_array().is_some_and(|m| !m.is_empty());
-    let targets_embeddings = match field("target_modules") {
-        Value::Array(names) => names
-            .iter()
-            .filter_map(Value::as_str)
-            .any(|n| matches!(n, "embed_tokens" | "lm_head" | "wte" | "wpe") || n.ends_with(".embed_tokens")),
-        Value::String(regex) => regex.contains("embed_tokens") || regex.contains("lm_head"),
+    let dora = cfg.use_dora;
+    let bias = cfg.bias != "none" || cfg.lora_bias;
+    let saved = !cfg.modules_to_save.is_empty();
+    let targets_embeddings = match &cfg.target_modules {
+        Some(TargetModules::List(names)) => names.iter().any(|n| {
+            matches!(n.as_str(), "embed_tokens" | "lm_head" | "wte" | "wpe") || n.ends_with(".embed_tokens")
+        }),
+        Some(TargetModules::Regex(regex)) => regex.contains("embed_tokens") || regex.contains("lm_head"),
         _ => false,
     };
     if dora {
@@ -105,9 +95,8 @@ pub fn assess(cfg: &Value) -> Compatibility {
             "rank {max_rank} is above mistral.rs's default --lora-max-rank {MISTRALRS_DEFAULT_MAX_RANK}"
         ));
     }
-    let rslora = field("use_rslora").as_bool() == Some(true);
-    let patterns =
-        ["rank_pattern", "alpha_pattern"].iter().any(|k| field(k).as_object().is_some_and(|m| !m.is_empty()));
+    let rslora = cfg.use_rslora;
+    let patterns = !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty();
     if llama_cpp && (rslora || patterns) {
         warnings.push(
             "llama.cpp ignores use_rslora and rank/alpha patterns (scale = alpha/rank): export with \
@@ -128,24 +117,38 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn assess(value: serde_json::Value) -> Compatibility {
+        let cfg = AdapterConfig::from_value(Path::new("adapter_config.json"), value).unwrap();
+        super::assess(&cfg)
+    }
+
     #[test]
     fn a_plain_rank_16_adapter_loads_everywhere() {
-        let c = assess(&json!({"r": 16, "lora_alpha": 32, "bias": "none", "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 16, "lora_alpha": 32, "bias": "none", "target_modules": ["q_proj"]}));
         assert_eq!(c.loads_in, vec!["PEFT", "vLLM", "mistral.rs", "llama.cpp (GGUF export)"]);
         assert!(c.warnings.is_empty());
     }
 
     #[test]
     fn ranks_and_features_that_runtimes_refuse_are_named() {
-        let c = assess(&json!({"r": 12, "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 12, "target_modules": ["q_proj"]}));
         assert!(!c.loads_in.contains(&"vLLM") && c.warnings[0].contains("rank 12"), "{c:?}");
-        let c = assess(&json!({"r": 64, "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 64, "target_modules": ["q_proj"]}));
         assert!(c.loads_in.contains(&"vLLM") && c.warnings[0].contains("--max-lora-rank 64"), "{c:?}");
-        let c = assess(&json!({"r": 8, "rank_pattern": {"q_proj": 32}, "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 8, "rank_pattern": {"q_proj": 32}, "target_modules": ["q_proj"]}));
         assert!(c.warnings.iter().any(|w| w.contains("rank 32")), "{c:?}");
-        let c = assess(&json!({"r": 8, "modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 8, "modules_to_save": ["lm_head"], "target_modules": ["q_proj"]}));
         assert_eq!(c.loads_in, vec!["PEFT"]);
-        let c = assess(&json!({"r": 8, "use_rslora": true, "target_modules": ["q_proj"]}));
+        let c = assess(json!({"r": 8, "use_rslora": true, "target_modules": ["q_proj"]}));
         assert!(c.warnings.iter().any(|w| w.contains("use_rslora")), "{c:?}");
+    }
+
+    #[test]
+    fn a_rank_of_the_wrong_type_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = json!({"r": "64", "lora_alpha": 16, "target_modules": ["q_proj"]});
+        std::fs::write(dir.path().join("adapter_config.json"), config.to_string()).unwrap();
+        let err = check(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("adapter_config.json") && err.contains("`r` must be"), "{err}");
     }
 }

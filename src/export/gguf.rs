@@ -24,8 +24,9 @@
 //!   of a linear layer; the converter transposes them as it does GPT-2's `Conv1D` weights,
 //!   which gives tensors llama.cpp's loader rejects. lorafit writes them untransposed.
 
+use super::merge::all_finite;
 use crate::files::{read_safetensors, write_atomic};
-use crate::lora::peft::{self, WEIGHTS_FILE};
+use crate::lora::peft::{self, AdapterConfig, WEIGHTS_FILE};
 use crate::lora::{pattern_value, scale};
 use crate::model::layout::{AttnProjections, Layout, MlpProjections};
 use crate::model::spec::{Family, ModelSpec};
@@ -80,8 +81,13 @@ const QUANT_VERSION: u32 = 2;
 /// Writes the PEFT adapter in `adapter_dir`, trained on the model in `model_dir`, to `out` as a
 /// llama.cpp LoRA adapter (atomically: a temporary file, then a rename).
 pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype) -> Result<ExportReport> {
-    let cfg = peft::read_config(adapter_dir)?;
-    refuse_alora(adapter_dir)?;
+    let adapter = AdapterConfig::read(adapter_dir)?;
+    // aLoRA adapters need `adapter.alora.invocation_tokens` and an activation rule lorafit does
+    // not implement.
+    if let Some(key) = adapter.activated_lora {
+        bail!("{}: activated LoRA (`{key}`) adapters are not supported", adapter.path.display());
+    }
+    let cfg = adapter.lora_config()?;
     let spec = ModelSpec::from_dir(model_dir)?;
     let layout = Layout::of(spec.family);
     let weights_path = adapter_dir.join(WEIGHTS_FILE);
@@ -146,6 +152,15 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
                 weights_path.display()
             );
         }
+        for (key, t) in [(&key_a, &a), (&key_b, &b)] {
+            if !all_finite(t) {
+                bail!(
+                    "{}: `{key}` holds NaN or infinite values, so the adapter is broken (training \
+                     diverged?); export an earlier checkpoint (step-N/ or best/) instead",
+                    weights_path.display()
+                );
+            }
+        }
         let module_alpha = pattern_value("alpha_pattern", &cfg.alpha_pattern, &path)?.unwrap_or(cfg.alpha);
         let peft_scale = scale(module_alpha, r as usize, cfg.use_rslora);
         let factor = peft_scale * r as f64 / alpha as f64;
@@ -161,9 +176,15 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
         if let Some(heads) = module.rope_heads {
             b = permute_rows(&b, heads);
         }
-        let a = a.to_kind(Kind::Float);
-        tensors.push((format!("{}.weight.lora_a", module.gguf_name), a.to_kind(dtype.kind())));
-        tensors.push((format!("{}.weight.lora_b", module.gguf_name), b.to_kind(dtype.kind())));
+        let (a, b) = (a.to_kind(dtype.kind()), b.to_kind(dtype.kind()));
+        if !all_finite(&a) || !all_finite(&b) {
+            bail!(
+                "{}: `{path}`'s adapter (scaled for llama.cpp) overflows {dtype:?}; export with --dtype f32",
+                weights_path.display()
+            );
+        }
+        tensors.push((format!("{}.weight.lora_a", module.gguf_name), a));
+        tensors.push((format!("{}.weight.lora_b", module.gguf_name), b));
     }
 
     let kvs = [
@@ -190,19 +211,6 @@ pub fn arch_name(family: Family) -> &'static str {
         Family::Phi3 => "phi3",
         Family::Gpt2 => "gpt2",
     }
-}
-
-/// aLoRA adapters need `adapter.alora.invocation_tokens` and an activation rule lorafit does
-/// not implement.
-fn refuse_alora(adapter_dir: &Path) -> Result<()> {
-    let path = adapter_dir.join(peft::CONFIG_FILE);
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
-    for key in ["alora_invocation_tokens", "invocation_string"] {
-        if cfg.get(key).is_some_and(|v| !v.is_null()) {
-            bail!("{}: activated LoRA (`{key}`) adapters are not supported", path.display());
-        }
-    }
-    Ok(())
 }
 
 /// Where an adapted module lives in llama.cpp's model.

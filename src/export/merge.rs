@@ -597,7 +597,8 @@ fn output_bytes(source: &mut Source, p: &Planned, deltas: &BTreeMap<String, Delt
     Ok(data)
 }
 
-fn all_finite(t: &Tensor) -> bool {
+/// No NaN or infinity in `t`.
+pub(crate) fn all_finite(t: &Tensor) -> bool {
     t.numel() == 0 || t.isfinite().all().int64_value(&[]) != 0
 }
 

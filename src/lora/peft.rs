@@ -3,12 +3,14 @@
 
 use super::Injected;
 use crate::config::{LoraConfig, LoraInit, TargetModules};
+use crate::data::source::kind_name;
 use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::Decoder;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -92,71 +94,183 @@ pub fn write_files(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model
     )
 }
 
-/// The LoRA settings of a PEFT adapter directory, as a [`LoraConfig`] that [`super::inject`]
-/// turns into the same modules, ranks and scales.
-pub fn read_config(dir: &Path) -> Result<LoraConfig> {
-    let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("cannot read {}: not a PEFT adapter directory", path.display()))?;
-    let cfg: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
-    let field = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
-    let refuse = |what: String| -> Result<LoraConfig> { bail!("{}: {what}", path.display()) };
-    if field("peft_type").as_str() != Some("LORA") {
-        return refuse(format!("peft_type is {}, only LORA adapters are supported", field("peft_type")));
+/// The keys of a PEFT `adapter_config.json` that lorafit reads, typed. Every reader of the
+/// file goes through [`AdapterConfig::read`], so a value of the wrong type (`"lora_alpha": "16"`)
+/// is refused with the file and key, never replaced by a default. Absent keys (and `null` for
+/// those PEFT allows to be `None`) take PEFT's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    /// The file, for messages.
+    pub path: PathBuf,
+    pub peft_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    /// `none`, `all` or `lora_only`.
+    pub bias: String,
+    pub lora_bias: bool,
+    pub modules_to_save: Vec<String>,
+    pub target_modules: Option<TargetModules>,
+    pub exclude_modules: Option<TargetModules>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub rank_pattern: BTreeMap<String, usize>,
+    pub alpha_pattern: BTreeMap<String, f64>,
+    /// `init_lora_weights: "gaussian"`.
+    pub gaussian_init: bool,
+    /// The key that makes this an activated-LoRA adapter (`alora_invocation_tokens`, ...).
+    pub activated_lora: Option<&'static str>,
+}
+
+impl AdapterConfig {
+    /// Reads `adapter_config.json` in the adapter directory `dir`.
+    pub fn read(dir: &Path) -> Result<AdapterConfig> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}: not a PEFT adapter directory", path.display()))?;
+        let value: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{}:{}: not valid JSON ({e})", path.display(), e.line()))?;
+        AdapterConfig::from_value(&path, value)
     }
-    if field("use_dora").as_bool() == Some(true) {
-        return refuse("DoRA adapters (`use_dora: true`) are not supported yet".into());
-    }
-    if !field("modules_to_save").is_null() || field("bias").as_str().is_some_and(|b| b != "none") {
-        return refuse("adapters with modules_to_save or trained biases are not supported yet".into());
-    }
-    let modules = |v: Value| -> Result<Option<TargetModules>> {
-        Ok(match v {
-            Value::Null => None,
-            Value::String(s) if s == "all-linear" => Some(TargetModules::AllLinear),
-            Value::String(s) => Some(TargetModules::Regex(s)),
-            Value::Array(names) => Some(TargetModules::List(
-                names
-                    .iter()
-                    .map(|n| n.as_str().map(str::to_string))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| anyhow::anyhow!("{}: module names must be strings", path.display()))?,
-            )),
-            other => bail!("{}: cannot read module selection {other}", path.display()),
+
+    /// The typed keys of the parsed file `path`.
+    pub fn from_value(path: &Path, value: Value) -> Result<AdapterConfig> {
+        let Value::Object(map) = value else {
+            bail!("{}: must hold a JSON object of settings, found {}", path.display(), kind_name(&value));
+        };
+        let keys = Keys { path, map: &map };
+        let modules = |key: &str| -> Result<Option<TargetModules>> {
+            Ok(match keys.optional::<Value>(key, "a list of module names or a regex")? {
+                None => None,
+                Some(Value::String(s)) if s == "all-linear" => Some(TargetModules::AllLinear),
+                Some(Value::String(s)) => Some(TargetModules::Regex(s)),
+                Some(_) => {
+                    Some(TargetModules::List(keys.required(key, "a list of module names or a regex")?))
+                }
+            })
+        };
+        let layers_to_transform = match keys
+            .optional::<Value>("layers_to_transform", "a layer index or a list of them")?
+        {
+            None => None,
+            Some(Value::Array(_)) => {
+                Some(keys.required("layers_to_transform", "a layer index or a list of them")?)
+            }
+            Some(_) => Some(vec![keys.required("layers_to_transform", "a layer index or a list of them")?]),
+        };
+        let gaussian_init =
+            match keys.optional::<Value>("init_lora_weights", "true, false or a method name")? {
+                Some(Value::String(method)) => method == "gaussian",
+                Some(Value::Bool(_)) | None => false,
+                Some(other) => bail!(
+                "{}: `init_lora_weights` must be true, false or a method name such as \"gaussian\", found {}",
+                path.display(),
+                kind_name(&other)
+            ),
+            };
+        Ok(AdapterConfig {
+            path: path.to_path_buf(),
+            peft_type: keys.optional("peft_type", "a string")?,
+            // PEFT's LoraConfig defaults.
+            r: keys.or("r", "a whole number >= 1", 8)?,
+            lora_alpha: keys.or("lora_alpha", "a number", 8.0)?,
+            lora_dropout: keys.or("lora_dropout", "a number", 0.0)?,
+            use_rslora: keys.or("use_rslora", "true or false", false)?,
+            use_dora: keys.or("use_dora", "true or false", false)?,
+            bias: keys.or("bias", "\"none\", \"all\" or \"lora_only\"", "none".to_string())?,
+            lora_bias: keys.or("lora_bias", "true or false", false)?,
+            modules_to_save: keys.optional("modules_to_save", "a list of module names")?.unwrap_or_default(),
+            target_modules: modules("target_modules")?,
+            exclude_modules: modules("exclude_modules")?,
+            layers_to_transform,
+            rank_pattern: keys
+                .optional("rank_pattern", "a map of regex to whole numbers")?
+                .unwrap_or_default(),
+            alpha_pattern: keys.optional("alpha_pattern", "a map of regex to numbers")?.unwrap_or_default(),
+            gaussian_init,
+            activated_lora: ["alora_invocation_tokens", "invocation_string"]
+                .into_iter()
+                .find(|key| map.get(*key).is_some_and(|v| !v.is_null())),
         })
-    };
-    let patterns = |key: &str| -> BTreeMap<String, f64> {
-        field(key)
-            .as_object()
-            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
-            .unwrap_or_default()
-    };
-    let layers = match field("layers_to_transform") {
-        Value::Null => None,
-        Value::Number(n) => Some(vec![n.as_u64().unwrap_or(0) as usize]),
-        Value::Array(a) => Some(a.iter().filter_map(Value::as_u64).map(|i| i as usize).collect()),
-        other => return refuse(format!("cannot read layers_to_transform {other}")),
-    };
-    let Some(target_modules) = modules(field("target_modules"))? else {
-        return refuse("no target_modules".into());
-    };
-    Ok(LoraConfig {
-        r: field("r").as_u64().ok_or_else(|| anyhow::anyhow!("{}: `r` missing", path.display()))? as usize,
-        alpha: field("lora_alpha").as_f64().unwrap_or(8.0),
-        dropout: field("lora_dropout").as_f64().unwrap_or(0.0),
-        use_rslora: field("use_rslora").as_bool().unwrap_or(false),
-        target_modules,
-        exclude_modules: modules(field("exclude_modules"))?,
-        layers_to_transform: layers,
-        rank_pattern: patterns("rank_pattern").into_iter().map(|(k, v)| (k, v as usize)).collect(),
-        alpha_pattern: patterns("alpha_pattern"),
-        init: match field("init_lora_weights").as_str() {
-            Some("gaussian") => LoraInit::Gaussian,
-            _ => LoraInit::Kaiming,
-        },
-        init_from: None,
-    })
+    }
+
+    /// The adapter as a [`LoraConfig`] that [`super::inject`] turns into the same modules,
+    /// ranks and scales; refuses what lorafit cannot apply.
+    pub fn lora_config(&self) -> Result<LoraConfig> {
+        let path = self.path.display();
+        match self.peft_type.as_deref() {
+            Some("LORA") => {}
+            other => {
+                bail!("{path}: peft_type is {}, only LORA adapters are supported", other.unwrap_or("missing"))
+            }
+        }
+        if self.use_dora {
+            bail!("{path}: DoRA adapters (`use_dora: true`) are not supported yet");
+        }
+        if !self.modules_to_save.is_empty() || self.bias != "none" {
+            bail!("{path}: adapters with modules_to_save or trained biases are not supported yet");
+        }
+        let Some(target_modules) = self.target_modules.clone() else {
+            bail!("{path}: no target_modules");
+        };
+        Ok(LoraConfig {
+            r: self.r,
+            alpha: self.lora_alpha,
+            dropout: self.lora_dropout,
+            use_rslora: self.use_rslora,
+            target_modules,
+            exclude_modules: self.exclude_modules.clone(),
+            layers_to_transform: self.layers_to_transform.clone(),
+            rank_pattern: self.rank_pattern.clone(),
+            alpha_pattern: self.alpha_pattern.clone(),
+            init: if self.gaussian_init { LoraInit::Gaussian } else { LoraInit::Kaiming },
+            init_from: None,
+        })
+    }
+}
+
+/// Typed access to the keys of one JSON object, naming the file and key on a wrong type.
+struct Keys<'a> {
+    path: &'a Path,
+    map: &'a serde_json::Map<String, Value>,
+}
+
+impl Keys<'_> {
+    /// The value of `key`, `None` when absent or null.
+    fn optional<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<Option<T>> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => T::deserialize(value).map(Some).map_err(|_| self.wrong(key, expected, value)),
+        }
+    }
+
+    /// The value of `key`, which must be present and of type `T`.
+    fn required<T: DeserializeOwned>(&self, key: &str, expected: &str) -> Result<T> {
+        let value = self.map.get(key).unwrap_or(&Value::Null);
+        T::deserialize(value).map_err(|_| self.wrong(key, expected, value))
+    }
+
+    /// The value of `key`, `default` when absent (null is refused: PEFT cannot use it either).
+    fn or<T: DeserializeOwned>(&self, key: &str, expected: &str, default: T) -> Result<T> {
+        match self.map.get(key) {
+            None => Ok(default),
+            Some(_) => self.required(key, expected),
+        }
+    }
+
+    fn wrong(&self, key: &str, expected: &str, value: &Value) -> anyhow::Error {
+        anyhow!(
+            "{}: `{key}` must be {expected}, found {} `{value}`; fix the value in the file",
+            self.path.display(),
+            kind_name(value)
+        )
+    }
+}
+
+/// The LoRA settings of a PEFT adapter directory (see [`AdapterConfig::lora_config`]).
+pub fn read_config(dir: &Path) -> Result<LoraConfig> {
+    AdapterConfig::read(dir)?.lora_config()
 }
 
 /// Copies the tensors of the adapter file in `dir` into `injected`'s adapters. Every tensor of
@@ -195,4 +309,41 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Injected>
         let _ = t.tensor.shallow_clone().set_requires_grad(false);
     }
     Ok(injected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_types_are_refused_naming_the_file_and_key() {
+        let path = Path::new("run/adapter/adapter_config.json");
+        let good = json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]});
+        let cfg = AdapterConfig::from_value(path, good.clone()).unwrap().lora_config().unwrap();
+        assert_eq!((cfg.r, cfg.alpha), (8, 16.0));
+        for (key, value) in [
+            ("lora_alpha", json!("16")),
+            ("lora_alpha", json!(null)),
+            ("r", json!("8")),
+            ("r", json!(8.5)),
+            ("r", json!(-1)),
+            ("use_rslora", json!("true")),
+            ("lora_dropout", json!([0.1])),
+            ("target_modules", json!(5)),
+            ("target_modules", json!(["q_proj", 3])),
+            ("layers_to_transform", json!(["0"])),
+            ("rank_pattern", json!({"q_proj": "4"})),
+            ("alpha_pattern", json!([16])),
+            ("init_lora_weights", json!(3)),
+            ("modules_to_save", json!("lm_head")),
+        ] {
+            let mut config = good.clone();
+            config[key] = value.clone();
+            let err = AdapterConfig::from_value(path, config).unwrap_err().to_string();
+            assert!(err.starts_with("run/adapter/adapter_config.json: "), "{key} = {value}: {err}");
+            assert!(err.contains(&format!("`{key}` must be")), "{key} = {value}: {err}");
+        }
+        let err = AdapterConfig::from_value(path, json!([1])).unwrap_err().to_string();
+        assert!(err.contains("adapter_config.json") && err.contains("an array"), "{err}");
+    }
 }

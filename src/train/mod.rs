@@ -7,6 +7,7 @@
 pub mod body;
 pub mod checkpoint;
 pub mod optim;
+pub mod precision;
 pub mod run;
 pub mod schedule;
 

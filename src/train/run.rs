@@ -4,7 +4,7 @@
 //! is created, so a bad input leaves nothing behind in `checkpoints/`.
 
 use super::checkpoint::{self, TrainerState};
-use super::{evaluate, evaluate_with_progress, schedule, StepStats, Trainer};
+use super::{evaluate, evaluate_with_progress, precision, schedule, StepStats, Trainer};
 use crate::config::{Config, DataFormat, LoraConfig, OnNonFinite, Precision, WeightDtype};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{prepare_splits, ChatFormat, Example, Prepared, PromptFormat};
@@ -138,7 +138,7 @@ pub fn resolve_device(name: &str) -> Result<Device> {
     Ok(device)
 }
 
-/// The dtype frozen weights are held in.
+/// The dtype frozen weights are held in, for a resolved `precision`.
 pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
     match dtype {
         WeightDtype::Fp32 => Kind::Float,
@@ -147,11 +147,13 @@ pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
     }
 }
 
-/// The dtype of the activations inside each block for `precision`.
+/// The dtype of the activations inside each block for a resolved `precision`
+/// ([`precision::resolve`] runs first in every command).
 pub fn activation_kind(precision: Precision) -> Kind {
     match precision {
         Precision::Fp32 => Kind::Float,
         Precision::Bf16Mixed => Kind::BFloat16,
+        Precision::Auto => unreachable!("train.precision auto is resolved when a run starts"),
     }
 }
 
@@ -399,6 +401,9 @@ pub fn collate(
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let console = Console(opts.log_format);
     let device = resolve_device(&cfg.train.device)?;
+    // The run works with the resolved precision; the run directory records the config as given.
+    let (resolved, precision) = precision::resolve(cfg, device);
+    let (requested, cfg) = (cfg, &resolved);
     let threads = cfg
         .train
         .threads
@@ -445,10 +450,16 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let resume = opts.resume.as_ref().map(|r| resume_point(cfg, r)).transpose()?;
     let run_dir = match &resume {
-        Some((_, dir)) => create_run_dir(&Config { output: run_output(cfg, dir), ..cfg.clone() }, opts)?,
-        None => create_run_dir(cfg, opts)?,
+        Some((_, dir)) => {
+            create_run_dir(&Config { output: run_output(cfg, dir), ..requested.clone() }, opts)?
+        }
+        None => create_run_dir(requested, opts)?,
     };
-    write_atomic(&run_dir.join("config.yaml"), cfg.to_yaml().as_bytes())?;
+    // `auto` stays `auto`, so the file runs (or resumes: adapter and optimizer state are fp32
+    // either way) with the precision that suits the machine it runs on; the comment keeps what
+    // this run used.
+    let config_yaml = format!("# precision used: {}\n{}", precision.describe(), requested.to_yaml());
+    write_atomic(&run_dir.join("config.yaml"), config_yaml.as_bytes())?;
     data.store_in_cache();
     let (tok, train_data, val_data, cached) = (&data.tokenizer, &data.train, &data.validation, data.cached);
     let stop = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), tok)?;
@@ -462,6 +473,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         spec.parameter_count() as f64 / 1e6,
         weight_kind(cfg.model.dtype, cfg.train.precision)
     );
+    say!(console, "  precision {}", precision.describe());
     say!(
         console,
         "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base){}",
@@ -528,7 +540,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let mut metrics =
         if resume.is_some() { MetricsLog::open_append(&run_dir)? } else { MetricsLog::create(&run_dir)? };
     if resume.is_none() {
-        metrics.text("hparams", &format!("```yaml\n{}```", cfg.to_yaml()))?;
+        metrics.text("hparams", &format!("```yaml\n{config_yaml}```"))?;
     }
     let save_checkpoint = |state: &TrainerState, trainer: &Trainer| -> Result<PathBuf> {
         let dir = checkpoint::dir_for(&run_dir, state.step);
@@ -719,6 +731,8 @@ fn run_output(cfg: &Config, run_dir: &Path) -> crate::config::OutputConfig {
 /// alone), computed exactly as during training. Returns (mean token loss, label tokens).
 pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
     let device = resolve_device(&cfg.train.device)?;
+    let (resolved, _) = precision::resolve(cfg, device);
+    let cfg = &resolved;
     if let Some(threads) = cfg.train.threads {
         tch::set_num_threads(threads as i32);
     }
