@@ -7,7 +7,9 @@ use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"LFDATA01";
+/// Starts every cache file. Its number goes up whenever the same inputs are prepared differently
+/// (02: tool calls in chats are trained), so entries written before are rebuilt, not read.
+const MAGIC: &[u8; 8] = b"LFDATA02";
 
 /// A 128-bit FNV-1a digest of everything the prepared data depends on.
 #[derive(Clone)]
