@@ -253,13 +253,15 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
         DataFormat::Chat => {
             let template = chat.ok_or_else(|| anyhow!("no chat template"))?;
             let field = cfg.columns.get("messages").map(String::as_str);
-            let messages = chat::parse_messages(&record.file, record.row, &record.fields, field)?;
+            let tools = column(cfg, chat::TOOLS_FIELD);
+            let conversation =
+                chat::parse_conversation(&record.file, record.row, &record.fields, field, tools)?;
             let train_on = match cfg.train_on {
                 TrainOn::Assistant => chat::TrainOn::AssistantTurns,
                 TrainOn::Last => chat::TrainOn::LastAssistantTurn,
                 TrainOn::All => chat::TrainOn::All,
             };
-            let mut segs = chat::render_segments(&template.template, &messages, train_on)?;
+            let mut segs = chat::render_segments(&template.template, &conversation, train_on)?;
             // The tokenizer adds BOS itself; a template that also writes it would double it.
             if template.tokenizer_adds_bos {
                 chat::strip_leading_bos(&mut segs, template.template.bos_token().unwrap_or(""));
