@@ -8,8 +8,9 @@ plus the response, the completion text, or `apply_chat_template` over the conver
   tokens, plus EOS, for alpaca and completion; without them for chats, as
   `apply_chat_template(tokenize=True)` encodes);
 - labels: exactly the response (alpaca) or every token (completion) is trained; in a chat each
-  trained run of tokens decodes to one assistant turn ending with the end-of-turn marker, one run
-  per assistant turn, and no user or system text is trained.
+  trained run of tokens decodes to one assistant turn (tool calls included) ending with the
+  end-of-turn marker, one run per assistant turn, and no user, system or tool-result text is
+  trained.
 
 Usage: python check_data_export.py JOBS.json; JOBS.json is a list of cases:
   {"name", "tokenizer_dir", "records", "export", "format": "alpaca"|"completion"|"chat",
@@ -24,6 +25,9 @@ import sys
 
 from transformers import PreTrainedTokenizerFast
 
+# The record → messages conversion a transformers user would write (tool calls included).
+from tool_chat_reference import to_messages, to_tools
+
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
@@ -33,9 +37,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
 def column(case, field):
     return case["columns"].get(field, field)
 
@@ -47,20 +48,6 @@ def alpaca_prompt(case, row):
         return ALPACA_WITH_INPUT.replace("{instruction}", instruction).replace("{input}", inp)
     template = case.get("prompt_template_no_input") or ALPACA_NO_INPUT
     return template.replace("{instruction}", instruction)
-
-
-def messages_of(row):
-    turns = row.get("messages") or row.get("conversations")
-    out = []
-    if row.get("system"):
-        out.append({"role": "system", "content": row["system"]})
-    for turn in turns:
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if isinstance(content, list):
-            content = "\n".join(p if isinstance(p, str) else p.get("text", p.get("value")) for p in content)
-        out.append({"role": ROLES[role.lower()], "content": content})
-    return out
 
 
 def runs(labels):
@@ -81,8 +68,8 @@ def check_row(case, tok, row, example):
         return "a label differs from its input id"
     fmt = case["format"]
     if fmt == "chat":
-        messages = messages_of(row)
-        text = tok.apply_chat_template(messages, tokenize=False, **template_kwargs(case))
+        messages = to_messages(row)
+        text = tok.apply_chat_template(messages, tools=to_tools(row), tokenize=False, **template_kwargs(case))
         expected = tok(text, add_special_tokens=False)["input_ids"]
     elif fmt == "alpaca":
         prompt = alpaca_prompt(case, row)

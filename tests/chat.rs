@@ -28,6 +28,20 @@ fn parse(fields: Value) -> anyhow::Result<Vec<Message>> {
     parse_messages(Path::new("data/train.jsonl"), 7, &object(&fields), None)
 }
 
+/// The messages of a record (the tools column is `tools`).
+fn parse_messages(
+    file: &Path,
+    row: usize,
+    fields: &Map<String, Value>,
+    messages_field: Option<&str>,
+) -> anyhow::Result<Vec<Message>> {
+    Ok(parse_conversation(file, row, fields, messages_field, TOOLS_FIELD)?.messages)
+}
+
+fn conv(messages: &[Message]) -> Conversation {
+    messages.to_vec().into()
+}
+
 fn err(fields: Value) -> String {
     format!("{:#}", parse(fields).unwrap_err())
 }
@@ -74,25 +88,25 @@ fn qwen3_renders_like_transformers_with_the_same_spans() {
         let text = template.render(&messages, false).unwrap();
         assert_eq!(text, case["text"].as_str().unwrap(), "{name}: rendered text");
 
-        let (spans_text, spans) = assistant_spans(&template, &messages).unwrap();
+        let (spans_text, spans) = assistant_spans(&template, &conv(&messages)).unwrap();
         assert_eq!(spans_text, text);
         let got: Vec<(usize, usize)> = spans.iter().map(|r| chars(&text, r)).collect();
         let want: Vec<(usize, usize)> = serde_json::from_value(case["spans"].clone()).unwrap();
         assert_eq!(got, want, "{name}: assistant spans");
         let want_texts: Vec<String> = serde_json::from_value(case["span_texts"].clone()).unwrap();
 
-        let segs = render_segments(&template, &messages, TrainOn::AssistantTurns).unwrap();
+        let segs = render_segments(&template, &conv(&messages), TrainOn::AssistantTurns).unwrap();
         assert_eq!(joined(&segs), text, "{name}");
         assert_alternating(&segs);
         assert_eq!(trained(&segs), want_texts, "{name}: assistant turns");
 
-        let segs = render_segments(&template, &messages, TrainOn::LastAssistantTurn).unwrap();
+        let segs = render_segments(&template, &conv(&messages), TrainOn::LastAssistantTurn).unwrap();
         assert_eq!(joined(&segs), text, "{name}");
         assert_alternating(&segs);
         assert_eq!(trained(&segs), [want_texts.last().unwrap().as_str()], "{name}: last");
         assert!(!segs.last().unwrap().1, "{name}: the newline after the last turn");
 
-        let segs = render_segments(&template, &messages, TrainOn::All).unwrap();
+        let segs = render_segments(&template, &conv(&messages), TrainOn::All).unwrap();
         assert_eq!(segs, vec![(text.clone(), true)], "{name}: all");
     }
 }
@@ -131,7 +145,7 @@ fn builtin_chatml() {
     );
     assert_eq!(t.bos_token(), None);
     assert_eq!(t.eos_token(), Some("<|im_end|>"));
-    let segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
     assert_eq!(
         segs,
         vec![
@@ -166,7 +180,7 @@ fn builtin_llama3() {
     assert_eq!(t.eos_token(), Some("<|eot_id|>"));
     assert_eq!(t.end_of_turn().unwrap(), "<|eot_id|>");
 
-    let segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
     assert_eq!(joined(&segs), text);
     assert_eq!(trained(&segs), ["Hello!<|eot_id|>"]);
 
@@ -185,9 +199,9 @@ fn train_on_variants_with_three_turns() {
         ("user", "e"),
         ("assistant", "f"),
     ]);
-    let all = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let all = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
     assert_eq!(trained(&all), ["b<|im_end|>", "d<|im_end|>", "f<|im_end|>"]);
-    let last = render_segments(&t, &m, TrainOn::LastAssistantTurn).unwrap();
+    let last = render_segments(&t, &conv(&m), TrainOn::LastAssistantTurn).unwrap();
     assert_eq!(last.len(), 3);
     assert_eq!(trained(&last), ["f<|im_end|>"]);
     assert_eq!(joined(&last), joined(&all));
@@ -204,7 +218,7 @@ fn spans_survive_content_that_looks_like_markers() {
         ("user", "What ends a turn?"),
         ("assistant", "The text <|im_end|> ends a turn. What ends a turn?"),
     ]);
-    let segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
     assert_eq!(trained(&segs), ["The text <|im_end|> ends a turn. What ends a turn?<|im_end|>"]);
 }
 
@@ -216,7 +230,7 @@ fn templates_without_generation_prompt_keep_the_header_untrained() {
     let t = ChatTemplate::from_source(src.into(), "t".into(), None, Some("</s>".into())).unwrap();
     assert_eq!(t.end_of_turn().unwrap(), "</s>");
     let m = msgs(&[("user", "a"), ("assistant", "ASSISTANT"), ("user", "b"), ("assistant", "t")]);
-    let segs = render_segments(&t, &m, TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
     assert_eq!(joined(&segs), "USER: a ASSISTANT: ASSISTANT</s>USER: b ASSISTANT: t</s>");
     assert_eq!(trained(&segs), [" ASSISTANT</s>", " t</s>"]);
 }
@@ -228,14 +242,14 @@ fn templates_that_change_the_text_fail_clearly() {
                {% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}";
     let t = ChatTemplate::from_source(src.into(), "test template".into(), None, None).unwrap();
     let m = msgs(&[("user", "q"), ("assistant", "fine"), ("user", "q2"), ("assistant", "a secret")]);
-    let e = format!("{:#}", render_segments(&t, &m, TrainOn::AssistantTurns).unwrap_err());
+    let e = format!("{:#}", render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap_err());
     assert!(e.contains("assistant message 4") && e.contains("test template"), "{e}");
     // Drops all assistant text: even the end-of-turn probe fails, naming the template.
     let src = "{% for m in messages %}<|{{ m.role }}|>{% if m.role == 'assistant' %}[redacted]{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}";
     let t = ChatTemplate::from_source(src.into(), "test template".into(), None, None).unwrap();
     let e = format!(
         "{:#}",
-        render_segments(&t, &msgs(&[("user", "q"), ("assistant", "secret")]), TrainOn::AssistantTurns)
+        render_segments(&t, &conv(&msgs(&[("user", "q"), ("assistant", "secret")])), TrainOn::AssistantTurns)
             .unwrap_err()
     );
     assert!(e.contains("end-of-turn marker") && e.contains("test template"), "{e}");
@@ -323,7 +337,7 @@ fn sharegpt_roles_system_field_and_content_parts() {
             {"from": "gpt", "value": "g"},
             {"from": "USER", "value": "u"},
             {"from": "chatgpt", "value": "c"},
-            {"from": "function_call", "value": "fc"},
+            {"from": "function_call", "value": "{\"name\": \"fc\", \"arguments\": {}}"},
             {"from": "observation", "value": "o"},
             {"from": "bing", "value": "b"},
             {"from": "function", "value": "f"},
@@ -342,7 +356,7 @@ fn sharegpt_roles_system_field_and_content_parts() {
             "assistant",
             "user",
             "assistant",
-            "tool",
+            "assistant",
             "tool",
             "assistant",
             "tool",
@@ -392,7 +406,7 @@ fn parse_errors_name_file_and_row() {
         (json!({"messages": []}), vec!["empty conversation"]),
         (
             json!({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "b"}]}),
-            vec!["message 1", "must be a string or a list of text parts", "a number"],
+            vec!["message 1", "must be a string or a list of content parts", "a number"],
         ),
         (
             json!({"messages": [{"role": "user", "content": null}, {"role": "assistant", "content": "b"}]}),
@@ -404,7 +418,7 @@ fn parse_errors_name_file_and_row() {
         ),
         (
             json!({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": [{"type": "image_url", "image_url": "u"}]}]}),
-            vec!["message 2", "only text parts"],
+            vec!["message 2", "only text, reasoning and tool_call parts"],
         ),
         (json!({"messages": "hello"}), vec!["`messages` must be a list", "a string"]),
         (json!({"messages": [{"content": "a"}]}), vec!["message 1", "neither a `role` nor a `from`"]),
@@ -474,14 +488,14 @@ fn real_chat_datasets_render_with_qwen3() {
                 }
             };
             let n_assistant = messages.iter().filter(|m| m.role == "assistant").count();
-            let segs = render_segments(&template, &messages, TrainOn::AssistantTurns)
+            let segs = render_segments(&template, &conv(&messages), TrainOn::AssistantTurns)
                 .unwrap_or_else(|e| panic!("{name}:{row}: {e:#}"));
             let text = template.render(&messages, false).unwrap();
             assert_eq!(joined(&segs), text, "{name}:{row}");
             let spans = trained(&segs);
             assert_eq!(spans.len(), n_assistant, "{name}:{row}");
             assert!(spans.iter().all(|s| s.ends_with("<|im_end|>")), "{name}:{row}");
-            let last = render_segments(&template, &messages, TrainOn::LastAssistantTurn).unwrap();
+            let last = render_segments(&template, &conv(&messages), TrainOn::LastAssistantTurn).unwrap();
             assert_eq!(trained(&last).len(), 1, "{name}:{row}");
             ok += 1;
             turns += n_assistant;

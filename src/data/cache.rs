@@ -7,12 +7,14 @@ use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+/// Starts every cache file; changes with the file's layout (02: notes on the data).
 const MAGIC: &[u8; 8] = b"LFDATA02";
 
 /// The version of the way examples are prepared, part of every cache key: bumped whenever the
 /// same inputs would tokenize or label differently, so entries from before are never read.
-/// 2: each example's whole text tokenized once, labels from byte offsets.
-pub const FORMAT_VERSION: &[u8] = b"lorafit-prepared-examples-2";
+/// 2: each example's whole text tokenized once, labels from byte offsets. 3: tool calls in chats
+/// are trained.
+pub const FORMAT_VERSION: &[u8] = b"lorafit-prepared-examples-3";
 
 /// A 128-bit FNV-1a digest of everything the prepared data depends on.
 #[derive(Clone)]

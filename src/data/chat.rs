@@ -22,15 +22,38 @@
 //!   same without it), or its prompt differs from the header it writes inside a conversation,
 //!   the header follows that point instead: the span then starts where the message's text does
 //!   (found backwards from the turn's end, so a header word equal to the message cannot fool
-//!   it), including the spaces before it (` Hello` stays one word);
+//!   it), including the spaces before it (` Hello` stays one word).
+//!   When the template renders an earlier turn differently once later messages exist (Qwen3
+//!   keeps an assistant turn's reasoning only after the last user message, so a tool-calling
+//!   turn loses it when the user speaks again), that rendering is not a prefix of the text; the
+//!   start is then the end of the longest tail of it that the text after the previous assistant
+//!   turn begins with, which must include the generation prompt (the messages in between and
+//!   the header);
 //! * the end is the first end-of-turn marker after the start that follows the message's visible
-//!   text (its content after any `</think>`, trimmed); the marker is detected once per template by
-//!   rendering probe conversations.
+//!   text (its content after any `</think>`, trimmed) and, for a message with tool calls, each
+//!   call's function name and arguments (as `tojson` writes them; by name alone when no marker
+//!   follows that) after it in order, since templates write calls after the text, each in its
+//!   own format; the marker is detected once per template by rendering probe conversations.
 //!
 //! Only earlier messages are rendered as prefixes, never a conversation ending in an assistant
 //! turn, so templates that render the last assistant turn differently from earlier ones (Qwen3
 //! keeps reasoning only after the last user message) are handled. A span that cannot be located
 //! is an error naming the message.
+//!
+//! # Tools, tool calls and reasoning
+//!
+//! A record's `tools` column (a list of function schemas, or the JSON text of one as
+//! LLaMA-Factory writes it) reaches the template as `tools`, each schema wrapped as
+//! `{"type": "function", "function": schema}` unless it already is (the shape transformers gives
+//! the template for a Python function). Function calls (ShareGPT `function_call` turns, OpenAI
+//! `tool_calls`, LLaMA-Factory `tool_call` content parts) become the `tool_calls` of an
+//! assistant message, `{"type": "function", "function": {"name", "arguments"}}` with the
+//! arguments a mapping, and are trained like any assistant turn; tool results (`observation`,
+//! role `tool`) are context. `reasoning` content parts become the message's
+//! `reasoning_content`, which Qwen3's template writes in `<think>`. A template that renders
+//! nothing of the tools or calls it is given, or never reads `reasoning_content`, is an error
+//! rather than a silent loss. JSON given as text keeps its key order, as Python's `json.loads`
+//! does; JSON objects the file reader parsed come with their keys sorted.
 //!
 //! # BOS
 //!
@@ -39,7 +62,7 @@
 //! `<|begin_of_text|>`) writes it itself, and one that does not gets none.
 
 use anyhow::{anyhow, bail, Context, Result};
-use minijinja::value::{Enumerator, Kwargs, Object, Value as JValue, ValueKind};
+use minijinja::value::{Kwargs, Serde, Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind as JErrorKind};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -47,18 +70,52 @@ use std::fmt;
 use std::ops::Range;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-/// One turn of a conversation. `role` is one of `system`, `user`, `assistant`, `tool`.
+/// One turn of a conversation. `role` is one of `system`, `user`, `assistant`, `tool`; only
+/// assistant turns carry reasoning or tool calls.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// The reasoning before the answer, given to the template as `reasoning_content`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.to_string(), content: content.to_string() }
+        Message {
+            role: role.to_string(),
+            content: content.to_string(),
+            reasoning_content: None,
+            tool_calls: vec![],
+        }
+    }
+}
+
+/// A function call the assistant makes. `arguments` is a mapping (templates write it with
+/// `tojson`), its keys in the order they were written when it came as JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub name: String,
+    pub arguments: JValue,
+}
+
+/// A record's conversation and the tools offered in it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    /// The template's `tools`: `{"type": "function", "function": schema}` each; `None` when the
+    /// record has no tools column (or an empty one).
+    pub tools: Option<Vec<JValue>>,
+}
+
+impl From<Vec<Message>> for Conversation {
+    fn from(messages: Vec<Message>) -> Conversation {
+        Conversation { messages, tools: None }
     }
 }
 
@@ -68,9 +125,16 @@ pub const DEFAULT_MESSAGES_FIELDS: [&str; 2] = ["messages", "conversations"];
 /// The optional top-level column holding a system prompt.
 pub const SYSTEM_FIELD: &str = "system";
 
+/// The optional top-level column holding the tools offered to the model.
+pub const TOOLS_FIELD: &str = "tools";
+
+/// The ShareGPT role of a turn whose value is a function call (JSON text of `{"name",
+/// "arguments"}` or a list of them): an assistant turn with tool calls.
+pub const FUNCTION_CALL_ROLE: &str = "function_call";
+
 /// Role names accepted in records (compared case-insensitively) and the chat role each maps to.
-/// `function_call` (a call the model made, in glaive/LLaMA-Factory data) maps to `tool` like the
-/// function results, so such turns are context, not trained.
+/// A [`FUNCTION_CALL_ROLE`] turn is a call the model made, so it is an assistant turn, trained;
+/// the function results (`observation`, ...) are `tool` turns, context.
 pub const ROLE_NAMES: [(&str, &str); 13] = [
     ("user", "user"),
     ("human", "user"),
@@ -83,7 +147,7 @@ pub const ROLE_NAMES: [(&str, &str); 13] = [
     ("tool", "tool"),
     ("function", "tool"),
     ("observation", "tool"),
-    ("function_call", "tool"),
+    (FUNCTION_CALL_ROLE, "assistant"),
     ("ipython", "tool"),
 ];
 
@@ -97,16 +161,20 @@ pub fn map_role(name: &str) -> Option<&'static str> {
 ///
 /// `messages_field` names the column holding the list of turns; `None` tries
 /// [`DEFAULT_MESSAGES_FIELDS`] in order. Each turn is an object with `role`/`content` (OpenAI)
-/// or `from`/`value` (ShareGPT) keys; content is a string or a list of text parts
-/// (`{"type": "text", "text": ...}`, or `"value"` instead of `"text"`), joined with `\n`. A
-/// non-empty top-level [`SYSTEM_FIELD`] string becomes a leading system message. Errors name
-/// `file` and `row` (1-based, as [`Record::row`](super::source::Record)).
-pub fn parse_messages(
+/// or `from`/`value` (ShareGPT) keys; content is a string or a list of parts: text parts
+/// (`{"type": "text", "text": ...}`, or `"value"` instead of `"text"`) joined with `\n`, and in
+/// assistant turns `reasoning` and `tool_call` parts (LLaMA-Factory). Assistant turns may also
+/// have OpenAI `tool_calls` (their content may then be null) and a `reasoning_content` string.
+/// A non-empty top-level [`SYSTEM_FIELD`] string becomes a leading system message; the
+/// `tools_field` column, when present, gives the tools. Errors name `file` and `row` (1-based,
+/// as [`Record::row`](super::source::Record)).
+pub fn parse_conversation(
     file: &Path,
     row: usize,
     fields: &Map<String, Value>,
     messages_field: Option<&str>,
-) -> Result<Vec<Message>> {
+    tools_field: &str,
+) -> Result<Conversation> {
     let at = || format!("{}:{row}", file.display());
     let present = || {
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();
@@ -144,6 +212,10 @@ pub fn parse_messages(
     if turns.is_empty() {
         bail!("{}: `{column}` is an empty conversation", at());
     }
+    let tools = match fields.get(tools_field) {
+        Some(value) => parse_tools(value).map_err(|why| anyhow!("{}: `{tools_field}`: {why}", at()))?,
+        None => None,
+    };
 
     let mut messages = Vec::with_capacity(turns.len() + 1);
     match fields.get(SYSTEM_FIELD) {
@@ -189,23 +261,8 @@ pub fn parse_messages(
                 )
             }
         };
-        let content_key = if obj.contains_key("content") { "content" } else { "value" };
-        let content = match obj.get(content_key) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => text_parts(parts)
-                .map_err(|why| anyhow!("{}: message {n} of `{column}` ({role_name}): {why}", at()))?,
-            Some(other) => bail!(
-                "{}: message {n} of `{column}` ({role_name}): `{content_key}` must be a string \
-                 or a list of text parts, found {}",
-                at(),
-                super::source::kind_name(other)
-            ),
-            None => bail!(
-                "{}: message {n} of `{column}` ({role_name}) has neither a `content` nor a \
-                 `value` key",
-                at()
-            ),
-        };
+        let message = parse_turn(role, role_name, obj)
+            .map_err(|why| anyhow!("{}: message {n} of `{column}` ({role_name}): {why}", at()))?;
         if role == "system" && i == 0 && !messages.is_empty() {
             bail!(
                 "{}: the row has both a `{SYSTEM_FIELD}` field and a system message in \
@@ -213,18 +270,68 @@ pub fn parse_messages(
                 at()
             );
         }
-        messages.push(Message::new(role, &content));
+        messages.push(message);
     }
     if !messages.iter().any(|m| m.role == "assistant") {
         bail!("{}: the conversation in `{column}` has no assistant turn, so nothing to train on", at());
     }
-    Ok(messages)
+    Ok(Conversation { messages, tools })
 }
 
-/// The text of a content given as a list of parts, joined with `\n`.
-fn text_parts(parts: &[Value]) -> std::result::Result<String, String> {
-    let mut texts = Vec::with_capacity(parts.len());
+/// One turn's message (its role already checked), or why it cannot be used.
+fn parse_turn(role: &str, role_name: &str, obj: &Map<String, Value>) -> std::result::Result<Message, String> {
+    let mut message = Message::new(role, "");
+    let content_key = if obj.contains_key("content") { "content" } else { "value" };
+    let content = obj.get(content_key);
+    if role_name.eq_ignore_ascii_case(FUNCTION_CALL_ROLE) {
+        match content {
+            Some(value) => message.tool_calls = tool_calls(value)?,
+            None => return Err(format!("has no `{content_key}` with the call")),
+        }
+    } else {
+        // OpenAI writes `content: null` beside an assistant's tool calls.
+        let calls_only = obj.get("tool_calls").is_some_and(|v| !v.is_null());
+        match content {
+            Some(Value::String(s)) => message.content = s.clone(),
+            Some(Value::Array(parts)) => content_parts(parts, &mut message)?,
+            None | Some(Value::Null) if calls_only => {}
+            Some(other) => {
+                return Err(format!(
+                    "`{content_key}` must be a string or a list of content parts, found {}",
+                    super::source::kind_name(other)
+                ))
+            }
+            None => return Err("has neither a `content` nor a `value` key".to_string()),
+        }
+    }
+    match obj.get("tool_calls") {
+        None | Some(Value::Null) => {}
+        Some(value) => {
+            message.tool_calls.extend(tool_calls(value).map_err(|why| format!("`tool_calls`: {why}"))?)
+        }
+    }
+    match obj.get("reasoning_content") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => message.reasoning_content = Some(s.clone()),
+        Some(other) => {
+            return Err(format!(
+                "`reasoning_content` must be a string, found {}",
+                super::source::kind_name(other)
+            ))
+        }
+    }
+    if role != "assistant" && (!message.tool_calls.is_empty() || message.reasoning_content.is_some()) {
+        return Err("only assistant messages can hold tool calls or reasoning".to_string());
+    }
+    Ok(message)
+}
+
+/// Reads a content given as a list of parts into `message`: text parts (joined with `\n`) into
+/// its content, `reasoning` parts into its reasoning, `tool_call` parts into its tool calls.
+fn content_parts(parts: &[Value], message: &mut Message) -> std::result::Result<(), String> {
+    let (mut texts, mut reasoning) = (Vec::with_capacity(parts.len()), Vec::new());
     for (i, part) in parts.iter().enumerate() {
+        let n = i + 1;
         let obj = match part {
             Value::Object(obj) => obj,
             Value::String(s) => {
@@ -233,32 +340,158 @@ fn text_parts(parts: &[Value]) -> std::result::Result<String, String> {
             }
             other => {
                 return Err(format!(
-                    "content part {} must be an object, found {}",
-                    i + 1,
+                    "content part {n} must be an object, found {}",
                     super::source::kind_name(other)
                 ))
             }
         };
-        match obj.get("type") {
-            None | Some(Value::Null) => {}
-            Some(Value::String(t)) if t == "text" => {}
-            Some(other) => {
-                return Err(format!("content part {} has type {other}; only text parts are supported", i + 1))
-            }
-        }
-        match obj.get("text").or_else(|| obj.get("value")) {
-            Some(Value::String(s)) => texts.push(s),
+        let kind = match obj.get("type") {
+            None | Some(Value::Null) => "text",
+            Some(Value::String(t)) if ["text", "reasoning", "tool_call"].contains(&t.as_str()) => t.as_str(),
             Some(other) => {
                 return Err(format!(
-                    "content part {}: the text must be a string, found {}",
-                    i + 1,
+                    "content part {n} has type {other}; only text, reasoning and tool_call parts \
+                     are supported"
+                ))
+            }
+        };
+        let value = match obj.get("text").or_else(|| obj.get("value")) {
+            Some(value) => value,
+            None => return Err(format!("content part {n} has neither a `text` nor a `value` key")),
+        };
+        match (kind, value) {
+            ("tool_call", value) => message
+                .tool_calls
+                .extend(tool_calls(value).map_err(|why| format!("content part {n}: {why}"))?),
+            (_, Value::String(s)) if kind == "reasoning" => reasoning.push(s.as_str()),
+            (_, Value::String(s)) => texts.push(s.as_str()),
+            (_, other) => {
+                return Err(format!(
+                    "content part {n}: the {kind} must be a string, found {}",
                     super::source::kind_name(other)
                 ))
             }
-            None => return Err(format!("content part {} has neither a `text` nor a `value` key", i + 1)),
         }
     }
-    Ok(texts.join("\n"))
+    message.content = texts.join("\n");
+    if !reasoning.is_empty() {
+        message.reasoning_content = Some(reasoning.join("\n"));
+    }
+    Ok(())
+}
+
+/// A JSON value as templates see it: JSON text is parsed keeping its key order (as Python's
+/// `json.loads`); a value the file reader already parsed comes with its keys sorted.
+fn json_value(value: &Value) -> std::result::Result<JValue, String> {
+    match value {
+        Value::String(text) => serde_json::from_str(text).map_err(|e| format!("is not valid JSON ({e})")),
+        other => Ok(JValue::from(Serde(other))),
+    }
+}
+
+fn kind_of(v: &JValue) -> &'static str {
+    match v.kind() {
+        ValueKind::Map => "an object",
+        ValueKind::Seq => "a list",
+        ValueKind::String => "a string",
+        ValueKind::Number => "a number",
+        ValueKind::Bool => "a boolean",
+        ValueKind::None | ValueKind::Undefined => "null",
+        _ => "something else",
+    }
+}
+
+/// The calls in a function-call value: one call or a list of them, each `{"name", "arguments"}`
+/// or nested in `function` (OpenAI), as JSON text or JSON.
+fn tool_calls(value: &Value) -> std::result::Result<Vec<ToolCall>, String> {
+    const SHAPE: &str = r#"{"name": ..., "arguments": {...}}"#;
+    let parsed = json_value(value).map_err(|why| format!("the tool call {why}; write it as {SHAPE}"))?;
+    let items: Vec<JValue> = match parsed.kind() {
+        ValueKind::Seq => parsed.try_iter().map_err(|e| e.to_string())?.collect(),
+        _ => vec![parsed],
+    };
+    if items.is_empty() {
+        return Err(format!("the list of tool calls is empty; write each call as {SHAPE}"));
+    }
+    let numbered = items.len() > 1;
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            tool_call(item).map_err(|why| {
+                let which = if numbered { format!("tool call {}", i + 1) } else { "the tool call".into() };
+                format!("{which} {why}; write it as {SHAPE}")
+            })
+        })
+        .collect()
+}
+
+/// One call, bare or nested in `function`; JSON-text arguments are parsed into their mapping.
+fn tool_call(item: &JValue) -> std::result::Result<ToolCall, String> {
+    let field = |v: &JValue, key: &str| v.get_attr(key).ok().filter(|f| !f.is_undefined() && !f.is_none());
+    let call = match field(item, "function") {
+        Some(function) if function.kind() == ValueKind::Map => function,
+        _ => item.clone(),
+    };
+    if call.kind() != ValueKind::Map {
+        return Err(format!("must be an object, found {}", kind_of(&call)));
+    }
+    let name = match field(&call, "name") {
+        Some(name) => match name.as_str() {
+            Some(s) if !s.is_empty() => s.to_string(),
+            _ => return Err(format!("has a `name` that is not a non-empty string ({})", kind_of(&name))),
+        },
+        None => return Err("has no `name`".to_string()),
+    };
+    let arguments = match field(&call, "arguments") {
+        Some(args) if args.kind() == ValueKind::Map => args,
+        // OpenAI writes the arguments as JSON text; templates expect the mapping.
+        Some(args) if args.kind() == ValueKind::String => {
+            let text = args.as_str().unwrap_or_default();
+            match serde_json::from_str::<JValue>(text) {
+                Ok(parsed) if parsed.kind() == ValueKind::Map => parsed,
+                Ok(other) => {
+                    return Err(format!(
+                        "of `{name}` has arguments that are {}, not an object",
+                        kind_of(&other)
+                    ))
+                }
+                Err(e) => return Err(format!("of `{name}` has arguments that are not valid JSON ({e})")),
+            }
+        }
+        Some(other) => {
+            return Err(format!("of `{name}` has arguments that are {}, not an object", kind_of(&other)))
+        }
+        None => return Err(format!("of `{name}` has no `arguments`")),
+    };
+    Ok(ToolCall { name, arguments })
+}
+
+/// The tools column: a list of function schemas, or JSON text of one (LLaMA-Factory); `None`
+/// when null or empty text. Bare schemas are wrapped as `{"type": "function", "function": ...}`.
+fn parse_tools(value: &Value) -> std::result::Result<Option<Vec<JValue>>, String> {
+    match value {
+        Value::Null => return Ok(None),
+        Value::String(s) if s.trim().is_empty() => return Ok(None),
+        _ => {}
+    }
+    let parsed = json_value(value)?;
+    if parsed.kind() != ValueKind::Seq {
+        return Err(format!("must be a list of function schemas, found {}", kind_of(&parsed)));
+    }
+    let mut tools = Vec::new();
+    for (i, tool) in parsed.try_iter().map_err(|e| e.to_string())?.enumerate() {
+        if tool.kind() != ValueKind::Map {
+            return Err(format!(
+                "tool {} must be an object (a function schema), found {}",
+                i + 1,
+                kind_of(&tool)
+            ));
+        }
+        let wrapped = tool.get_attr("type").ok().is_some_and(|t| t.as_str() == Some("function"));
+        tools.push(if wrapped { tool } else { dict(vec![("type", "function".into()), ("function", tool)]) });
+    }
+    Ok(Some(tools))
 }
 
 /// Which parts of a rendered conversation carry loss.
@@ -480,17 +713,28 @@ impl ChatTemplate {
     }
 
     /// The conversation as text, as transformers' `apply_chat_template(messages,
-    /// tokenize=False, add_generation_prompt=...)` renders it. The template sees `messages`,
-    /// `add_generation_prompt`, `tools` and `documents` (none), the special-token strings that
+    /// tokenize=False, add_generation_prompt=...)` renders it, without tools: see
+    /// [`ChatTemplate::render_with_tools`].
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// The conversation as text, as transformers' `apply_chat_template(messages, tools=tools,
+    /// tokenize=False, add_generation_prompt=...)` renders it. The template sees `messages`
+    /// (mappings with `role`, `content` and, when set, `reasoning_content` and `tool_calls`),
+    /// `add_generation_prompt`, `tools`, `documents` (none), the special-token strings that
     /// are set (`bos_token`, `eos_token`, `unk_token`, `pad_token`), `raise_exception`,
     /// `strftime_now` (UTC) and a `tojson` filter that writes like Python's `json.dumps`.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&[JValue]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let mut ctx = std::collections::BTreeMap::<&str, JValue>::new();
-        let messages: JValue =
-            messages.iter().map(|m| JValue::from_object(TemplateMessage(m.clone()))).collect();
-        ctx.insert("messages", messages);
+        ctx.insert("messages", messages.iter().map(template_message).collect());
         ctx.insert("add_generation_prompt", JValue::from(add_generation_prompt));
-        ctx.insert("tools", JValue::from(()));
+        ctx.insert("tools", tools.map_or(JValue::from(()), |t| t.iter().cloned().collect()));
         ctx.insert("documents", JValue::from(()));
         for (key, token) in [
             ("bos_token", &self.bos_token),
@@ -564,23 +808,30 @@ impl ChatTemplate {
     }
 }
 
-/// A message as the template sees it: a mapping with `role` then `content`, in that order (as
-/// the Python dict transformers passes; minijinja's own maps sort their keys).
-#[derive(Debug)]
-struct TemplateMessage(Message);
-
-impl Object for TemplateMessage {
-    fn get_value(self: &Arc<Self>, key: &JValue) -> Option<JValue> {
-        match key.as_str()? {
-            "role" => Some(JValue::from(self.0.role.as_str())),
-            "content" => Some(JValue::from(self.0.content.as_str())),
-            _ => None,
-        }
+/// A message as the template sees it: a mapping with `role`, `content`, then `reasoning_content`
+/// and `tool_calls` when set, each call `{"type": "function", "function": {"name",
+/// "arguments"}}`, keys in that order (as the Python dicts transformers passes).
+fn template_message(m: &Message) -> JValue {
+    let mut fields =
+        vec![("role", JValue::from(m.role.as_str())), ("content", JValue::from(m.content.as_str()))];
+    if let Some(reasoning) = &m.reasoning_content {
+        fields.push(("reasoning_content", JValue::from(reasoning.as_str())));
     }
-
-    fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Str(&["role", "content"])
+    if !m.tool_calls.is_empty() {
+        let calls = m.tool_calls.iter().map(|call| {
+            let function =
+                dict(vec![("name", JValue::from(call.name.as_str())), ("arguments", call.arguments.clone())]);
+            dict(vec![("type", JValue::from("function")), ("function", function)])
+        });
+        fields.push(("tool_calls", calls.collect()));
     }
+    dict(fields)
+}
+
+/// A mapping with its keys in the order given, like a Python dict (minijinja's maps keep
+/// insertion order with its `preserve_order` feature).
+fn dict(fields: Vec<(&'static str, JValue)>) -> JValue {
+    JValue::from_pairs(fields)
 }
 
 fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
@@ -754,6 +1005,22 @@ fn tojson(value: &JValue, indent: Option<JValue>, kwargs: Kwargs) -> std::result
     Ok(JValue::from_safe_string(out))
 }
 
+/// `value` as Python's `json.dumps(value, ensure_ascii=False)` writes it (what `tojson` gives).
+fn py_json(value: &JValue) -> String {
+    let opts = PyJson {
+        indent: None,
+        item_sep: ", ".into(),
+        key_sep: ": ".into(),
+        ensure_ascii: false,
+        sort_keys: false,
+    };
+    let mut out = String::new();
+    // Values read from JSON always serialize; were one not to, its partial text would match
+    // nothing and the call would be found by name.
+    let _ = opts.write(value, 0, &mut out);
+    out
+}
+
 struct PyJson {
     indent: Option<String>,
     item_sep: String,
@@ -901,20 +1168,65 @@ fn visible_tail(content: &str) -> &str {
     }
 }
 
-/// The conversation rendered (`add_generation_prompt = false`) and the byte ranges of its
-/// assistant turns in it, in order: each from the end of the assistant header to the end of the
+/// The conversation rendered (`add_generation_prompt = false`), refusing a template that would
+/// silently drop what the conversation holds: the rendering must change with the tools and with
+/// the tool calls, and a template given reasoning must read `reasoning_content`.
+pub fn render_conversation(template: &ChatTemplate, chat: &Conversation) -> Result<String> {
+    let messages = &chat.messages;
+    let tools = chat.tools.as_deref();
+    let text = template.render_with_tools(messages, tools, false)?;
+    let same = |other: Result<String>| other.is_ok_and(|t| t == text);
+    if let Some(tools) = tools.filter(|t| !t.is_empty()) {
+        if same(template.render_with_tools(messages, None, false)) {
+            bail!(
+                "the chat template from {} ignores `tools`: the conversation's {} tool \
+                 definition(s) would not reach the model; use a chat template with tool support \
+                 (the model's own, if it has one)",
+                template.origin,
+                tools.len()
+            );
+        }
+    }
+    if messages.iter().any(|m| !m.tool_calls.is_empty()) {
+        let without: Vec<Message> =
+            messages.iter().map(|m| Message { tool_calls: vec![], ..m.clone() }).collect();
+        if same(template.render_with_tools(&without, tools, false)) {
+            bail!(
+                "the chat template from {} does not render `tool_calls`: the conversation's \
+                 function calls would be lost; use a chat template with tool support (the \
+                 model's own, if it has one)",
+                template.origin
+            );
+        }
+    }
+    if let Some(i) = messages.iter().position(|m| m.reasoning_content.is_some()) {
+        if !template.source.contains("reasoning_content") {
+            bail!(
+                "the chat template from {} never reads `reasoning_content`, so the reasoning of \
+                 message {} would be lost; use a template that renders it (Qwen3's does) or \
+                 leave the reasoning out of the data",
+                template.origin,
+                i + 1
+            );
+        }
+    }
+    Ok(text)
+}
+
+/// The conversation rendered ([`render_conversation`]) and the byte ranges of its assistant
+/// turns in it, in order: each from the end of the assistant header to the end of the
 /// end-of-turn marker after the turn (see the module documentation for how they are found).
-pub fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<(String, Vec<Range<usize>>)> {
-    let text = template.render(messages, false)?;
+pub fn assistant_spans(template: &ChatTemplate, chat: &Conversation) -> Result<(String, Vec<Range<usize>>)> {
+    let text = render_conversation(template, chat)?;
     let marker = template.end_of_turn()?;
     let mut spans = Vec::new();
     let mut prev_end = 0;
-    for (i, message) in messages.iter().enumerate() {
+    for (i, message) in chat.messages.iter().enumerate() {
         if message.role != "assistant" {
             continue;
         }
         let n = i + 1;
-        let (base, header_follows) = turn_start(template, messages, i, &text)?;
+        let (base, header_follows) = turn_start(template, chat, i, &text, prev_end)?;
         if base < prev_end {
             bail!(
                 "cannot locate assistant message {n} in the text rendered by the chat template \
@@ -922,18 +1234,33 @@ pub fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<
                 template.origin
             );
         }
-        let end = turn_end(&text, base, &message.content, marker).ok_or_else(|| {
+        let end = turn_end(&text, base, message, marker).ok_or_else(|| {
+            let what = if message.tool_calls.is_empty() {
+                format!("its text {:?}", visible_tail(&message.content))
+            } else {
+                let names: Vec<String> = message.tool_calls.iter().map(|c| format!("`{}`", c.name)).collect();
+                format!("its text {:?} and calls to {}", visible_tail(&message.content), names.join(", "))
+            };
             anyhow!(
                 "cannot locate the end of assistant message {n} in the text rendered by the \
-                 chat template from {}: its text {:?} followed by the end-of-turn marker {:?} \
-                 does not appear after its header (the template changes the message's text)",
+                 chat template from {}: {what} followed by the end-of-turn marker {:?} do not \
+                 appear after its header (the template changes the message)",
                 template.origin,
-                visible_tail(&message.content),
                 marker
             )
         })?;
-        let start =
-            if header_follows { content_start(&text, base, end, marker, &message.content) } else { base };
+        let start = match header_follows {
+            false => base,
+            true if message.tool_calls.is_empty() => {
+                content_start(&text, base, end, marker, &message.content)
+            }
+            true => bail!(
+                "cannot locate the start of assistant message {n} in the text rendered by the \
+                 chat template from {}: the template has no generation prompt to show where a \
+                 turn with tool calls starts",
+                template.origin
+            ),
+        };
         spans.push(start..end);
         prev_end = end;
     }
@@ -946,11 +1273,20 @@ pub fn assistant_spans(template: &ChatTemplate, messages: &[Message]) -> Result<
 /// prompt adds something (the header). Otherwise (a template without generation prompt, or one
 /// whose prompt differs from the header it writes in a conversation) it is the longest common
 /// prefix of that rendering and `text`, at least the rendering without the prompt, and the
-/// header may follow.
-fn turn_start(template: &ChatTemplate, messages: &[Message], i: usize, text: &str) -> Result<(usize, bool)> {
-    let before = &messages[..i];
-    let prompted = template.render(before, true);
-    let plain = template.render(before, false);
+/// header may follow. When an earlier turn renders differently there (see the module
+/// documentation), it is the end of the longest tail of the prompted rendering, prompt
+/// included, that the text after the previous assistant turn (`prev_end`) begins with.
+fn turn_start(
+    template: &ChatTemplate,
+    chat: &Conversation,
+    i: usize,
+    text: &str,
+    prev_end: usize,
+) -> Result<(usize, bool)> {
+    let before = &chat.messages[..i];
+    let tools = chat.tools.as_deref();
+    let prompted = template.render_with_tools(before, tools, true);
+    let plain = template.render_with_tools(before, tools, false);
     match (&prompted, &plain) {
         (Ok(p), Ok(r)) if text.starts_with(p.as_str()) => return Ok((p.len(), p == r)),
         (Ok(p), Ok(r)) if text.starts_with(r.as_str()) && p.starts_with(r.as_str()) => {
@@ -958,6 +1294,12 @@ fn turn_start(template: &ChatTemplate, messages: &[Message], i: usize, text: &st
         }
         (Ok(p), Err(_)) if text.starts_with(p.as_str()) => return Ok((p.len(), false)),
         (Err(_), Ok(r)) if text.starts_with(r.as_str()) => return Ok((r.len(), true)),
+        (Ok(p), Ok(r)) if p.len() > r.len() && p.starts_with(r.as_str()) => {
+            let prompt = p.len() - r.len();
+            if let Some(tail) = longest_tail_at(p, &text[prev_end..]).filter(|&len| len >= prompt) {
+                return Ok((prev_end + tail, false));
+            }
+        }
         _ => {}
     }
     let why = match (prompted, plain) {
@@ -974,6 +1316,12 @@ fn turn_start(template: &ChatTemplate, messages: &[Message], i: usize, text: &st
     )
 }
 
+/// The length of the longest tail of `s` that `rest` begins with, if any (on character
+/// boundaries).
+fn longest_tail_at(s: &str, rest: &str) -> Option<usize> {
+    s.char_indices().map(|(i, _)| s.len() - i).find(|&len| rest.starts_with(&s[s.len() - len..]))
+}
+
 /// Where the message's text starts in the turn `text[base..end]`, a header coming first: the
 /// turn without its end-of-turn `marker` ends with the message's trimmed text (or, if the
 /// template changed it, its visible part), so the text starts that far from the end; moved back
@@ -986,37 +1334,74 @@ fn content_start(text: &str, base: usize, end: usize, marker: &str, content: &st
     base + before.trim_end_matches([' ', '\t']).len()
 }
 
-/// The end (after the end-of-turn marker) of the assistant turn starting at `start`.
-fn turn_end(text: &str, start: usize, content: &str, marker: &str) -> Option<usize> {
-    let needle = visible_tail(content);
+/// The end (after the end-of-turn marker) of the assistant turn of `message` starting at
+/// `start`: the first marker that follows what the message says ([`says_all`]). Tool calls are
+/// looked for with their arguments as `tojson` writes them first, so that a marker inside an
+/// argument cannot end the turn early, then by their names alone, for templates that write
+/// arguments their own way.
+fn turn_end(text: &str, start: usize, message: &Message, marker: &str) -> Option<usize> {
     let rest = &text[start..];
     if marker.is_empty() {
-        return rest.find(needle).map(|p| start + p + needle.len());
+        // Nothing closes a turn: it ends with the text, which tool calls would follow.
+        let needle = visible_tail(&message.content);
+        return match message.tool_calls.is_empty() {
+            true => rest.find(needle).map(|p| start + p + needle.len()),
+            false => None,
+        };
     }
-    let mut from = 0;
-    while let Some(p) = rest[from..].find(marker) {
-        let m = from + p;
-        if rest[..m].trim_end().ends_with(needle) {
-            return Some(start + m + marker.len());
+    let step = marker.chars().next().map_or(1, char::len_utf8);
+    [true, false].into_iter().find_map(|with_arguments| {
+        let mut from = 0;
+        while let Some(p) = rest[from..].find(marker) {
+            let m = from + p;
+            if says_all(&rest[..m], message, with_arguments) {
+                return Some(start + m + marker.len());
+            }
+            from = m + step;
         }
-        from = m + marker.chars().next().map_or(1, char::len_utf8);
+        None
+    })
+}
+
+/// Whether `turn` (an assistant turn up to an end-of-turn marker) ends with the message's
+/// visible text or, for a message with tool calls, holds that text followed by each call's
+/// function name (and `with_arguments`, its arguments as JSON) in order: templates write calls
+/// after the text, each in its own format.
+fn says_all(turn: &str, message: &Message, with_arguments: bool) -> bool {
+    let needle = visible_tail(&message.content);
+    if message.tool_calls.is_empty() {
+        return turn.trim_end().ends_with(needle);
     }
-    None
+    let mut needles = vec![needle.to_string()];
+    for call in &message.tool_calls {
+        needles.push(call.name.clone());
+        if with_arguments {
+            needles.push(py_json(&call.arguments));
+        }
+    }
+    let mut rest = turn;
+    for needle in &needles {
+        match rest.find(needle.as_str()) {
+            Some(p) => rest = &rest[p + needle.len()..],
+            None => return false,
+        }
+    }
+    true
 }
 
 /// The conversation as `(text, trainable)` segments whose concatenation is the rendered
-/// conversation (`add_generation_prompt = false`): assistant turns trainable per `train_on`
-/// (see the module documentation for what a turn's span covers), the rest not. Adjacent
-/// segments never share a flag.
+/// conversation ([`render_conversation`]): assistant turns (tool calls included) trainable per
+/// `train_on` (see the module documentation for what a turn's span covers), the rest (tool
+/// results included) not. Adjacent segments never share a flag.
 pub fn render_segments(
     template: &ChatTemplate,
-    messages: &[Message],
+    chat: &Conversation,
     train_on: TrainOn,
 ) -> Result<Vec<(String, bool)>> {
     if train_on == TrainOn::All {
-        return Ok(vec![(template.render(messages, false)?, true)]);
+        return Ok(vec![(render_conversation(template, chat)?, true)]);
     }
-    let (text, spans) = assistant_spans(template, messages)?;
+    let (text, spans) = assistant_spans(template, chat)?;
     let trainable: &[Range<usize>] = match train_on {
         TrainOn::LastAssistantTurn => match spans.len() {
             0 => &[],
@@ -1118,7 +1503,7 @@ mod tests {
             Message::new("user", "bye"),
             Message::new("assistant", "ciao"),
         ];
-        let segs = render_segments(&t, &msgs, TrainOn::AssistantTurns).unwrap();
+        let segs = render_segments(&t, &msgs.to_vec().into(), TrainOn::AssistantTurns).unwrap();
         let trained: Vec<&str> = segs.iter().filter(|s| s.1).map(|s| s.0.as_str()).collect();
         assert_eq!(trained, [" hello </s>", " ciao </s>"]);
     }

@@ -371,13 +371,15 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
         DataFormat::Chat => {
             let template = chat.ok_or_else(|| anyhow!("no chat template"))?;
             let field = cfg.columns.get("messages").map(String::as_str);
-            let messages = chat::parse_messages(&record.file, record.row, &record.fields, field)?;
+            let tools = column(cfg, chat::TOOLS_FIELD);
+            let conversation =
+                chat::parse_conversation(&record.file, record.row, &record.fields, field, tools)?;
             let train_on = match cfg.train_on {
                 TrainOn::Assistant => chat::TrainOn::AssistantTurns,
                 TrainOn::Last => chat::TrainOn::LastAssistantTurn,
                 TrainOn::All => chat::TrainOn::All,
             };
-            chat::render_segments(&template.template, &messages, train_on)?
+            chat::render_segments(&template.template, &conversation, train_on)?
         }
     })
 }
@@ -453,7 +455,7 @@ fn format_fields(format: DataFormat) -> &'static [&'static str] {
         DataFormat::Completion => &["text"],
         DataFormat::Alpaca => &["instruction", "input", "output"],
         DataFormat::InputOutput => &["segments"],
-        DataFormat::Chat => &["messages", chat::SYSTEM_FIELD],
+        DataFormat::Chat => &["messages", chat::SYSTEM_FIELD, chat::TOOLS_FIELD],
     }
 }
 
