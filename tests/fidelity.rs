@@ -380,14 +380,29 @@ fn generation_uses_the_runs_prompt_format_and_every_stop_token() {
 
 #[test]
 fn token_ids_beyond_the_embedding_are_refused_before_anything_is_written() {
-    // The default model's config says it has fewer embedding rows than its tokenizer has ids.
+    // The default model cut to its first 100 embedding and output rows: a consistent model whose
+    // tokenizer has more ids than it can embed.
     let tmp = tempfile::tempdir().unwrap();
     let model = common::repo().join("data/default-model");
     let small = tmp.path().join("model");
     std::fs::create_dir_all(&small).unwrap();
-    for f in ["tokenizer.json", "tokenizer_config.json", "model.safetensors"] {
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(model.join(f), small.join(f)).unwrap();
     }
+    let tensors: Vec<(String, tch::Tensor)> =
+        lorafit::files::read_safetensors(&model.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| {
+                let cut = name == "model.embed_tokens.weight" || name == "lm_head.weight";
+                (name, if cut { t.narrow(0, 0, 100).contiguous() } else { t })
+            })
+            .collect();
+    std::fs::write(
+        small.join("model.safetensors"),
+        lorafit::files::safetensors_bytes(&tensors, &[("format", "pt")]).unwrap(),
+    )
+    .unwrap();
     let mut config: Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     config["vocab_size"] = json!(100);
