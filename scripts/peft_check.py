@@ -3,6 +3,7 @@
 
     VENV/bin/python scripts/peft_check.py --base BASE_DIR --adapter ADAPTER_DIR \
         --logits LOGITS_JSON [--tol 1e-4]
+    VENV/bin/python scripts/peft_check.py --jobs JOBS_JSON
 
 BASE_DIR is a Hugging Face model directory (config.json, *.safetensors). ADAPTER_DIR is a PEFT LoRA
 adapter (adapter_config.json + adapter_model.safetensors). LOGITS_JSON is what lorafit computed
@@ -23,6 +24,15 @@ Prints one JSON line to stdout,
     {"tensors_checked": N, "max_abs_diff_peft": x, "max_abs_diff_merged": y, "ok": bool},
 and the reason for every failed check to stderr. Exit status: 0 when every check passes, 1 when
 one fails, 2 for bad arguments or unreadable/malformed input files.
+
+--jobs checks many adapters in one process, which imports torch, transformers and peft once
+(seconds) instead of once per adapter. JOBS_JSON is a list of
+
+    {"name": str, "base": BASE_DIR, "adapter": ADAPTER_DIR, "logits": LOGITS_JSON, "tol": x}
+
+("tol" optional). Prints one JSON line per job, in order: the line above plus "name", "status"
+(the exit status that job alone would have) and "messages" (the reasons, also on stderr). Exit
+status: the largest of the jobs' statuses, 2 for an unreadable or malformed JOBS_JSON.
 """
 
 import argparse
@@ -30,26 +40,31 @@ import json
 import math
 import os
 import sys
+import traceback
 import warnings
 
 ADAPTER_NAME = "default"  # the name PeftModel.from_pretrained gives the adapter it loads
+DEFAULT_TOL = 1e-4
 
 
 class BadInput(Exception):
     """An input file is missing, unreadable or malformed (exit status 2)."""
 
 
-def fail(msg):
-    print(f"peft_check: FAIL: {msg}", file=sys.stderr)
-
-
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", required=True, help="Hugging Face model directory")
-    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
-    p.add_argument("--logits", required=True, help="JSON file with input_ids and lorafit's logits")
-    p.add_argument("--tol", type=float, default=1e-4, help="max allowed |logit difference| (default 1e-4)")
+    p.add_argument("--base", help="Hugging Face model directory")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory")
+    p.add_argument("--logits", help="JSON file with input_ids and lorafit's logits")
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                   help=f"max allowed |logit difference| (default {DEFAULT_TOL:g})")
+    p.add_argument("--jobs", help="JSON list of checks to run in this one process (see above)")
     args = p.parse_args()
+    single = (args.base, args.adapter, args.logits)
+    if args.jobs is None and None in single:
+        p.error("give --base, --adapter and --logits, or --jobs")
+    if args.jobs is not None and single != (None, None, None):
+        p.error("--jobs takes the paths from its file: drop --base, --adapter and --logits")
     if not (args.tol >= 0):
         p.error("--tol must be a non-negative number")
     return args
@@ -160,25 +175,33 @@ def json_number(x):
     return x if x is not None and math.isfinite(x) else None
 
 
-def main():
-    args = parse_args()
-    result = {"tensors_checked": 0, "max_abs_diff_peft": None, "max_abs_diff_merged": None, "ok": False}
+def quiet_hf_logging():
+    """Keep stderr for findings: no progress bars, and no deprecation notices that PEFT triggers
+    inside transformers. PEFT's own warnings (e.g. about missing adapter keys) stay."""
+    from transformers.utils import logging as hf_logging
 
-    def finish(code):
-        print(json.dumps(result))
-        return code
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def check(base_dir, adapter_dir, logits_path, tol):
+    """Runs checks 1-3 on one adapter. Returns (exit status, result, messages): a message says
+    why the input is unusable, or starts with "FAIL: " and says which check failed and how."""
+    result = {"tensors_checked": 0, "max_abs_diff_peft": None, "max_abs_diff_merged": None, "ok": False}
+    messages = []
 
     # Inputs first, so that a bad path costs no model load.
     try:
-        for d, what in ((args.base, "base model"), (args.adapter, "adapter")):
+        for d, what in ((base_dir, "base model"), (adapter_dir, "adapter")):
             if not os.path.isdir(d):
                 raise BadInput(f"{what} directory {d} does not exist")
-        for f in (os.path.join(args.base, "config.json"),
-                  os.path.join(args.adapter, "adapter_config.json"),
-                  os.path.join(args.adapter, "adapter_model.safetensors")):
+        for f in (os.path.join(base_dir, "config.json"),
+                  os.path.join(adapter_dir, "adapter_config.json"),
+                  os.path.join(adapter_dir, "adapter_model.safetensors")):
             if not os.path.isfile(f):
                 raise BadInput(f"{f} is missing")
-        ids, logits = read_logits_json(args.logits)
+        ids, logits = read_logits_json(logits_path)
         import torch
         from safetensors.torch import load_file
 
@@ -186,52 +209,46 @@ def main():
             input_ids = torch.tensor(ids, dtype=torch.long)
             want = torch.tensor(logits, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise BadInput(f"{args.logits}: 'logits' must hold only numbers ({e})")
+            raise BadInput(f"{logits_path}: 'logits' must hold only numbers ({e})")
 
         try:
-            file_tensors = load_file(os.path.join(args.adapter, "adapter_model.safetensors"))
+            file_tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise BadInput(f"cannot read {args.adapter}/adapter_model.safetensors: {e}")
+            raise BadInput(f"cannot read {adapter_dir}/adapter_model.safetensors: {e}")
         if not file_tensors:
-            raise BadInput(f"{args.adapter}/adapter_model.safetensors holds no tensors")
+            raise BadInput(f"{adapter_dir}/adapter_model.safetensors holds no tensors")
     except BadInput as e:
-        print(f"peft_check: {e}", file=sys.stderr)
-        return finish(2)
+        messages.append(str(e))
+        return 2, result, messages
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    # Keep stderr for findings: no progress bars, and no deprecation notices that PEFT triggers
-    # inside transformers. PEFT's own warnings (e.g. about missing adapter keys) stay.
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
+    quiet_hf_logging()
     try:
         # `dtype` is what transformers 5 calls the former `torch_dtype` argument.
-        base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     except Exception as e:
-        print(f"peft_check: cannot load the base model from {args.base}: {e}", file=sys.stderr)
-        return finish(2)
+        messages.append(f"cannot load the base model from {base_dir}: {e}")
+        return 2, result, messages
     vocab = base.config.vocab_size
     if int(input_ids.max()) >= vocab:
-        print(f"peft_check: {args.logits}: token id {int(input_ids.max())} is outside the base "
-              f"model's vocabulary ({vocab})", file=sys.stderr)
-        return finish(2)
+        messages.append(f"{logits_path}: token id {int(input_ids.max())} is outside the base "
+                        f"model's vocabulary ({vocab})")
+        return 2, result, messages
 
     try:
-        model = PeftModel.from_pretrained(base, args.adapter)
+        model = PeftModel.from_pretrained(base, adapter_dir)
     except Exception as e:
-        fail(f"PEFT cannot load the adapter from {args.adapter}: {type(e).__name__}: {e}")
-        return finish(1)
+        messages.append(f"FAIL: PEFT cannot load the adapter from {adapter_dir}: {type(e).__name__}: {e}")
+        return 1, result, messages
     model.eval()
 
     ok = True
     n, problems = check_loaded_tensors(model, file_tensors)
     result["tensors_checked"] = n
     for p in problems:
-        fail(p)
+        messages.append(f"FAIL: {p}")
     ok &= not problems
 
     for stage, key in (("PEFT model", "max_abs_diff_peft"), ("merged model", "max_abs_diff_merged")):
@@ -242,16 +259,66 @@ def main():
         try:
             d = max_abs_diff(model, input_ids, want)
         except ValueError as e:
-            fail(f"{stage}: {e}")
+            messages.append(f"FAIL: {stage}: {e}")
             ok = False
             continue
         result[key] = json_number(d)
-        if not (d <= args.tol):  # also catches NaN
-            fail(f"{stage}: max |logit diff| {d:.3e} exceeds the tolerance {args.tol:.1e}")
+        if not (d <= tol):  # also catches NaN
+            messages.append(f"FAIL: {stage}: max |logit diff| {d:.3e} exceeds the tolerance {tol:.1e}")
             ok = False
 
     result["ok"] = bool(ok)
-    return finish(0 if ok else 1)
+    return (0 if ok else 1), result, messages
+
+
+def read_jobs(path):
+    """The jobs of --jobs: a list of {name, base, adapter, logits[, tol]} objects."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            jobs = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read {path}: {e}")
+    if not isinstance(jobs, list) or not jobs:
+        raise BadInput(f"{path}: expected a non-empty list of jobs")
+    for i, job in enumerate(jobs):
+        if not isinstance(job, dict):
+            raise BadInput(f"{path}: job {i} is not an object")
+        for key in ("name", "base", "adapter", "logits"):
+            if not isinstance(job.get(key), str):
+                raise BadInput(f"{path}: job {i} needs a string '{key}'")
+        tol = job.get("tol", DEFAULT_TOL)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise BadInput(f"{path}: job {i} ({job['name']}): 'tol' must be a non-negative number")
+    return jobs
+
+
+def main():
+    args = parse_args()
+    if args.jobs is None:
+        status, result, messages = check(args.base, args.adapter, args.logits, args.tol)
+        for m in messages:
+            print(f"peft_check: {m}", file=sys.stderr)
+        print(json.dumps(result))
+        return status
+
+    try:
+        jobs = read_jobs(args.jobs)
+    except BadInput as e:
+        print(f"peft_check: {e}", file=sys.stderr)
+        return 2
+    worst = 0
+    for job in jobs:
+        try:
+            status, result, messages = check(job["base"], job["adapter"], job["logits"],
+                                             job.get("tol", DEFAULT_TOL))
+        except Exception as e:  # a crash in one job still names it, and the others still run
+            traceback.print_exc()
+            status, result, messages = 1, {"ok": False}, [f"FAIL: {type(e).__name__}: {e}"]
+        for m in messages:
+            print(f"peft_check: {job['name']}: {m}", file=sys.stderr)
+        print(json.dumps({"name": job["name"], "status": status, "messages": messages, **result}), flush=True)
+        worst = max(worst, status)
+    return worst
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::peft_check::{peft_check, PeftJob};
 use common::{fixture, FAMILIES};
 
 use lorafit::config::{LoraConfig, TargetModules};
@@ -18,7 +19,6 @@ use lorafit::train::{token_loss, Backward, Trainer};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 fn reference(dir: &Path) -> HashMap<String, Tensor> {
@@ -157,29 +157,17 @@ fn lorafit_adapters_load_in_peft_for_every_family() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
+    let mut jobs = vec![];
     for family in FAMILIES {
         let dir = fixture(family);
         let adapter = tmp.path().join(family);
-        let (ids, ours) = train_and_export(&dir, &adapter);
+        let (input_ids, logits) = train_and_export(&dir, &adapter);
         let config: Value =
             serde_json::from_str(&std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap()).unwrap();
         assert_eq!(config["fan_in_fan_out"], json!(family.starts_with("gpt2")), "{family}");
-        let logits_file = tmp.path().join(format!("{family}.json"));
-        let json = json!({
-            "input_ids": Vec::<Vec<i64>>::try_from(&ids).unwrap(),
-            "logits": Vec::<Vec<Vec<f32>>>::try_from(&ours).unwrap(),
-        });
-        std::fs::write(&logits_file, json.to_string()).unwrap();
-        let check = Command::new(&python)
-            .arg(common::repo().join("scripts/peft_check.py"))
-            .args(["--base".as_ref(), dir.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
-            .args(["--logits".as_ref(), logits_file.as_os_str()])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&check.stdout);
-        eprintln!("{family}: {stdout}");
-        assert!(check.status.success(), "{family}: {stdout}{}", String::from_utf8_lossy(&check.stderr));
+        jobs.push(PeftJob { name: family.to_string(), base: dir, adapter, input_ids, logits, tol: 1e-4 });
     }
+    peft_check(&python, tmp.path(), &jobs);
 }
 
 /// Copies a fixture's config into `dest` and writes its tensors through `write`.

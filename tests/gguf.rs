@@ -200,6 +200,68 @@ assert reference_problems, "the converter's GPT-2 adapter now passes llama.cpp's
 print(f"GPT-2: lorafit's pairs pass llama.cpp's shape check; the converter's fail it ({reference_problems[0]})")
 "#;
 
+/// Runs Python scripts the way `python SCRIPT ARGS...` would, all in this one process, so that
+/// torch, transformers and the converter's modules are imported once rather than once per step.
+/// argv[1]: a JSON list of jobs, `{"name": str, "steps": [[script, arg, ...], ...]}`. The steps of
+/// a job run in order until one fails (an exception or a non-zero exit); prints one JSON line per
+/// job: `{"name", "failed_step": index or null, "outputs": [stdout and stderr per step run],
+/// "seconds": [...]}`.
+const BATCH_PY: &str = r#"
+import contextlib, io, json, logging, runpy, sys, time, traceback
+
+class CurrentStderr:
+    """The converter logs through `logging`, whose handler keeps the stream it was given: this
+    one writes to the stderr of the step that runs now."""
+    def write(self, text):
+        return sys.stderr.write(text)
+    def flush(self):
+        sys.stderr.flush()
+
+# What the converter's own basicConfig sets up (its call then does nothing).
+logging.basicConfig(stream=CurrentStderr(), level=logging.INFO)
+for job in json.load(open(sys.argv[1])):
+    outputs, seconds, failed = [], [], None
+    for i, argv in enumerate(job["steps"]):
+        out, t0, ok = io.StringIO(), time.perf_counter(), True
+        sys.argv = list(argv)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                ok = e.code in (None, 0)
+                if not ok:
+                    print(f"exit status {e.code}")
+            except BaseException:
+                traceback.print_exc()
+                ok = False
+        seconds.append(time.perf_counter() - t0)
+        outputs.append(out.getvalue())
+        if not ok:
+            failed = i
+            break
+    print(json.dumps({"name": job["name"], "failed_step": failed, "outputs": outputs, "seconds": seconds}),
+          flush=True)
+"#;
+
+/// One step of a [`PyJob`]: `script` with `args`, and what it checks, for the failure message.
+struct PyStep {
+    what: String,
+    script: PathBuf,
+    args: Vec<PathBuf>,
+}
+
+/// Steps that run in order in [`Converter::run_all`]'s one Python process.
+struct PyJob {
+    name: String,
+    steps: Vec<PyStep>,
+}
+
+/// What each step of a job that passed printed, and how long it took.
+struct PyReport {
+    outputs: Vec<String>,
+    seconds: Vec<f64>,
+}
+
 /// The fetched converter and the environment to run it in, or `None` (with the reason printed)
 /// when it cannot run here.
 struct Converter {
@@ -246,34 +308,71 @@ impl Converter {
         cmd
     }
 
-    /// Runs a Python snippet with `args`, panicking with its output when it fails.
-    fn run_py(&self, code: &str, args: &[&Path], what: &str) -> String {
-        let out = self.python().arg("-c").arg(code).args(args).output().expect("run python");
-        let text =
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "{what}:\n{text}");
-        text
+    /// Runs every job in one Python process and panics naming each job that fails, the step
+    /// that failed and its output.
+    fn run_all(&self, scratch: &Path, jobs: &[PyJob]) -> Vec<PyReport> {
+        let driver = snippet(scratch, "batch.py", BATCH_PY);
+        let spec: Vec<serde_json::Value> = jobs
+            .iter()
+            .map(|job| {
+                let steps: Vec<Vec<&Path>> = job
+                    .steps
+                    .iter()
+                    .map(|step| {
+                        std::iter::once(step.script.as_path())
+                            .chain(step.args.iter().map(PathBuf::as_path))
+                            .collect()
+                    })
+                    .collect();
+                serde_json::json!({"name": job.name, "steps": steps})
+            })
+            .collect();
+        let jobs_file = scratch.join("batch-jobs.json");
+        std::fs::write(&jobs_file, serde_json::Value::Array(spec).to_string()).unwrap();
+        let out = self.python().arg(&driver).arg(&jobs_file).output().expect("run python");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "the Python batch failed:\n{stdout}{stderr}");
+        let results: Vec<serde_json::Value> =
+            stdout.lines().filter_map(|line| serde_json::from_str(line).ok()).collect();
+        let names: Vec<&str> = results.iter().map(|r| r["name"].as_str().unwrap_or("?")).collect();
+        let wanted: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, wanted, "the Python batch did not report on every job:\n{stdout}{stderr}");
+        let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+        let failures: Vec<String> = jobs
+            .iter()
+            .zip(&results)
+            .filter_map(|(job, r)| {
+                let step = r["failed_step"].as_u64()? as usize;
+                let output = r["outputs"].as_array().and_then(|o| o.last()).map(text).unwrap_or_default();
+                Some(format!("{}: {}:\n{output}", job.name, job.steps[step].what))
+            })
+            .collect();
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        results
+            .iter()
+            .map(|r| PyReport {
+                outputs: r["outputs"].as_array().unwrap().iter().map(text).collect(),
+                seconds: r["seconds"].as_array().unwrap().iter().map(|s| s.as_f64().unwrap()).collect(),
+            })
+            .collect()
     }
 
-    fn convert(&self, model: &Path, adapter: &Path, out: &Path, outtype: &str) {
-        let result = self
-            .python()
-            .arg(&self.script)
-            .arg("--base")
-            .arg(model)
-            .arg("--outfile")
-            .arg(out)
-            .args(["--outtype", outtype])
-            .arg(adapter)
-            .output()
-            .expect("run the converter");
-        assert!(
-            result.status.success(),
-            "convert_lora_to_gguf.py failed for {}:\n{}",
-            adapter.display(),
-            String::from_utf8_lossy(&result.stderr)
-        );
+    /// The converter run as `convert_lora_to_gguf.py --base MODEL --outfile OUT --outtype T ADAPTER`.
+    fn convert(&self, model: &Path, adapter: &Path, out: &Path, outtype: &str) -> PyStep {
+        let args = [Path::new("--base"), model, Path::new("--outfile"), out, Path::new("--outtype")];
+        PyStep {
+            what: format!("convert_lora_to_gguf.py failed for {}", adapter.display()),
+            script: self.script.clone(),
+            args: args.iter().chain([&Path::new(outtype), &adapter]).map(|a| a.to_path_buf()).collect(),
+        }
     }
+}
+
+/// Writes a Python snippet to `scratch/name`, to run as a script.
+fn snippet(scratch: &Path, name: &str, code: &str) -> PathBuf {
+    let path = scratch.join(name);
+    std::fs::write(&path, code).unwrap();
+    path
 }
 
 fn fixtures() -> Vec<PathBuf> {
@@ -294,6 +393,10 @@ fn matches_llama_cpp_converter_on_every_fixture() {
     let tmp = tempfile::tempdir().unwrap();
     let fixtures = fixtures();
     assert!(fixtures.len() >= 10, "expected the model fixtures, found {fixtures:?}");
+    let compare = snippet(tmp.path(), "compare.py", COMPARE_PY);
+    let gpt2_loader = snippet(tmp.path(), "gpt2_loader.py", GPT2_LOADER_PY);
+    // lorafit exports every file here; one Python process then converts and compares them all.
+    let (mut cases, mut jobs) = (vec![], vec![]);
     for model in &fixtures {
         let name = model.file_name().unwrap().to_string_lossy().into_owned();
         let adapter = model.join("adapter");
@@ -308,35 +411,46 @@ fn matches_llama_cpp_converter_on_every_fixture() {
             let reference = tmp.path().join(format!("{name}-{outtype}-converter.gguf"));
             let ours = tmp.path().join(format!("{name}-{outtype}-lorafit.gguf"));
             let t0 = Instant::now();
-            converter.convert(model, &adapter, &reference, outtype);
-            let t_converter = t0.elapsed();
-            let t0 = Instant::now();
             let report = export(&adapter, model, &ours, dtype).unwrap();
             let t_lorafit = t0.elapsed();
             assert!(report.warnings.is_empty(), "{name}: {:?}", report.warnings);
             assert_eq!(report.bytes, std::fs::metadata(&ours).unwrap().len());
-            let summary = converter.run_py(
-                COMPARE_PY,
-                &[&reference, &ours, Path::new(layout)],
-                &format!("{name} ({outtype}): lorafit's GGUF differs from the converter's"),
-            );
-            let identical = std::fs::read(&reference).unwrap() == std::fs::read(&ours).unwrap();
-            if layout == "same" {
-                assert!(identical, "{name} ({outtype}): equal content but not byte-identical files");
-            } else {
-                let loader = converter.run_py(GPT2_LOADER_PY, &[model, &ours, &reference], "GPT-2 shapes");
-                eprintln!("{}", loader.trim());
+            let what = format!("{name} ({outtype})");
+            let mut steps = vec![
+                converter.convert(model, &adapter, &reference, outtype),
+                PyStep {
+                    what: "lorafit's GGUF differs from the converter's".into(),
+                    script: compare.clone(),
+                    args: vec![reference.clone(), ours.clone(), layout.into()],
+                },
+            ];
+            if layout == "transposed" {
+                steps.push(PyStep {
+                    what: "GPT-2 shapes".into(),
+                    script: gpt2_loader.clone(),
+                    args: vec![model.clone(), ours.clone(), reference.clone()],
+                });
             }
-            eprintln!(
-                "{name} {outtype}: {} tensors, {} bytes, byte-identical: {identical}; lorafit {:.1} ms, \
-                 converter {:.1} s; {}",
-                report.tensors,
-                report.bytes,
-                t_lorafit.as_secs_f64() * 1e3,
-                t_converter.as_secs_f64(),
-                summary.trim()
-            );
+            jobs.push(PyJob { name: what.clone(), steps });
+            cases.push((what, layout, reference, ours, report, t_lorafit));
         }
+    }
+    let reports = converter.run_all(tmp.path(), &jobs);
+    for ((what, layout, reference, ours, report, t_lorafit), py) in cases.iter().zip(&reports) {
+        let identical = std::fs::read(reference).unwrap() == std::fs::read(ours).unwrap();
+        if *layout == "same" {
+            assert!(identical, "{what}: equal content but not byte-identical files");
+        } else {
+            eprintln!("{}", py.outputs[2].trim());
+        }
+        eprintln!(
+            "{what}: {} tensors, {} bytes, byte-identical: {identical}; lorafit {:.1} ms, converter {:.1} s; {}",
+            report.tensors,
+            report.bytes,
+            t_lorafit.as_secs_f64() * 1e3,
+            py.seconds[0],
+            py.outputs[1].trim()
+        );
     }
 }
 
@@ -348,25 +462,37 @@ fn folds_rslora_and_patterns_into_the_same_effective_update_as_peft() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::repo().join("tests/fixtures/models/llama3");
     let adapter = tmp.path().join("adapter");
-    converter.run_py(VARIANT_PY, &[&model.join("adapter"), &adapter], "writing the variant adapter");
+    let variant = PyStep {
+        what: "writing the variant adapter".into(),
+        script: snippet(tmp.path(), "variant.py", VARIANT_PY),
+        args: vec![model.join("adapter"), adapter.clone()],
+    };
+    converter.run_all(tmp.path(), &[PyJob { name: "variant".into(), steps: vec![variant] }]);
     let ours = tmp.path().join("variant.gguf");
     let report = export(&adapter, &model, &ours, GgufDtype::F32).unwrap();
     eprintln!("warnings:\n  {}", report.warnings.join("\n  "));
     assert!(report.warnings.iter().any(|w| w.contains("rsLoRA")), "{:?}", report.warnings);
     assert!(report.warnings.iter().any(|w| w.contains("q_proj")), "{:?}", report.warnings);
     assert!(report.warnings.iter().any(|w| w.contains("layers.1.mlp.down_proj")), "{:?}", report.warnings);
-    let summary =
-        converter.run_py(EFFECTIVE_PY, &[&model, &adapter, &ours, Path::new("equal")], "rsLoRA/pattern fold");
-    eprintln!("lorafit: {}", summary.trim());
     // The converter keeps lora_alpha and ignores rsLoRA and the patterns: its file scales wrongly.
+    let effective = snippet(tmp.path(), "effective.py", EFFECTIVE_PY);
     let reference = tmp.path().join("variant-converter.gguf");
-    converter.convert(&model, &adapter, &reference, "f32");
-    let summary = converter.run_py(
-        EFFECTIVE_PY,
-        &[&model, &adapter, &reference, Path::new("differs")],
-        "the converter's file on rsLoRA/patterns",
-    );
-    eprintln!("converter: {}", summary.trim());
+    let steps = vec![
+        PyStep {
+            what: "rsLoRA/pattern fold".into(),
+            script: effective.clone(),
+            args: vec![model.clone(), adapter.clone(), ours, "equal".into()],
+        },
+        converter.convert(&model, &adapter, &reference, "f32"),
+        PyStep {
+            what: "the converter's file on rsLoRA/patterns".into(),
+            script: effective,
+            args: vec![model, adapter, reference, "differs".into()],
+        },
+    ];
+    let reports = converter.run_all(tmp.path(), &[PyJob { name: "llama3 variant".into(), steps }]);
+    eprintln!("lorafit: {}", reports[0].outputs[0].trim());
+    eprintln!("converter: {}", reports[0].outputs[2].trim());
 }
 
 /// Copies a fixture's config and adapter into a tempdir, with `edit` applied to config.json.

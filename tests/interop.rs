@@ -3,10 +3,10 @@
 
 mod common;
 
+use common::peft_check::{peft_check, PeftJob};
 use lorafit::lora::peft;
 use lorafit::train::run::load_model;
 use serde_json::{json, Value};
-use std::process::Command;
 use tch::{Device, Kind, Tensor};
 
 #[test]
@@ -59,22 +59,8 @@ fn trained_adapter_loads_in_peft_with_equal_logits() {
     let effect = (&logits - &base_logits).abs().max().double_value(&[]);
     assert!(effect > 1e-3, "the trained adapter barely changes the logits ({effect})");
 
-    let logits_file = tmp.path().join("logits.json");
-    let as_vec = |t: &Tensor| Vec::<Vec<Vec<f32>>>::try_from(t).unwrap();
-    let ids_vec = Vec::<Vec<i64>>::try_from(&ids).unwrap();
-    std::fs::write(&logits_file, json!({"input_ids": ids_vec, "logits": as_vec(&logits)}).to_string())
-        .unwrap();
-
-    let check = Command::new(&python)
-        .arg(common::repo().join("scripts/peft_check.py"))
-        .args(["--base".as_ref(), base.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
-        .args(["--logits".as_ref(), logits_file.as_os_str(), "--tol".as_ref(), "1e-4".as_ref()])
-        .output()
-        .expect("run scripts/peft_check.py");
-    let stdout = String::from_utf8_lossy(&check.stdout);
-    eprintln!("peft_check: {stdout}{}", String::from_utf8_lossy(&check.stderr));
-    assert!(check.status.success(), "PEFT disagrees with lorafit");
-    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let job = PeftJob { name: "stories260K".into(), base, adapter, input_ids: ids, logits, tol: 1e-4 };
+    let report = &peft_check(&python, tmp.path(), &[job])[0];
     assert_eq!(report["ok"], true);
     assert_eq!(report["tensors_checked"], 2 * 5 * 7);
     assert!(report["max_abs_diff_peft"].as_f64().unwrap() <= 1e-4);

@@ -2,6 +2,8 @@
 //! helpers to run the binary.
 #![allow(dead_code)]
 
+pub mod peft_check;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
