@@ -200,8 +200,8 @@ assert reference_problems, "the converter's GPT-2 adapter now passes llama.cpp's
 print(f"GPT-2: lorafit's pairs pass llama.cpp's shape check; the converter's fail it ({reference_problems[0]})")
 "#;
 
-/// The fetched converter and the environment to run it in, or `None` (with the reason printed)
-/// when it cannot run here.
+/// The fetched converter and the environment to run it in, or `None` (after `common::skip`) when
+/// it cannot run here.
 struct Converter {
     python: PathBuf,
     script: PathBuf,
@@ -214,10 +214,10 @@ impl Converter {
         let fetch = common::repo().join("scripts/fetch-llama-cpp-converter.sh");
         let out = Command::new("bash").arg(&fetch).env("LORAFIT_PYTHON", &python).output().expect("run bash");
         if !out.status.success() {
-            eprintln!(
-                "skipped: scripts/fetch-llama-cpp-converter.sh failed: {}",
+            common::skip(&format!(
+                "scripts/fetch-llama-cpp-converter.sh failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         let script = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -230,11 +230,11 @@ impl Converter {
             .output()
             .expect("run python");
         if !probe.status.success() {
-            eprintln!(
-                "skipped: llama.cpp's converter cannot run in {}: {}",
+            common::skip(&format!(
+                "llama.cpp's converter cannot run in {}: {}",
                 converter.python.display(),
                 String::from_utf8_lossy(&probe.stderr).trim().lines().last().unwrap_or("")
-            );
+            ));
             return None;
         }
         Some(converter)
