@@ -13,27 +13,16 @@ use lorafit::data::source::*;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 
+mod common;
+
 // ---------------------------------------------------------------------------------------------
 // Helpers.
 
-/// `$LORAFIT_ASSETS/datasets`, or `None` (the caller prints "skipped" and returns).
+/// `$LORAFIT_ASSETS/datasets`, or `None` when the test is skipped.
 fn datasets() -> Option<PathBuf> {
-    let root = std::env::var_os("LORAFIT_ASSETS").filter(|v| !v.is_empty())?;
-    let dir = PathBuf::from(root).join("datasets");
+    let dir = common::assets()?.join("datasets");
     assert!(dir.is_dir(), "LORAFIT_ASSETS is set but {} is missing", dir.display());
     Some(dir)
-}
-
-macro_rules! datasets_or_skip {
-    () => {
-        match datasets() {
-            Some(dir) => dir,
-            None => {
-                eprintln!("skipped: LORAFIT_ASSETS is not set");
-                return;
-            }
-        }
-    };
 }
 
 fn str_of<'a>(r: &'a Record, key: &str) -> &'a str {
@@ -176,7 +165,7 @@ fn conversations(rows: &[&[(&str, &str)]]) -> Box<dyn Array> {
 
 #[test]
 fn alpaca_tiny_json_array() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let path = dir.join("alpaca/alpaca_tiny_torchtune.json");
     let records = read_records(&path).unwrap();
     assert_eq!(records.len(), 100);
@@ -198,7 +187,7 @@ fn alpaca_tiny_json_array() {
 
 #[test]
 fn alpaca_seed_tasks_jsonl() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("alpaca/seed_tasks.jsonl")).unwrap();
     assert_eq!(records.len(), 175);
     assert_eq!(rows(&records), (1..=175).collect::<Vec<_>>());
@@ -219,7 +208,7 @@ fn alpaca_seed_tasks_jsonl() {
 
 #[test]
 fn alpaca_identity_json() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("alpaca/identity_llamafactory.json")).unwrap();
     assert_eq!(records.len(), 91);
     assert!(records.iter().all(|r| keys(r) == ["input", "instruction", "output"]));
@@ -234,7 +223,7 @@ fn alpaca_identity_json() {
 
 #[test]
 fn dolly_jsonl() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("dolly/dolly_prompt_answer_151.jsonl")).unwrap();
     assert_eq!(records.len(), 151);
     assert!(records.iter().all(|r| keys(r) == ["answer", "prompt"]));
@@ -247,7 +236,7 @@ fn dolly_jsonl() {
 
 #[test]
 fn sharegpt_fastchat_json() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("sharegpt/dummy_conversation_fastchat.json")).unwrap();
     assert_eq!(records.len(), 500);
     assert!(records.iter().all(|r| keys(r) == ["conversations", "id"]));
@@ -267,7 +256,7 @@ fn sharegpt_fastchat_json() {
 
 #[test]
 fn sharegpt_chat_tiny_json() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("sharegpt/chat_tiny_torchtune.json")).unwrap();
     assert_eq!(records.len(), 1);
     let turns = records[0].fields["conversations"].as_array().unwrap();
@@ -278,7 +267,7 @@ fn sharegpt_chat_tiny_json() {
 
 #[test]
 fn sharegpt_openai_messages_jsonl() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("sharegpt/v1_sft_demo_llamafactory.jsonl")).unwrap();
     assert_eq!(records.len(), 500);
     assert!(records.iter().all(|r| keys(r) == ["messages"]));
@@ -293,7 +282,7 @@ fn sharegpt_openai_messages_jsonl() {
 
 #[test]
 fn c4_text_jsonl() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let records = read_records(&dir.join("sharegpt/c4_demo_llamafactory.jsonl")).unwrap();
     assert_eq!(records.len(), 300);
     assert!(records.iter().all(|r| keys(r) == ["text"]));
@@ -303,7 +292,7 @@ fn c4_text_jsonl() {
 
 #[test]
 fn tinyshakespeare_paragraphs() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let path = dir.join("tinyshakespeare/input.txt");
     let records = read_records(&path).unwrap();
     assert_eq!(records.len(), 7222);
@@ -330,7 +319,7 @@ fn tinyshakespeare_paragraphs() {
 
 #[test]
 fn alpaca_save_to_disk_equals_json_source() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let json = read_records(&dir.join("alpaca/alpaca_tiny_torchtune.json")).unwrap();
     let saved = dir.join("hf-arrow-parquet/alpaca_tiny_save_to_disk");
     let records = read_records(&saved).unwrap();
@@ -350,7 +339,7 @@ fn alpaca_save_to_disk_equals_json_source() {
 
 #[test]
 fn sharegpt_save_to_disk_equals_json_source() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let json = read_records(&dir.join("sharegpt/dummy_conversation_fastchat.json")).unwrap();
     let records = read_records(&dir.join("hf-arrow-parquet/sharegpt_dummy_save_to_disk")).unwrap();
     assert_eq!(records.len(), 500);
@@ -361,7 +350,7 @@ fn sharegpt_save_to_disk_equals_json_source() {
 
 #[test]
 fn alpaca_parquet_equals_json_source() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let json = read_records(&dir.join("alpaca/alpaca_tiny_torchtune.json")).unwrap();
     let path = dir.join("hf-arrow-parquet/alpaca_tiny_parquet/data/train-00000-of-00001.parquet");
     let records = read_records(&path).unwrap();
@@ -374,7 +363,7 @@ fn alpaca_parquet_equals_json_source() {
 
 #[test]
 fn sharegpt_parquet_equals_json_source() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let json = read_records(&dir.join("sharegpt/dummy_conversation_fastchat.json")).unwrap();
     let path = dir.join("hf-arrow-parquet/sharegpt_dummy_parquet/data/train-00000-of-00001.parquet");
     let records = read_records(&path).unwrap();
@@ -389,7 +378,7 @@ fn sharegpt_parquet_equals_json_source() {
 
 #[test]
 fn alpaca_ipc_file_equals_json_source() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let json = read_records(&dir.join("alpaca/alpaca_tiny_torchtune.json")).unwrap();
     let records = read_records(&dir.join("hf-arrow-parquet/alpaca_tiny.ipc_file.arrow")).unwrap();
     assert_eq!(records.len(), 100);
@@ -399,7 +388,7 @@ fn alpaca_ipc_file_equals_json_source() {
 
 #[test]
 fn pattern_over_the_hub_style_parquet_folders() {
-    let dir = datasets_or_skip!();
+    let Some(dir) = datasets() else { return };
     let pattern = dir.join("hf-arrow-parquet/*_parquet/data/*.parquet");
     let paths = expand_paths(&pattern).unwrap();
     assert_eq!(

@@ -262,8 +262,8 @@ struct PyReport {
     seconds: Vec<f64>,
 }
 
-/// The fetched converter and the environment to run it in, or `None` (with the reason printed)
-/// when it cannot run here.
+/// The fetched converter and the environment to run it in, or `None` (after `common::skip`) when
+/// it cannot run here.
 struct Converter {
     python: PathBuf,
     script: PathBuf,
@@ -276,10 +276,10 @@ impl Converter {
         let fetch = common::repo().join("scripts/fetch-llama-cpp-converter.sh");
         let out = Command::new("bash").arg(&fetch).env("LORAFIT_PYTHON", &python).output().expect("run bash");
         if !out.status.success() {
-            eprintln!(
-                "skipped: scripts/fetch-llama-cpp-converter.sh failed: {}",
+            common::skip(&format!(
+                "scripts/fetch-llama-cpp-converter.sh failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            ));
             return None;
         }
         let script = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
@@ -292,11 +292,11 @@ impl Converter {
             .output()
             .expect("run python");
         if !probe.status.success() {
-            eprintln!(
-                "skipped: llama.cpp's converter cannot run in {}: {}",
+            common::skip(&format!(
+                "llama.cpp's converter cannot run in {}: {}",
                 converter.python.display(),
                 String::from_utf8_lossy(&probe.stderr).trim().lines().last().unwrap_or("")
-            );
+            ));
             return None;
         }
         Some(converter)

@@ -7,17 +7,17 @@ pub mod peft_check;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// The real-model assets, from `LORAFIT_ASSETS` (scripts/test.sh always sets it). `None` skips
-/// the test with a note when running a bare `cargo test`.
+/// The real-model assets, from `LORAFIT_ASSETS` (scripts/test.sh sets it when they exist), or
+/// `None` after [`skip`] when it is not set.
 pub fn assets() -> Option<PathBuf> {
-    match std::env::var_os("LORAFIT_ASSETS") {
+    match std::env::var_os("LORAFIT_ASSETS").filter(|v| !v.is_empty()) {
         Some(dir) => {
             let dir = PathBuf::from(dir);
             assert!(dir.join("README.md").exists(), "LORAFIT_ASSETS={} has no README.md", dir.display());
             Some(dir)
         }
         None => {
-            eprintln!("skipped: LORAFIT_ASSETS is not set (scripts/test.sh sets it)");
+            skip("LORAFIT_ASSETS is not set (scripts/test.sh sets it when ../shared/assets exists)");
             None
         }
     }
@@ -27,13 +27,43 @@ pub fn stories260k(assets: &Path) -> PathBuf {
     assets.join("models/stories260K/hf")
 }
 
-/// The Python of the interop venv, from `LORAFIT_INTEROP_PYTHON` (scripts/test.sh sets it).
+/// The Python of the interop venv, from `LORAFIT_INTEROP_PYTHON` (scripts/test.sh installs it and
+/// sets it), or `None` after [`skip`] when it is not set.
 pub fn python() -> Option<PathBuf> {
-    match std::env::var_os("LORAFIT_INTEROP_PYTHON") {
+    match std::env::var_os("LORAFIT_INTEROP_PYTHON").filter(|v| !v.is_empty()) {
         Some(p) => Some(PathBuf::from(p)),
         None => {
-            eprintln!("skipped: LORAFIT_INTEROP_PYTHON is not set (scripts/test.sh sets it)");
+            skip("LORAFIT_INTEROP_PYTHON is not set (scripts/test.sh installs the venv and sets it)");
             None
+        }
+    }
+}
+
+/// The one way a test declines to run for want of something this machine lacks; the caller
+/// returns right after. A bare skip would pass silently, so it is made visible:
+/// - with `LORAFIT_REQUIRE_ASSETS=1` (set by .ci/run, where everything is present) the test fails;
+/// - otherwise it prints why, and appends `<test binary>::<test>\t<reason>` to the file named by
+///   `LORAFIT_SKIP_LOG`, from which scripts/test.sh reports how many tests did not run.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    // libtest names each test's thread after the test.
+    let test = format!("{}::{}", env!("CARGO_CRATE_NAME"), thread.name().unwrap_or("?"));
+    if std::env::var_os("LORAFIT_REQUIRE_ASSETS").is_some_and(|v| v == "1") {
+        panic!("{test} cannot run: {reason}; LORAFIT_REQUIRE_ASSETS=1 requires every test to run");
+    }
+    eprintln!("skipped: {reason}");
+    if let Some(log) = std::env::var_os("LORAFIT_SKIP_LOG").filter(|v| !v.is_empty()) {
+        use std::io::Write;
+        // One write of one short line to a file opened for appending: lines from tests running
+        // in parallel do not interleave.
+        let line = format!("{test}\t{}\n", reason.replace(['\n', '\t'], " "));
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            panic!("cannot record the skip in LORAFIT_SKIP_LOG={}: {e}", Path::new(&log).display());
         }
     }
 }
