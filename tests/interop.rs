@@ -4,7 +4,7 @@
 mod common;
 
 use lorafit::lora::peft;
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use serde_json::{json, Value};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
