@@ -5,7 +5,7 @@
 //! Prints both times and their ratio.
 
 use lorafit::generate::{greedy, greedy_without_cache};
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use std::time::Instant;
 use tch::{Device, Kind};
 

@@ -587,6 +587,13 @@ impl Config {
         Config::from_yaml_str(&text, &path.display().to_string(), overrides)
     }
 
+    /// The config of a command given a model directory and a data file instead of a config
+    /// file: the data serves as training and validation set; `overrides` as for [`Config::load`].
+    pub fn for_model_and_data(model: &Path, data: &Path, overrides: &[String]) -> Result<Config> {
+        let doc = serde_json::json!({"model": {"path": model}, "data": {"train": data, "validation": data}});
+        Config::from_yaml_str(&serde_yaml::to_string(&doc)?, "the command line", overrides)
+    }
+
     /// Like [`Config::load`] for YAML text; `source_name` names the text in error messages.
     pub fn from_yaml_str(yaml: &str, source_name: &str, overrides: &[String]) -> Result<Config> {
         let file = Origin::File(source_name);

@@ -40,6 +40,19 @@ pub fn safetensors_dtypes(path: &Path) -> Result<Vec<String>> {
     Ok(dtypes)
 }
 
+/// How a JSON value is named in error messages about a file's contents.
+pub fn kind_name(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// Serialises tensors (any device, made contiguous) to safetensors bytes with `metadata`.
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &[(&str, &str)]) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(tensors.len());

@@ -1,11 +1,15 @@
 //! Decoding, to try a model or an adapter: a KV cache so each new token costs one token's
-//! work, and greedy or sampled choice (temperature, top-k, top-p, seeded).
+//! work, and greedy or sampled choice (temperature, top-k, top-p, seeded); and `lorafit
+//! generate`, which puts a prompt to a model as a run's data put its examples.
 
-use crate::data::format::{ChatFormat, TextTokenizer};
-use crate::model::{Decoder, KvCache};
+use crate::config::{Config, DataFormat};
+use crate::data::format::{ChatFormat, PromptFormat, TextTokenizer};
+use crate::lora::peft;
+use crate::model::{load_model, Decoder, KvCache, ModelSpec};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 /// How the next token is chosen. `temperature == 0` is greedy.
@@ -141,4 +145,107 @@ pub fn greedy_without_cache(
         }
     });
     ids.split_off(prompt_ids.len())
+}
+
+/// What `lorafit generate` is asked for.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// The model directory, when neither `run` nor `config` names it.
+    pub model: Option<PathBuf>,
+    /// A training run's directory: its model, its adapter (unless `adapter` says otherwise) and
+    /// its prompt format.
+    pub run: Option<PathBuf>,
+    /// A run's config: its model and prompt format (the adapter only from `adapter`).
+    pub config: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub prompt: String,
+    /// Without a run or config: send the prompt through the chat template `template`.
+    pub chat: bool,
+    pub template: String,
+    /// Print the base model's answer before the adapted one.
+    pub compare: bool,
+    /// Print the exact text put to the model to stderr first.
+    pub show_prompt: bool,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+}
+
+/// `lorafit generate`: streams the continuation of the prompt to `out`, and with `compare` the
+/// base model's before the adapted one.
+pub fn generate_command(opts: &GenerateOptions, out: &mut dyn Write) -> Result<()> {
+    // The run's config, when the prompt format comes from a run.
+    let run_config = match (&opts.run, &opts.config) {
+        (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
+            anyhow::anyhow!(
+                "--run {}: {e:#} (is it a run directory written by lorafit train?)",
+                dir.display()
+            )
+        })?),
+        (None, Some(path)) => Some(Config::load(path, &[])?),
+        (None, None) => None,
+    };
+    let model_dir = match (&run_config, &opts.model) {
+        (Some(cfg), _) => cfg.model.path.clone(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => bail!("give --model, --run or --config"),
+    };
+    let adapter = opts.adapter.clone().or_else(|| opts.run.as_ref().map(|dir| dir.join("adapter")));
+    if opts.compare && adapter.is_none() {
+        bail!("--compare needs an adapter: give --adapter or --run");
+    }
+    let device = Device::cuda_if_available();
+    let spec = ModelSpec::from_dir(&model_dir)?;
+    let tok = TextTokenizer::from_model_dir(&model_dir, &spec.eos_token_ids)?;
+    let chat = match &run_config {
+        Some(cfg) if cfg.data.format == DataFormat::Chat => {
+            Some(ChatFormat::resolve(&cfg.data.chat_template, &model_dir)?)
+        }
+        Some(_) => None,
+        None if opts.chat => Some(ChatFormat::resolve(&opts.template, &model_dir)?),
+        None => None,
+    };
+    let format = match (&run_config, &chat) {
+        (Some(cfg), _) => PromptFormat::of_data(&cfg.data, chat.as_ref()),
+        (None, Some(chat)) => PromptFormat::Chat(chat),
+        (None, None) => PromptFormat::Text,
+    };
+    let prompt_ids = format.ids(&tok, &opts.prompt)?;
+    if let Some(&id) = prompt_ids.iter().find(|&&id| id >= spec.vocab_size) {
+        bail!(
+            "the prompt holds token id {id}, but the model's embedding has {} rows: the tokenizer is larger \
+             than the model",
+            spec.vocab_size
+        );
+    }
+    if opts.show_prompt {
+        eprintln!("{}", tok.decode_all(&prompt_ids)?);
+    }
+    let stop = stop_tokens(&model_dir, &spec.eos_token_ids, chat.as_ref(), &tok)?;
+    let mut model = load_model(&model_dir, Kind::Float, device)?;
+    let mut answer = |model: &Decoder, label: &str| -> Result<()> {
+        if !label.is_empty() {
+            writeln!(out, "── {label} ──")?;
+        }
+        let (mut ids, mut shown) = (Vec::new(), 0usize);
+        generate(model, &prompt_ids, opts.max_new_tokens, &stop, &opts.sampling, device, |id| {
+            ids.push(id);
+            // Decode everything so far and print what is new: tokens can join into one character.
+            if let Ok(text) = tok.decode(&ids) {
+                if text.len() > shown && text.is_char_boundary(shown) {
+                    let _ = write!(out, "{}", &text[shown..]);
+                    let _ = out.flush();
+                    shown = text.len();
+                }
+            }
+        });
+        writeln!(out)?;
+        Ok(())
+    };
+    if opts.compare {
+        answer(&model, "base model")?;
+    }
+    if let Some(adapter) = &adapter {
+        peft::load(adapter, &mut model, device)?;
+    }
+    answer(&model, if opts.compare { "with the adapter" } else { "" })
 }

@@ -3,8 +3,8 @@
 
 use crate::config::{LoraConfig, TargetModules};
 use crate::lora::select_targets;
+use crate::model::load_model;
 use crate::model::spec::AttentionSpan;
-use crate::train::run::load_model;
 use anyhow::Result;
 use std::fmt::Write;
 use std::path::Path;

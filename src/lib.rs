@@ -14,4 +14,5 @@ pub mod inspect;
 pub mod lora;
 pub mod model;
 pub mod observe;
+pub mod packing;
 pub mod train;

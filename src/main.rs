@@ -1,11 +1,14 @@
 //! The `lorafit` command line: parse, dispatch, print errors. All logic lives in the library.
 
 use clap::{Parser, Subcommand};
-use lorafit::config::{Config, TargetModules};
-use lorafit::data::preview;
+use lorafit::config::TargetModules;
+use lorafit::export::gguf::GgufDtype;
+use lorafit::export::merge::MergeDtype;
+use lorafit::generate::{generate_command, GenerateOptions, Sampling};
 use lorafit::inspect::inspect;
-use lorafit::train::run::{eval, run, Interrupted, LogFormat, RunOptions};
-use std::path::{Path, PathBuf};
+use lorafit::train::data_commands::{self, Split};
+use lorafit::train::run::{eval_command, train_command, EvalOptions, Interrupted, LogFormat, RunOptions};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -219,48 +222,41 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train { config, overrides, overwrite, resume, log_format } => {
-            Config::load(&config, &overrides).and_then(|cfg| {
-                let config_stem =
-                    config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                let resume = resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p)));
-                let log_format = match log_format {
+            let options = RunOptions {
+                overwrite,
+                resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),
+                stop: Some(stop_on_signal()),
+                log_format: match log_format {
                     LogFormatArg::Text => LogFormat::Text,
                     LogFormatArg::Json => LogFormat::Json,
                     LogFormatArg::Quiet => LogFormat::Quiet,
-                };
-                let options =
-                    RunOptions { overwrite, config_stem, resume, stop: Some(stop_on_signal()), log_format };
-                run(&cfg, &options).map(|_| ())
-            })
-        }
-        Command::Eval { config, model, data, adapter, overrides } => eval_config(
-            config, model, data, &overrides,
-        )
-        .and_then(|cfg| {
-            let adapter = match adapter {
-                Some(dir) if dir.as_os_str() == "none" => None,
-                Some(dir) => Some(dir),
-                None => match &cfg.output.run_name {
-                    Some(name) => Some(cfg.output.dir.join(name).join("adapter")),
-                    None => anyhow::bail!(
-                        "give --adapter DIR, or set output.run_name to evaluate that run's adapter"
-                    ),
                 },
+                ..RunOptions::default()
             };
-            let (loss, tokens) = eval(&cfg, adapter.as_deref())?;
+            train_command(&config, &overrides, options).map(|_| ())
+        }
+        Command::Eval { config, model, data, adapter, overrides } => eval_command(&EvalOptions {
+            config,
+            model,
+            data,
+            adapter,
+            overrides,
+        })
+        .map(|(loss, tokens)| {
             println!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens", loss.exp());
             println!(
                 "{}",
                 serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens})
             );
-            Ok(())
         }),
-        Command::Generate(args) => generate_command(&args),
-        Command::Export { adapter, format, model, out, dtype } => {
-            export_command(&adapter, &format, &model, &out, &dtype)
-        }
+        Command::Generate(args) => generate_command(&args.into(), &mut std::io::stdout()),
+        Command::Export { adapter, format, model, out, dtype } => dtype
+            .parse::<GgufDtype>()
+            .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
+            .and_then(|dtype| lorafit::export::gguf::export_command(&adapter, &format, &model, &out, dtype))
+            .map(|report| print!("{report}")),
         Command::Merge { model, adapter, out, dtype } => dtype
-            .parse::<lorafit::export::merge::MergeDtype>()
+            .parse::<MergeDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
             .and_then(|dtype| lorafit::export::merge::merge(&model, &adapter, &out, dtype))
             .map(|report| {
@@ -274,10 +270,15 @@ fn main() -> ExitCode {
                 )
             }),
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
-            Config::load(&config, &overrides).and_then(|cfg| preview_command(&cfg, n))
+            data_commands::preview_command(&config, &overrides, n).map(|report| print!("{report}"))
         }
         Command::Data(DataCommand::Export { config, overrides, out, split }) => {
-            Config::load(&config, &overrides).and_then(|cfg| data_export_command(&cfg, &out, split))
+            let split = match split {
+                SplitArg::Train => Split::Train,
+                SplitArg::Validation => Split::Validation,
+            };
+            data_commands::export_command(&config, &overrides, &out, split)
+                .map(|summary| println!("{summary}"))
         }
         Command::Inspect { model, targets, r } => serde_yaml::from_str::<TargetModules>(&targets)
             .map_err(|e| anyhow::anyhow!("--targets {targets}: {e}"))
@@ -297,48 +298,27 @@ fn main() -> ExitCode {
     }
 }
 
-/// `lorafit data preview`: prepares the data exactly as `train` would and prints it.
-fn preview_command(cfg: &Config, n: usize) -> anyhow::Result<()> {
-    use std::io::IsTerminal;
-    let spec = lorafit::model::ModelSpec::from_dir(&cfg.model.path)?;
-    let data = lorafit::train::run::load_data(cfg, &spec)?;
-    data.check_vocabulary(spec.vocab_size)?;
-    if let Some(chat) = &data.chat {
-        println!("chat template: {}", chat.described);
+impl From<GenerateArgs> for GenerateOptions {
+    fn from(args: GenerateArgs) -> GenerateOptions {
+        GenerateOptions {
+            model: args.model,
+            run: args.run,
+            config: args.config,
+            adapter: args.adapter,
+            prompt: args.prompt,
+            chat: args.chat,
+            template: args.template,
+            compare: args.compare,
+            show_prompt: args.show_prompt,
+            max_new_tokens: args.max_new_tokens,
+            sampling: Sampling {
+                temperature: args.temperature,
+                top_k: args.top_k,
+                top_p: args.top_p,
+                seed: args.seed,
+            },
+        }
     }
-    for note in &data.train.notes {
-        println!("note: {note}");
-    }
-    let marks = if std::io::stdout().is_terminal() { &preview::COLOURS } else { &preview::BRACKETS };
-    let report = preview::preview(
-        &data.train,
-        &data.tokenizer,
-        n,
-        cfg.data.max_seq_len,
-        cfg.train.micro_batch_size,
-        marks,
-    )?;
-    print!("{report}");
-    Ok(())
-}
-
-/// `lorafit data export`: prepares the data exactly as `train` would and writes it as JSON Lines.
-fn data_export_command(cfg: &Config, out: &Path, split: SplitArg) -> anyhow::Result<()> {
-    let spec = lorafit::model::ModelSpec::from_dir(&cfg.model.path)?;
-    let data = lorafit::train::run::load_data(cfg, &spec)?;
-    data.check_vocabulary(spec.vocab_size)?;
-    let examples = match split {
-        SplitArg::Train => &data.train,
-        SplitArg::Validation => data.validation.as_ref().ok_or_else(|| {
-            anyhow::anyhow!("there is no validation data: set data.validation or data.val_split")
-        })?,
-    };
-    for note in &examples.notes {
-        eprintln!("note: {note}");
-    }
-    let n = lorafit::data::export::write_jsonl(examples, &data.tokenizer, out)?;
-    println!("wrote {n} examples to {} ({})", out.display(), examples.report());
-    Ok(())
 }
 
 /// A flag that Ctrl-C (SIGINT) or SIGTERM sets: training finishes its current step, saves a
@@ -358,131 +338,4 @@ fn stop_on_signal() -> Arc<AtomicBool> {
         eprintln!("warning: Ctrl-C will stop training without a checkpoint: {e}");
     }
     stop
-}
-
-/// `lorafit generate`: streams the continuation of a prompt, and with `--compare` the base
-/// model's next to the adapted one.
-fn generate_command(args: &GenerateArgs) -> anyhow::Result<()> {
-    use lorafit::data::format::{ChatFormat, PromptFormat, TextTokenizer};
-    use lorafit::generate::{generate, stop_tokens, Sampling};
-    use std::io::Write;
-    // The run's config, when the prompt format comes from a run.
-    let run_config = match (&args.run, &args.config) {
-        (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
-            anyhow::anyhow!(
-                "--run {}: {e:#} (is it a run directory written by lorafit train?)",
-                dir.display()
-            )
-        })?),
-        (None, Some(path)) => Some(Config::load(path, &[])?),
-        (None, None) => None,
-    };
-    let model_dir = match (&run_config, &args.model) {
-        (Some(cfg), _) => cfg.model.path.clone(),
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => anyhow::bail!("give --model, --run or --config"),
-    };
-    let adapter = args.adapter.clone().or_else(|| args.run.as_ref().map(|dir| dir.join("adapter")));
-    if args.compare && adapter.is_none() {
-        anyhow::bail!("--compare needs an adapter: give --adapter or --run");
-    }
-    let device = tch::Device::cuda_if_available();
-    let spec = lorafit::model::ModelSpec::from_dir(&model_dir)?;
-    let tok = TextTokenizer::from_model_dir(&model_dir, &spec)?;
-    let chat = match &run_config {
-        Some(cfg) if cfg.data.format == lorafit::config::DataFormat::Chat => {
-            Some(ChatFormat::resolve(&cfg.data.chat_template, &model_dir)?)
-        }
-        Some(_) => None,
-        None if args.chat => Some(ChatFormat::resolve(&args.template, &model_dir)?),
-        None => None,
-    };
-    let format = match (&run_config, &chat) {
-        (Some(cfg), _) => PromptFormat::of_data(&cfg.data, chat.as_ref()),
-        (None, Some(chat)) => PromptFormat::Chat(chat),
-        (None, None) => PromptFormat::Text,
-    };
-    let prompt_ids = format.ids(&tok, &args.prompt)?;
-    if let Some(&id) = prompt_ids.iter().find(|&&id| id >= spec.vocab_size) {
-        anyhow::bail!(
-            "the prompt holds token id {id}, but the model's embedding has {} rows: the tokenizer is larger \
-             than the model",
-            spec.vocab_size
-        );
-    }
-    if args.show_prompt {
-        eprintln!("{}", tok.decode_all(&prompt_ids)?);
-    }
-    let stop = stop_tokens(&model_dir, &spec.eos_token_ids, chat.as_ref(), &tok)?;
-    let mut model = lorafit::train::run::load_model(&model_dir, tch::Kind::Float, device)?;
-    let sampling =
-        Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
-    let run = |model: &lorafit::model::Decoder, label: &str| -> anyhow::Result<()> {
-        if !label.is_empty() {
-            println!("── {label} ──");
-        }
-        let (mut ids, mut shown) = (Vec::new(), 0usize);
-        generate(model, &prompt_ids, args.max_new_tokens, &stop, &sampling, device, |id| {
-            ids.push(id);
-            // Decode everything so far and print what is new: tokens can join into one character.
-            if let Ok(text) = tok.decode(&ids) {
-                if text.len() > shown && text.is_char_boundary(shown) {
-                    print!("{}", &text[shown..]);
-                    let _ = std::io::stdout().flush();
-                    shown = text.len();
-                }
-            }
-        });
-        println!();
-        Ok(())
-    };
-    if args.compare {
-        run(&model, "base model")?;
-    }
-    if let Some(adapter) = &adapter {
-        lorafit::lora::peft::load(adapter, &mut model, device)?;
-    }
-    run(&model, if args.compare { "with the adapter" } else { "" })
-}
-
-/// The config of `lorafit eval`: the file, or one made of `--model` and `--data`.
-fn eval_config(
-    config: Option<PathBuf>,
-    model: Option<PathBuf>,
-    data: Option<PathBuf>,
-    overrides: &[String],
-) -> anyhow::Result<Config> {
-    match (config, model, data) {
-        (Some(config), _, _) => Config::load(&config, overrides),
-        (None, Some(model), Some(data)) => {
-            // JSON strings are YAML scalars, so any path is quoted correctly.
-            let (model, data) = (serde_json::json!(model), serde_json::json!(data));
-            let yaml = format!("model: {{path: {model}}}\ndata: {{train: {data}, validation: {data}}}\n");
-            Config::from_yaml_str(&yaml, "the command line", overrides)
-        }
-        _ => anyhow::bail!("give a CONFIG, or both --model and --data"),
-    }
-}
-
-/// `lorafit export`: writes the GGUF file and reports compatibility.
-fn export_command(adapter: &Path, format: &str, model: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
-    use lorafit::export::gguf::{export, GgufDtype};
-    if format != "gguf" {
-        anyhow::bail!(
-            "--format {format}: only gguf is supported (the adapter itself is already in PEFT format)"
-        );
-    }
-    let dtype = match dtype {
-        "f32" => GgufDtype::F32,
-        "f16" => GgufDtype::F16,
-        "bf16" => GgufDtype::Bf16,
-        other => anyhow::bail!("--dtype {other}: use f32, f16 or bf16"),
-    };
-    let report = export(adapter, model, out, dtype)?;
-    println!("wrote {} ({} tensors, {:.1} MB)", out.display(), report.tensors, report.bytes as f64 / 1e6);
-    for w in &report.warnings {
-        println!("  note: {w}");
-    }
-    println!("  {}", lorafit::export::compat::check(adapter)?.describe());
-    Ok(())
 }

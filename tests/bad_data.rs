@@ -15,7 +15,8 @@ fn setup(dir: &Path, name: &str, body: &[u8], format: DataFormat) -> (Config, Te
     let mut cfg = Config::new(&model, dir.join(name));
     cfg.data.format = format;
     cfg.data.chat_template = "chatml".into();
-    let tok = TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap()).unwrap();
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
     (cfg, tok)
 }
 

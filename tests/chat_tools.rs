@@ -270,7 +270,8 @@ fn bad_tool_json_names_file_row_and_message() {
 fn templates_without_tool_support_are_refused_naming_template_and_row() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::repo().join("data/default-model");
-    let tok = TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap()).unwrap();
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
     let ok = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
     let cases = [
         (

@@ -228,7 +228,7 @@ fn sentencepiece_responses_are_tokenized_inside_the_whole_text() {
         &tokenizers.join("llama2/llama_tokenizer_config.json"),
     );
     let spec = lorafit::model::ModelSpec::from_dir(&model).unwrap();
-    let tok = lorafit::data::TextTokenizer::from_model_dir(&model, &spec).unwrap();
+    let tok = lorafit::data::TextTokenizer::from_model_dir(&model, &spec.eos_token_ids).unwrap();
     let mut cfg = lorafit::config::Config::new(&model, tmp.path().join("unused"));
     cfg.data.prompt_template_no_input = Some("Q: {instruction}\n".into());
     let record = lorafit::data::source::Record {
@@ -262,7 +262,7 @@ fn preference_and_kto_rows_are_refused_for_supervised_training() {
         let mut cfg = lorafit::config::Config::new(&model, sharegpt.join(file));
         cfg.data.format = lorafit::config::DataFormat::Chat;
         let spec = lorafit::model::ModelSpec::from_dir(&model).unwrap();
-        let tok = lorafit::data::TextTokenizer::from_model_dir(&model, &spec).unwrap();
+        let tok = lorafit::data::TextTokenizer::from_model_dir(&model, &spec.eos_token_ids).unwrap();
         let chat = lorafit::data::format::ChatFormat::resolve("chatml", &model).expect("chatml is built in");
         let Err(err) = lorafit::data::format::prepare(&cfg.data.train, &cfg.data, &tok, Some(&chat)) else {
             panic!("{file}: preference pairs were prepared for supervised training");
@@ -366,7 +366,7 @@ fn generation_uses_the_runs_prompt_format_and_every_stop_token() {
     }
     std::fs::write(tmp.path().join("generation_config.json"), r#"{"eos_token_id": [2, 3]}"#).unwrap();
     let spec = lorafit::model::ModelSpec::from_dir(tmp.path()).unwrap();
-    let tok = lorafit::data::TextTokenizer::from_model_dir(tmp.path(), &spec).unwrap();
+    let tok = lorafit::data::TextTokenizer::from_model_dir(tmp.path(), &spec.eos_token_ids).unwrap();
     let stop = lorafit::generate::stop_tokens(tmp.path(), &spec.eos_token_ids, None, &tok).unwrap();
     let mut expected = spec.eos_token_ids.clone();
     expected.extend([2, 3]);

@@ -5,7 +5,7 @@ mod common;
 
 use common::peft_check::{peft_check, PeftJob};
 use lorafit::lora::peft;
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 

@@ -4,7 +4,7 @@
 use lorafit::config::{LoraConfig, LoraInit, TargetModules};
 use lorafit::files::safetensors_bytes;
 use lorafit::lora;
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use tch::{Device, Kind, Tensor};
 
 /// Writes a random-weight Llama checkpoint (hidden 64, 2 layers, 4 heads / 2 KV heads).

@@ -9,8 +9,8 @@ use lorafit::config::{LoraConfig, TargetModules};
 use lorafit::data::format::IGNORE;
 use lorafit::data::{Batch, Example};
 use lorafit::lora;
+use lorafit::model::load_model;
 use lorafit::model::Decoder;
-use lorafit::train::run::load_model;
 use lorafit::train::{token_loss_in_chunks, Backward};
 use tch::{Device, Kind, Reduction, Tensor};
 

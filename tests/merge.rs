@@ -10,7 +10,7 @@ use lorafit::config::{LoraConfig, TargetModules};
 use lorafit::export::merge::{merge, merge_with, MergeDtype};
 use lorafit::files::{read_safetensors, safetensors_dtypes};
 use lorafit::lora::{self, peft};
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -9,7 +9,7 @@ use common::fixture;
 use lorafit::data::format::{Example, IGNORE};
 use lorafit::data::Batch;
 use lorafit::model::decoder::attention_mask;
-use lorafit::train::run::load_model;
+use lorafit::model::load_model;
 use lorafit::train::token_loss;
 use tch::{Device, Kind, Tensor};
 

@@ -7,8 +7,8 @@ use common::ids;
 
 use lorafit::data::TextTokenizer;
 use lorafit::generate::greedy;
+use lorafit::model::load_model;
 use lorafit::model::ModelSpec;
-use lorafit::train::run::load_model;
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
@@ -23,7 +23,7 @@ fn stories260k_matches_transformers() {
     )
     .unwrap();
     let spec = ModelSpec::from_dir(&dir).unwrap();
-    let tok = TextTokenizer::from_model_dir(&dir, &spec).unwrap();
+    let tok = TextTokenizer::from_model_dir(&dir, &spec.eos_token_ids).unwrap();
     let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
 
     for case in reference["tokenizer_cases"].as_array().unwrap() {

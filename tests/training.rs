@@ -6,8 +6,8 @@ use lorafit::config::{Config, DataFormat, TargetModules};
 use lorafit::data::format::{prepare, Example};
 use lorafit::data::{Batch, TextTokenizer};
 use lorafit::lora;
+use lorafit::model::load_model;
 use lorafit::model::{Decoder, ModelSpec};
-use lorafit::train::run::load_model;
 use lorafit::train::{Backward, Trainer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
@@ -20,7 +20,7 @@ fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::Injected, Vec
     cfg.train.lr = 1e-2;
     cfg.train.max_grad_norm = None;
     let spec = ModelSpec::from_dir(model_dir).unwrap();
-    let tok = TextTokenizer::from_model_dir(model_dir, &spec).unwrap();
+    let tok = TextTokenizer::from_model_dir(model_dir, &spec.eos_token_ids).unwrap();
     let examples = prepare(data, &cfg.data, &tok, None).unwrap().examples;
     tch::manual_seed(7);
     let mut model = load_model(model_dir, Kind::Float, Device::Cpu).unwrap();

@@ -3,7 +3,7 @@
 //! example) or one example per row, grouped by length to minimise padding.
 
 use super::format::{Example, IGNORE};
-use crate::model::Packing;
+use crate::packing::Packing;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

@@ -61,6 +61,7 @@
 //! `apply_chat_template(tokenize=True)` does: a template that starts with BOS (Llama 3's
 //! `<|begin_of_text|>`) writes it itself, and one that does not gets none.
 
+use crate::files::kind_name;
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::{Kwargs, Serde, Value as JValue, ValueKind};
 use minijinja::{Environment, Error as JError, ErrorKind as JErrorKind};
@@ -203,11 +204,7 @@ pub fn parse_conversation(
     };
     let turns = match list {
         Value::Array(turns) => turns,
-        other => bail!(
-            "{}: `{column}` must be a list of messages, found {}",
-            at(),
-            super::source::kind_name(other)
-        ),
+        other => bail!("{}: `{column}` must be a list of messages, found {}", at(), kind_name(other)),
     };
     if turns.is_empty() {
         bail!("{}: `{column}` is an empty conversation", at());
@@ -223,11 +220,7 @@ pub fn parse_conversation(
         Some(Value::String(s)) if s.is_empty() => {}
         Some(Value::String(s)) => messages.push(Message::new("system", s)),
         Some(other) => {
-            bail!(
-                "{}: the `{SYSTEM_FIELD}` field must be a string, found {}",
-                at(),
-                super::source::kind_name(other)
-            )
+            bail!("{}: the `{SYSTEM_FIELD}` field must be a string, found {}", at(), kind_name(other))
         }
     }
     for (i, turn) in turns.iter().enumerate() {
@@ -237,7 +230,7 @@ pub fn parse_conversation(
             other => bail!(
                 "{}: message {n} of `{column}` must be an object with role and content, found {}",
                 at(),
-                super::source::kind_name(other)
+                kind_name(other)
             ),
         };
         let role_key = if obj.contains_key("role") { "role" } else { "from" };
@@ -246,7 +239,7 @@ pub fn parse_conversation(
             Some(other) => bail!(
                 "{}: message {n} of `{column}`: `{role_key}` must be a string, found {}",
                 at(),
-                super::source::kind_name(other)
+                kind_name(other)
             ),
             None => bail!("{}: message {n} of `{column}` has neither a `role` nor a `from` key", at()),
         };
@@ -298,7 +291,7 @@ fn parse_turn(role: &str, role_name: &str, obj: &Map<String, Value>) -> std::res
             Some(other) => {
                 return Err(format!(
                     "`{content_key}` must be a string or a list of content parts, found {}",
-                    super::source::kind_name(other)
+                    kind_name(other)
                 ))
             }
             None => return Err("has neither a `content` nor a `value` key".to_string()),
@@ -314,10 +307,7 @@ fn parse_turn(role: &str, role_name: &str, obj: &Map<String, Value>) -> std::res
         None | Some(Value::Null) => {}
         Some(Value::String(s)) => message.reasoning_content = Some(s.clone()),
         Some(other) => {
-            return Err(format!(
-                "`reasoning_content` must be a string, found {}",
-                super::source::kind_name(other)
-            ))
+            return Err(format!("`reasoning_content` must be a string, found {}", kind_name(other)))
         }
     }
     if role != "assistant" && (!message.tool_calls.is_empty() || message.reasoning_content.is_some()) {
@@ -338,12 +328,7 @@ fn content_parts(parts: &[Value], message: &mut Message) -> std::result::Result<
                 texts.push(s.as_str());
                 continue;
             }
-            other => {
-                return Err(format!(
-                    "content part {n} must be an object, found {}",
-                    super::source::kind_name(other)
-                ))
-            }
+            other => return Err(format!("content part {n} must be an object, found {}", kind_name(other))),
         };
         let kind = match obj.get("type") {
             None | Some(Value::Null) => "text",
@@ -368,7 +353,7 @@ fn content_parts(parts: &[Value], message: &mut Message) -> std::result::Result<
             (_, other) => {
                 return Err(format!(
                     "content part {n}: the {kind} must be a string, found {}",
-                    super::source::kind_name(other)
+                    kind_name(other)
                 ))
             }
         }
@@ -621,7 +606,7 @@ impl ChatTemplate {
                     "{}: `chat_template` must be a string or a list of {{name, template}}, \
                      found {}",
                     config_path.display(),
-                    super::source::kind_name(other)
+                    kind_name(other)
                 ),
             }
         };
@@ -853,7 +838,7 @@ fn token_string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
             _ => bail!("`{key}` is an object without a string `content`"),
         },
         Some(other) => {
-            bail!("`{key}` must be a string or a token object, found {}", super::source::kind_name(other))
+            bail!("`{key}` must be a string or a token object, found {}", kind_name(other))
         }
     }
 }

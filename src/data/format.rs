@@ -7,7 +7,6 @@
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
 use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong, TrainOn};
-use crate::model::ModelSpec;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -36,9 +35,10 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads `<dir>/tokenizer.json`; EOS comes from `config.json`.
-    pub fn from_model_dir(dir: &Path, spec: &ModelSpec) -> Result<TextTokenizer> {
-        let eos_id = match spec.eos_token_ids.first() {
+    /// Loads `<dir>/tokenizer.json`; `eos_token_ids` are those of the model's `config.json`
+    /// (the first ends training examples).
+    pub fn from_model_dir(dir: &Path, eos_token_ids: &[i64]) -> Result<TextTokenizer> {
+        let eos_id = match eos_token_ids.first() {
             Some(&id) => id,
             None => bail!(
                 "{}/config.json has no eos_token_id; it is needed to end training examples",

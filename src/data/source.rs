@@ -22,6 +22,7 @@
 //! (and non-finite floats) as `null`. Types with no JSON form (binary, temporal, decimal, ...)
 //! are an error naming the file and column.
 
+use crate::files::kind_name;
 use anyhow::{anyhow, bail, Result};
 use arrow2::array::{
     Array, BooleanArray, DictionaryArray, DictionaryKey, FixedSizeListArray, ListArray, PrimitiveArray,
@@ -555,18 +556,6 @@ fn into_object(
             path.display(),
             kind_name(&other)
         ),
-    }
-}
-
-/// How a JSON value is named in error messages.
-pub(crate) fn kind_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -62,6 +62,19 @@ impl GgufDtype {
     }
 }
 
+impl std::str::FromStr for GgufDtype {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<GgufDtype> {
+        Ok(match s {
+            "f32" => GgufDtype::F32,
+            "f16" => GgufDtype::F16,
+            "bf16" => GgufDtype::Bf16,
+            _ => bail!("unknown tensor type `{s}`: use f32, f16 or bf16"),
+        })
+    }
+}
+
 /// What [`export`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExportReport {
@@ -77,6 +90,32 @@ pub struct ExportReport {
 const ALIGNMENT: usize = 32;
 /// `GGML_QUANT_VERSION`, which llama.cpp's converter writes into every file.
 const QUANT_VERSION: u32 = 2;
+
+/// `lorafit export`: [`export`] in `format` (only `gguf`), and which runtimes load the adapter
+/// as it is, as text for stdout.
+pub fn export_command(
+    adapter_dir: &Path,
+    format: &str,
+    model_dir: &Path,
+    out: &Path,
+    dtype: GgufDtype,
+) -> Result<String> {
+    if format != "gguf" {
+        bail!("--format {format}: only gguf is supported (the adapter itself is already in PEFT format)");
+    }
+    let report = export(adapter_dir, model_dir, out, dtype)?;
+    let mut text = format!(
+        "wrote {} ({} tensors, {:.1} MB)\n",
+        out.display(),
+        report.tensors,
+        report.bytes as f64 / 1e6
+    );
+    for w in &report.warnings {
+        text += &format!("  note: {w}\n");
+    }
+    text += &format!("  {}\n", super::compat::check(adapter_dir)?.describe());
+    Ok(text)
+}
 
 /// Writes the PEFT adapter in `adapter_dir`, trained on the model in `model_dir`, to `out` as a
 /// llama.cpp LoRA adapter (atomically: a temporary file, then a rename).

@@ -4,7 +4,7 @@
 pub mod peft;
 
 use crate::config::{LoraConfig, LoraInit, TargetModules};
-use crate::model::Decoder;
+use crate::model::{Decoder, LinearAdapter};
 use anyhow::{anyhow, bail, Result};
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -20,13 +20,13 @@ pub struct Adapter {
     pub dropout: f64,
 }
 
-impl Adapter {
+impl LinearAdapter for Adapter {
     /// `base + scale · B A dropout(x)` for `x` `[..., in]` and the frozen layer's output `base`
     /// `[..., out]`, computed in `x`'s kind (the fp32 A and B are cast, as `torch.autocast`
     /// does, so gradients still reach them in fp32). The scale is folded into B and the sum
     /// into the second product, so the adapter adds one small and one fused matmul and no pass
     /// over the output.
-    pub fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
+    fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor {
         let x = if train && self.dropout > 0.0 { x.dropout(self.dropout, true) } else { x.shallow_clone() };
         let kind = x.kind();
         let (out_features, in_features) = (self.b.size()[0], self.a.size()[1]);
@@ -238,7 +238,7 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
         trainables.push(Trainable { peft_key: peft::key(path, "lora_A"), tensor: adapter.a.shallow_clone() });
         trainables.push(Trainable { peft_key: peft::key(path, "lora_B"), tensor: adapter.b.shallow_clone() });
         fan_in_fan_out |= linear.fan_in_fan_out;
-        linear.adapter = Some(adapter);
+        linear.adapter = Some(Box::new(adapter));
     }
     model.adapter_dropout |= cfg.dropout > 0.0;
     Ok(Injected { module_paths: targets.into_iter().map(|t| t.path).collect(), trainables, fan_in_fan_out })

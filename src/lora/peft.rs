@@ -3,8 +3,7 @@
 
 use super::Injected;
 use crate::config::{LoraConfig, LoraInit, TargetModules};
-use crate::data::source::kind_name;
-use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
+use crate::files::{kind_name, publish_dir, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::Decoder;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;

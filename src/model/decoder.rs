@@ -11,16 +11,24 @@
 use super::layout::{AttnProjections, Layout, MlpProjections};
 use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind, Rope, RopeScaling};
 use super::Weights;
-use crate::lora::Adapter;
+use crate::packing::Packing;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-/// A frozen linear layer `y = x Wᵀ (+ b)` with an optional trainable LoRA adapter beside it.
+/// A trainable term beside a frozen [`Linear`] layer (LoRA's adapter implements it). The model
+/// only calls it; what it holds and how it is initialised, saved and loaded is the adapter's.
+pub trait LinearAdapter: Send {
+    /// `base` (the frozen layer's output `[..., out]` for `x` `[..., in]`) plus the adapter's
+    /// term, in `x`'s kind; `train` enables dropout.
+    fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor;
+}
+
+/// A frozen linear layer `y = x Wᵀ (+ b)` with an optional trainable adapter beside it.
 pub struct Linear {
     /// `[out, in]`, whatever the checkpoint's storage order.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
-    pub adapter: Option<Adapter>,
+    pub adapter: Option<Box<dyn LinearAdapter>>,
     /// The checkpoint stores this weight `[in, out]` (GPT-2's Conv1D).
     pub fan_in_fan_out: bool,
 }
@@ -764,35 +772,6 @@ impl KvCache {
         };
         self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
         (k, v)
-    }
-}
-
-/// Where each token of packed rows sits: `[batch, seq]` position within its example, and the
-/// example's index within the row (padding gets its own index, so it attends only to itself).
-pub struct Packing {
-    pub positions: Tensor,
-    pub documents: Tensor,
-    /// Per row, the lengths of its examples in order, then of its padding (if any).
-    pub segments: Vec<Vec<i64>>,
-}
-
-impl Packing {
-    /// The packing of rows whose examples (then padding, if any) have these lengths, in order:
-    /// positions restart at each, and each gets the next example index.
-    pub fn from_segments(segments: Vec<Vec<i64>>, device: Device) -> Packing {
-        let per_token = |value: fn(i64, i64) -> i64| {
-            let values: Vec<i64> = segments
-                .iter()
-                .flat_map(|lengths| {
-                    lengths
-                        .iter()
-                        .zip(0..)
-                        .flat_map(move |(&n, example)| (0..n).map(move |at| value(example, at)))
-                })
-                .collect();
-            Tensor::from_slice(&values).view([segments.len() as i64, -1]).to_device(device)
-        };
-        Packing { positions: per_token(|_, at| at), documents: per_token(|example, _| example), segments }
     }
 }
 

@@ -1,11 +1,15 @@
 //! The frozen base model: `config.json` → [`ModelSpec`], safetensors → [`Weights`], and one
-//! decoder-only transformer ([`Decoder`]) parameterised by the spec.
+//! decoder-only transformer ([`Decoder`]) parameterised by the spec; [`load`] loads it on the
+//! device and in the dtypes a command asks for. Trainable adapters plug into its linear layers
+//! through [`LinearAdapter`], so the model knows nothing of how they are made or saved.
 
 pub mod decoder;
 pub mod layout;
+pub mod load;
 pub mod spec;
 pub mod weights;
 
-pub use decoder::{Decoder, KvCache, Linear, Packing, Pass};
+pub use decoder::{Decoder, KvCache, Linear, LinearAdapter, Pass};
+pub use load::load_model;
 pub use spec::ModelSpec;
 pub use weights::Weights;

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod checkpoint;
+pub mod data_commands;
 pub mod optim;
 pub mod precision;
 pub mod run;

@@ -5,15 +5,15 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::{evaluate, evaluate_with_progress, precision, schedule, StepStats, Trainer};
-use crate::config::{Config, DataFormat, LoraConfig, OnNonFinite, Precision, WeightDtype};
+use crate::config::{Config, LoraConfig, OnNonFinite};
 use crate::data::batch::MicroBatch;
-use crate::data::format::{prepare_splits, ChatFormat, Example, Prepared, PromptFormat};
-use crate::data::source::expand_paths;
-use crate::data::{cache, Batch, EpochPlan, RowLayout, TextTokenizer};
+use crate::data::format::{Example, Prepared, PromptFormat};
+use crate::data::{cache, load_data, Batch, EpochPlan, RowLayout, RunData};
 use crate::files::write_atomic;
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, Injected};
-use crate::model::{Decoder, ModelSpec, Weights};
+use crate::model::load::{load_model_for, resolve_device, weight_kind};
+use crate::model::{Decoder, ModelSpec};
 use crate::observe::MetricsLog;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Kind};
+use tch::Device;
 
 /// Options that belong to one invocation rather than to the run's config.
 #[derive(Debug, Clone, Default)]
@@ -112,63 +112,6 @@ pub struct RunSummary {
     pub last_loss: f64,
     pub val_loss_before: Option<f64>,
     pub val_loss_after: Option<f64>,
-}
-
-/// The device named by `train.device`.
-pub fn resolve_device(name: &str) -> Result<Device> {
-    let cuda_index = |s: &str| s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok());
-    let device = match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match cuda_index(other) {
-            Some(i) => Device::Cuda(i),
-            None => bail!("train.device `{other}` is not one of auto, cpu, cuda, cuda:N"),
-        },
-    };
-    if let Device::Cuda(i) = device {
-        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
-            bail!(
-                "train.device `{name}`: no such CUDA device here (libtorch sees {}); \
-                 use `auto` or `cpu`, or install the CUDA libtorch with scripts/setup-libtorch.sh --cuda",
-                tch::Cuda::device_count()
-            );
-        }
-    }
-    Ok(device)
-}
-
-/// The dtype frozen weights are held in, for a resolved `precision`.
-pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
-    match dtype {
-        WeightDtype::Fp32 => Kind::Float,
-        WeightDtype::Bf16 => Kind::BFloat16,
-        WeightDtype::Auto => activation_kind(precision),
-    }
-}
-
-/// The dtype of the activations inside each block for a resolved `precision`
-/// ([`precision::resolve`] runs first in every command).
-pub fn activation_kind(precision: Precision) -> Kind {
-    match precision {
-        Precision::Fp32 => Kind::Float,
-        Precision::Bf16Mixed => Kind::BFloat16,
-        Precision::Auto => unreachable!("train.precision auto is resolved when a run starts"),
-    }
-}
-
-/// Loads the base model from `dir`, frozen, with weights in `kind`.
-pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
-    let spec = ModelSpec::from_dir(dir)?;
-    let weights = Weights::load(dir, kind, device)?;
-    Decoder::load(spec, weights).with_context(|| format!("loading the model in {}", dir.display()))
-}
-
-/// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind.
-fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
-    let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
-    model.activations = activation_kind(cfg.train.precision);
-    Ok(model)
 }
 
 /// Micro-batches of `examples`, in order, for evaluation.
@@ -286,90 +229,6 @@ fn print_samples(
     Ok(())
 }
 
-/// The tokenizer, chat template and prepared data of a run: everything read from the user's
-/// data files, checked before any work starts.
-pub struct RunData {
-    pub tokenizer: TextTokenizer,
-    /// The chat template of chat data.
-    pub chat: Option<ChatFormat>,
-    pub train: Prepared,
-    pub validation: Option<Prepared>,
-    /// Taken from the data cache rather than prepared.
-    pub cached: bool,
-    /// Where freshly prepared data belongs in the cache ([`RunData::store_in_cache`]).
-    cache_entry: PathBuf,
-}
-
-impl RunData {
-    /// Refuses data the model cannot embed: a token id at or beyond the model's `embedding_rows`
-    /// (config.json's `vocab_size`), freshly prepared or read from the cache. A tokenizer with
-    /// more ids than that, none of which the data uses, only gets a warning.
-    pub fn check_vocabulary(&self, embedding_rows: i64) -> Result<()> {
-        let sets = std::iter::once(("training", &self.train))
-            .chain(self.validation.iter().map(|v| ("validation", v)));
-        for (name, set) in sets {
-            if let Some((i, &id)) = set.examples.iter().enumerate().find_map(|(i, ex)| {
-                ex.input_ids.iter().find(|&&id| id < 0 || id >= embedding_rows).map(|id| (i, id))
-            }) {
-                bail!(
-                    "{name} example {} holds token id {id}, but the model's embedding has {embedding_rows} rows \
-                     (vocab_size in config.json): the tokenizer is larger than the model. Use the tokenizer that \
-                     belongs to the model",
-                    i + 1
-                );
-            }
-        }
-        let largest = self.tokenizer.largest_id();
-        if largest >= embedding_rows {
-            eprintln!(
-                "warning: the tokenizer has ids up to {largest} (added tokens included) but the model's embedding \
-                 has {embedding_rows} rows; the data uses none of them, but generated prompts that do will be refused"
-            );
-        }
-        Ok(())
-    }
-
-    /// Saves freshly prepared data for the next run. Called once the run has passed every
-    /// check, so that a refused run leaves nothing behind.
-    pub fn store_in_cache(&self) {
-        if self.cached {
-            return;
-        }
-        // A cache that cannot be written only costs the next run its head start.
-        if let Err(e) = cache::store(&self.cache_entry, &self.train, self.validation.as_ref()) {
-            eprintln!("warning: could not cache the prepared data: {e:#}");
-        }
-    }
-}
-
-/// Reads and prepares the data `cfg` names for the model in `cfg.model.path`, or takes it from
-/// the data cache in `<output.dir>/.data-cache/` when the same inputs were prepared before.
-pub fn load_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
-    let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, spec)?;
-    let chat = match cfg.data.format {
-        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path)?),
-        _ => None,
-    };
-    let mut key = cache::CacheKey::default();
-    key.add_bytes(cache::FORMAT_VERSION)
-        .add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
-        .add_bytes(&cfg.train.seed.to_le_bytes())
-        .add_bytes(&tokenizer.eos_id.to_le_bytes())
-        .add_bytes(chat.as_ref().map(|c| c.template.source()).unwrap_or("").as_bytes());
-    key.add_path(&cfg.model.path.join("tokenizer.json"))?;
-    for pattern in std::iter::once(&cfg.data.train).chain(cfg.data.validation.as_ref()) {
-        for path in expand_paths(pattern)? {
-            key.add_path(&path)?;
-        }
-    }
-    let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
-    if let Some((train, validation)) = cache::load(&entry) {
-        return Ok(RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry });
-    }
-    let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
-    Ok(RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry })
-}
-
 /// How the run lays examples into rows.
 pub fn row_layout(cfg: &Config) -> RowLayout {
     if cfg.data.packing {
@@ -397,6 +256,14 @@ pub fn collate(
     }
 }
 
+/// `lorafit train CONFIG`: the config file with its `--set` overrides, run; the run is named
+/// after the file unless `output.run_name` names it (`opts.config_stem` is set here).
+pub fn train_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<RunSummary> {
+    let cfg = Config::load(config, overrides)?;
+    let config_stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    run(&cfg, &RunOptions { config_stem, ..opts })
+}
+
 /// Runs `lorafit train` for a loaded, validated config.
 pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let console = Console(opts.log_format);
@@ -415,7 +282,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
     let spinner = spinner("preparing data", opts.log_format == LogFormat::Text);
-    let data = load_data(cfg, &spec);
+    let data = load_data(cfg, &spec.eos_token_ids);
     spinner.finish_and_clear();
     let data = data?;
     data.check_vocabulary(spec.vocab_size)?;
@@ -727,6 +594,37 @@ fn run_output(cfg: &Config, run_dir: &Path) -> crate::config::OutputConfig {
     }
 }
 
+/// What `lorafit eval` is asked for: a config file, or a model and a data file.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub config: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    /// The adapter; `none` evaluates the base model alone; by default the final adapter of the
+    /// run the config names.
+    pub adapter: Option<PathBuf>,
+    pub overrides: Vec<String>,
+}
+
+/// `lorafit eval`: [`eval`] of the config and adapter `opts` give. Returns (mean token loss,
+/// label tokens).
+pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
+    let cfg = match (&opts.config, &opts.model, &opts.data) {
+        (Some(config), _, _) => Config::load(config, &opts.overrides)?,
+        (None, Some(model), Some(data)) => Config::for_model_and_data(model, data, &opts.overrides)?,
+        _ => bail!("give a CONFIG, or both --model and --data"),
+    };
+    let adapter = match &opts.adapter {
+        Some(dir) if dir.as_os_str() == "none" => None,
+        Some(dir) => Some(dir.clone()),
+        None => match &cfg.output.run_name {
+            Some(name) => Some(cfg.output.dir.join(name).join("adapter")),
+            None => bail!("give --adapter DIR, or set output.run_name to evaluate that run's adapter"),
+        },
+    };
+    eval(&cfg, adapter.as_deref())
+}
+
 /// `lorafit eval`: the validation loss of the base model with `adapter` (none: the base
 /// alone), computed exactly as during training. Returns (mean token loss, label tokens).
 pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
@@ -737,7 +635,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
         tch::set_num_threads(threads as i32);
     }
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let data = load_data(cfg, &spec)?;
+    let data = load_data(cfg, &spec.eos_token_ids)?;
     data.check_vocabulary(spec.vocab_size)?;
     let Some(validation) = &data.validation else {
         bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");

@@ -1,0 +1,66 @@
+//! Loading the base model as a command needs it: the device `train.device` names, the dtypes of
+//! the frozen weights and of the activations for a resolved precision, and the frozen decoder.
+
+use super::{Decoder, ModelSpec, Weights};
+use crate::config::{Config, Precision, WeightDtype};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use tch::{Device, Kind};
+
+/// The device named by `train.device`.
+pub fn resolve_device(name: &str) -> Result<Device> {
+    let cuda_index = |s: &str| s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok());
+    let device = match name {
+        "auto" => Device::cuda_if_available(),
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        other => match cuda_index(other) {
+            Some(i) => Device::Cuda(i),
+            None => bail!("train.device `{other}` is not one of auto, cpu, cuda, cuda:N"),
+        },
+    };
+    if let Device::Cuda(i) = device {
+        if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
+            bail!(
+                "train.device `{name}`: no such CUDA device here (libtorch sees {}); \
+                 use `auto` or `cpu`, or install the CUDA libtorch with scripts/setup-libtorch.sh --cuda",
+                tch::Cuda::device_count()
+            );
+        }
+    }
+    Ok(device)
+}
+
+/// The dtype frozen weights are held in, for a resolved `precision`.
+pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
+    match dtype {
+        WeightDtype::Fp32 => Kind::Float,
+        WeightDtype::Bf16 => Kind::BFloat16,
+        WeightDtype::Auto => activation_kind(precision),
+    }
+}
+
+/// The dtype of the activations inside each block for a resolved `precision` (every command
+/// resolves `auto` before it loads the model).
+pub fn activation_kind(precision: Precision) -> Kind {
+    match precision {
+        Precision::Fp32 => Kind::Float,
+        Precision::Bf16Mixed => Kind::BFloat16,
+        Precision::Auto => unreachable!("train.precision auto is resolved when a run starts"),
+    }
+}
+
+/// Loads the base model from `dir`, frozen, with weights in `kind`.
+pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
+    let spec = ModelSpec::from_dir(dir)?;
+    let weights = Weights::load(dir, kind, device)?;
+    Decoder::load(spec, weights).with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+/// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind
+/// (already resolved).
+pub fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
+    let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
+    model.activations = activation_kind(cfg.train.precision);
+    Ok(model)
+}

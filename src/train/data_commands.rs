@@ -1,0 +1,67 @@
+//! `lorafit data preview` and `lorafit data export`: the run's data prepared exactly as `train`
+//! prepares it, shown or written out.
+
+use crate::config::Config;
+use crate::data::{export, load_data, preview, RunData};
+use crate::model::ModelSpec;
+use anyhow::{anyhow, Result};
+use std::fmt::Write;
+use std::io::IsTerminal;
+use std::path::Path;
+
+/// Which examples `data export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Validation,
+}
+
+/// The data of the config file with its overrides, checked against the model's vocabulary.
+fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData)> {
+    let cfg = Config::load(config, overrides)?;
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let data = load_data(&cfg, &spec.eos_token_ids)?;
+    data.check_vocabulary(spec.vocab_size)?;
+    Ok((cfg, data))
+}
+
+/// `lorafit data preview`: the first `n` training examples with the trained tokens marked
+/// (coloured on a terminal), and the statistics of the set, as text for stdout.
+pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<String> {
+    let (cfg, data) = run_data(config, overrides)?;
+    let mut out = String::new();
+    if let Some(chat) = &data.chat {
+        writeln!(out, "chat template: {}", chat.described)?;
+    }
+    for note in &data.train.notes {
+        writeln!(out, "note: {note}")?;
+    }
+    let marks = if std::io::stdout().is_terminal() { &preview::COLOURS } else { &preview::BRACKETS };
+    out += &preview::preview(
+        &data.train,
+        &data.tokenizer,
+        n,
+        cfg.data.max_seq_len,
+        cfg.train.micro_batch_size,
+        marks,
+    )?;
+    Ok(out)
+}
+
+/// `lorafit data export`: writes the examples of `split` as JSON Lines to `out` (notes about
+/// the data go to stderr) and returns the one-line summary.
+pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Split) -> Result<String> {
+    let (_, data) = run_data(config, overrides)?;
+    let examples = match split {
+        Split::Train => &data.train,
+        Split::Validation => data
+            .validation
+            .as_ref()
+            .ok_or_else(|| anyhow!("there is no validation data: set data.validation or data.val_split"))?,
+    };
+    for note in &examples.notes {
+        eprintln!("note: {note}");
+    }
+    let n = export::write_jsonl(examples, &data.tokenizer, out)?;
+    Ok(format!("wrote {n} examples to {} ({})", out.display(), examples.report()))
+}
