@@ -453,6 +453,36 @@ pub enum Precision {
     Bf16Mixed,
 }
 
+/// A device as `train.device` names it; whether it exists here is checked when a run starts
+/// (`model::load::resolve_device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceName {
+    /// CUDA when available, else the CPU.
+    Auto,
+    Cpu,
+    /// `cuda` (GPU 0) or `cuda:N`.
+    Cuda(usize),
+}
+
+impl DeviceName {
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (N in decimal digits only); `None` for anything else.
+    pub fn parse(name: &str) -> Option<DeviceName> {
+        match name {
+            "auto" => Some(DeviceName::Auto),
+            "cpu" => Some(DeviceName::Cpu),
+            "cuda" => Some(DeviceName::Cuda(0)),
+            _ => {
+                let index = name.strip_prefix("cuda:")?;
+                // `usize::from_str` would also take a leading `+`.
+                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+                    return None;
+                }
+                index.parse().ok().map(DeviceName::Cuda)
+            }
+        }
+    }
+}
+
 /// Where the run directory goes and what is generated into it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -791,7 +821,7 @@ impl Config {
                 ));
             }
         }
-        if !valid_device(&train.device) {
+        if DeviceName::parse(&train.device).is_none() {
             return Err(Invalid::new(
                 "train.device",
                 format!(
@@ -912,15 +942,6 @@ fn valid_pattern(key: &'static str, pattern: &str) -> std::result::Result<(), In
     match regex::Regex::new(pattern) {
         Ok(_) => Ok(()),
         Err(e) => Err(Invalid::new(key, format!("`{key}` key `{pattern}` is not a valid regex: {e}"))),
-    }
-}
-
-fn valid_device(device: &str) -> bool {
-    match device {
-        "auto" | "cpu" | "cuda" => true,
-        _ => device
-            .strip_prefix("cuda:")
-            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())),
     }
 }
 
@@ -1346,11 +1367,29 @@ mod tests {
 
     #[test]
     fn device_names() {
-        for ok in ["auto", "cpu", "cuda", "cuda:0", "cuda:12"] {
-            assert!(valid_device(ok), "{ok}");
+        let cuda = DeviceName::Cuda;
+        for (ok, device) in [
+            ("auto", DeviceName::Auto),
+            ("cpu", DeviceName::Cpu),
+            ("cuda", cuda(0)),
+            ("cuda:0", cuda(0)),
+            ("cuda:12", cuda(12)),
+        ] {
+            assert_eq!(DeviceName::parse(ok), Some(device), "{ok}");
         }
-        for bad in ["", "gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", "mps"] {
-            assert!(!valid_device(bad), "{bad}");
+        for bad in [
+            "",
+            "gpu",
+            "cuda:",
+            "cuda:x",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda: 1",
+            "cuda:99999999999999999999",
+            "CPU",
+            "mps",
+        ] {
+            assert_eq!(DeviceName::parse(bad), None, "{bad}");
         }
     }
 

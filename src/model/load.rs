@@ -2,22 +2,18 @@
 //! the frozen weights and of the activations for a resolved precision, and the frozen decoder.
 
 use super::{Decoder, ModelSpec, Weights};
-use crate::config::{Config, Precision, WeightDtype};
+use crate::config::{Config, DeviceName, Precision, WeightDtype};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::{Device, Kind};
 
 /// The device named by `train.device`.
 pub fn resolve_device(name: &str) -> Result<Device> {
-    let cuda_index = |s: &str| s.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok());
-    let device = match name {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match cuda_index(other) {
-            Some(i) => Device::Cuda(i),
-            None => bail!("train.device `{other}` is not one of auto, cpu, cuda, cuda:N"),
-        },
+    let device = match DeviceName::parse(name) {
+        Some(DeviceName::Auto) => Device::cuda_if_available(),
+        Some(DeviceName::Cpu) => Device::Cpu,
+        Some(DeviceName::Cuda(i)) => Device::Cuda(i),
+        None => bail!("train.device `{name}` is not one of auto, cpu, cuda, cuda:N"),
     };
     if let Device::Cuda(i) = device {
         if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
@@ -63,4 +59,20 @@ pub fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
     let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
     model.activations = activation_kind(cfg.train.precision);
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names config validation rejects are rejected here too, as names rather than as
+    /// missing GPUs.
+    #[test]
+    fn rejects_what_config_rejects() {
+        for bad in ["cuda:+1", "cuda:x", "gpu"] {
+            let err = resolve_device(bad).unwrap_err().to_string();
+            assert!(err.contains("is not one of auto, cpu, cuda, cuda:N"), "{bad}: {err}");
+        }
+        assert_eq!(resolve_device("cpu").unwrap(), Device::Cpu);
+    }
 }
