@@ -3,9 +3,12 @@
 //! partial file where a good one is expected.
 
 use anyhow::{bail, Context, Result};
+use safetensors::tensor::Metadata;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
@@ -23,18 +26,43 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Ok(out)
 }
 
+/// A safetensors file's header: its tensors' dtypes, shapes and data offsets.
+pub struct SafetensorsHeader {
+    pub metadata: Metadata,
+    /// Where the tensor data starts in the file (the data offsets count from here).
+    pub data_start: u64,
+}
+
+/// Reads the header of the safetensors file `path` (open as `file`) without loading the
+/// tensors: the crate's parser checks that the offsets are contiguous and match each tensor's
+/// dtype and shape; this checks they fit in the file.
+pub fn read_safetensors_header(file: &mut File, path: &Path) -> Result<SafetensorsHeader> {
+    let bad = || format!("{} is not a valid safetensors file", path.display());
+    let file_len = file.metadata().with_context(bad)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(bad)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER_LEN || 8 + header_len > file_len {
+        bail!("{}: the header length is invalid", bad());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).with_context(bad)?;
+    let metadata: Metadata = serde_json::from_slice(&header).with_context(bad)?;
+    let data_start = 8 + header_len;
+    if data_start + metadata.data_len() as u64 > file_len {
+        bail!("{}: the tensor data runs past the end of the file", bad());
+    }
+    Ok(SafetensorsHeader { metadata, data_start })
+}
+
+/// The safetensors crate's limit on a header's size.
+const MAX_HEADER_LEN: u64 = 100 << 20;
+
 /// The dtypes named in a safetensors file's header (read without loading the tensors).
 pub fn safetensors_dtypes(path: &Path) -> Result<Vec<String>> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
-    file.read_exact(&mut header).with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .with_context(|| format!("{} has no valid safetensors header", path.display()))?;
-    let mut dtypes: Vec<String> =
-        header.values().filter_map(|v| v.get("dtype")?.as_str().map(str::to_string)).collect();
+    let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let header = read_safetensors_header(&mut file, path)?;
+    let mut dtypes: Vec<String> = header.metadata.tensors().values().map(|t| t.dtype.to_string()).collect();
     dtypes.sort();
     dtypes.dedup();
     Ok(dtypes)
@@ -146,4 +174,54 @@ pub fn publish_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         std::fs::rename(&tmp, dir).with_context(|| format!("cannot write {}", dir.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A two-tensor safetensors file in a fresh directory, as this crate writes it.
+    fn written() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let tensors = [
+            ("a".to_string(), Tensor::from_slice(&[1.0f32, 2.0, 3.0])),
+            ("b".to_string(), Tensor::from_slice(&[4i64, 5]).to_kind(Kind::BFloat16)),
+        ];
+        let bytes = safetensors_bytes(&tensors, &[]).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+        (dir, path, bytes)
+    }
+
+    #[test]
+    fn header_locates_each_tensor() {
+        let (_dir, path, bytes) = written();
+        let expected = SafeTensors::deserialize(&bytes).unwrap();
+        let header = read_safetensors_header(&mut File::open(&path).unwrap(), &path).unwrap();
+        for (name, info) in header.metadata.tensors() {
+            let at = header.data_start as usize;
+            let data = &bytes[at + info.data_offsets.0..at + info.data_offsets.1];
+            assert_eq!(data, expected.tensor(&name).unwrap().data(), "{name}");
+        }
+        assert_eq!(safetensors_dtypes(&path).unwrap(), ["BF16", "F32"]);
+    }
+
+    /// A file cut short, or with a header that is not safetensors JSON, is refused by name.
+    #[test]
+    fn bad_files_are_named() {
+        let (_dir, path, bytes) = written();
+        let mut cases =
+            vec![("truncated data", bytes[..bytes.len() - 1].to_vec()), ("no header", bytes[..4].to_vec())];
+        let mut garbled = bytes.clone();
+        garbled[8] = b'[';
+        cases.push(("garbled header", garbled));
+        for (case, contents) in cases {
+            std::fs::write(&path, contents).unwrap();
+            let err = format!("{:#}", safetensors_dtypes(&path).unwrap_err());
+            assert!(
+                err.contains(&format!("{} is not a valid safetensors file", path.display())),
+                "{case}: {err}"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! the tokenizer files are copied beside the weights; everything is written under a temporary
 //! name and renamed into place once complete.
 
-use crate::files::{publish_dir, read_safetensors};
+use crate::files::{publish_dir, read_safetensors, read_safetensors_header};
 use crate::lora::{self, peft};
 use crate::model::layout::{AttnProjections, Layout, MlpProjections};
 use crate::model::ModelSpec;
@@ -238,56 +238,20 @@ impl Source {
 
 /// The tensors listed in the header of the safetensors file `path`.
 fn read_header(file: &mut File, path: &Path, index: usize) -> Result<Vec<StoredTensor>> {
-    let bad = || format!("{} is not a valid safetensors file", path.display());
-    let file_len = file.metadata().with_context(bad)?.len();
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).with_context(bad)?;
-    let header_len = u64::from_le_bytes(len);
-    if header_len > (100 << 20) || 8 + header_len > file_len {
-        bail!("{}: the header length is invalid", bad());
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).with_context(bad)?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).with_context(bad)?;
-    let data_start = 8 + header_len;
+    let header = read_safetensors_header(file, path)?;
     let mut out = Vec::new();
-    for (name, entry) in header {
-        if name == "__metadata__" {
-            continue;
+    for (name, info) in header.metadata.tensors() {
+        let dtype = info.dtype.to_string();
+        if elt_size(&dtype).is_none() {
+            bail!("{}: tensor `{name}` has dtype {dtype}, which merging does not support", path.display());
         }
-        let entry_error = || anyhow!("{}: tensor `{name}` has a malformed header entry", bad());
-        let dtype = entry.get("dtype").and_then(Value::as_str).ok_or_else(entry_error)?.to_string();
-        let shape: Vec<i64> = entry
-            .get("shape")
-            .and_then(Value::as_array)
-            .ok_or_else(entry_error)?
-            .iter()
-            .map(|d| d.as_i64().filter(|&d| d >= 0))
-            .collect::<Option<_>>()
-            .ok_or_else(entry_error)?;
-        let offsets: Vec<u64> = entry
-            .get("data_offsets")
-            .and_then(Value::as_array)
-            .ok_or_else(entry_error)?
-            .iter()
-            .map(Value::as_u64)
-            .collect::<Option<_>>()
-            .ok_or_else(entry_error)?;
-        let [begin, end] = offsets[..] else {
-            return Err(entry_error());
-        };
-        let size = elt_size(&dtype)
-            .ok_or_else(|| anyhow!("{}: tensor `{name}` has unknown dtype {dtype}", bad()))?;
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        if end < begin || end - begin != numel * size || data_start + end > file_len {
-            bail!("{}: tensor `{name}` has data offsets that do not match its shape", bad());
-        }
+        let (begin, end) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
         out.push(StoredTensor {
             name,
             dtype,
-            shape,
+            shape: info.shape.iter().map(|&d| d as i64).collect(),
             file: index,
-            start: data_start + begin,
+            start: header.data_start + begin,
             len: end - begin,
         });
     }
