@@ -26,12 +26,11 @@
 
 use super::merge::all_finite;
 use crate::files::{read_safetensors, write_atomic};
-use crate::lora::peft::{self, AdapterConfig, WEIGHTS_FILE};
+use crate::lora::peft::{self, AdapterConfig, Halves, WEIGHTS_FILE};
 use crate::lora::{pattern_value, scale};
 use crate::model::layout::{AttnProjections, Layout, MlpProjections};
 use crate::model::spec::{Family, ModelSpec};
 use anyhow::{anyhow, bail, Context, Result};
-use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{Kind, Tensor};
 
@@ -130,21 +129,11 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
     let spec = ModelSpec::from_dir(model_dir)?;
     let layout = Layout::of(spec.family);
     let weights_path = adapter_dir.join(WEIGHTS_FILE);
-    let mut halves: BTreeMap<String, (Option<Tensor>, Option<Tensor>)> = BTreeMap::new();
-    for (key, tensor) in read_safetensors(&weights_path)? {
-        let (path, is_a) = peft::split_key(&key).ok_or_else(|| {
-            anyhow!(
-                "{}: tensor `{key}` is not a LoRA A or B matrix (llama.cpp adapters hold only those)",
-                weights_path.display()
-            )
-        })?;
-        let entry = halves.entry(path.to_string()).or_default();
-        if is_a {
-            entry.0 = Some(tensor);
-        } else {
-            entry.1 = Some(tensor);
-        }
-    }
+    let halves = peft::pair_halves(
+        &weights_path,
+        read_safetensors(&weights_path)?,
+        "llama.cpp adapters hold only LoRA A and B matrices",
+    )?;
     if halves.is_empty() {
         bail!("{}: the adapter has no tensors", weights_path.display());
     }
@@ -162,7 +151,7 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
 
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     // BTreeMap order is the order of the adapter file's keys, which the converter keeps.
-    for (path, (a, b)) in halves {
+    for (path, Halves { a, b }) in halves {
         let key_a = peft::key(&path, "lora_A");
         let key_b = peft::key(&path, "lora_B");
         let a = a.ok_or_else(|| anyhow!("{}: `{key_b}` has no `{key_a}`", weights_path.display()))?;

@@ -344,9 +344,6 @@ fn weight_name(source: &Source, layout: &Layout, path: &str) -> Option<String> {
     source.get(short).is_some().then(|| short.to_string())
 }
 
-/// An adapter tensor with its key in the adapter file.
-type Keyed = (String, Tensor);
-
 /// Reads the adapter and checks it against the model: every adapter tensor must belong to a
 /// module its config selects in this model, with shapes that fit the module's weight. Returns
 /// the update of each adapted weight, by the weight's tensor name.
@@ -358,23 +355,8 @@ fn adapter_deltas(
 ) -> Result<BTreeMap<String, Delta>> {
     let cfg = peft::read_config(adapter_dir)?;
     let file = adapter_dir.join(peft::WEIGHTS_FILE);
-    let mut halves: BTreeMap<String, (Option<Keyed>, Option<Keyed>)> = BTreeMap::new();
-    for (key, tensor) in read_safetensors(&file)? {
-        let Some((path, is_a)) = peft::split_key(&key) else {
-            bail!(
-                "{}: tensor `{key}` is not a LoRA weight (`base_model.model.<module>.lora_A.weight` \
-                 or `.lora_B.weight`); only plain LoRA adapters can be merged",
-                file.display()
-            );
-        };
-        let slot = halves.entry(path.to_string()).or_default();
-        let pair = Some((key.clone(), tensor.to_kind(Kind::Float)));
-        if is_a {
-            slot.0 = pair;
-        } else {
-            slot.1 = pair;
-        }
-    }
+    let mut halves =
+        peft::pair_halves(&file, read_safetensors(&file)?, "only plain LoRA adapters can be merged")?;
 
     let paths = linear_paths(spec, layout);
     let rank_of = |p: &str| paths.iter().position(|q| q == p);
@@ -382,10 +364,7 @@ fn adapter_deltas(
     modules.sort_by_key(|p| (rank_of(p).unwrap_or(usize::MAX), p.to_string()));
     for path in &modules {
         if rank_of(path).is_none() {
-            let key = match &halves[*path] {
-                (Some((k, _)), _) | (None, Some((k, _))) => k.clone(),
-                (None, None) => unreachable!("a module is recorded with one of its halves"),
-            };
+            let key = present_key(path, &halves[*path]);
             bail!(
                 "{}: tensor `{key}` adapts module `{path}`, which this `{}` model does not have \
                  (its linear layers are named like `{}`); the adapter was trained on a different base model",
@@ -400,9 +379,9 @@ fn adapter_deltas(
         .with_context(|| format!("{}", adapter_dir.join(peft::CONFIG_FILE).display()))?;
     let mut deltas = BTreeMap::new();
     for target in &targets {
-        let entry = halves.remove(&target.path).unwrap_or((None, None));
-        let (Some((a_key, a)), Some((b_key, b))) = entry else {
-            let missing = if entry.0.is_none() { "lora_A" } else { "lora_B" };
+        let entry = halves.remove(&target.path).unwrap_or_default();
+        let (Some(a), Some(b)) = (&entry.a, &entry.b) else {
+            let missing = if entry.a.is_none() { "lora_A" } else { "lora_B" };
             bail!(
                 "{}: no tensor `{}` for module `{}`, which adapter_config.json selects",
                 file.display(),
@@ -410,6 +389,8 @@ fn adapter_deltas(
                 target.path
             );
         };
+        let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
+        let (a_key, b_key) = (peft::key(&target.path, "lora_A"), peft::key(&target.path, "lora_B"));
         let name = weight_name(source, layout, &target.path).ok_or_else(|| {
             anyhow!(
                 "the model has no tensor `{}.weight` for the adapter's `{a_key}` (shape {:?})",
@@ -449,13 +430,18 @@ fn adapter_deltas(
         deltas.insert(name, Delta { a, b, scale, fan_in_fan_out });
     }
     if let Some((path, entry)) = halves.into_iter().next() {
-        let key = entry.0.or(entry.1).map(|(k, _)| k).unwrap_or_default();
+        let key = present_key(&path, &entry);
         bail!(
             "{}: tensor `{key}` adapts module `{path}`, which its adapter_config.json does not select",
             file.display()
         );
     }
     Ok(deltas)
+}
+
+/// The key of a half the adapter file holds for module `path` (A when it has both).
+fn present_key(path: &str, halves: &peft::Halves) -> String {
+    peft::key(path, if halves.a.is_some() { "lora_A" } else { "lora_B" })
 }
 
 /// One tensor's place in an output shard.

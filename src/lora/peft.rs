@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -28,6 +28,42 @@ pub fn split_key(key: &str) -> Option<(&str, bool)> {
         Some(path) => Some((path, true)),
         None => rest.strip_suffix(".lora_B.weight").map(|path| (path, false)),
     }
+}
+
+/// One module's two adapter matrices as an adapter file holds them; either may be missing.
+#[derive(Debug, Default)]
+pub struct Halves {
+    /// `lora_A`, `[r, in]`.
+    pub a: Option<Tensor>,
+    /// `lora_B`, `[out, r]`.
+    pub b: Option<Tensor>,
+}
+
+/// The tensors read from the adapter file `file`, paired by module path (in path order). Every
+/// key must be a `lora_A` or `lora_B` weight; `only` says why in the error (what the caller can
+/// use).
+pub fn pair_halves(
+    file: &Path,
+    tensors: Vec<(String, Tensor)>,
+    only: &str,
+) -> Result<BTreeMap<String, Halves>> {
+    let mut halves: BTreeMap<String, Halves> = BTreeMap::new();
+    for (key, tensor) in tensors {
+        let Some((path, is_a)) = split_key(&key) else {
+            bail!(
+                "{}: tensor `{key}` is not a LoRA weight (`{KEY_PREFIX}<module>.lora_A.weight` or \
+                 `.lora_B.weight`); {only}",
+                file.display()
+            );
+        };
+        let entry = halves.entry(path.to_string()).or_default();
+        if is_a {
+            entry.a = Some(tensor);
+        } else {
+            entry.b = Some(tensor);
+        }
+    }
+    Ok(halves)
 }
 
 /// `adapter_config.json` as PEFT writes it for a LoRA adapter of a causal LM.
@@ -313,6 +349,26 @@ pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Injected>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halves_pair_by_module_path() {
+        let file = Path::new("run/adapter/adapter_model.safetensors");
+        let t = || Tensor::zeros([1], (Kind::Float, Device::Cpu));
+        let (q, v) = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj");
+        let tensors = vec![(key(q, "lora_B"), t()), (key(v, "lora_A"), t()), (key(q, "lora_A"), t())];
+        let halves = pair_halves(file, tensors, "why").unwrap();
+        let present: Vec<_> =
+            halves.iter().map(|(p, h)| (p.as_str(), h.a.is_some(), h.b.is_some())).collect();
+        assert_eq!(present, [(q, true, true), (v, true, false)]);
+
+        let err = pair_halves(file, vec![(format!("base_model.model.{q}.weight"), t())], "why").unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.starts_with(&format!("{}: tensor `base_model.model.{q}.weight`", file.display())),
+            "{err}"
+        );
+        assert!(err.ends_with("why"), "{err}");
+    }
 
     #[test]
     fn wrong_types_are_refused_naming_the_file_and_key() {
