@@ -279,7 +279,9 @@ fn locate(spec: &ModelSpec, layout: &Layout, path: &str) -> Result<Module> {
         bail!("module `{path}`: layer {layer} does not exist, the model has {} layers", spec.num_layers);
     }
     let (block, leaf) = rest.split_once('.').ok_or_else(not_in_model)?;
-    let llama_rope = matches!(spec.family, Family::Llama | Family::Mistral);
+    // llama.cpp's `llama` architecture rotates interleaved pairs, so its converter
+    // (`LlamaModel.permute`) reorders q/k rows; its other architectures rotate halves, as HF does.
+    let llama_rope = arch_name(spec.family) == "llama";
     let (name, shape, rope_heads) = if block == layout.attn {
         match (layout.attn_projections, leaf) {
             (AttnProjections::Separate { q, .. }, l) if l == q => {
