@@ -71,51 +71,10 @@ pub use messages::{
 };
 pub use template::ChatTemplate;
 
+use crate::config::TrainOn;
 use anyhow::{anyhow, bail, Result};
 use jinja::py_json;
-use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::ops::Range;
-use std::str::FromStr;
-
-/// Which parts of a rendered conversation carry loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainOn {
-    /// Every assistant turn.
-    #[default]
-    AssistantTurns,
-    /// Only the last assistant turn; earlier ones are context.
-    LastAssistantTurn,
-    /// The whole rendered text, prompts included.
-    All,
-}
-
-impl FromStr for TrainOn {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<TrainOn> {
-        Ok(match s {
-            "assistant_turns" => TrainOn::AssistantTurns,
-            "last_assistant_turn" => TrainOn::LastAssistantTurn,
-            "all" => TrainOn::All,
-            other => bail!(
-                "unknown train_on value `{other}` (accepted: assistant_turns, \
-                 last_assistant_turn, all)"
-            ),
-        })
-    }
-}
-
-impl fmt::Display for TrainOn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TrainOn::AssistantTurns => "assistant_turns",
-            TrainOn::LastAssistantTurn => "last_assistant_turn",
-            TrainOn::All => "all",
-        })
-    }
-}
 
 /// Length in bytes of the longest common prefix of `a` and `b`, on a character boundary.
 fn common_prefix_len(a: &str, b: &str) -> usize {
@@ -382,7 +341,7 @@ pub fn render_segments(
     }
     let (text, spans) = assistant_spans(template, chat)?;
     let trainable: &[Range<usize>] = match train_on {
-        TrainOn::LastAssistantTurn => match spans.len() {
+        TrainOn::Last => match spans.len() {
             0 => &[],
             n => &spans[n - 1..],
         },
@@ -435,7 +394,7 @@ mod tests {
             Message::new("user", "bye"),
             Message::new("assistant", "ciao"),
         ];
-        let segs = render_segments(&t, &msgs.to_vec().into(), TrainOn::AssistantTurns).unwrap();
+        let segs = render_segments(&t, &msgs.to_vec().into(), TrainOn::Assistant).unwrap();
         let trained: Vec<&str> = segs.iter().filter(|s| s.1).map(|s| s.0.as_str()).collect();
         assert_eq!(trained, [" hello </s>", " ciao </s>"]);
     }
