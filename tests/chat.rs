@@ -5,6 +5,7 @@
 
 mod common;
 
+use lorafit::config::TrainOn;
 use lorafit::data::chat::*;
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
@@ -95,12 +96,12 @@ fn qwen3_renders_like_transformers_with_the_same_spans() {
         assert_eq!(got, want, "{name}: assistant spans");
         let want_texts: Vec<String> = serde_json::from_value(case["span_texts"].clone()).unwrap();
 
-        let segs = render_segments(&template, &conv(&messages), TrainOn::AssistantTurns).unwrap();
+        let segs = render_segments(&template, &conv(&messages), TrainOn::Assistant).unwrap();
         assert_eq!(joined(&segs), text, "{name}");
         assert_alternating(&segs);
         assert_eq!(trained(&segs), want_texts, "{name}: assistant turns");
 
-        let segs = render_segments(&template, &conv(&messages), TrainOn::LastAssistantTurn).unwrap();
+        let segs = render_segments(&template, &conv(&messages), TrainOn::Last).unwrap();
         assert_eq!(joined(&segs), text, "{name}");
         assert_alternating(&segs);
         assert_eq!(trained(&segs), [want_texts.last().unwrap().as_str()], "{name}: last");
@@ -145,7 +146,7 @@ fn builtin_chatml() {
     );
     assert_eq!(t.bos_token(), None);
     assert_eq!(t.eos_token(), Some("<|im_end|>"));
-    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap();
     assert_eq!(
         segs,
         vec![
@@ -180,7 +181,7 @@ fn builtin_llama3() {
     assert_eq!(t.eos_token(), Some("<|eot_id|>"));
     assert_eq!(t.end_of_turn().unwrap(), "<|eot_id|>");
 
-    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap();
     assert_eq!(joined(&segs), text);
     assert_eq!(trained(&segs), ["Hello!<|eot_id|>"]);
 
@@ -199,15 +200,12 @@ fn train_on_variants_with_three_turns() {
         ("user", "e"),
         ("assistant", "f"),
     ]);
-    let all = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
+    let all = render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap();
     assert_eq!(trained(&all), ["b<|im_end|>", "d<|im_end|>", "f<|im_end|>"]);
-    let last = render_segments(&t, &conv(&m), TrainOn::LastAssistantTurn).unwrap();
+    let last = render_segments(&t, &conv(&m), TrainOn::Last).unwrap();
     assert_eq!(last.len(), 3);
     assert_eq!(trained(&last), ["f<|im_end|>"]);
     assert_eq!(joined(&last), joined(&all));
-    assert_eq!("last_assistant_turn".parse::<TrainOn>().unwrap(), TrainOn::LastAssistantTurn);
-    assert_eq!(TrainOn::AssistantTurns.to_string(), "assistant_turns");
-    assert!("assistant".parse::<TrainOn>().is_err());
 }
 
 #[test]
@@ -218,7 +216,7 @@ fn spans_survive_content_that_looks_like_markers() {
         ("user", "What ends a turn?"),
         ("assistant", "The text <|im_end|> ends a turn. What ends a turn?"),
     ]);
-    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap();
     assert_eq!(trained(&segs), ["The text <|im_end|> ends a turn. What ends a turn?<|im_end|>"]);
 }
 
@@ -230,7 +228,7 @@ fn templates_without_generation_prompt_keep_the_header_untrained() {
     let t = ChatTemplate::from_source(src.into(), "t".into(), None, Some("</s>".into())).unwrap();
     assert_eq!(t.end_of_turn().unwrap(), "</s>");
     let m = msgs(&[("user", "a"), ("assistant", "ASSISTANT"), ("user", "b"), ("assistant", "t")]);
-    let segs = render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap();
+    let segs = render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap();
     assert_eq!(joined(&segs), "USER: a ASSISTANT: ASSISTANT</s>USER: b ASSISTANT: t</s>");
     assert_eq!(trained(&segs), [" ASSISTANT</s>", " t</s>"]);
 }
@@ -242,14 +240,14 @@ fn templates_that_change_the_text_fail_clearly() {
                {% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}";
     let t = ChatTemplate::from_source(src.into(), "test template".into(), None, None).unwrap();
     let m = msgs(&[("user", "q"), ("assistant", "fine"), ("user", "q2"), ("assistant", "a secret")]);
-    let e = format!("{:#}", render_segments(&t, &conv(&m), TrainOn::AssistantTurns).unwrap_err());
+    let e = format!("{:#}", render_segments(&t, &conv(&m), TrainOn::Assistant).unwrap_err());
     assert!(e.contains("assistant message 4") && e.contains("test template"), "{e}");
     // Drops all assistant text: even the end-of-turn probe fails, naming the template.
     let src = "{% for m in messages %}<|{{ m.role }}|>{% if m.role == 'assistant' %}[redacted]{% else %}{{ m.content }}{% endif %}<|end|>{% endfor %}";
     let t = ChatTemplate::from_source(src.into(), "test template".into(), None, None).unwrap();
     let e = format!(
         "{:#}",
-        render_segments(&t, &conv(&msgs(&[("user", "q"), ("assistant", "secret")])), TrainOn::AssistantTurns)
+        render_segments(&t, &conv(&msgs(&[("user", "q"), ("assistant", "secret")])), TrainOn::Assistant)
             .unwrap_err()
     );
     assert!(e.contains("end-of-turn marker") && e.contains("test template"), "{e}");
@@ -488,14 +486,14 @@ fn real_chat_datasets_render_with_qwen3() {
                 }
             };
             let n_assistant = messages.iter().filter(|m| m.role == "assistant").count();
-            let segs = render_segments(&template, &conv(&messages), TrainOn::AssistantTurns)
+            let segs = render_segments(&template, &conv(&messages), TrainOn::Assistant)
                 .unwrap_or_else(|e| panic!("{name}:{row}: {e:#}"));
             let text = template.render(&messages, false).unwrap();
             assert_eq!(joined(&segs), text, "{name}:{row}");
             let spans = trained(&segs);
             assert_eq!(spans.len(), n_assistant, "{name}:{row}");
             assert!(spans.iter().all(|s| s.ends_with("<|im_end|>")), "{name}:{row}");
-            let last = render_segments(&template, &conv(&messages), TrainOn::LastAssistantTurn).unwrap();
+            let last = render_segments(&template, &conv(&messages), TrainOn::Last).unwrap();
             assert_eq!(trained(&last).len(), 1, "{name}:{row}");
             ok += 1;
             turns += n_assistant;

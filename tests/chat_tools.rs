@@ -7,7 +7,7 @@
 
 mod common;
 
-use lorafit::config::{Config, DataFormat};
+use lorafit::config::{Config, DataFormat, TrainOn};
 use lorafit::data::chat::*;
 use lorafit::data::format::{prepare, segments, ChatFormat};
 use lorafit::data::source::read_split;
@@ -116,7 +116,7 @@ fn tool_datasets_render_like_transformers_and_train_exactly_the_assistant_turns(
             turns += assistant.count();
             results += pairs(&want["tool_results"]).len();
             // Only the final turn trained.
-            let last = render_segments(&chat.template, &conversation, TrainOn::LastAssistantTurn).unwrap();
+            let last = render_segments(&chat.template, &conversation, TrainOn::Last).unwrap();
             assert_eq!(
                 trained_ranges(&last),
                 pairs(&want["spans"]).split_off(trained.len() - 1),

@@ -178,11 +178,6 @@ fn alpaca_tiny_json_array() {
     assert!(str_of(first, "output").starts_with("1.Eat a balanced diet and make sure"));
     assert_eq!(str_of(&records[5], "input"), "Twitter, Instagram, Telegram");
     assert_eq!(str_of(&records[99], "instruction"), "Classify the following statement as true or false.");
-    // string_field, as data::format uses it, names the record's own file and row.
-    assert_eq!(string_field(&path, first, "input", true).unwrap(), Some(""));
-    let e = string_field(&path, &records[6], "response", true).unwrap_err();
-    let e = format!("{e:#}");
-    assert!(e.contains("alpaca_tiny_torchtune.json:7:") && e.contains("instruction"), "{e}");
 }
 
 #[test]

@@ -8,7 +8,7 @@ use common::fixture;
 
 use lorafit::data::format::{Example, IGNORE};
 use lorafit::data::Batch;
-use lorafit::model::decoder::attention_mask;
+use lorafit::model::attention::attention_mask;
 use lorafit::model::load_model;
 use lorafit::train::token_loss;
 use tch::{Device, Kind, Tensor};

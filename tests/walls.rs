@@ -253,7 +253,8 @@ fn references(module_path: &[&str], source: &str, root: &str) -> Vec<Reference> 
             {
                 found.extend(roots_at(&tokens, i + 2));
             }
-            Token::Ident(word) if starts_path && word == "super" => {
+            // `pub(super)` names no path: only `super::` climbs.
+            Token::Ident(word) if starts_path && word == "super" && is(&tokens, i + 1, &Token::PathSep) => {
                 let mut climbs = 0;
                 let mut j = i;
                 while ident(&tokens, j) == Some("super") && is(&tokens, j + 1, &Token::PathSep) {
@@ -383,6 +384,7 @@ mod tests {
     use super::super::super::generate;
 }
 let r = r"crate::inspect";
+pub(super) fn g() {}
 "#;
     let found = references(&["model", "decoder"], source, "crate");
     let found: Vec<(usize, &str)> = found.iter().map(|r| (r.line, r.module.as_str())).collect();

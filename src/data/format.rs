@@ -6,7 +6,7 @@
 
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
-use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong, TrainOn};
+use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -374,12 +374,7 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
             let tools = column(cfg, chat::TOOLS_FIELD);
             let conversation =
                 chat::parse_conversation(&record.file, record.row, &record.fields, field, tools)?;
-            let train_on = match cfg.train_on {
-                TrainOn::Assistant => chat::TrainOn::AssistantTurns,
-                TrainOn::Last => chat::TrainOn::LastAssistantTurn,
-                TrainOn::All => chat::TrainOn::All,
-            };
-            chat::render_segments(&template.template, &conversation, train_on)?
+            chat::render_segments(&template.template, &conversation, cfg.train_on)?
         }
     })
 }

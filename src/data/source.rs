@@ -933,33 +933,6 @@ fn dictionary<K: DictionaryKey>(array: &dyn Array, column: &str) -> std::result:
         .collect()
 }
 
-/// The string field `name` of a record, or an error naming the record's file (or `path` for a
-/// record built by hand), its row and the columns present.
-pub fn string_field<'a>(
-    path: &Path,
-    record: &'a Record,
-    name: &str,
-    required: bool,
-) -> Result<Option<&'a str>> {
-    let file = if record.file.as_os_str().is_empty() { path } else { record.file.as_path() };
-    match record.fields.get(name) {
-        Some(Value::String(s)) => Ok(Some(s)),
-        None | Some(Value::Null) if !required => Ok(None),
-        None => {
-            let present: Vec<&str> = record.fields.keys().map(String::as_str).collect();
-            bail!(
-                "{}:{}: the row has no `{name}` field (it has: {}); check data.format",
-                file.display(),
-                record.row,
-                present.join(", ")
-            )
-        }
-        Some(other) => {
-            bail!("{}:{}: `{name}` must be a string, found {}", file.display(), record.row, kind_name(other))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,11 @@
 //! device and in the dtypes a command asks for. Trainable adapters plug into its linear layers
 //! through [`LinearAdapter`], so the model knows nothing of how they are made or saved.
 
+pub mod attention;
 pub mod decoder;
 pub mod layout;
 pub mod load;
+mod rope;
 pub mod spec;
 pub mod weights;
 
