@@ -1,0 +1,254 @@
+//! Step 4 of loading: out-of-range values and missing required keys, each refused with a
+//! message that names the key.
+
+use std::path::Path;
+
+use super::{Config, DeviceName, TargetModules};
+
+impl Config {
+    pub(super) fn check(&self) -> std::result::Result<(), Invalid> {
+        let Config { model, lora, data, train, output } = self;
+
+        required_path(
+            "model.path",
+            &model.path,
+            "the Hugging Face model directory to fine-tune",
+            "path: models/SmolLM2-135M",
+        )?;
+
+        at_least("lora.r", lora.r, 1)?;
+        positive("lora.alpha", lora.alpha)?;
+        fraction("lora.dropout", lora.dropout)?;
+        if let TargetModules::List(names) = &lora.target_modules {
+            if names.is_empty() {
+                return Err(Invalid::new(
+                    "lora.target_modules",
+                    "`lora.target_modules` is empty; list at least one module name \
+                     (e.g. [q_proj, v_proj]) or write `all-linear`"
+                        .to_string(),
+                ));
+            }
+            if let Some(index) = names.iter().position(|name| name.trim().is_empty()) {
+                return Err(Invalid::new(
+                    "lora.target_modules",
+                    format!(
+                        "`lora.target_modules[{index}]` is an empty name; every entry must be \
+                         a module name such as `q_proj`"
+                    ),
+                ));
+            }
+        }
+
+        if lora.exclude_modules == Some(TargetModules::AllLinear) {
+            return Err(Invalid::new(
+                "lora.exclude_modules",
+                "`lora.exclude_modules` cannot be `all-linear`; give a list of module names or a regex"
+                    .to_string(),
+            ));
+        }
+        for (pattern, &r) in &lora.rank_pattern {
+            valid_pattern("lora.rank_pattern", pattern)?;
+            at_least("lora.rank_pattern", r, 1)?;
+        }
+        for (pattern, &alpha) in &lora.alpha_pattern {
+            valid_pattern("lora.alpha_pattern", pattern)?;
+            positive("lora.alpha_pattern", alpha)?;
+        }
+
+        required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl")?;
+        if let Some(validation) = &data.validation {
+            if validation.as_os_str().is_empty() {
+                return Err(Invalid::new(
+                    "data.validation",
+                    "`data.validation` is an empty path; give a file or null for no validation".to_string(),
+                ));
+            }
+        }
+        at_least("data.max_seq_len", data.max_seq_len, 2)?;
+        if let Some(share) = data.val_split {
+            if !(share > 0.0 && share < 1.0) {
+                return Err(Invalid::new(
+                    "data.val_split",
+                    format!("`data.val_split` must be between 0 and 1 (e.g. 0.05), got {share}"),
+                ));
+            }
+            if data.validation.is_some() {
+                return Err(Invalid::new(
+                    "data.val_split",
+                    "give either `data.validation` (a file) or `data.val_split` (a share of the \
+                     training records), not both"
+                        .to_string(),
+                ));
+            }
+        }
+        if data.chat_template.trim().is_empty() {
+            return Err(Invalid::new(
+                "data.chat_template",
+                "`data.chat_template` is empty; use auto, chatml, llama3 or a Jinja template".to_string(),
+            ));
+        }
+
+        match train.max_steps {
+            Some(0) => {
+                return Err(Invalid::new(
+                    "train.max_steps",
+                    "`train.max_steps` must be at least 1 (got 0), or null to run \
+                     `train.epochs` epochs"
+                        .to_string(),
+                ))
+            }
+            Some(_) => {}
+            None if train.epochs == 0 => {
+                return Err(Invalid::new(
+                    "train.epochs",
+                    "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
+                ))
+            }
+            None => {}
+        }
+        at_least("train.micro_batch_size", train.micro_batch_size, 1)?;
+        at_least("train.grad_accum_steps", train.grad_accum_steps, 1)?;
+        positive("train.lr", train.lr)?;
+        if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
+            return Err(Invalid::new(
+                "train.weight_decay",
+                format!("`train.weight_decay` must be a finite number >= 0, got {}", train.weight_decay),
+            ));
+        }
+        fraction("train.adam_beta1", train.adam_beta1)?;
+        fraction("train.adam_beta2", train.adam_beta2)?;
+        positive("train.adam_eps", train.adam_eps)?;
+        if let Some(norm) = train.max_grad_norm {
+            if !(norm > 0.0 && norm.is_finite()) {
+                return Err(Invalid::new(
+                    "train.max_grad_norm",
+                    format!(
+                        "`train.max_grad_norm` must be a finite number > 0, got {norm}; \
+                         use null to disable clipping"
+                    ),
+                ));
+            }
+        }
+        if DeviceName::parse(&train.device).is_none() {
+            return Err(Invalid::new(
+                "train.device",
+                format!(
+                    "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N` (N = GPU index), \
+                     got `{}`",
+                    train.device
+                ),
+            ));
+        }
+        if train.threads == Some(0) {
+            return Err(Invalid::new(
+                "train.threads",
+                "`train.threads` must be at least 1 (got 0), or null to use all cores".to_string(),
+            ));
+        }
+        at_least("train.log_every", train.log_every, 1)?;
+        if train.save_every == Some(0) {
+            return Err(Invalid::new(
+                "train.save_every",
+                "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
+            ));
+        }
+        for (key, value) in [
+            ("train.keep_last", train.keep_last),
+            ("train.eval_every", train.eval_every),
+            ("train.early_stopping_patience", train.early_stopping_patience),
+        ] {
+            if value == Some(0) {
+                return Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null")));
+            }
+        }
+
+        if output.dir.as_os_str().is_empty() {
+            return Err(Invalid::new(
+                "output.dir",
+                "`output.dir` is empty; give a directory such as `checkpoints`".to_string(),
+            ));
+        }
+        if let Some(name) = &output.run_name {
+            let problem = if name.is_empty() {
+                Some("must not be empty")
+            } else if name.contains('/') || name.contains('\\') {
+                Some("must not contain a path separator")
+            } else if name.starts_with('.') {
+                Some("must not start with '.'")
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(Invalid::new(
+                    "output.run_name",
+                    format!(
+                        "`output.run_name` {problem} (got `{name}`); it names one directory \
+                         under `output.dir`, or null to generate a name"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value refused by validation: the dotted key and a message that names it.
+pub(super) struct Invalid {
+    pub(super) key: &'static str,
+    pub(super) message: String,
+}
+
+impl Invalid {
+    fn new(key: &'static str, message: String) -> Self {
+        Invalid { key, message }
+    }
+}
+
+fn required_path(
+    key: &'static str,
+    path: &Path,
+    what: &str,
+    example: &str,
+) -> std::result::Result<(), Invalid> {
+    if !path.as_os_str().is_empty() {
+        return Ok(());
+    }
+    let (section, _) = key.split_once('.').unwrap_or((key, ""));
+    Err(Invalid::new(
+        key,
+        format!(
+            "missing required key `{key}` ({what}); add a line such as `{example}` under \
+             `{section}:`, or pass `--set {key}=...`"
+        ),
+    ))
+}
+
+fn at_least(key: &'static str, value: usize, min: usize) -> std::result::Result<(), Invalid> {
+    if value >= min {
+        return Ok(());
+    }
+    Err(Invalid::new(key, format!("`{key}` must be at least {min}, got {value}")))
+}
+
+fn positive(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
+    if value > 0.0 && value.is_finite() {
+        return Ok(());
+    }
+    Err(Invalid::new(key, format!("`{key}` must be a finite number > 0, got {value}")))
+}
+
+/// In [0, 1).
+fn fraction(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
+    if (0.0..1.0).contains(&value) {
+        return Ok(());
+    }
+    Err(Invalid::new(key, format!("`{key}` must be in [0, 1) (at least 0 and below 1), got {value}")))
+}
+
+/// A rank/alpha pattern key must be a valid regex.
+fn valid_pattern(key: &'static str, pattern: &str) -> std::result::Result<(), Invalid> {
+    match regex::Regex::new(pattern) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Invalid::new(key, format!("`{key}` key `{pattern}` is not a valid regex: {e}"))),
+    }
+}
