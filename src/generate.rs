@@ -2,7 +2,7 @@
 //! work, and greedy or sampled choice (temperature, top-k, top-p, seeded); and `lorafit
 //! generate`, which puts a prompt to a model as a run's data put its examples.
 
-use crate::config::{Config, DataFormat};
+use crate::config::Config;
 use crate::data::format::{ChatFormat, PromptFormat, TextTokenizer};
 use crate::lora::peft;
 use crate::model::{load_model, Decoder, KvCache, ModelSpec};
@@ -197,10 +197,7 @@ pub fn generate_command(opts: &GenerateOptions, out: &mut dyn Write) -> Result<(
     let spec = ModelSpec::from_dir(&model_dir)?;
     let tok = TextTokenizer::from_model_dir(&model_dir, &spec.eos_token_ids)?;
     let chat = match &run_config {
-        Some(cfg) if cfg.data.format == DataFormat::Chat => {
-            Some(ChatFormat::resolve(&cfg.data.chat_template, &model_dir)?)
-        }
-        Some(_) => None,
+        Some(cfg) => ChatFormat::of_data(&cfg.data, &model_dir)?,
         None if opts.chat => Some(ChatFormat::resolve(&opts.template, &model_dir)?),
         None => None,
     };

@@ -69,24 +69,13 @@ impl TextTokenizer {
 
     /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds (BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        Ok(self.encode_batch(&[text], add_special_tokens)?.remove(0))
+        let encoding =
+            self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 
-    /// [`TextTokenizer::encode`] for many texts, in parallel.
-    pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Vec<i64>>> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), add_special_tokens)
-            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
-        Ok(encodings.iter().map(|e| e.get_ids().iter().map(|&id| id as i64).collect()).collect())
-    }
-
-    /// [`TextTokenizer::encode_batch`] with each token's byte range in its text.
-    pub fn encode_batch_with_offsets(
-        &self,
-        texts: &[&str],
-        add_special_tokens: bool,
-    ) -> Result<Vec<Encoded>> {
+    /// Many texts encoded in parallel, each token with the byte range of its text.
+    pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Encoded>> {
         let encodings = self
             .inner
             .encode_batch(texts.to_vec(), add_special_tokens)
@@ -150,6 +139,15 @@ pub struct ChatFormat {
 impl ChatFormat {
     /// The names `data.chat_template` accepts besides a `.jinja` file or Jinja text.
     pub const NAMES: [&'static str; 3] = ["auto", "chatml", "llama3"];
+
+    /// The chat format of data prepared with `cfg` for the model in `model_dir`: none unless the
+    /// data are chats.
+    pub fn of_data(cfg: &DataConfig, model_dir: &Path) -> Result<Option<ChatFormat>> {
+        match cfg.format {
+            DataFormat::Chat => Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?)),
+            _ => Ok(None),
+        }
+    }
 
     /// `data.chat_template`: `auto` (the model's own template; an error when it has none),
     /// `chatml` or `llama3` (built in), a path to a `.jinja` file, or the template text itself.
@@ -398,7 +396,7 @@ enum Encoding {
 fn tokenize_all(tok: &TextTokenizer, all: &[Segments], encoding: Encoding) -> Result<Vec<Example>> {
     let texts: Vec<String> = all.iter().map(|segs| segs.iter().map(|(t, _)| t.as_str()).collect()).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let encoded = tok.encode_batch_with_offsets(&refs, encoding == Encoding::Text)?;
+    let encoded = tok.encode_batch(&refs, encoding == Encoding::Text)?;
     let mut out = Vec::with_capacity(all.len());
     for (segs, Encoded { ids, offsets }) in all.iter().zip(encoded) {
         let trainable = trainable_bytes(segs);

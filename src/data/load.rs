@@ -5,7 +5,7 @@
 use super::cache;
 use super::format::{prepare_splits, ChatFormat, Prepared, TextTokenizer};
 use super::source::expand_paths;
-use crate::config::{Config, DataFormat};
+use crate::config::Config;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -70,10 +70,7 @@ impl RunData {
 /// `<output.dir>/.data-cache/` when the same inputs were prepared before.
 pub fn load_data(cfg: &Config, eos_token_ids: &[i64]) -> Result<RunData> {
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, eos_token_ids)?;
-    let chat = match cfg.data.format {
-        DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path)?),
-        _ => None,
-    };
+    let chat = ChatFormat::of_data(&cfg.data, &cfg.model.path)?;
     let mut key = cache::CacheKey::default();
     key.add_bytes(cache::FORMAT_VERSION)
         .add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
