@@ -272,7 +272,8 @@ fn real_data_batches(
 ) -> Result<Vec<Batch>> {
     let model_path = format!("model.path={}", model_dir.display());
     let cfg = Config::load(config, &[model_path])?;
-    let data = load_data(&cfg, &ModelSpec::from_dir(model_dir)?.eos_token_ids)?;
+    let spec = ModelSpec::from_dir(model_dir)?;
+    let data = load_data(&cfg, &spec.eos_token_ids, spec.vocab_size)?;
     let examples = &data.train.examples;
     let lines: Vec<String> =
         examples.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels}).to_string()).collect();

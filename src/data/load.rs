@@ -27,7 +27,7 @@ impl RunData {
     /// Refuses data the model cannot embed: a token id at or beyond the model's `embedding_rows`
     /// (config.json's `vocab_size`), freshly prepared or read from the cache. A tokenizer with
     /// more ids than that, none of which the data uses, only gets a warning.
-    pub fn check_vocabulary(&self, embedding_rows: i64) -> Result<()> {
+    fn check_vocabulary(&self, embedding_rows: i64) -> Result<()> {
         let sets = std::iter::once(("training", &self.train))
             .chain(self.validation.iter().map(|v| ("validation", v)));
         for (name, set) in sets {
@@ -66,9 +66,10 @@ impl RunData {
 }
 
 /// Reads and prepares the data `cfg` names for the model in `cfg.model.path` (whose
-/// `config.json` gives `eos_token_ids`), or takes it from the data cache in
-/// `<output.dir>/.data-cache/` when the same inputs were prepared before.
-pub fn load_data(cfg: &Config, eos_token_ids: &[i64]) -> Result<RunData> {
+/// `config.json` gives `eos_token_ids` and, as `vocab_size`, its `embedding_rows`), or takes it
+/// from the data cache in `<output.dir>/.data-cache/` when the same inputs were prepared before.
+/// Either way every id is checked against the embedding before the data is returned.
+pub fn load_data(cfg: &Config, eos_token_ids: &[i64], embedding_rows: i64) -> Result<RunData> {
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, eos_token_ids)?;
     let chat = ChatFormat::of_data(&cfg.data, &cfg.model.path)?;
     let mut key = cache::CacheKey::default();
@@ -84,9 +85,15 @@ pub fn load_data(cfg: &Config, eos_token_ids: &[i64]) -> Result<RunData> {
         }
     }
     let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
-    if let Some((train, validation)) = cache::load(&entry) {
-        return Ok(RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry });
-    }
-    let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
-    Ok(RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry })
+    let data = match cache::load(&entry) {
+        Some((train, validation)) => {
+            RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry }
+        }
+        None => {
+            let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
+            RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry }
+        }
+    };
+    data.check_vocabulary(embedding_rows)?;
+    Ok(data)
 }

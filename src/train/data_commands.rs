@@ -20,8 +20,7 @@ pub enum Split {
 fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData)> {
     let cfg = Config::load(config, overrides)?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let data = load_data(&cfg, &spec.eos_token_ids)?;
-    data.check_vocabulary(spec.vocab_size)?;
+    let data = load_data(&cfg, &spec.eos_token_ids, spec.vocab_size)?;
     Ok((cfg, data))
 }
 

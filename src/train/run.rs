@@ -282,10 +282,9 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
     let spinner = spinner("preparing data", opts.log_format == LogFormat::Text);
-    let data = load_data(cfg, &spec.eos_token_ids);
+    let data = load_data(cfg, &spec.eos_token_ids, spec.vocab_size);
     spinner.finish_and_clear();
     let data = data?;
-    data.check_vocabulary(spec.vocab_size)?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
     let mut model = load_model_for(cfg, device)?;
     let lora_cfg = match &cfg.lora.init_from {
@@ -635,8 +634,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
         tch::set_num_threads(threads as i32);
     }
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let data = load_data(cfg, &spec.eos_token_ids)?;
-    data.check_vocabulary(spec.vocab_size)?;
+    let data = load_data(cfg, &spec.eos_token_ids, spec.vocab_size)?;
     let Some(validation) = &data.validation else {
         bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
     };
