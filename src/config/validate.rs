@@ -3,193 +3,225 @@
 
 use std::path::Path;
 
-use super::{Config, DeviceName, TargetModules};
+use super::{
+    Config, DataConfig, DeviceName, LoraConfig, ModelConfig, OutputConfig, TargetModules, TrainConfig,
+};
+
+type Checked = std::result::Result<(), Invalid>;
 
 impl Config {
-    pub(super) fn check(&self) -> std::result::Result<(), Invalid> {
+    /// The first refused value, section by section in file order.
+    pub(super) fn check(&self) -> Checked {
         let Config { model, lora, data, train, output } = self;
+        check_model(model)?;
+        check_lora(lora)?;
+        check_data(data)?;
+        check_train_length(train)?;
+        check_optimizer(train)?;
+        check_runtime(train)?;
+        check_output(output)
+    }
+}
 
-        required_path(
-            "model.path",
-            &model.path,
-            "the Hugging Face model directory to fine-tune",
-            "path: models/SmolLM2-135M",
-        )?;
+fn check_model(model: &ModelConfig) -> Checked {
+    required_path(
+        "model.path",
+        &model.path,
+        "the Hugging Face model directory to fine-tune",
+        "path: models/SmolLM2-135M",
+    )
+}
 
-        at_least("lora.r", lora.r, 1)?;
-        positive("lora.alpha", lora.alpha)?;
-        fraction("lora.dropout", lora.dropout)?;
-        if let TargetModules::List(names) = &lora.target_modules {
-            if names.is_empty() {
-                return Err(Invalid::new(
-                    "lora.target_modules",
-                    "`lora.target_modules` is empty; list at least one module name \
-                     (e.g. [q_proj, v_proj]) or write `all-linear`"
-                        .to_string(),
-                ));
-            }
-            if let Some(index) = names.iter().position(|name| name.trim().is_empty()) {
-                return Err(Invalid::new(
-                    "lora.target_modules",
-                    format!(
-                        "`lora.target_modules[{index}]` is an empty name; every entry must be \
-                         a module name such as `q_proj`"
-                    ),
-                ));
-            }
-        }
-
-        if lora.exclude_modules == Some(TargetModules::AllLinear) {
+fn check_lora(lora: &LoraConfig) -> Checked {
+    at_least("lora.r", lora.r, 1)?;
+    positive("lora.alpha", lora.alpha)?;
+    fraction("lora.dropout", lora.dropout)?;
+    if let TargetModules::List(names) = &lora.target_modules {
+        if names.is_empty() {
             return Err(Invalid::new(
-                "lora.exclude_modules",
-                "`lora.exclude_modules` cannot be `all-linear`; give a list of module names or a regex"
+                "lora.target_modules",
+                "`lora.target_modules` is empty; list at least one module name \
+                 (e.g. [q_proj, v_proj]) or write `all-linear`"
                     .to_string(),
             ));
         }
-        for (pattern, &r) in &lora.rank_pattern {
-            valid_pattern("lora.rank_pattern", pattern)?;
-            at_least("lora.rank_pattern", r, 1)?;
-        }
-        for (pattern, &alpha) in &lora.alpha_pattern {
-            valid_pattern("lora.alpha_pattern", pattern)?;
-            positive("lora.alpha_pattern", alpha)?;
-        }
-
-        required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl")?;
-        if let Some(validation) = &data.validation {
-            if validation.as_os_str().is_empty() {
-                return Err(Invalid::new(
-                    "data.validation",
-                    "`data.validation` is an empty path; give a file or null for no validation".to_string(),
-                ));
-            }
-        }
-        at_least("data.max_seq_len", data.max_seq_len, 2)?;
-        if let Some(share) = data.val_split {
-            if !(share > 0.0 && share < 1.0) {
-                return Err(Invalid::new(
-                    "data.val_split",
-                    format!("`data.val_split` must be between 0 and 1 (e.g. 0.05), got {share}"),
-                ));
-            }
-            if data.validation.is_some() {
-                return Err(Invalid::new(
-                    "data.val_split",
-                    "give either `data.validation` (a file) or `data.val_split` (a share of the \
-                     training records), not both"
-                        .to_string(),
-                ));
-            }
-        }
-        if data.chat_template.trim().is_empty() {
+        if let Some(index) = names.iter().position(|name| name.trim().is_empty()) {
             return Err(Invalid::new(
-                "data.chat_template",
-                "`data.chat_template` is empty; use auto, chatml, llama3 or a Jinja template".to_string(),
-            ));
-        }
-
-        match train.max_steps {
-            Some(0) => {
-                return Err(Invalid::new(
-                    "train.max_steps",
-                    "`train.max_steps` must be at least 1 (got 0), or null to run \
-                     `train.epochs` epochs"
-                        .to_string(),
-                ))
-            }
-            Some(_) => {}
-            None if train.epochs == 0 => {
-                return Err(Invalid::new(
-                    "train.epochs",
-                    "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
-                ))
-            }
-            None => {}
-        }
-        at_least("train.micro_batch_size", train.micro_batch_size, 1)?;
-        at_least("train.grad_accum_steps", train.grad_accum_steps, 1)?;
-        positive("train.lr", train.lr)?;
-        if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
-            return Err(Invalid::new(
-                "train.weight_decay",
-                format!("`train.weight_decay` must be a finite number >= 0, got {}", train.weight_decay),
-            ));
-        }
-        fraction("train.adam_beta1", train.adam_beta1)?;
-        fraction("train.adam_beta2", train.adam_beta2)?;
-        positive("train.adam_eps", train.adam_eps)?;
-        if let Some(norm) = train.max_grad_norm {
-            if !(norm > 0.0 && norm.is_finite()) {
-                return Err(Invalid::new(
-                    "train.max_grad_norm",
-                    format!(
-                        "`train.max_grad_norm` must be a finite number > 0, got {norm}; \
-                         use null to disable clipping"
-                    ),
-                ));
-            }
-        }
-        if DeviceName::parse(&train.device).is_none() {
-            return Err(Invalid::new(
-                "train.device",
+                "lora.target_modules",
                 format!(
-                    "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N` (N = GPU index), \
-                     got `{}`",
-                    train.device
+                    "`lora.target_modules[{index}]` is an empty name; every entry must be \
+                     a module name such as `q_proj`"
                 ),
             ));
         }
-        if train.threads == Some(0) {
-            return Err(Invalid::new(
-                "train.threads",
-                "`train.threads` must be at least 1 (got 0), or null to use all cores".to_string(),
-            ));
-        }
-        at_least("train.log_every", train.log_every, 1)?;
-        if train.save_every == Some(0) {
-            return Err(Invalid::new(
-                "train.save_every",
-                "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
-            ));
-        }
-        for (key, value) in [
-            ("train.keep_last", train.keep_last),
-            ("train.eval_every", train.eval_every),
-            ("train.early_stopping_patience", train.early_stopping_patience),
-        ] {
-            if value == Some(0) {
-                return Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null")));
-            }
-        }
-
-        if output.dir.as_os_str().is_empty() {
-            return Err(Invalid::new(
-                "output.dir",
-                "`output.dir` is empty; give a directory such as `checkpoints`".to_string(),
-            ));
-        }
-        if let Some(name) = &output.run_name {
-            let problem = if name.is_empty() {
-                Some("must not be empty")
-            } else if name.contains('/') || name.contains('\\') {
-                Some("must not contain a path separator")
-            } else if name.starts_with('.') {
-                Some("must not start with '.'")
-            } else {
-                None
-            };
-            if let Some(problem) = problem {
-                return Err(Invalid::new(
-                    "output.run_name",
-                    format!(
-                        "`output.run_name` {problem} (got `{name}`); it names one directory \
-                         under `output.dir`, or null to generate a name"
-                    ),
-                ));
-            }
-        }
-        Ok(())
     }
+    if lora.exclude_modules == Some(TargetModules::AllLinear) {
+        return Err(Invalid::new(
+            "lora.exclude_modules",
+            "`lora.exclude_modules` cannot be `all-linear`; give a list of module names or a regex"
+                .to_string(),
+        ));
+    }
+    for (pattern, &r) in &lora.rank_pattern {
+        valid_pattern("lora.rank_pattern", pattern)?;
+        at_least("lora.rank_pattern", r, 1)?;
+    }
+    for (pattern, &alpha) in &lora.alpha_pattern {
+        valid_pattern("lora.alpha_pattern", pattern)?;
+        positive("lora.alpha_pattern", alpha)?;
+    }
+    Ok(())
+}
+
+fn check_data(data: &DataConfig) -> Checked {
+    required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl")?;
+    if let Some(validation) = &data.validation {
+        if validation.as_os_str().is_empty() {
+            return Err(Invalid::new(
+                "data.validation",
+                "`data.validation` is an empty path; give a file or null for no validation".to_string(),
+            ));
+        }
+    }
+    at_least("data.max_seq_len", data.max_seq_len, 2)?;
+    if let Some(share) = data.val_split {
+        if !(share > 0.0 && share < 1.0) {
+            return Err(Invalid::new(
+                "data.val_split",
+                format!("`data.val_split` must be between 0 and 1 (e.g. 0.05), got {share}"),
+            ));
+        }
+        if data.validation.is_some() {
+            return Err(Invalid::new(
+                "data.val_split",
+                "give either `data.validation` (a file) or `data.val_split` (a share of the \
+                 training records), not both"
+                    .to_string(),
+            ));
+        }
+    }
+    if data.chat_template.trim().is_empty() {
+        return Err(Invalid::new(
+            "data.chat_template",
+            "`data.chat_template` is empty; use auto, chatml, llama3 or a Jinja template".to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// How long the run is and how its steps are made of micro-batches.
+fn check_train_length(train: &TrainConfig) -> Checked {
+    match train.max_steps {
+        Some(0) => {
+            return Err(Invalid::new(
+                "train.max_steps",
+                "`train.max_steps` must be at least 1 (got 0), or null to run \
+                 `train.epochs` epochs"
+                    .to_string(),
+            ))
+        }
+        Some(_) => {}
+        None if train.epochs == 0 => {
+            return Err(Invalid::new(
+                "train.epochs",
+                "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
+            ))
+        }
+        None => {}
+    }
+    at_least("train.micro_batch_size", train.micro_batch_size, 1)?;
+    at_least("train.grad_accum_steps", train.grad_accum_steps, 1)
+}
+
+/// AdamW and gradient clipping.
+fn check_optimizer(train: &TrainConfig) -> Checked {
+    positive("train.lr", train.lr)?;
+    if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
+        return Err(Invalid::new(
+            "train.weight_decay",
+            format!("`train.weight_decay` must be a finite number >= 0, got {}", train.weight_decay),
+        ));
+    }
+    fraction("train.adam_beta1", train.adam_beta1)?;
+    fraction("train.adam_beta2", train.adam_beta2)?;
+    positive("train.adam_eps", train.adam_eps)?;
+    if let Some(norm) = train.max_grad_norm {
+        if !(norm > 0.0 && norm.is_finite()) {
+            return Err(Invalid::new(
+                "train.max_grad_norm",
+                format!(
+                    "`train.max_grad_norm` must be a finite number > 0, got {norm}; \
+                     use null to disable clipping"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where the run computes and how often it logs, evaluates and saves.
+fn check_runtime(train: &TrainConfig) -> Checked {
+    if DeviceName::parse(&train.device).is_none() {
+        return Err(Invalid::new(
+            "train.device",
+            format!(
+                "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N` (N = GPU index), \
+                 got `{}`",
+                train.device
+            ),
+        ));
+    }
+    if train.threads == Some(0) {
+        return Err(Invalid::new(
+            "train.threads",
+            "`train.threads` must be at least 1 (got 0), or null to use all cores".to_string(),
+        ));
+    }
+    at_least("train.log_every", train.log_every, 1)?;
+    if train.save_every == Some(0) {
+        return Err(Invalid::new(
+            "train.save_every",
+            "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
+        ));
+    }
+    for (key, value) in [
+        ("train.keep_last", train.keep_last),
+        ("train.eval_every", train.eval_every),
+        ("train.early_stopping_patience", train.early_stopping_patience),
+    ] {
+        if value == Some(0) {
+            return Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null")));
+        }
+    }
+    Ok(())
+}
+
+fn check_output(output: &OutputConfig) -> Checked {
+    if output.dir.as_os_str().is_empty() {
+        return Err(Invalid::new(
+            "output.dir",
+            "`output.dir` is empty; give a directory such as `checkpoints`".to_string(),
+        ));
+    }
+    let Some(name) = &output.run_name else {
+        return Ok(());
+    };
+    let problem = if name.is_empty() {
+        "must not be empty"
+    } else if name.contains('/') || name.contains('\\') {
+        "must not contain a path separator"
+    } else if name.starts_with('.') {
+        "must not start with '.'"
+    } else {
+        return Ok(());
+    };
+    Err(Invalid::new(
+        "output.run_name",
+        format!(
+            "`output.run_name` {problem} (got `{name}`); it names one directory \
+             under `output.dir`, or null to generate a name"
+        ),
+    ))
 }
 
 /// A value refused by validation: the dotted key and a message that names it.
@@ -204,12 +236,7 @@ impl Invalid {
     }
 }
 
-fn required_path(
-    key: &'static str,
-    path: &Path,
-    what: &str,
-    example: &str,
-) -> std::result::Result<(), Invalid> {
+fn required_path(key: &'static str, path: &Path, what: &str, example: &str) -> Checked {
     if !path.as_os_str().is_empty() {
         return Ok(());
     }
@@ -223,14 +250,14 @@ fn required_path(
     ))
 }
 
-fn at_least(key: &'static str, value: usize, min: usize) -> std::result::Result<(), Invalid> {
+fn at_least(key: &'static str, value: usize, min: usize) -> Checked {
     if value >= min {
         return Ok(());
     }
     Err(Invalid::new(key, format!("`{key}` must be at least {min}, got {value}")))
 }
 
-fn positive(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
+fn positive(key: &'static str, value: f64) -> Checked {
     if value > 0.0 && value.is_finite() {
         return Ok(());
     }
@@ -238,7 +265,7 @@ fn positive(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
 }
 
 /// In [0, 1).
-fn fraction(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
+fn fraction(key: &'static str, value: f64) -> Checked {
     if (0.0..1.0).contains(&value) {
         return Ok(());
     }
@@ -246,7 +273,7 @@ fn fraction(key: &'static str, value: f64) -> std::result::Result<(), Invalid> {
 }
 
 /// A rank/alpha pattern key must be a valid regex.
-fn valid_pattern(key: &'static str, pattern: &str) -> std::result::Result<(), Invalid> {
+fn valid_pattern(key: &'static str, pattern: &str) -> Checked {
     match regex::Regex::new(pattern) {
         Ok(_) => Ok(()),
         Err(e) => Err(Invalid::new(key, format!("`{key}` key `{pattern}` is not a valid regex: {e}"))),
