@@ -111,7 +111,37 @@ pub fn parse_conversation(
     messages_field: Option<&str>,
     tools_field: &str,
 ) -> Result<Conversation> {
-    let at = || format!("{}:{row}", file.display());
+    let at = format!("{}:{row}", file.display());
+    let (column, turns) = find_turns(&at, fields, messages_field)?;
+    let tools = match fields.get(tools_field) {
+        Some(value) => parse_tools(value).map_err(|why| anyhow!("{at}: `{tools_field}`: {why}"))?,
+        None => None,
+    };
+    let mut messages = Vec::with_capacity(turns.len() + 1);
+    messages.extend(system_field(&at, fields)?);
+    for (i, turn) in turns.iter().enumerate() {
+        let which = format!("message {} of `{column}`", i + 1);
+        let message = parse_message(turn, &which).map_err(|why| anyhow!("{at}: {why}"))?;
+        if message.role == "system" && i == 0 && !messages.is_empty() {
+            bail!(
+                "{at}: the row has both a `{SYSTEM_FIELD}` field and a system message in \
+                 `{column}`; keep one"
+            );
+        }
+        messages.push(message);
+    }
+    if !messages.iter().any(|m| m.role == "assistant") {
+        bail!("{at}: the conversation in `{column}` has no assistant turn, so nothing to train on");
+    }
+    Ok(Conversation { messages, tools })
+}
+
+/// The column holding the conversation and its non-empty list of turns; `at` is "file:row".
+fn find_turns<'a>(
+    at: &str,
+    fields: &'a Map<String, Value>,
+    messages_field: Option<&'a str>,
+) -> Result<(&'a str, &'a [Value])> {
     let present = || {
         let names: Vec<&str> = fields.keys().map(String::as_str).collect();
         if names.is_empty() {
@@ -124,86 +154,66 @@ pub fn parse_conversation(
         Some(name) => match fields.get(name) {
             Some(v) => (name, v),
             None => {
-                bail!("{}: the row has no `{name}` field with the conversation (it has: {})", at(), present())
+                bail!("{at}: the row has no `{name}` field with the conversation (it has: {})", present())
             }
         },
         None => match DEFAULT_MESSAGES_FIELDS.iter().find_map(|name| fields.get(*name).map(|v| (*name, v))) {
             Some(found) => found,
             None => bail!(
-                "{}: the row has neither a `messages` nor a `conversations` field with the \
+                "{at}: the row has neither a `messages` nor a `conversations` field with the \
                  conversation (it has: {}); name the column holding it in the data config",
-                at(),
                 present()
             ),
         },
     };
     let turns = match list {
         Value::Array(turns) => turns,
-        other => bail!("{}: `{column}` must be a list of messages, found {}", at(), kind_name(other)),
+        other => bail!("{at}: `{column}` must be a list of messages, found {}", kind_name(other)),
     };
     if turns.is_empty() {
-        bail!("{}: `{column}` is an empty conversation", at());
+        bail!("{at}: `{column}` is an empty conversation");
     }
-    let tools = match fields.get(tools_field) {
-        Some(value) => parse_tools(value).map_err(|why| anyhow!("{}: `{tools_field}`: {why}", at()))?,
-        None => None,
-    };
+    Ok((column, turns))
+}
 
-    let mut messages = Vec::with_capacity(turns.len() + 1);
+/// The system message of the top-level [`SYSTEM_FIELD`], if the row has a non-empty one.
+fn system_field(at: &str, fields: &Map<String, Value>) -> Result<Option<Message>> {
     match fields.get(SYSTEM_FIELD) {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s.is_empty() => {}
-        Some(Value::String(s)) => messages.push(Message::new("system", s)),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(Message::new("system", s))),
+        Some(other) => bail!("{at}: the `{SYSTEM_FIELD}` field must be a string, found {}", kind_name(other)),
+    }
+}
+
+/// One turn of the list as a message, or why not; `which` names the turn ("message 3 of
+/// `messages`").
+fn parse_message(turn: &Value, which: &str) -> std::result::Result<Message, String> {
+    let obj = match turn {
+        Value::Object(obj) => obj,
+        other => {
+            return Err(format!(
+                "{which} must be an object with role and content, found {}",
+                kind_name(other)
+            ))
+        }
+    };
+    let role_key = if obj.contains_key("role") { "role" } else { "from" };
+    let role_name = match obj.get(role_key) {
+        Some(Value::String(s)) => s,
         Some(other) => {
-            bail!("{}: the `{SYSTEM_FIELD}` field must be a string, found {}", at(), kind_name(other))
+            return Err(format!("{which}: `{role_key}` must be a string, found {}", kind_name(other)))
         }
-    }
-    for (i, turn) in turns.iter().enumerate() {
-        let n = i + 1;
-        let obj = match turn {
-            Value::Object(obj) => obj,
-            other => bail!(
-                "{}: message {n} of `{column}` must be an object with role and content, found {}",
-                at(),
-                kind_name(other)
-            ),
-        };
-        let role_key = if obj.contains_key("role") { "role" } else { "from" };
-        let role_name = match obj.get(role_key) {
-            Some(Value::String(s)) => s,
-            Some(other) => bail!(
-                "{}: message {n} of `{column}`: `{role_key}` must be a string, found {}",
-                at(),
-                kind_name(other)
-            ),
-            None => bail!("{}: message {n} of `{column}` has neither a `role` nor a `from` key", at()),
-        };
-        let role = match map_role(role_name) {
-            Some(role) => role,
-            None => {
-                let accepted: Vec<&str> = ROLE_NAMES.iter().map(|(from, _)| *from).collect();
-                bail!(
-                    "{}: message {n} of `{column}` has the unknown role `{role_name}` (accepted: {})",
-                    at(),
-                    accepted.join(", ")
-                )
-            }
-        };
-        let message = parse_turn(role, role_name, obj)
-            .map_err(|why| anyhow!("{}: message {n} of `{column}` ({role_name}): {why}", at()))?;
-        if role == "system" && i == 0 && !messages.is_empty() {
-            bail!(
-                "{}: the row has both a `{SYSTEM_FIELD}` field and a system message in \
-                 `{column}`; keep one",
-                at()
-            );
-        }
-        messages.push(message);
-    }
-    if !messages.iter().any(|m| m.role == "assistant") {
-        bail!("{}: the conversation in `{column}` has no assistant turn, so nothing to train on", at());
-    }
-    Ok(Conversation { messages, tools })
+        None => return Err(format!("{which} has neither a `role` nor a `from` key")),
+    };
+    let Some(role) = map_role(role_name) else {
+        let accepted: Vec<&str> = ROLE_NAMES.iter().map(|(from, _)| *from).collect();
+        return Err(format!(
+            "{which} has the unknown role `{role_name}` (accepted: {})",
+            accepted.join(", ")
+        ));
+    };
+    parse_turn(role, role_name, obj).map_err(|why| format!("{which} ({role_name}): {why}"))
 }
 
 /// One turn's message (its role already checked), or why it cannot be used.
