@@ -98,7 +98,7 @@ const PACKING_WINDOW: usize = 2048;
 
 /// How examples are laid out into rows.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Layout {
+pub enum RowLayout {
     /// Several examples per row of at most this many tokens.
     Packed(usize),
     /// One example per row; rows of similar length batched together.
@@ -117,7 +117,7 @@ impl EpochPlan {
         lengths: &[usize],
         micro_batch_size: usize,
         grad_accum_steps: usize,
-        layout: Layout,
+        layout: RowLayout,
         shuffle: bool,
         seed: u64,
         epoch: usize,
@@ -130,7 +130,7 @@ impl EpochPlan {
             order.shuffle(&mut rng);
         }
         let micro_batches: Vec<MicroBatch> = match layout {
-            Layout::Packed(max_len) => {
+            RowLayout::Packed(max_len) => {
                 // First-fit decreasing within windows of the shuffled order fills rows well
                 // while the epoch stays shuffled; the rows are then shuffled themselves.
                 let mut rows: Vec<Row> = Vec::new();
@@ -144,7 +144,7 @@ impl EpochPlan {
                 }
                 rows.chunks(micro_batch_size).map(<[Row]>::to_vec).collect()
             }
-            Layout::ByLength => {
+            RowLayout::ByLength => {
                 // Sort within windows of many batches, so batches hold similar lengths while the
                 // epoch stays shuffled; then shuffle the batches themselves.
                 let window = micro_batch_size * 64;
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn plan_covers_every_example_once_per_epoch_in_seeded_order() {
         let lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 10];
-        for layout in [Layout::ByLength, Layout::Packed(12)] {
+        for layout in [RowLayout::ByLength, RowLayout::Packed(12)] {
             let a = EpochPlan::new(&lengths, 3, 2, layout, true, 7, 0);
             let mut sorted = flat(&a);
             sorted.sort();
@@ -205,7 +205,7 @@ mod tests {
     #[test]
     fn packed_rows_never_exceed_the_limit() {
         let lengths = [5, 9, 3, 7, 2, 8, 4, 6, 1, 10];
-        let plan = EpochPlan::new(&lengths, 2, 1, Layout::Packed(12), true, 3, 0);
+        let plan = EpochPlan::new(&lengths, 2, 1, RowLayout::Packed(12), true, 3, 0);
         for row in plan.steps.iter().flatten().flatten() {
             assert!(row.iter().map(|&i| lengths[i]).sum::<usize>() <= 12, "{row:?}");
         }

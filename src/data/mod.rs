@@ -12,6 +12,6 @@ pub mod load;
 pub mod preview;
 pub mod source;
 
-pub use batch::{Batch, EpochPlan, Layout as RowLayout};
+pub use batch::{Batch, EpochPlan, RowLayout};
 pub use format::{Example, Prepared, TextTokenizer};
 pub use load::{load_data, RunData};

@@ -2,7 +2,7 @@
 //! trained tokens marked, plus token counts and a length histogram, to check masking before
 //! spending compute.
 
-use super::batch::{EpochPlan, Layout};
+use super::batch::{EpochPlan, RowLayout};
 use super::format::{Example, Prepared, TextTokenizer, IGNORE};
 use anyhow::Result;
 use std::fmt::Write;
@@ -67,8 +67,11 @@ pub fn preview(
         lengths.iter().max().copied().unwrap_or(0)
     )?;
     let shares = [
-        ("packing", real_share(&lengths, Layout::Packed(max_seq_len), micro_batch_size)),
-        ("one example per row, grouped by length", real_share(&lengths, Layout::ByLength, micro_batch_size)),
+        ("packing", real_share(&lengths, RowLayout::Packed(max_seq_len), micro_batch_size)),
+        (
+            "one example per row, grouped by length",
+            real_share(&lengths, RowLayout::ByLength, micro_batch_size),
+        ),
         ("one example per row in random batches", random_batches_share(&lengths, micro_batch_size)),
     ];
     for (name, share) in shares {
@@ -80,7 +83,7 @@ pub fn preview(
 }
 
 /// Real tokens over all tokens of the padded micro-batches of one epoch.
-pub fn real_share(lengths: &[usize], layout: Layout, micro_batch_size: usize) -> f64 {
+pub fn real_share(lengths: &[usize], layout: RowLayout, micro_batch_size: usize) -> f64 {
     let plan = EpochPlan::new(lengths, micro_batch_size, 1, layout, true, 0, 0);
     let (mut real, mut padded) = (0usize, 0usize);
     for mb in plan.steps.iter().flatten() {
