@@ -25,6 +25,11 @@ fn datasets() -> Option<PathBuf> {
     Some(dir)
 }
 
+/// Every record of `path`, the `train` split of a `DatasetDict`: what a run reads by default.
+fn read_records(path: &Path) -> anyhow::Result<Vec<Record>> {
+    read_split(path, "train")
+}
+
 fn str_of<'a>(r: &'a Record, key: &str) -> &'a str {
     r.fields[key].as_str().unwrap_or_else(|| panic!("row {}: `{key}` is not a string", r.row))
 }
