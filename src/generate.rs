@@ -3,7 +3,8 @@
 //! generate`, which puts a prompt to a model as a run's data put its examples.
 
 use crate::config::Config;
-use crate::data::format::{ChatFormat, PromptFormat, TextTokenizer};
+use crate::data::format::{ChatFormat, PromptFormat};
+use crate::data::TextTokenizer;
 use crate::lora::peft;
 use crate::model::{load_model, Decoder, KvCache, ModelSpec};
 use anyhow::{bail, Context, Result};

@@ -1,7 +1,8 @@
 //! `lorafit data export`: the prepared examples as JSON Lines, exactly the ids and labels a run
 //! trains on, to check them or to feed them to another trainer.
 
-use super::format::{Prepared, TextTokenizer};
+use super::format::Prepared;
+use super::tokenizer::TextTokenizer;
 use crate::files::write_atomic;
 use anyhow::{Context, Result};
 use serde_json::json;

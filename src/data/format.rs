@@ -6,6 +6,7 @@
 
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
+use super::tokenizer::{Encoded, TextTokenizer};
 use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
@@ -13,7 +14,6 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
 use std::path::Path;
-use tokenizers::Tokenizer;
 
 /// Labels of tokens that carry no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -27,107 +27,6 @@ further context. Write a response that appropriately completes the request.\n\n\
 const ALPACA_NO_INPUT: &str =
     "Below is an instruction that describes a task. Write a response that appropriately \
 completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n";
-
-/// The model's tokenizer plus the ids the data pipeline needs.
-pub struct TextTokenizer {
-    inner: Tokenizer,
-    pub eos_id: i64,
-}
-
-impl TextTokenizer {
-    /// Loads `<dir>/tokenizer.json`; `eos_token_ids` are those of the model's `config.json`
-    /// (the first ends training examples).
-    pub fn from_model_dir(dir: &Path, eos_token_ids: &[i64]) -> Result<TextTokenizer> {
-        let eos_id = match eos_token_ids.first() {
-            Some(&id) => id,
-            None => bail!(
-                "{}/config.json has no eos_token_id; it is needed to end training examples",
-                dir.display()
-            ),
-        };
-        Self::from_file(&dir.join("tokenizer.json"), eos_id)
-    }
-
-    /// Loads a `tokenizer.json`. Padding and truncation settings stored in the file are
-    /// dropped: batching pads and `max_seq_len` truncates, each with its own accounting.
-    pub fn from_file(path: &Path, eos_id: i64) -> Result<TextTokenizer> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read tokenizer {}", path.display()))?;
-        let mut json: Value = serde_json::from_str(&text)
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        if let Some(post) = json.get_mut("post_processor") {
-            keep_whitespace_offsets(post);
-        }
-        let mut inner: Tokenizer = serde_json::from_value(json)
-            .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", path.display()))?;
-        inner.with_padding(None);
-        inner
-            .with_truncation(None)
-            .map_err(|e| anyhow!("cannot configure tokenizer {}: {e}", path.display()))?;
-        Ok(TextTokenizer { inner, eos_id })
-    }
-
-    /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds (BOS).
-    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
-        let encoding =
-            self.inner.encode(text, add_special_tokens).map_err(|e| anyhow!("tokenizer failed: {e}"))?;
-        Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
-    }
-
-    /// Many texts encoded in parallel, each token with the byte range of its text.
-    pub fn encode_batch(&self, texts: &[&str], add_special_tokens: bool) -> Result<Vec<Encoded>> {
-        let encodings = self
-            .inner
-            .encode_batch(texts.to_vec(), add_special_tokens)
-            .map_err(|e| anyhow!("tokenizer failed: {e}"))?;
-        Ok(encodings
-            .iter()
-            .map(|e| Encoded {
-                ids: e.get_ids().iter().map(|&id| id as i64).collect(),
-                offsets: e.get_offsets().to_vec(),
-            })
-            .collect())
-    }
-
-    /// The largest token id, added tokens included.
-    pub fn largest_id(&self) -> i64 {
-        self.inner.get_vocab(true).into_values().max().map_or(-1, i64::from)
-    }
-
-    /// Text of `ids` without special tokens (BOS, EOS, ...).
-    pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        self.decode_with(ids, true)
-    }
-
-    /// Text of `ids`, special tokens included.
-    pub fn decode_all(&self, ids: &[i64]) -> Result<String> {
-        self.decode_with(ids, false)
-    }
-
-    fn decode_with(&self, ids: &[i64], skip_special: bool) -> Result<String> {
-        let ids: Vec<u32> = ids.iter().map(|&id| id as u32).collect();
-        self.inner.decode(&ids, skip_special).map_err(|e| anyhow!("tokenizer failed to decode: {e}"))
-    }
-}
-
-/// A text's token ids and the byte range of the text each token stands for (empty for the
-/// tokens the post-processor adds, such as BOS).
-pub struct Encoded {
-    pub ids: Vec<i64>,
-    pub offsets: Vec<(usize, usize)>,
-}
-
-/// Turns off `trim_offsets` in a post-processor (and the processors of a sequence). It changes
-/// no id, only offsets: trimmed, a token of only whitespace (`\n`) gets an empty range placed
-/// after itself, which would label it by the text that follows.
-fn keep_whitespace_offsets(post: &mut Value) {
-    if let Some(flag) = post.get_mut("trim_offsets") {
-        *flag = Value::Bool(false);
-    }
-    if let Some(Value::Array(processors)) = post.get_mut("processors") {
-        processors.iter_mut().for_each(keep_whitespace_offsets);
-    }
-}
 
 /// The chat template a run renders conversations with, resolved from `data.chat_template`.
 pub struct ChatFormat {

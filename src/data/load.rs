@@ -3,8 +3,9 @@
 //! cache when the same inputs were prepared before.
 
 use super::cache;
-use super::format::{prepare_splits, ChatFormat, Prepared, TextTokenizer};
+use super::format::{prepare_splits, ChatFormat, Prepared};
 use super::source::expand_paths;
+use super::tokenizer::TextTokenizer;
 use crate::config::Config;
 use anyhow::{bail, Result};
 use std::path::PathBuf;

@@ -1,7 +1,8 @@
 //! Users' data → training examples: [`source`] reads records from files, [`format`] renders a
-//! record into text segments (trainable or not) and tokenizes them, [`batch`] groups examples
-//! into padded tensors; [`load`] does it all for a run's config. The model's facts the data
-//! needs (its EOS ids, its vocabulary size) come in as values: nothing here reads the model.
+//! record into text segments (trainable or not) and tokenizes them with the model's
+//! [`tokenizer`], [`batch`] groups examples into padded tensors; [`load`] does it all for a
+//! run's config. The model's facts the data needs (its EOS ids, its vocabulary size) come in as
+//! values: nothing here reads the model.
 
 pub mod batch;
 pub mod cache;
@@ -11,7 +12,9 @@ pub mod format;
 pub mod load;
 pub mod preview;
 pub mod source;
+pub mod tokenizer;
 
 pub use batch::{Batch, EpochPlan, RowLayout};
-pub use format::{Example, Prepared, TextTokenizer};
+pub use format::{Example, Prepared};
 pub use load::{load_data, RunData};
+pub use tokenizer::TextTokenizer;

@@ -3,7 +3,8 @@
 //! spending compute.
 
 use super::batch::{EpochPlan, RowLayout};
-use super::format::{Example, Prepared, TextTokenizer, IGNORE};
+use super::format::{Example, Prepared, IGNORE};
+use super::tokenizer::TextTokenizer;
 use anyhow::Result;
 use std::fmt::Write;
 
