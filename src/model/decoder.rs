@@ -148,7 +148,8 @@ pub struct Decoder {
 }
 
 impl Block {
-    /// Layer `i`'s norms from `w`, around its linear layers `linears`, taken from `w` before.
+    /// Decoder layer `i`: its norms, taken from `w`, around `linears`, its linear layers (taken
+    /// from `w` before).
     fn load(
         w: &mut Weights,
         spec: &ModelSpec,
