@@ -3,25 +3,24 @@
 
 use crate::config::{LoraConfig, TargetModules};
 use crate::lora::select_targets;
-use crate::model::load_model;
 use crate::model::spec::AttentionSpan;
+use crate::model::{LinearSites, ModelSpec};
 use anyhow::Result;
 use std::fmt::Write;
 use std::path::Path;
-use tch::{Device, Kind};
 
-/// The report as text. `targets`/`r` choose the adapter whose size is estimated.
+/// The report as text, from config.json (and the weight files' headers, for their dtype).
+/// `targets`/`r` choose the adapter whose size is estimated.
 pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> {
-    // Shapes and names are all that is needed: bf16 halves the memory of loading.
-    let mut model = load_model(dir, Kind::BFloat16, Device::Cpu)?;
+    let s = ModelSpec::from_dir(dir)?;
+    let sites = LinearSites::of(&s);
     let stored = stored_dtypes(dir)?;
-    let s = model.spec.clone();
     let mut out = String::new();
     let count = s.parameter_count();
     writeln!(out, "model: {}", dir.display())?;
     writeln!(out, "family: {:?} (model_type {})", s.family, s.model_type)?;
     writeln!(out, "parameters: {count} ({:.2}M)", count as f64 / 1e6)?;
-    writeln!(out, "stored dtype: {}", stored.join(", "))?;
+    writeln!(out, "stored dtype: {stored}")?;
     writeln!(out, "tied embeddings: {}", if s.tie_word_embeddings { "yes" } else { "no" })?;
     writeln!(
         out,
@@ -38,19 +37,17 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
     if sliding > 0 {
         writeln!(out, "sliding-window attention: {sliding} of {} layers", s.num_layers)?;
     }
-    let layers = model.linear_layers_mut();
-    writeln!(out, "linear modules ({}):", layers.len())?;
-    for (path, linear) in &layers {
-        writeln!(out, "  {path} [{}, {}]", linear.out_features(), linear.in_features())?;
+    writeln!(out, "linear modules ({}):", sites.sites.len())?;
+    for site in &sites.sites {
+        writeln!(out, "  {} [{}, {}]", site.path, site.out_features, site.in_features)?;
     }
-    let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
     let cfg = LoraConfig { r, target_modules: targets.clone(), ..LoraConfig::default() };
-    let selected = select_targets(&paths, &cfg, s.tie_word_embeddings)?;
+    let selected = select_targets(&sites, &cfg)?;
     let trainable: i64 = selected
         .iter()
         .map(|t| {
-            let (_, l) = layers.iter().find(|(p, _)| *p == t.path).expect("selected from these layers");
-            t.r as i64 * (l.in_features() + l.out_features())
+            let site = sites.get(&t.path).expect("selected from these sites");
+            t.r as i64 * (site.in_features + site.out_features)
         })
         .sum();
     writeln!(
@@ -63,11 +60,15 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
     Ok(out)
 }
 
-/// The dtypes the weight files hold, read from the safetensors headers.
-fn stored_dtypes(dir: &Path) -> Result<Vec<String>> {
+/// The dtypes the weight files hold, read from the safetensors headers; `none` for a directory
+/// with config.json alone.
+fn stored_dtypes(dir: &Path) -> Result<String> {
+    let Some(files) = crate::model::weights::safetensors_files_if_any(dir)? else {
+        return Ok("none (no weight files)".into());
+    };
     let mut dtypes = std::collections::BTreeSet::new();
-    for file in crate::model::weights::safetensors_files(dir)? {
+    for file in files {
         dtypes.extend(crate::files::safetensors_dtypes(&file)?);
     }
-    Ok(dtypes.into_iter().collect())
+    Ok(dtypes.into_iter().collect::<Vec<_>>().join(", "))
 }

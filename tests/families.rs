@@ -14,7 +14,7 @@ use lorafit::files::read_safetensors;
 use lorafit::inspect::inspect;
 use lorafit::lora::{self, peft};
 use lorafit::model::load_model;
-use lorafit::model::Decoder;
+use lorafit::model::{Decoder, LinearSites, ModelSpec};
 use lorafit::train::{token_loss, Backward, Trainer};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -120,6 +120,71 @@ fn inspect_lists_the_family_and_every_linear_module() {
             report.contains(&format!("tied embeddings: {}", if tied { "yes" } else { "no" })),
             "{family}:\n{report}"
         );
+    }
+}
+
+/// transformers' linear modules of a fixture (meta.json), as `(path, in, out, fan_in_fan_out,
+/// bias)` sorted by path, without the output head when it is tied to the embeddings.
+fn transformers_linears(dir: &Path) -> Vec<(String, i64, i64, bool, bool)> {
+    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let tied = meta["tied_embeddings"].as_bool().unwrap();
+    let mut linears: Vec<_> = meta["linear_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["path"].as_str().unwrap().to_string(),
+                m["in_features"].as_i64().unwrap(),
+                m["out_features"].as_i64().unwrap(),
+                m["kind"] == "Conv1D",
+                !m["bias_key"].is_null(),
+            )
+        })
+        .filter(|(path, ..)| !(tied && path == "lm_head"))
+        .collect();
+    linears.sort();
+    linears
+}
+
+/// The table of linear layers, made from config.json alone, lists what transformers builds
+/// for every family: the same module paths, shapes, storage order and biases.
+#[test]
+fn linear_sites_match_transformers() {
+    for family in FAMILIES {
+        let dir = fixture(family);
+        let sites = LinearSites::of(&ModelSpec::from_dir(&dir).unwrap());
+        let mut ours: Vec<_> = sites
+            .sites
+            .iter()
+            .map(|s| (s.path.clone(), s.in_features, s.out_features, s.fan_in_fan_out, s.bias))
+            .collect();
+        ours.sort();
+        assert_eq!(ours, transformers_linears(&dir), "{family}");
+        for site in sites.sites.iter().filter(|s| !s.parts.is_empty()) {
+            let rows: i64 = site.parts.iter().map(|p| p.rows.end - p.rows.start).sum();
+            assert_eq!(rows, site.out_features, "{family}: {}", site.path);
+        }
+    }
+}
+
+/// `inspect` describes a model from its config.json: a directory without the weights gets the
+/// same linear modules, with transformers' shapes.
+#[test]
+fn inspect_needs_only_config_json() {
+    for family in FAMILIES {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture(family).join("config.json"), dir.path().join("config.json")).unwrap();
+        let report =
+            inspect(dir.path(), &TargetModules::AllLinear, 8).unwrap_or_else(|e| panic!("{family}: {e:#}"));
+        let mut listed: Vec<String> =
+            report.lines().filter_map(|l| l.strip_prefix("  ")).map(str::to_string).collect();
+        listed.sort();
+        let expected: Vec<String> = transformers_linears(&fixture(family))
+            .into_iter()
+            .map(|(path, inp, out, ..)| format!("{path} [{out}, {inp}]"))
+            .collect();
+        assert_eq!(listed, expected, "{family}:\n{report}");
     }
 }
 

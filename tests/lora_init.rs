@@ -41,7 +41,7 @@ fn tiny_llama(dir: &std::path::Path) {
     std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&tensors, &[]).unwrap()).unwrap();
 }
 
-fn injected(init: LoraInit, r: usize) -> lora::Injected {
+fn injected(init: LoraInit, r: usize) -> lora::AttachedAdapters {
     let tmp = tempfile::tempdir().unwrap();
     tiny_llama(tmp.path());
     let mut model = load_model(tmp.path(), Kind::Float, Device::Cpu).unwrap();

@@ -12,7 +12,7 @@ use lorafit::train::{Backward, Trainer};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::Injected, Vec<Example>) {
+fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::AttachedAdapters, Vec<Example>) {
     let mut cfg = Config::new(model_dir, data);
     cfg.data.format = DataFormat::Completion;
     cfg.lora.dropout = 0.0;
@@ -34,7 +34,7 @@ fn setup(model_dir: &Path, data: &Path) -> (Config, Decoder, lora::Injected, Vec
     (cfg, model, injected, examples)
 }
 
-fn params(injected: &lora::Injected) -> Vec<Tensor> {
+fn params(injected: &lora::AttachedAdapters) -> Vec<Tensor> {
     injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect()
 }
 

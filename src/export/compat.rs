@@ -3,6 +3,7 @@
 
 use crate::config::TargetModules;
 use crate::lora::peft::AdapterConfig;
+use crate::model::sites::head_and_embedding_leaves;
 use anyhow::Result;
 use std::path::Path;
 
@@ -46,11 +47,12 @@ pub fn assess(cfg: &AdapterConfig) -> Compatibility {
     let dora = cfg.use_dora;
     let bias = cfg.bias != "none" || cfg.lora_bias;
     let saved = !cfg.modules_to_save.is_empty();
+    let leaves = head_and_embedding_leaves();
     let targets_embeddings = match &cfg.target_modules {
-        Some(TargetModules::List(names)) => names.iter().any(|n| {
-            matches!(n.as_str(), "embed_tokens" | "lm_head" | "wte" | "wpe") || n.ends_with(".embed_tokens")
-        }),
-        Some(TargetModules::Regex(regex)) => regex.contains("embed_tokens") || regex.contains("lm_head"),
+        Some(TargetModules::List(names)) => {
+            names.iter().any(|n| leaves.contains(&n.rsplit('.').next().unwrap_or(n)))
+        }
+        Some(TargetModules::Regex(regex)) => leaves.iter().any(|leaf| regex.contains(leaf)),
         _ => false,
     };
     if dora {

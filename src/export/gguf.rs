@@ -25,11 +25,13 @@
 //!   which gives tensors llama.cpp's loader rejects. lorafit writes them untransposed.
 
 use super::merge::all_finite;
+use crate::config::LoraConfig;
 use crate::files::{read_safetensors, write_atomic};
 use crate::lora::peft::{self, AdapterConfig, Halves, WEIGHTS_FILE};
 use crate::lora::{pattern_value, scale};
-use crate::model::layout::{AttnProjections, Layout, MlpProjections};
-use crate::model::spec::{Family, ModelSpec};
+use crate::model::names::ModuleNames;
+use crate::model::sites::Role;
+use crate::model::{LinearSite, LinearSites, ModelSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -127,7 +129,7 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
     }
     let cfg = adapter.lora_config()?;
     let spec = ModelSpec::from_dir(model_dir)?;
-    let layout = Layout::of(spec.family);
+    let sites = LinearSites::of(&spec);
     let weights_path = adapter_dir.join(WEIGHTS_FILE);
     let halves = peft::pair_halves(
         &weights_path,
@@ -137,71 +139,21 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
     if halves.is_empty() {
         bail!("{}: the adapter has no tensors", weights_path.display());
     }
-
-    // One alpha for the file: PEFT's scale at the adapter's base rank times that rank.
-    let alpha = if cfg.use_rslora { cfg.alpha * (cfg.r as f64).sqrt() } else { cfg.alpha } as f32;
-    let mut warnings = Vec::new();
-    if cfg.use_rslora {
-        warnings.push(format!(
-            "rsLoRA: adapter.lora.alpha is lora_alpha·√r = {}·√{} = {alpha}, so that llama.cpp's alpha / rank \
-             equals PEFT's lora_alpha / √r",
-            cfg.alpha, cfg.r
-        ));
-    }
-
+    let mut scaling = Scaling::new(&cfg);
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     // BTreeMap order is the order of the adapter file's keys, which the converter keeps.
-    for (path, Halves { a, b }) in halves {
-        let key_a = peft::key(&path, "lora_A");
-        let key_b = peft::key(&path, "lora_B");
-        let a = a.ok_or_else(|| anyhow!("{}: `{key_b}` has no `{key_a}`", weights_path.display()))?;
-        let b = b.ok_or_else(|| anyhow!("{}: `{key_a}` has no `{key_b}`", weights_path.display()))?;
-        let module = locate(&spec, &layout, &path).with_context(|| {
+    for (path, pair) in halves {
+        let site = sites.find(&path).with_context(|| {
             format!(
-                "{}: tensor `{key_a}` does not fit the model in {}",
+                "{}: tensor `{}` does not fit the model in {}",
                 weights_path.display(),
+                peft::key(&path, "lora_A"),
                 model_dir.display()
             )
         })?;
-        let (out_features, in_features) = module.shape;
-        let (sa, sb) = (a.size(), b.size());
-        let r = *sa.first().unwrap_or(&0);
-        if sa != [r, in_features] || r == 0 {
-            bail!(
-                "{}: `{key_a}` has shape {sa:?}; the model's `{path}` takes {in_features} inputs, so A must be \
-                 [r, {in_features}]",
-                weights_path.display()
-            );
-        }
-        if sb != [out_features, r] {
-            bail!(
-                "{}: `{key_b}` has shape {sb:?}; the model's `{path}` has {out_features} outputs and A has rank \
-                 {r}, so B must be [{out_features}, {r}]",
-                weights_path.display()
-            );
-        }
-        for (key, t) in [(&key_a, &a), (&key_b, &b)] {
-            if !all_finite(t) {
-                bail!(
-                    "{}: `{key}` holds NaN or infinite values, so the adapter is broken (training \
-                     diverged?); export an earlier checkpoint (step-N/ or best/) instead",
-                    weights_path.display()
-                );
-            }
-        }
-        let module_alpha = pattern_value("alpha_pattern", &cfg.alpha_pattern, &path)?.unwrap_or(cfg.alpha);
-        let peft_scale = scale(module_alpha, r as usize, cfg.use_rslora);
-        let factor = peft_scale * r as f64 / alpha as f64;
-        let mut b = b.to_kind(Kind::Float);
-        if (factor - 1.0).abs() > 1e-6 {
-            warnings.push(format!(
-                "{path}: PEFT scales it by {peft_scale} (alpha {module_alpha}, rank {r}{}), llama.cpp by \
-                 {alpha}/{r}; its B is multiplied by {factor}",
-                if cfg.use_rslora { ", rsLoRA" } else { "" }
-            ));
-            b = (b.to_kind(Kind::Double) * factor).to_kind(Kind::Float);
-        }
-        if let Some(heads) = module.rope_heads {
+        let (a, b) = checked_pair(&weights_path, site, pair)?;
+        let mut b = scaling.fold(&cfg, &path, b)?;
+        if let Some(heads) = site.gguf_permuted_heads {
             b = permute_rows(&b, heads);
         }
         let (a, b) = (a.to_kind(dtype.kind()), b.to_kind(dtype.kind()));
@@ -211,105 +163,120 @@ pub fn export(adapter_dir: &Path, model_dir: &Path, out: &Path, dtype: GgufDtype
                 weights_path.display()
             );
         }
-        tensors.push((format!("{}.weight.lora_a", module.gguf_name), a));
-        tensors.push((format!("{}.weight.lora_b", module.gguf_name), b));
+        let name = gguf_name(site);
+        tensors.push((format!("{name}.weight.lora_a"), a));
+        tensors.push((format!("{name}.weight.lora_b"), b));
     }
 
     let kvs = [
-        ("general.architecture", Kv::Str(arch_name(spec.family).to_string())),
+        ("general.architecture", Kv::Str(ModuleNames::of(spec.family).llama_cpp.arch.to_string())),
         ("general.type", Kv::Str("adapter".into())),
         ("adapter.type", Kv::Str("lora".into())),
         ("general.name", Kv::Str(display_name(adapter_dir, model_dir))),
-        ("adapter.lora.alpha", Kv::F32(alpha)),
+        ("adapter.lora.alpha", Kv::F32(scaling.alpha)),
         ("general.quantization_version", Kv::U32(QUANT_VERSION)),
     ];
     let bytes = gguf_bytes(&kvs, &tensors, dtype)?;
     write_atomic(out, &bytes)?;
-    Ok(ExportReport { tensors: tensors.len(), bytes: bytes.len() as u64, warnings })
+    Ok(ExportReport { tensors: tensors.len(), bytes: bytes.len() as u64, warnings: scaling.warnings })
 }
 
-/// llama.cpp's architecture name (`LLM_ARCH_NAMES`) of each family, as the converter writes it.
-pub fn arch_name(family: Family) -> &'static str {
-    match family {
-        Family::Llama | Family::Mistral => "llama",
-        Family::Qwen2 => "qwen2",
-        Family::Qwen3 => "qwen3",
-        Family::Gemma2 => "gemma2",
-        Family::Gemma3 => "gemma3",
-        Family::Phi3 => "phi3",
-        Family::Gpt2 => "gpt2",
+/// A and B of the linear layer `site` from the adapter file `file`: both present, of shapes
+/// that fit the layer, and finite.
+fn checked_pair(file: &Path, site: &LinearSite, pair: Halves) -> Result<(Tensor, Tensor)> {
+    let (path, in_features, out_features) = (&site.path, site.in_features, site.out_features);
+    let (key_a, key_b) = (peft::key(path, "lora_A"), peft::key(path, "lora_B"));
+    let a = pair.a.ok_or_else(|| anyhow!("{}: `{key_b}` has no `{key_a}`", file.display()))?;
+    let b = pair.b.ok_or_else(|| anyhow!("{}: `{key_a}` has no `{key_b}`", file.display()))?;
+    let (sa, sb) = (a.size(), b.size());
+    let r = *sa.first().unwrap_or(&0);
+    if sa != [r, in_features] || r == 0 {
+        bail!(
+            "{}: `{key_a}` has shape {sa:?}; the model's `{path}` takes {in_features} inputs, so A must be \
+             [r, {in_features}]",
+            file.display()
+        );
     }
-}
-
-/// Where an adapted module lives in llama.cpp's model.
-#[derive(Debug, PartialEq)]
-struct Module {
-    /// e.g. `blk.3.attn_q`
-    gguf_name: String,
-    /// `(out, in)` of the base layer.
-    shape: (i64, i64),
-    /// For q/k projections of Llama-family models: the head count whose rows llama.cpp
-    /// interleaves.
-    rope_heads: Option<i64>,
-}
-
-/// The llama.cpp tensor of the module at `path`, with the base layer's shape.
-fn locate(spec: &ModelSpec, layout: &Layout, path: &str) -> Result<Module> {
-    let full = match layout.optional_prefix {
-        Some(prefix) if !path.starts_with(prefix) => format!("{prefix}{path}"),
-        _ => path.to_string(),
-    };
-    let (h, f) = (spec.hidden_size, spec.intermediate_size);
-    let q_dim = spec.num_heads * spec.head_dim;
-    let kv_dim = spec.num_kv_heads * spec.head_dim;
-    let not_in_model = || anyhow!("module `{path}` is not a linear layer of this {} model", spec.model_type);
-    if full == layout.lm_head {
-        if spec.tie_word_embeddings {
+    if sb != [out_features, r] {
+        bail!(
+            "{}: `{key_b}` has shape {sb:?}; the model's `{path}` has {out_features} outputs and A has rank \
+             {r}, so B must be [{out_features}, {r}]",
+            file.display()
+        );
+    }
+    for (key, t) in [(&key_a, &a), (&key_b, &b)] {
+        if !all_finite(t) {
             bail!(
-                "`{path}` is tied to the input embeddings in this model; llama.cpp has no separate output \
-                 matrix to adapt"
+                "{}: `{key}` holds NaN or infinite values, so the adapter is broken (training \
+                 diverged?); export an earlier checkpoint (step-N/ or best/) instead",
+                file.display()
             );
         }
-        return Ok(Module { gguf_name: "output".into(), shape: (spec.vocab_size, h), rope_heads: None });
     }
-    let rest = full.strip_prefix(&format!("{}.", layout.layers)).ok_or_else(not_in_model)?;
-    let (index, rest) = rest.split_once('.').ok_or_else(not_in_model)?;
-    let layer: usize = index.parse().map_err(|_| not_in_model())?;
-    if layer >= spec.num_layers {
-        bail!("module `{path}`: layer {layer} does not exist, the model has {} layers", spec.num_layers);
+    Ok((a, b))
+}
+
+/// llama.cpp's one scale rule, `adapter.lora.alpha / rank`, made to give PEFT's scale of every
+/// module, with a warning for each fold that takes.
+struct Scaling {
+    /// PEFT's scale at the adapter's base rank times that rank.
+    alpha: f32,
+    warnings: Vec<String>,
+}
+
+impl Scaling {
+    fn new(cfg: &LoraConfig) -> Scaling {
+        let alpha = if cfg.use_rslora { cfg.alpha * (cfg.r as f64).sqrt() } else { cfg.alpha } as f32;
+        let mut warnings = Vec::new();
+        if cfg.use_rslora {
+            warnings.push(format!(
+                "rsLoRA: adapter.lora.alpha is lora_alpha·√r = {}·√{} = {alpha}, so that llama.cpp's alpha / \
+                 rank equals PEFT's lora_alpha / √r",
+                cfg.alpha, cfg.r
+            ));
+        }
+        Scaling { alpha, warnings }
     }
-    let (block, leaf) = rest.split_once('.').ok_or_else(not_in_model)?;
-    // llama.cpp's `llama` architecture rotates interleaved pairs, so its converter
-    // (`LlamaModel.permute`) reorders q/k rows; its other architectures rotate halves, as HF does.
-    let llama_rope = arch_name(spec.family) == "llama";
-    let (name, shape, rope_heads) = if block == layout.attn {
-        match (layout.attn_projections, leaf) {
-            (AttnProjections::Separate { q, .. }, l) if l == q => {
-                ("attn_q", (q_dim, h), llama_rope.then_some(spec.num_heads))
-            }
-            (AttnProjections::Separate { k, .. }, l) if l == k => {
-                ("attn_k", (kv_dim, h), llama_rope.then_some(spec.num_kv_heads))
-            }
-            (AttnProjections::Separate { v, .. }, l) if l == v => ("attn_v", (kv_dim, h), None),
-            (AttnProjections::Fused(qkv), l) if l == qkv => ("attn_qkv", (q_dim + 2 * kv_dim, h), None),
-            (_, l) if l == layout.o_proj => ("attn_output", (h, q_dim), None),
-            _ => return Err(not_in_model()),
+
+    /// `b` (`[out, r]`) of module `path` as fp32, multiplied where PEFT's scale of the module
+    /// differs from llama.cpp's.
+    fn fold(&mut self, cfg: &LoraConfig, path: &str, b: Tensor) -> Result<Tensor> {
+        let r = b.size()[1];
+        let alpha = self.alpha;
+        let module_alpha = pattern_value("alpha_pattern", &cfg.alpha_pattern, path)?.unwrap_or(cfg.alpha);
+        let peft_scale = scale(module_alpha, r as usize, cfg.use_rslora);
+        let factor = peft_scale * r as f64 / alpha as f64;
+        let b = b.to_kind(Kind::Float);
+        if (factor - 1.0).abs() <= 1e-6 {
+            return Ok(b);
         }
-    } else if block == layout.mlp {
-        match (layout.mlp_projections, leaf) {
-            (MlpProjections::Gated { gate, .. }, l) if l == gate => ("ffn_gate", (f, h), None),
-            (MlpProjections::Gated { up, .. }, l) if l == up => ("ffn_up", (f, h), None),
-            (MlpProjections::Gated { down, .. }, l) if l == down => ("ffn_down", (h, f), None),
-            (MlpProjections::GatedFused { gate_up, .. }, l) if l == gate_up => ("ffn_up", (2 * f, h), None),
-            (MlpProjections::GatedFused { down, .. }, l) if l == down => ("ffn_down", (h, f), None),
-            (MlpProjections::Plain { fc, .. }, l) if l == fc => ("ffn_up", (f, h), None),
-            (MlpProjections::Plain { proj, .. }, l) if l == proj => ("ffn_down", (h, f), None),
-            _ => return Err(not_in_model()),
-        }
-    } else {
-        return Err(not_in_model());
+        self.warnings.push(format!(
+            "{path}: PEFT scales it by {peft_scale} (alpha {module_alpha}, rank {r}{}), llama.cpp by \
+             {alpha}/{r}; its B is multiplied by {factor}",
+            if cfg.use_rslora { ", rsLoRA" } else { "" }
+        ));
+        Ok((b.to_kind(Kind::Double) * factor).to_kind(Kind::Float))
+    }
+}
+
+/// The llama.cpp tensor (`blk.3.attn_q`, `output`) of a linear layer.
+fn gguf_name(site: &LinearSite) -> String {
+    let name = match site.role {
+        Role::Query => "attn_q",
+        Role::Key => "attn_k",
+        Role::Value => "attn_v",
+        Role::QueryKeyValue => "attn_qkv",
+        Role::AttnOutput => "attn_output",
+        Role::Gate => "ffn_gate",
+        // llama.cpp's `ffn_up` of Phi-3 holds gate and up, as its `gate_up_proj` does.
+        Role::Up | Role::GateUp => "ffn_up",
+        Role::Down => "ffn_down",
+        Role::LmHead => return "output".into(),
     };
-    Ok(Module { gguf_name: format!("blk.{layer}.{name}"), shape, rope_heads })
+    match site.layer {
+        Some(layer) => format!("blk.{layer}.{name}"),
+        None => name.into(),
+    }
 }
 
 /// `LlamaModel.permute` of llama.cpp's converter on the rows of `[heads · head_dim, r]`: each
@@ -449,18 +416,15 @@ mod tests {
 
     #[test]
     fn maps_hf_modules_to_llama_cpp_tensors() {
-        let spec = llama_spec();
-        let layout = Layout::of(spec.family);
-        let q = locate(&spec, &layout, "model.layers.1.self_attn.q_proj").unwrap();
-        assert_eq!(q, Module { gguf_name: "blk.1.attn_q".into(), shape: (32, 32), rope_heads: Some(2) });
-        let k = locate(&spec, &layout, "model.layers.0.self_attn.k_proj").unwrap();
-        assert_eq!(k.rope_heads, Some(1));
-        assert_eq!(k.shape, (16, 32));
-        assert_eq!(locate(&spec, &layout, "model.layers.0.mlp.down_proj").unwrap().shape, (32, 64));
-        let err = locate(&spec, &layout, "model.layers.2.mlp.up_proj").unwrap_err();
-        assert!(format!("{err}").contains("layer 2"), "{err}");
-        assert!(locate(&spec, &layout, "lm_head").is_err(), "tied lm_head has no llama.cpp tensor");
-        assert!(locate(&spec, &layout, "model.layers.0.self_attn.rotary").is_err());
+        let sites = LinearSites::of(&llama_spec());
+        let name = |path: &str| gguf_name(sites.find(path).unwrap());
+        assert_eq!(name("model.layers.1.self_attn.q_proj"), "blk.1.attn_q");
+        assert_eq!(name("model.layers.0.mlp.down_proj"), "blk.0.ffn_down");
+        let q = sites.find("model.layers.1.self_attn.q_proj").unwrap();
+        assert_eq!(q.gguf_permuted_heads, Some(2));
+        let k = sites.find("model.layers.0.self_attn.k_proj").unwrap();
+        assert_eq!((k.gguf_permuted_heads, k.out_features, k.in_features), (Some(1), 16, 32));
+        assert!(sites.find("lm_head").is_err(), "tied lm_head has no llama.cpp tensor");
     }
 
     #[test]

@@ -11,8 +11,7 @@
 
 use crate::files::{publish_dir, read_safetensors, read_safetensors_header};
 use crate::lora::{self, peft};
-use crate::model::layout::{AttnProjections, Layout, MlpProjections};
-use crate::model::ModelSpec;
+use crate::model::{LinearSite, LinearSites, ModelSpec};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -126,9 +125,8 @@ pub fn merge_with(
 ) -> Result<MergeReport> {
     check_out_dir(out_dir)?;
     let spec = ModelSpec::from_dir(model_dir)?;
-    let layout = Layout::of(spec.family);
     let mut source = Source::open(model_dir)?;
-    let deltas = adapter_deltas(&spec, &layout, &source, adapter_dir).with_context(|| {
+    let deltas = adapter_deltas(&spec, &source, adapter_dir).with_context(|| {
         format!("the adapter in {} does not fit the model in {}", adapter_dir.display(), model_dir.display())
     })?;
     let shards = plan_shards(&source, dtype, max_shard_bytes.max(1))?;
@@ -292,115 +290,12 @@ struct Delta {
 }
 
 impl Delta {
-    /// `scale · (B @ A)` in the weight's storage order, fp32.
-    fn weight_update(&self) -> Tensor {
-        let d = self.b.matmul(&self.a) * self.scale;
-        if self.fan_in_fan_out {
-            d.tr().contiguous()
-        } else {
-            d
-        }
-    }
-}
-
-/// Every linear layer's module path, in model order: the names PEFT adapters are keyed by (the
-/// same list as [`crate::model::Decoder::linear_layers_mut`], from config.json alone).
-fn linear_paths(spec: &ModelSpec, l: &Layout) -> Vec<String> {
-    let mut out = Vec::new();
-    for i in 0..spec.num_layers {
-        let attn = format!("{}.{i}.{}", l.layers, l.attn);
-        let mlp = format!("{}.{i}.{}", l.layers, l.mlp);
-        match l.attn_projections {
-            AttnProjections::Separate { q, k, v } => {
-                out.extend([q, k, v].map(|n| format!("{attn}.{n}")));
-            }
-            AttnProjections::Fused(n) => out.push(format!("{attn}.{n}")),
-        }
-        out.push(format!("{attn}.{}", l.o_proj));
-        match l.mlp_projections {
-            MlpProjections::Gated { gate, up, down } => {
-                out.extend([gate, up, down].map(|n| format!("{mlp}.{n}")));
-            }
-            MlpProjections::GatedFused { gate_up, down } => {
-                out.extend([gate_up, down].map(|n| format!("{mlp}.{n}")));
-            }
-            MlpProjections::Plain { fc, proj } => out.extend([fc, proj].map(|n| format!("{mlp}.{n}"))),
-        }
-    }
-    if !spec.tie_word_embeddings {
-        out.push(l.lm_head.to_string());
-    }
-    out
-}
-
-/// The checkpoint's name for the weight of module `path` (without the optional prefix when
-/// the checkpoint omits it).
-fn weight_name(source: &Source, layout: &Layout, path: &str) -> Option<String> {
-    let full = format!("{path}.weight");
-    if source.get(&full).is_some() {
-        return Some(full);
-    }
-    let short = layout.optional_prefix.and_then(|p| full.strip_prefix(p))?;
-    source.get(short).is_some().then(|| short.to_string())
-}
-
-/// Reads the adapter and checks it against the model: every adapter tensor must belong to a
-/// module its config selects in this model, with shapes that fit the module's weight. Returns
-/// the update of each adapted weight, by the weight's tensor name.
-fn adapter_deltas(
-    spec: &ModelSpec,
-    layout: &Layout,
-    source: &Source,
-    adapter_dir: &Path,
-) -> Result<BTreeMap<String, Delta>> {
-    let cfg = peft::read_config(adapter_dir)?;
-    let file = adapter_dir.join(peft::WEIGHTS_FILE);
-    let mut halves =
-        peft::pair_halves(&file, read_safetensors(&file)?, "only plain LoRA adapters can be merged")?;
-
-    let paths = linear_paths(spec, layout);
-    let rank_of = |p: &str| paths.iter().position(|q| q == p);
-    let mut modules: Vec<&String> = halves.keys().collect();
-    modules.sort_by_key(|p| (rank_of(p).unwrap_or(usize::MAX), p.to_string()));
-    for path in &modules {
-        if rank_of(path).is_none() {
-            let key = present_key(path, &halves[*path]);
-            bail!(
-                "{}: tensor `{key}` adapts module `{path}`, which this `{}` model does not have \
-                 (its linear layers are named like `{}`); the adapter was trained on a different base model",
-                file.display(),
-                spec.model_type,
-                paths.first().map(String::as_str).unwrap_or("")
-            );
-        }
-    }
-
-    let targets = lora::select_targets(&paths, &cfg, spec.tie_word_embeddings)
-        .with_context(|| format!("{}", adapter_dir.join(peft::CONFIG_FILE).display()))?;
-    let mut deltas = BTreeMap::new();
-    for target in &targets {
-        let entry = halves.remove(&target.path).unwrap_or_default();
-        let (Some(a), Some(b)) = (&entry.a, &entry.b) else {
-            let missing = if entry.a.is_none() { "lora_A" } else { "lora_B" };
-            bail!(
-                "{}: no tensor `{}` for module `{}`, which adapter_config.json selects",
-                file.display(),
-                peft::key(&target.path, missing),
-                target.path
-            );
-        };
+    /// The update of the stored weight `w` of `site` by the adapter halves `a` and `b` of rank
+    /// `r`, once their shapes are checked against the weight.
+    fn new(a: &Tensor, b: &Tensor, scale: f64, site: &LinearSite, r: i64, w: &StoredTensor) -> Result<Delta> {
         let (a, b) = (a.to_kind(Kind::Float), b.to_kind(Kind::Float));
-        let (a_key, b_key) = (peft::key(&target.path, "lora_A"), peft::key(&target.path, "lora_B"));
-        let name = weight_name(source, layout, &target.path).ok_or_else(|| {
-            anyhow!(
-                "the model has no tensor `{}.weight` for the adapter's `{a_key}` (shape {:?})",
-                target.path,
-                a.size()
-            )
-        })?;
-        let w = source.get(&name).expect("found by name");
-        let fan_in_fan_out = layout.fan_in_fan_out && target.path != layout.lm_head;
-        let r = target.r as i64;
+        let (a_key, b_key) = (peft::key(&site.path, "lora_A"), peft::key(&site.path, "lora_B"));
+        let (name, fan_in_fan_out) = (&w.name, site.fan_in_fan_out);
         let (out_f, in_f) = match w.shape[..] {
             [rows, cols] if fan_in_fan_out => (cols, rows),
             [rows, cols] => (rows, cols),
@@ -426,8 +321,82 @@ fn adapter_deltas(
                 );
             }
         }
+        Ok(Delta { a, b, scale, fan_in_fan_out })
+    }
+
+    /// `scale · (B @ A)` in the weight's storage order, fp32.
+    fn weight_update(&self) -> Tensor {
+        let d = self.b.matmul(&self.a) * self.scale;
+        if self.fan_in_fan_out {
+            d.tr().contiguous()
+        } else {
+            d
+        }
+    }
+}
+
+/// The checkpoint's name for the weight of `site` (without the optional prefix when the
+/// checkpoint omits it).
+fn weight_name(source: &Source, sites: &LinearSites, site: &LinearSite) -> Option<String> {
+    let full = format!("{}.weight", site.path);
+    if source.get(&full).is_some() {
+        return Some(full);
+    }
+    let short = sites.optional_prefix.and_then(|p| full.strip_prefix(p))?;
+    source.get(short).is_some().then(|| short.to_string())
+}
+
+/// Reads the adapter and checks it against the model: every adapter tensor must belong to a
+/// module its config selects in this model, with shapes that fit the module's weight. Returns
+/// the update of each adapted weight, by the weight's tensor name.
+fn adapter_deltas(spec: &ModelSpec, source: &Source, adapter_dir: &Path) -> Result<BTreeMap<String, Delta>> {
+    let cfg = peft::read_config(adapter_dir)?;
+    let file = adapter_dir.join(peft::WEIGHTS_FILE);
+    let mut halves =
+        peft::pair_halves(&file, read_safetensors(&file)?, "only plain LoRA adapters can be merged")?;
+
+    let sites = LinearSites::of(spec);
+    let rank_of = |p: &str| sites.sites.iter().position(|s| s.path == p);
+    let mut modules: Vec<&String> = halves.keys().collect();
+    modules.sort_by_key(|p| (rank_of(p).unwrap_or(usize::MAX), p.to_string()));
+    if let Some(path) = modules.into_iter().find(|p| rank_of(p).is_none()) {
+        bail!(
+            "{}: tensor `{}` adapts module `{path}`, which this `{}` model does not have \
+             (its linear layers are named like `{}`); the adapter was trained on a different base model",
+            file.display(),
+            present_key(path, &halves[path]),
+            spec.model_type,
+            sites.sites.first().map(|s| s.path.as_str()).unwrap_or("")
+        );
+    }
+
+    let targets = lora::select_targets(&sites, &cfg)
+        .with_context(|| format!("{}", adapter_dir.join(peft::CONFIG_FILE).display()))?;
+    let mut deltas = BTreeMap::new();
+    for target in &targets {
+        let entry = halves.remove(&target.path).unwrap_or_default();
+        let (Some(a), Some(b)) = (&entry.a, &entry.b) else {
+            let missing = if entry.a.is_none() { "lora_A" } else { "lora_B" };
+            bail!(
+                "{}: no tensor `{}` for module `{}`, which adapter_config.json selects",
+                file.display(),
+                peft::key(&target.path, missing),
+                target.path
+            );
+        };
+        let site = sites.get(&target.path).expect("selected from these sites");
+        let name = weight_name(source, &sites, site).ok_or_else(|| {
+            anyhow!(
+                "the model has no tensor `{}.weight` for the adapter's `{}` (shape {:?})",
+                target.path,
+                peft::key(&target.path, "lora_A"),
+                a.size()
+            )
+        })?;
         let scale = lora::scale(target.alpha, target.r, cfg.use_rslora);
-        deltas.insert(name, Delta { a, b, scale, fan_in_fan_out });
+        let delta =
+            Delta::new(a, b, scale, site, target.r as i64, source.get(&name).expect("found by name"))?;
+        deltas.insert(name, delta);
     }
     if let Some((path, entry)) = halves.into_iter().next() {
         let key = present_key(&path, &entry);

@@ -4,7 +4,7 @@
 pub mod peft;
 
 use crate::config::{LoraConfig, LoraInit, TargetModules};
-use crate::model::{Decoder, LinearAdapter};
+use crate::model::{Decoder, LinearAdapter, LinearSites};
 use anyhow::{anyhow, bail, Result};
 use regex::Regex;
 use std::collections::BTreeMap;
@@ -52,15 +52,16 @@ pub struct Trainable {
     pub tensor: Tensor,
 }
 
-/// The adapted module paths and their trainable tensors, in model order.
-pub struct Injected {
+/// The adapters attached to a model: the adapted module paths and their trainable tensors, in
+/// model order.
+pub struct AttachedAdapters {
     pub module_paths: Vec<String>,
     pub trainables: Vec<Trainable>,
     /// The adapted layers store their weights `[in, out]` (GPT-2), which PEFT records.
     pub fan_in_fan_out: bool,
 }
 
-impl Injected {
+impl AttachedAdapters {
     pub fn parameter_count(&self) -> i64 {
         self.trainables.iter().map(|t| t.tensor.numel() as i64).sum()
     }
@@ -92,9 +93,10 @@ fn full_match(pattern: &str) -> Result<Regex> {
 /// Whether a module path is selected.
 type PathFilter = Box<dyn Fn(&str) -> bool>;
 
-fn matcher(modules: &TargetModules) -> Result<PathFilter> {
+/// A filter of the paths `modules` selects; `all-linear` leaves out the output head `lm_head`.
+fn matcher(modules: &TargetModules, lm_head: &'static str) -> Result<PathFilter> {
     Ok(match modules {
-        TargetModules::AllLinear => Box::new(|path: &str| path != "lm_head"),
+        TargetModules::AllLinear => Box::new(move |path: &str| path != lm_head),
         TargetModules::List(names) => {
             let names = names.clone();
             Box::new(move |path: &str| names.iter().any(|n| matches_name(path, n)))
@@ -141,10 +143,11 @@ pub struct Target {
     pub alpha: f64,
 }
 
-/// The modules `cfg` selects among `paths` (all linear layers of the model), with PEFT's rules:
+/// The modules `cfg` selects among the linear layers of a model, with PEFT's rules:
 /// `target_modules` (all-linear takes every linear layer but the output projection), minus
 /// `exclude_modules`, restricted to `layers_to_transform`, ranks and alphas by pattern.
-pub fn select_targets(paths: &[String], cfg: &LoraConfig, tied_embeddings: bool) -> Result<Vec<Target>> {
+pub fn select_targets(sites: &LinearSites, cfg: &LoraConfig) -> Result<Vec<Target>> {
+    let paths = &sites.paths();
     let leaves = || {
         let mut leaves: Vec<&str> = paths.iter().map(|p| leaf(p)).collect();
         leaves.sort();
@@ -154,7 +157,7 @@ pub fn select_targets(paths: &[String], cfg: &LoraConfig, tied_embeddings: bool)
     if let TargetModules::List(names) = &cfg.target_modules {
         for name in names {
             if !paths.iter().any(|p| matches_name(p, name)) {
-                let why = if tied_embeddings && matches!(name.as_str(), "lm_head" | "embed_tokens" | "wte") {
+                let why = if sites.tied_embeddings && sites.names_head_or_embedding(name) {
                     " (this model ties lm_head to its input embeddings, and adapting a tied matrix \
                      breaks merging and loading in other runtimes, so it is not offered)"
                 } else {
@@ -171,9 +174,9 @@ pub fn select_targets(paths: &[String], cfg: &LoraConfig, tied_embeddings: bool)
     if cfg.layers_to_transform.is_some() && matches!(cfg.target_modules, TargetModules::Regex(_)) {
         bail!("lora.layers_to_transform applies to a list of target modules; with a regex, put the layers in the regex");
     }
-    let targeted = matcher(&cfg.target_modules)?;
+    let targeted = matcher(&cfg.target_modules, sites.lm_head)?;
     let excluded = match &cfg.exclude_modules {
-        Some(modules) => matcher(modules)?,
+        Some(modules) => matcher(modules, sites.lm_head)?,
         None => Box::new(|_: &str| false),
     };
     let mut targets = Vec::new();
@@ -208,16 +211,15 @@ pub fn select_targets(paths: &[String], cfg: &LoraConfig, tied_embeddings: bool)
 
 /// Attaches freshly initialised adapters to the layers `cfg.target_modules` selects.
 /// Uses libtorch's global RNG: seed it first for reproducible initialisation.
-pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<Injected> {
-    let tied = model.spec.tie_word_embeddings;
+pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<AttachedAdapters> {
+    let targets = select_targets(&model.sites, cfg)?;
     let mut layers = model.linear_layers_mut();
-    let paths: Vec<String> = layers.iter().map(|(p, _)| p.clone()).collect();
-    let targets = select_targets(&paths, cfg, tied)?;
     let mut trainables = Vec::new();
     let mut fan_in_fan_out = false;
     for target in &targets {
-        let (path, linear) =
-            layers.iter_mut().find(|(p, _)| *p == target.path).expect("selected from these layers");
+        let (site, linear) =
+            layers.iter_mut().find(|(site, _)| site.path == target.path).expect("selected from these layers");
+        let path = &site.path;
         let r = target.r as i64;
         let opts = (Kind::Float, device);
         let a = match cfg.init {
@@ -241,30 +243,25 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<I
         linear.adapter = Some(Box::new(adapter));
     }
     model.adapter_dropout |= cfg.dropout > 0.0;
-    Ok(Injected { module_paths: targets.into_iter().map(|t| t.path).collect(), trainables, fan_in_fan_out })
+    Ok(AttachedAdapters {
+        module_paths: targets.into_iter().map(|t| t.path).collect(),
+        trainables,
+        fan_in_fan_out,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn llama_paths() -> Vec<String> {
-        let mut p = vec![];
-        for i in 0..2 {
-            for m in [
-                "self_attn.q_proj",
-                "self_attn.k_proj",
-                "self_attn.v_proj",
-                "self_attn.o_proj",
-                "mlp.gate_proj",
-                "mlp.up_proj",
-                "mlp.down_proj",
-            ] {
-                p.push(format!("model.layers.{i}.{m}"));
-            }
-        }
-        p.push("lm_head".into());
-        p
+    /// A two-layer Llama: `model.layers.{0,1}.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj}`,
+    /// and `lm_head` unless `tied`.
+    fn llama(tied: bool) -> LinearSites {
+        let config = format!(
+            r#"{{"model_type":"llama","hidden_size":16,"intermediate_size":32,"num_hidden_layers":2,
+                "num_attention_heads":2,"vocab_size":64,"tie_word_embeddings":{tied}}}"#
+        );
+        LinearSites::of(&crate::model::ModelSpec::from_json(&config).unwrap())
     }
 
     fn cfg(targets: TargetModules) -> LoraConfig {
@@ -278,7 +275,7 @@ mod tests {
     #[test]
     fn list_targets_match_path_suffixes() {
         let t = TargetModules::List(vec!["q_proj".into(), "mlp.down_proj".into()]);
-        let got = select_targets(&llama_paths(), &cfg(t), false).unwrap();
+        let got = select_targets(&llama(false), &cfg(t)).unwrap();
         assert_eq!(
             paths_of(&got),
             vec![
@@ -293,7 +290,7 @@ mod tests {
 
     #[test]
     fn all_linear_excludes_the_output_layer() {
-        let got = select_targets(&llama_paths(), &cfg(TargetModules::AllLinear), false).unwrap();
+        let got = select_targets(&llama(false), &cfg(TargetModules::AllLinear)).unwrap();
         assert_eq!(got.len(), 14);
         assert!(!got.iter().any(|t| t.path == "lm_head"));
     }
@@ -301,13 +298,12 @@ mod tests {
     #[test]
     fn a_regex_must_match_the_whole_path() {
         let t = TargetModules::Regex(r".*\.1\.self_attn\.(q|v)_proj".into());
-        let got = select_targets(&llama_paths(), &cfg(t), false).unwrap();
+        let got = select_targets(&llama(false), &cfg(t)).unwrap();
         assert_eq!(
             paths_of(&got),
             vec!["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
         );
-        let err =
-            select_targets(&llama_paths(), &cfg(TargetModules::Regex("q_pro.".into())), false).unwrap_err();
+        let err = select_targets(&llama(false), &cfg(TargetModules::Regex("q_pro.".into()))).unwrap_err();
         assert!(err.to_string().contains("no linear layer"), "{err}");
     }
 
@@ -318,7 +314,7 @@ mod tests {
         c.layers_to_transform = Some(vec![1]);
         c.rank_pattern = BTreeMap::from([("self_attn\\.(q|k)_proj".to_string(), 4)]);
         c.alpha_pattern = BTreeMap::from([("up_proj".to_string(), 2.0)]);
-        let got = select_targets(&llama_paths(), &c, false).unwrap();
+        let got = select_targets(&llama(false), &c).unwrap();
         assert_eq!(got.len(), 6);
         assert!(got.iter().all(|t| t.path.starts_with("model.layers.1.") && !t.path.ends_with("down_proj")));
         let by_leaf = |leaf: &str| got.iter().find(|t| t.path.ends_with(leaf)).unwrap().clone();
@@ -330,23 +326,21 @@ mod tests {
     fn overlapping_patterns_are_refused() {
         let mut c = cfg(TargetModules::AllLinear);
         c.rank_pattern = BTreeMap::from([("q_proj".to_string(), 4), ("self_attn\\..*".to_string(), 2)]);
-        let err = select_targets(&llama_paths(), &c, false).unwrap_err().to_string();
+        let err = select_targets(&llama(false), &c).unwrap_err().to_string();
         assert!(err.contains("both"), "{err}");
     }
 
     #[test]
     fn unknown_target_lists_the_model_linear_names() {
         let t = TargetModules::List(vec!["query".into()]);
-        let err = select_targets(&llama_paths(), &cfg(t), false).unwrap_err().to_string();
+        let err = select_targets(&llama(false), &cfg(t)).unwrap_err().to_string();
         assert!(err.contains("`query`") && err.contains("q_proj") && err.contains("down_proj"), "{err}");
     }
 
     #[test]
     fn tied_lm_head_is_refused_with_the_reason() {
-        let mut paths = llama_paths();
-        paths.pop();
         let t = TargetModules::List(vec!["lm_head".into()]);
-        let err = select_targets(&paths, &cfg(t), true).unwrap_err().to_string();
+        let err = select_targets(&llama(true), &cfg(t)).unwrap_err().to_string();
         assert!(err.contains("ties lm_head"), "{err}");
     }
 

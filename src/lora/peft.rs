@@ -1,7 +1,7 @@
 //! Hugging Face PEFT adapter files: `adapter_config.json` + `adapter_model.safetensors`, keyed
 //! `base_model.model.<module path>.lora_A.weight` (`[r, in]`) / `.lora_B.weight` (`[out, r]`).
 
-use super::Injected;
+use super::AttachedAdapters;
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::files::{kind_name, publish_dir, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::Decoder;
@@ -67,7 +67,7 @@ pub fn pair_halves(
 }
 
 /// `adapter_config.json` as PEFT writes it for a LoRA adapter of a causal LM.
-pub fn adapter_config(cfg: &LoraConfig, injected: &Injected, base_model: &str) -> serde_json::Value {
+pub fn adapter_config(cfg: &LoraConfig, adapters: &AttachedAdapters, base_model: &str) -> serde_json::Value {
     json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -77,7 +77,7 @@ pub fn adapter_config(cfg: &LoraConfig, injected: &Injected, base_model: &str) -
         "lora_dropout": cfg.dropout,
         "target_modules": match &cfg.target_modules {
             // Resolved, so that readers without PEFT's all-linear logic select the same layers.
-            TargetModules::AllLinear => json!(injected.target_leaf_names()),
+            TargetModules::AllLinear => json!(adapters.target_leaf_names()),
             TargetModules::List(names) => json!(names),
             TargetModules::Regex(pattern) => json!(pattern),
         },
@@ -90,7 +90,7 @@ pub fn adapter_config(cfg: &LoraConfig, injected: &Injected, base_model: &str) -
         "use_rslora": cfg.use_rslora,
         "use_dora": false,
         "modules_to_save": null,
-        "fan_in_fan_out": injected.fan_in_fan_out,
+        "fan_in_fan_out": adapters.fan_in_fan_out,
         "init_lora_weights": match cfg.init { LoraInit::Kaiming => json!(true), LoraInit::Gaussian => json!("gaussian") },
         "rank_pattern": cfg.rank_pattern,
         "alpha_pattern": cfg.alpha_pattern.iter().map(|(k, v)| (k.clone(), json_number(*v))).collect::<serde_json::Map<_, _>>(),
@@ -110,14 +110,19 @@ fn json_number(x: f64) -> serde_json::Value {
 }
 
 /// Writes the adapter into `dir` (created or atomically replaced).
-pub fn save(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str) -> Result<()> {
-    publish_dir(dir, |tmp| write_files(tmp, cfg, injected, base_model))
+pub fn save(dir: &Path, cfg: &LoraConfig, adapters: &AttachedAdapters, base_model: &str) -> Result<()> {
+    publish_dir(dir, |tmp| write_files(tmp, cfg, adapters, base_model))
         .with_context(|| format!("cannot save the adapter to {}", dir.display()))
 }
 
 /// Writes the adapter's two files into the existing directory `dir`.
-pub fn write_files(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model: &str) -> Result<()> {
-    let tensors: Vec<(String, tch::Tensor)> = injected
+pub fn write_files(
+    dir: &Path,
+    cfg: &LoraConfig,
+    adapters: &AttachedAdapters,
+    base_model: &str,
+) -> Result<()> {
+    let tensors: Vec<(String, tch::Tensor)> = adapters
         .trainables
         .iter()
         .map(|t| (t.peft_key.clone(), t.tensor.detach().to_kind(Kind::Float)))
@@ -125,7 +130,7 @@ pub fn write_files(dir: &Path, cfg: &LoraConfig, injected: &Injected, base_model
     write_atomic(&dir.join(WEIGHTS_FILE), &safetensors_bytes(&tensors, &[("format", "pt")])?)?;
     write_atomic(
         &dir.join(CONFIG_FILE),
-        &serde_json::to_vec_pretty(&adapter_config(cfg, injected, base_model))?,
+        &serde_json::to_vec_pretty(&adapter_config(cfg, adapters, base_model))?,
     )
 }
 
@@ -308,12 +313,12 @@ pub fn read_config(dir: &Path) -> Result<LoraConfig> {
     AdapterConfig::read(dir)?.lora_config()
 }
 
-/// Copies the tensors of the adapter file in `dir` into `injected`'s adapters. Every tensor of
+/// Copies the tensors of the adapter file in `dir` into `adapters`. Every tensor of
 /// the file must have a place, and every adapter a tensor, of the same shape.
-pub fn copy_weights(dir: &Path, injected: &Injected) -> Result<()> {
+pub fn copy_weights(dir: &Path, adapters: &AttachedAdapters) -> Result<()> {
     let path = dir.join(WEIGHTS_FILE);
     let mut stored: BTreeMap<String, tch::Tensor> = read_safetensors(&path)?.into_iter().collect();
-    for t in &injected.trainables {
+    for t in &adapters.trainables {
         let Some(value) = stored.remove(&t.peft_key) else {
             bail!("{}: no tensor `{}` for this adapter's configuration", path.display(), t.peft_key);
         };
@@ -335,15 +340,15 @@ pub fn copy_weights(dir: &Path, injected: &Injected) -> Result<()> {
 }
 
 /// Attaches the adapter in `dir` to `model` for inference (frozen, no dropout).
-pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<Injected> {
+pub fn load(dir: &Path, model: &mut Decoder, device: Device) -> Result<AttachedAdapters> {
     let cfg = LoraConfig { dropout: 0.0, ..read_config(dir)? };
-    let injected = super::inject(model, &cfg, device)
+    let adapters = super::inject(model, &cfg, device)
         .with_context(|| format!("applying the adapter in {}", dir.display()))?;
-    copy_weights(dir, &injected)?;
-    for t in &injected.trainables {
+    copy_weights(dir, &adapters)?;
+    for t in &adapters.trainables {
         let _ = t.tensor.shallow_clone().set_requires_grad(false);
     }
-    Ok(injected)
+    Ok(adapters)
 }
 
 #[cfg(test)]

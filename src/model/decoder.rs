@@ -1,5 +1,6 @@
 //! One decoder-only transformer for every supported family, parameterised by [`ModelSpec`]
-//! (sizes and switches) and [`Layout`] (tensor names): norm → attention → residual,
+//! (sizes and switches), [`ModuleNames`] (tensor names) and [`LinearSites`] (its linear
+//! layers): norm → attention → residual,
 //! norm → MLP → residual, with the family's variations chosen by data.
 //!
 //! Precision follows `torch.autocast`, which is what PEFT users train with: the residual stream,
@@ -9,8 +10,9 @@
 //! multiplied in bf16 and their products cast back.
 
 use super::attention::{attention_mask_offset, causal_attention};
-use super::layout::{AttnProjections, Layout, MlpProjections};
+use super::names::ModuleNames;
 use super::rope::{apply_rope, rope_tables};
+use super::sites::{LinearSite, LinearSites, Role};
 use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind};
 use super::Weights;
 use crate::packing::Packing;
@@ -36,21 +38,16 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
-        w: &mut Weights,
-        name: &str,
-        out: i64,
-        inp: i64,
-        bias: bool,
-        fan_in_fan_out: bool,
-    ) -> Result<Linear> {
-        let weight = if fan_in_fan_out {
+    /// Takes the weight (and bias) of `site` out of `w`, in `[out, in]` order.
+    fn load(w: &mut Weights, site: &LinearSite) -> Result<Linear> {
+        let (name, out, inp) = (&site.path, site.out_features, site.in_features);
+        let weight = if site.fan_in_fan_out {
             w.take(&format!("{name}.weight"), &[inp, out])?.tr().contiguous()
         } else {
             w.take(&format!("{name}.weight"), &[out, inp])?
         };
-        let bias = if bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
-        Ok(Linear { weight, bias, adapter: None, fan_in_fan_out })
+        let bias = if site.bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
+        Ok(Linear { weight, bias, adapter: None, fan_in_fan_out: site.fan_in_fan_out })
     }
 
     pub fn in_features(&self) -> i64 {
@@ -135,7 +132,8 @@ struct Block {
 /// The base model. Only LoRA adapters inside its [`Linear`] layers are trainable.
 pub struct Decoder {
     pub spec: ModelSpec,
-    pub layout: Layout,
+    /// Its linear layers, in the order [`Decoder::linear_layers_mut`] gives them.
+    pub sites: LinearSites,
     embed_tokens: Tensor,
     embed_positions: Option<Tensor>,
     layers: Vec<Block>,
@@ -149,112 +147,132 @@ pub struct Decoder {
     pub adapter_dropout: bool,
 }
 
-/// Tensors some checkpoints carry that are not weights (precomputed buffers).
-fn is_buffer(name: &str) -> bool {
-    name.ends_with("rotary_emb.inv_freq")
-        || name.ends_with(".attn.bias")
-        || name.ends_with(".attn.masked_bias")
+impl Block {
+    /// Decoder layer `i`: its norms, taken from `w`, around `linears`, its linear layers (taken
+    /// from `w` before).
+    fn load(
+        w: &mut Weights,
+        spec: &ModelSpec,
+        names: &ModuleNames,
+        i: usize,
+        mut linears: ByRole,
+    ) -> Result<Block> {
+        let p = format!("{}.{i}", names.layers);
+        let attn = format!("{p}.{}", names.attn);
+        let (h, hd) = (spec.hidden_size, spec.head_dim);
+        let mut norm = |path: String, dim: i64| Norm::load(w, &path, dim, spec);
+        let attn_norm = norm(format!("{p}.{}", names.attn_norm), h)?;
+        let q_norm = spec.qk_norm.then(|| norm(format!("{attn}.{}", names.q_norm), hd)).transpose()?;
+        let k_norm = spec.qk_norm.then(|| norm(format!("{attn}.{}", names.k_norm), hd)).transpose()?;
+        let sandwich = spec.sandwich_norms;
+        let post_attn_norm =
+            sandwich.then(|| norm(format!("{p}.{}", names.post_attn_norm), h)).transpose()?;
+        let mlp_norm = norm(format!("{p}.{}", names.mlp_norm), h)?;
+        let post_mlp_norm = sandwich.then(|| norm(format!("{p}.{}", names.post_mlp_norm), h)).transpose()?;
+        let qkv = match linears.take(Role::QueryKeyValue) {
+            Some(qkv) => Qkv::Fused(qkv),
+            None => Qkv::Separate {
+                q: linears.get(Role::Query),
+                k: linears.get(Role::Key),
+                v: linears.get(Role::Value),
+            },
+        };
+        let o_proj = linears.get(Role::AttnOutput);
+        let mlp = match (linears.take(Role::GateUp), linears.take(Role::Gate)) {
+            (Some(gate_up), _) => Mlp::GatedFused { gate_up, down: linears.get(Role::Down) },
+            (None, Some(gate)) => {
+                Mlp::Gated { gate, up: linears.get(Role::Up), down: linears.get(Role::Down) }
+            }
+            (None, None) => Mlp::Plain { fc: linears.get(Role::Up), proj: linears.get(Role::Down) },
+        };
+        Ok(Block {
+            attn_norm,
+            qkv,
+            o_proj,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            mlp_norm,
+            mlp,
+            post_mlp_norm,
+            span: spec.layer_spans[i],
+        })
+    }
+
+    /// The linear layers, in the order of the site table.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = match &mut self.qkv {
+            Qkv::Separate { q, k, v } => vec![q, k, v],
+            Qkv::Fused(qkv) => vec![qkv],
+        };
+        out.push(&mut self.o_proj);
+        match &mut self.mlp {
+            Mlp::Gated { gate, up, down } => out.extend([gate, up, down]),
+            Mlp::GatedFused { gate_up, down } => out.extend([gate_up, down]),
+            Mlp::Plain { fc, proj } => out.extend([fc, proj]),
+        }
+        out
+    }
+}
+
+/// One layer's linear layers by role, as the block takes them apart.
+struct ByRole(Vec<(Role, Linear)>);
+
+impl ByRole {
+    fn take(&mut self, role: Role) -> Option<Linear> {
+        let i = self.0.iter().position(|(r, _)| *r == role)?;
+        Some(self.0.remove(i).1)
+    }
+
+    /// A role the family's names always give a layer.
+    fn get(&mut self, role: Role) -> Linear {
+        self.take(role)
+            .unwrap_or_else(|| unreachable!("the site table gives every layer a {role:?} projection"))
+    }
 }
 
 impl Decoder {
     /// Builds the decoder from the checkpoint's tensors, checking every name and shape.
     pub fn load(spec: ModelSpec, mut w: Weights) -> Result<Decoder> {
-        let layout = Layout::of(spec.family);
-        w.set_optional_prefix(layout.optional_prefix);
-        let s = &spec;
-        let l = &layout;
-        let (h, hd, ffn) = (s.hidden_size, s.head_dim, s.intermediate_size);
-        let (q_dim, kv_dim) = (s.num_heads * hd, s.num_kv_heads * hd);
-        let fifo = l.fan_in_fan_out;
-        let embed_tokens = w.take(&format!("{}.weight", l.embed_tokens), &[s.vocab_size, h])?;
-        let embed_positions = match l.embed_positions {
-            Some(name) => Some(w.take(&format!("{name}.weight"), &[s.max_position_embeddings, h])?),
+        let names = ModuleNames::of(spec.family);
+        let sites = LinearSites::of(&spec);
+        w.set_optional_prefix(names.optional_prefix);
+        let (h, vocab) = (spec.hidden_size, spec.vocab_size);
+        let embed_tokens = w.take(&format!("{}.weight", names.embed_tokens), &[vocab, h])?;
+        let embed_positions = match names.embed_positions {
+            Some(name) => Some(w.take(&format!("{name}.weight"), &[spec.max_position_embeddings, h])?),
             None => None,
         };
-        let mut layers = Vec::with_capacity(s.num_layers);
-        for (i, span) in s.layer_spans.iter().enumerate() {
-            let p = format!("{}.{i}", l.layers);
-            let attn = format!("{p}.{}", l.attn);
-            let mlp = format!("{p}.{}", l.mlp);
-            let norm = |w: &mut Weights, name: &str, dim: i64| Norm::load(w, &format!("{p}.{name}"), dim, s);
-            let qkv = match l.attn_projections {
-                AttnProjections::Separate { q, k, v } => Qkv::Separate {
-                    q: Linear::load(&mut w, &format!("{attn}.{q}"), q_dim, h, s.qkv_bias, fifo)?,
-                    k: Linear::load(&mut w, &format!("{attn}.{k}"), kv_dim, h, s.qkv_bias, fifo)?,
-                    v: Linear::load(&mut w, &format!("{attn}.{v}"), kv_dim, h, s.qkv_bias, fifo)?,
-                },
-                AttnProjections::Fused(name) => Qkv::Fused(Linear::load(
-                    &mut w,
-                    &format!("{attn}.{name}"),
-                    q_dim + 2 * kv_dim,
-                    h,
-                    s.qkv_bias,
-                    fifo,
-                )?),
-            };
-            let mlp_layers = match l.mlp_projections {
-                MlpProjections::Gated { gate, up, down } => Mlp::Gated {
-                    gate: Linear::load(&mut w, &format!("{mlp}.{gate}"), ffn, h, s.mlp_bias, fifo)?,
-                    up: Linear::load(&mut w, &format!("{mlp}.{up}"), ffn, h, s.mlp_bias, fifo)?,
-                    down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
-                },
-                MlpProjections::GatedFused { gate_up, down } => Mlp::GatedFused {
-                    gate_up: Linear::load(&mut w, &format!("{mlp}.{gate_up}"), 2 * ffn, h, s.mlp_bias, fifo)?,
-                    down: Linear::load(&mut w, &format!("{mlp}.{down}"), h, ffn, s.mlp_bias, fifo)?,
-                },
-                MlpProjections::Plain { fc, proj } => Mlp::Plain {
-                    fc: Linear::load(&mut w, &format!("{mlp}.{fc}"), ffn, h, s.mlp_bias, fifo)?,
-                    proj: Linear::load(&mut w, &format!("{mlp}.{proj}"), h, ffn, s.mlp_bias, fifo)?,
-                },
-            };
-            layers.push(Block {
-                attn_norm: norm(&mut w, l.attn_norm, h)?,
-                qkv,
-                o_proj: Linear::load(&mut w, &format!("{attn}.{}", l.o_proj), h, q_dim, s.o_bias, fifo)?,
-                q_norm: if s.qk_norm {
-                    Some(Norm::load(&mut w, &format!("{attn}.{}", l.q_norm), hd, s)?)
-                } else {
-                    None
-                },
-                k_norm: if s.qk_norm {
-                    Some(Norm::load(&mut w, &format!("{attn}.{}", l.k_norm), hd, s)?)
-                } else {
-                    None
-                },
-                post_attn_norm: if s.sandwich_norms {
-                    Some(norm(&mut w, l.post_attn_norm, h)?)
-                } else {
-                    None
-                },
-                mlp_norm: norm(&mut w, l.mlp_norm, h)?,
-                mlp: mlp_layers,
-                post_mlp_norm: if s.sandwich_norms { Some(norm(&mut w, l.post_mlp_norm, h)?) } else { None },
-                span: *span,
-            });
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for i in 0..spec.num_layers {
+            let linears = sites.layer(i).map(|site| Ok((site.role, Linear::load(&mut w, site)?)));
+            let linears = ByRole(linears.collect::<Result<_>>()?);
+            layers.push(Block::load(&mut w, &spec, &names, i, linears)?);
         }
-        let final_norm = Norm::load(&mut w, l.final_norm, h, s)?;
-        let lm_head_name = format!("{}.weight", l.lm_head);
-        let lm_head = if s.tie_word_embeddings {
-            // Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
-            if w.contains(&lm_head_name) {
-                let _ = w.take(&lm_head_name, &[s.vocab_size, h])?;
+        let final_norm = Norm::load(&mut w, names.final_norm, h, &spec)?;
+        let lm_head = match sites.get(sites.lm_head) {
+            Some(site) => Some(Linear::load(&mut w, site)?),
+            None => {
+                // Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
+                let copy = format!("{}.weight", sites.lm_head);
+                if w.contains(&copy) {
+                    let _ = w.take(&copy, &[vocab, h])?;
+                }
+                None
             }
-            None
-        } else {
-            Some(Linear::load(&mut w, l.lm_head, s.vocab_size, h, false, false)?)
         };
-        let unused: Vec<String> = w.remaining().into_iter().filter(|n| !is_buffer(n)).collect();
+        let unused: Vec<String> = w.remaining().into_iter().filter(|n| !names.is_buffer(n)).collect();
         if !unused.is_empty() {
             bail!(
                 "the model weights hold tensors a `{}` model does not use: {}",
-                s.model_type,
+                spec.model_type,
                 unused.join(", ")
             );
         }
         let activations = embed_tokens.kind();
         Ok(Decoder {
             spec,
-            layout,
+            sites,
             embed_tokens,
             embed_positions,
             layers,
@@ -265,44 +283,12 @@ impl Decoder {
         })
     }
 
-    /// Every linear layer by its Hugging Face module path (`model.layers.0.self_attn.q_proj`,
-    /// ..., `lm_head` when untied), in model order: the names PEFT adapters are keyed by.
-    pub fn linear_layers_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        let l = self.layout;
-        let mut out = Vec::new();
-        for (i, b) in self.layers.iter_mut().enumerate() {
-            let attn = format!("{}.{i}.{}", l.layers, l.attn);
-            let mlp = format!("{}.{i}.{}", l.layers, l.mlp);
-            match (&mut b.qkv, l.attn_projections) {
-                (Qkv::Separate { q, k, v }, AttnProjections::Separate { q: qn, k: kn, v: vn }) => {
-                    out.push((format!("{attn}.{qn}"), q));
-                    out.push((format!("{attn}.{kn}"), k));
-                    out.push((format!("{attn}.{vn}"), v));
-                }
-                (Qkv::Fused(qkv), AttnProjections::Fused(name)) => out.push((format!("{attn}.{name}"), qkv)),
-                _ => unreachable!("blocks are built from the layout"),
-            }
-            out.push((format!("{attn}.{}", l.o_proj), &mut b.o_proj));
-            match (&mut b.mlp, l.mlp_projections) {
-                (Mlp::Gated { gate, up, down }, MlpProjections::Gated { gate: g, up: u, down: d }) => {
-                    out.push((format!("{mlp}.{g}"), gate));
-                    out.push((format!("{mlp}.{u}"), up));
-                    out.push((format!("{mlp}.{d}"), down));
-                }
-                (Mlp::GatedFused { gate_up, down }, MlpProjections::GatedFused { gate_up: gu, down: d }) => {
-                    out.push((format!("{mlp}.{gu}"), gate_up));
-                    out.push((format!("{mlp}.{d}"), down));
-                }
-                (Mlp::Plain { fc, proj }, MlpProjections::Plain { fc: f, proj: p }) => {
-                    out.push((format!("{mlp}.{f}"), fc));
-                    out.push((format!("{mlp}.{p}"), proj));
-                }
-                _ => unreachable!("blocks are built from the layout"),
-            }
-        }
-        if let Some(head) = self.lm_head.as_mut() {
-            out.push((l.lm_head.to_string(), head));
-        }
+    /// Every linear layer with its site (`model.layers.0.self_attn.q_proj`, ..., `lm_head` when
+    /// untied), in model order: the names PEFT adapters are keyed by.
+    pub fn linear_layers_mut(&mut self) -> Vec<(&LinearSite, &mut Linear)> {
+        let linears = self.layers.iter_mut().flat_map(Block::linears_mut).chain(self.lm_head.as_mut());
+        let out: Vec<_> = self.sites.sites.iter().zip(linears).collect();
+        debug_assert_eq!(out.len(), self.sites.sites.len(), "one linear layer per site");
         out
     }
 
@@ -413,7 +399,7 @@ impl Decoder {
         packing: Option<&'a Packing>,
         offset: i64,
         train: bool,
-    ) -> (Tensor, Pass<'a>) {
+    ) -> (Tensor, TokenPositions<'a>) {
         let s = &self.spec;
         let (batch, seq) = input_ids.size2().expect("input_ids must be [batch, seq]");
         let device = input_ids.device();
@@ -433,7 +419,7 @@ impl Decoder {
             x = &x + Tensor::embedding(table, &positions, -1, false, false).to_kind(Kind::Float);
         }
         let x = dropout(x, s.dropout.in_training(train).embeddings);
-        let pass = Pass {
+        let pass = TokenPositions {
             global_rope: s.rope.as_ref().map(|r| rope_tables(r, &positions)),
             local_rope: s.local_rope.as_ref().map(|r| rope_tables(r, &positions)),
             packing,
@@ -446,7 +432,7 @@ impl Decoder {
         &self,
         i: usize,
         x: &Tensor,
-        pass: &Pass<'_>,
+        pass: &TokenPositions<'_>,
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
@@ -575,9 +561,9 @@ impl Decoder {
     }
 }
 
-/// What the blocks of one forward pass share: the rotary tables of the tokens' positions and, in
-/// packed rows, where each example lies.
-pub struct Pass<'a> {
+/// Where the tokens of one forward pass are, which every block reads: the rotary tables of
+/// their positions and, in packed rows, where each example lies.
+pub struct TokenPositions<'a> {
     global_rope: Option<(Tensor, Tensor)>,
     local_rope: Option<(Tensor, Tensor)>,
     packing: Option<&'a Packing>,

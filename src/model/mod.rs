@@ -5,13 +5,15 @@
 
 pub mod attention;
 pub mod decoder;
-pub mod layout;
 pub mod load;
+pub mod names;
 mod rope;
+pub mod sites;
 pub mod spec;
 pub mod weights;
 
-pub use decoder::{Decoder, KvCache, Linear, LinearAdapter, Pass};
+pub use decoder::{Decoder, KvCache, Linear, LinearAdapter, TokenPositions};
 pub use load::load_model;
+pub use sites::{LinearSite, LinearSites};
 pub use spec::ModelSpec;
 pub use weights::Weights;

@@ -1,5 +1,5 @@
 //! `config.json` → [`ModelSpec`]: the sizes and switches the one decoder needs, for every
-//! supported family. Families differ here, as data, and in [`Layout`] (their tensor names);
+//! supported family. Families differ here, as data, and in [`super::names::ModuleNames`] (their tensor names);
 //! `decoder.rs` has no per-family code paths.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -29,6 +29,13 @@ const SUPPORTED: &[(&str, Family)] = &[
     ("phi3", Family::Phi3),
     ("gpt2", Family::Gpt2),
 ];
+
+impl Family {
+    /// Every supported family.
+    pub fn all() -> impl Iterator<Item = Family> {
+        SUPPORTED.iter().map(|(_, family)| *family)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum NormKind {

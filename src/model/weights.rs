@@ -104,6 +104,17 @@ fn non_finite(name: &str, file: &Path, stored: &Tensor, kind: Kind) -> String {
 
 /// The weight files of a model directory: the shards of the index when there is one.
 pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    safetensors_files_if_any(dir)?.ok_or_else(|| {
+        anyhow!(
+            "{} has neither model.safetensors nor model.safetensors.index.json \
+             (PyTorch .bin checkpoints are not supported: convert them to safetensors)",
+            dir.display()
+        )
+    })
+}
+
+/// [`safetensors_files`], `None` for a directory without any.
+pub(crate) fn safetensors_files_if_any(dir: &Path) -> Result<Option<Vec<PathBuf>>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         #[derive(serde::Deserialize)]
@@ -117,15 +128,8 @@ pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
         files.sort();
         files.dedup();
-        return Ok(files);
+        return Ok(Some(files));
     }
     let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    bail!(
-        "{} has neither model.safetensors nor model.safetensors.index.json \
-         (PyTorch .bin checkpoints are not supported: convert them to safetensors)",
-        dir.display()
-    )
+    Ok(single.exists().then(|| vec![single]))
 }

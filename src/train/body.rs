@@ -3,7 +3,7 @@
 //! the block again, one at a time from the last, during the backward pass.
 
 use crate::data::Batch;
-use crate::model::{Decoder, Pass};
+use crate::model::{Decoder, TokenPositions};
 use tch::{Device, Kind, Tensor};
 
 /// The residual stream after the last block, and what its backward pass still needs.
@@ -17,7 +17,7 @@ pub struct Body<'a> {
 /// What running the blocks again needs.
 struct Recompute<'a> {
     inputs: Vec<Tensor>,
-    pass: Pass<'a>,
+    pass: TokenPositions<'a>,
     /// See [`Body::forward`]; `None` without dropout.
     seed: Option<i64>,
 }

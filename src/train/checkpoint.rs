@@ -6,7 +6,7 @@
 use super::optim::AdamW;
 use crate::config::LoraConfig;
 use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
-use crate::lora::{peft, Injected};
+use crate::lora::{peft, AttachedAdapters};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -41,7 +41,7 @@ pub fn save(
     dir: &Path,
     state: &TrainerState,
     lora: &LoraConfig,
-    injected: &Injected,
+    injected: &AttachedAdapters,
     optimizer: &AdamW,
     base_model: &str,
 ) -> Result<()> {
@@ -63,7 +63,7 @@ pub fn save(
 }
 
 /// Restores the adapter and optimizer from `dir` and returns the trainer state.
-pub fn load(dir: &Path, injected: &Injected, optimizer: &mut AdamW) -> Result<TrainerState> {
+pub fn load(dir: &Path, injected: &AttachedAdapters, optimizer: &mut AdamW) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{} is not a complete checkpoint (no {STATE_FILE})", dir.display()))?;

@@ -11,7 +11,7 @@ use crate::data::format::{Example, Prepared, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, RowLayout, RunData};
 use crate::files::write_atomic;
 use crate::generate::{generate, stop_tokens, Sampling};
-use crate::lora::{self, peft, Injected};
+use crate::lora::{self, peft, AttachedAdapters};
 use crate::model::load::{load_model_for, resolve_device, weight_kind};
 use crate::model::{Decoder, ModelSpec};
 use crate::observe::MetricsLog;
@@ -291,7 +291,7 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         Some(dir) => LoraConfig { dropout: cfg.lora.dropout, ..peft::read_config(dir)? },
         None => cfg.lora.clone(),
     };
-    let injected: Injected = lora::inject(&mut model, &lora_cfg, device)?;
+    let injected: AttachedAdapters = lora::inject(&mut model, &lora_cfg, device)?;
     if let Some(dir) = &cfg.lora.init_from {
         peft::copy_weights(dir, &injected)?;
     }
