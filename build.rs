@@ -3,7 +3,7 @@
 fn main() {
     // torch-sys (links = "tch") exports its lib dir to dependents as DEP_TCH_LIBTORCH_LIB.
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
-        .expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB; run scripts/setup-libtorch.sh");
+        .expect("torch-sys did not report DEP_TCH_LIBTORCH_LIB; run scripts/setup/libtorch.sh");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // With a CUDA libtorch, keep libtorch_cuda.so linked even though no symbol of it is referenced
     // directly: it registers the CUDA backend when loaded (`--as-needed` would drop it).

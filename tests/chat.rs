@@ -1,6 +1,6 @@
 //! Chat records → rendered text → trainable segments, checked against transformers'
 //! `apply_chat_template` (tests/fixtures/chat_reference.json, made by
-//! scripts/make_chat_reference.py with the real Qwen3 tokenizer config) and against the
+//! scripts/fixtures/make_chat_reference.py with the real Qwen3 tokenizer config) and against the
 //! built-in templates' known formats.
 
 mod common;

@@ -1,9 +1,9 @@
 //! Tool-calling chats: ShareGPT `function_call` / `observation` turns, OpenAI `tool_calls` and
 //! role `tool`, LLaMA-Factory `reasoning` / `tool_call` content parts and a `tools` column.
 //! LLaMA-Factory's two tool data sets render with the real Qwen3 template exactly as
-//! transformers' `apply_chat_template(messages, tools=tools)` does (scripts/tool_chat_reference.py,
-//! run through LORAFIT_INTEROP_PYTHON), and exactly their assistant turns, tool calls included,
-//! are trained; tool results are not.
+//! transformers' `apply_chat_template(messages, tools=tools)` does
+//! (scripts/interop/tool_chat_reference.py, run through LORAFIT_INTEROP_PYTHON), and exactly their
+//! assistant turns, tool calls included, are trained; tool results are not.
 
 mod common;
 
@@ -61,10 +61,10 @@ fn seen_by_template(src: &str, conversation: &Conversation) -> String {
 /// The reference rendering of every row of `data`: row → {text, spans, tool_results}.
 fn reference(python: &Path, tokenizer: &Path, data: &Path) -> BTreeMap<usize, Value> {
     let out = Command::new(python)
-        .arg(common::repo().join("scripts/tool_chat_reference.py"))
+        .arg(common::repo().join("scripts/interop/tool_chat_reference.py"))
         .args([tokenizer, data])
         .output()
-        .expect("run scripts/tool_chat_reference.py");
+        .expect("run scripts/interop/tool_chat_reference.py");
     assert!(out.status.success(), "tool_chat_reference.py failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout)
         .unwrap()

@@ -1,6 +1,6 @@
 //! Every supported family against transformers, on the tiny random checkpoints in
-//! tests/fixtures/models (made by scripts/make_model_fixtures.py, which records transformers'
-//! logits and writes a PEFT adapter for each).
+//! tests/fixtures/models (made by scripts/fixtures/make_model_fixtures.py, which records
+//! transformers' logits and writes a PEFT adapter for each).
 
 mod common;
 
@@ -348,8 +348,8 @@ fn gemma_bf16_embeddings_equal_transformers() {
 }
 
 /// Draws of lorafit's training loss the GPT-2 dropout test averages:
-/// DROPOUT_TEST_DRAWS in scripts/make_model_fixtures.py, which checks that the tolerance below
-/// tells each of GPT-2's three dropouts missing.
+/// DROPOUT_TEST_DRAWS in scripts/fixtures/make_model_fixtures.py, which checks that the tolerance
+/// below tells each of GPT-2's three dropouts missing.
 const DROPOUT_TEST_DRAWS: i64 = 1000;
 /// DROPOUT_SIGMAS there: the tolerance in standard errors of the difference of the two means.
 const DROPOUT_SIGMAS: f64 = 5.0;

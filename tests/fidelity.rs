@@ -1,6 +1,6 @@
 //! What lorafit trains on is what the model sees: `lorafit data export` over every shared data
 //! set (tool calls with the Qwen3 template), with every shared tokenizer, gives the ids the Hugging Face tokenizer gives for the whole
-//! rendered text (scripts/check_data_export.py renders each record independently with
+//! rendered text (scripts/interop/check_data_export.py renders each record independently with
 //! transformers), with exactly the responses / assistant turns trained.
 
 mod common;
@@ -111,7 +111,7 @@ fn write_records(path: &Path, out: &Path) -> usize {
 }
 
 /// Exports every shared data set prepared with the shared tokenizer `tok_name` and has
-/// scripts/check_data_export.py compare each example with transformers.
+/// scripts/interop/check_data_export.py compare each example with transformers.
 fn export_matches_transformers(tok_name: &str) {
     let (Some(assets), Some(python)) = (common::assets(), common::python()) else { return };
     let (_, tokenizer, tokenizer_config) = TOKENIZERS.iter().find(|t| t.0 == tok_name).unwrap();
@@ -169,7 +169,7 @@ fn export_matches_transformers(tok_name: &str) {
     let jobs_path = tmp.path().join("jobs.json");
     std::fs::write(&jobs_path, Value::Array(jobs).to_string()).unwrap();
     let out = std::process::Command::new(python)
-        .arg(common::repo().join("scripts/check_data_export.py"))
+        .arg(common::repo().join("scripts/interop/check_data_export.py"))
         .arg(&jobs_path)
         .output()
         .unwrap();

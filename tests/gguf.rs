@@ -1,6 +1,6 @@
 //! `lorafit::export::gguf` writes the llama.cpp LoRA file llama.cpp's own converter
-//! (`convert_lora_to_gguf.py`, fetched by scripts/fetch-llama-cpp-converter.sh) writes for the
-//! same PEFT adapter: same metadata, tensor names, order, shapes, types and values, read back
+//! (`convert_lora_to_gguf.py`, fetched by scripts/interop/fetch_llama_cpp_converter.sh) writes for
+//! the same PEFT adapter: same metadata, tensor names, order, shapes, types and values, read back
 //! with llama.cpp's `gguf` reader. GPT-2 is the one place lorafit differs on purpose (see
 //! `src/export/gguf.rs`). rsLoRA and per-module alpha/rank, which the converter ignores, are
 //! checked against PEFT's own scales instead.
@@ -273,11 +273,11 @@ struct Converter {
 impl Converter {
     fn find() -> Option<Converter> {
         let python = common::python()?;
-        let fetch = common::repo().join("scripts/fetch-llama-cpp-converter.sh");
+        let fetch = common::repo().join("scripts/interop/fetch_llama_cpp_converter.sh");
         let out = Command::new("bash").arg(&fetch).env("LORAFIT_PYTHON", &python).output().expect("run bash");
         if !out.status.success() {
             common::skip(&format!(
-                "scripts/fetch-llama-cpp-converter.sh failed: {}",
+                "scripts/interop/fetch_llama_cpp_converter.sh failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ));
             return None;

@@ -1,6 +1,6 @@
 //! Real tokenizer files give the ids their reference readers give: the ids recorded with the
 //! llama2 and gpt2 assets, and transformers' ids for all four in
-//! tests/fixtures/tokenizer_reference.json (scripts/make_tokenizer_reference.py).
+//! tests/fixtures/tokenizer_reference.json (scripts/fixtures/make_tokenizer_reference.py).
 
 mod common;
 

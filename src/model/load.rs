@@ -19,7 +19,7 @@ pub fn resolve_device(name: &str) -> Result<Device> {
         if !tch::Cuda::is_available() || i >= tch::Cuda::device_count() as usize {
             bail!(
                 "train.device `{name}`: no such CUDA device here (libtorch sees {}); \
-                 use `auto` or `cpu`, or install the CUDA libtorch with scripts/setup-libtorch.sh --cuda",
+                 use `auto` or `cpu`, or install the CUDA libtorch with scripts/setup/libtorch.sh --cuda",
                 tch::Cuda::device_count()
             );
         }

@@ -91,7 +91,7 @@ pub const STORY_ROWS: &str = r#"{"text": "Once upon a time, there was a little d
 {"text": "Tom and his mom went to the store to buy some milk and bread. They were very happy."}
 "#;
 
-/// Every model family fixture in tests/fixtures/models (scripts/make_model_fixtures.py).
+/// Every model family fixture in tests/fixtures/models (scripts/fixtures/make_model_fixtures.py).
 pub const FAMILIES: &[&str] = &[
     "llama3",
     "llama-legacy",

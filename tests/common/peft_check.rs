@@ -1,4 +1,4 @@
-//! Runs scripts/peft_check.py on many adapters in one Python process: importing torch,
+//! Runs scripts/interop/peft_check.py on many adapters in one Python process: importing torch,
 //! transformers and peft takes seconds, checking a fixture-sized adapter a fraction of that.
 
 use serde_json::{json, Value};
@@ -35,11 +35,11 @@ pub fn peft_check(python: &Path, scratch: &Path, jobs: &[PeftJob]) -> Vec<Value>
     let jobs_file = scratch.join("peft-check-jobs.json");
     std::fs::write(&jobs_file, Value::Array(spec).to_string()).unwrap();
     let out = Command::new(python)
-        .arg(super::repo().join("scripts/peft_check.py"))
+        .arg(super::repo().join("scripts/interop/peft_check.py"))
         .arg("--jobs")
         .arg(&jobs_file)
         .output()
-        .expect("run scripts/peft_check.py");
+        .expect("run scripts/interop/peft_check.py");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     eprintln!("peft_check:\n{stdout}{stderr}");
     let reports: Vec<Value> = stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();

@@ -2,8 +2,8 @@
 # Installs the libtorch that tch 0.26 needs (PyTorch 2.13.0) into a per-user cache and points the
 # repository at it through the `.libtorch` link that `.cargo/config.toml` names.
 #
-#   scripts/setup-libtorch.sh          CPU libtorch assembled from three PyPI wheels (default)
-#   scripts/setup-libtorch.sh --cuda   the full CUDA torch wheel and its dependencies, in a venv
+#   scripts/setup/libtorch.sh          CPU libtorch assembled from three PyPI wheels (default)
+#   scripts/setup/libtorch.sh --cuda   the full CUDA torch wheel and its dependencies, in a venv
 #
 # CPU mode downloads about 540 MB (torch 527 MB, nvidia-cuda-runtime 2.2 MB, nvidia-cuda-cupti
 # 10.7 MB; the last two hold the small CUDA runtime and CUPTI libraries that libtorch_cpu.so links
@@ -13,17 +13,18 @@
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
-repo=$(cd "$(dirname "$0")/.." && pwd)
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
 cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
 mode=cpu
 case "${1:-}" in
   "") ;;
   --cuda) mode=cuda ;;
   -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-  *) echo "setup-libtorch: unknown argument '$1' (expected nothing or --cuda)" >&2; exit 2 ;;
+  *) echo "setup/libtorch.sh: unknown argument '$1' (expected nothing or --cuda)" >&2; exit 2 ;;
 esac
 
-say() { echo "setup-libtorch: $*" >&2; }
+say() { echo "setup/libtorch.sh: $*" >&2; }
 size_of() { du -sh "$1" 2>/dev/null | cut -f1; }
 
 # Replace the repository's `.libtorch` link in one rename, so a build never sees it half-made.
@@ -45,9 +46,9 @@ if [ -n "${LIBTORCH:-}" ]; then
 fi
 
 if [ "$mode" = cuda ]; then
-  # The same venv serves the Python interop tests (scripts/setup-python.sh adds their packages).
+  # The same venv serves the Python interop tests (scripts/setup/python.sh adds their packages).
   venv="$cache/venv-torch-$TORCH_VERSION"
-  "$repo/scripts/setup-python.sh" >&2
+  "$here/python.sh" >&2
   torch_dir=$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')
   # Equivalent to LIBTORCH_USE_PYTORCH=1 with the venv active: torch-sys builds against the
   # include/ and lib/ of the installed torch package.
@@ -73,7 +74,7 @@ start=$(date +%s)
 # pinned hashes covers every machine: only its shared libraries and headers are used.
 say "downloading torch $TORCH_VERSION and the CUDA runtime/CUPTI wheels into $wheels (about 540 MB, hash-checked)"
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
-  --require-hashes -r "$repo/scripts/libtorch-cpu.requirements.txt" -d "$wheels"
+  --require-hashes -r "$here/libtorch_cpu_requirements.txt" -d "$wheels"
 
 mkdir -p "$cache"
 tmp=$(mktemp -d "$cache/.libtorch-assemble.XXXXXX")

@@ -3,9 +3,9 @@
 #
 #   ${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}/venv-torch-2.13.0
 #
-# holding exactly the packages pinned in scripts/python-requirements.txt (torch 2.13.0,
+# holding exactly the packages pinned in scripts/setup/python_requirements.txt (torch 2.13.0,
 # transformers, peft, safetensors, tokenizers, numpy, tensorboard). torch comes from PyPI with its
-# CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB when scripts/setup-libtorch.sh
+# CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB when scripts/setup/libtorch.sh
 # has already put the 527 MB torch wheel in the cache's wheels/ folder) and keeps a 5 GB venv.
 #
 # Idempotent: the venv records the sha256 of the requirements file it was built from, and when that
@@ -16,8 +16,7 @@
 set -euo pipefail
 
 TORCH_VERSION=2.13.0
-repo=$(cd "$(dirname "$0")/.." && pwd)
-requirements="$repo/scripts/python-requirements.txt"
+requirements="$(cd "$(dirname "$0")" && pwd)/python_requirements.txt"
 cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
 venv="$cache/venv-torch-$TORCH_VERSION"
 stamp_name=lorafit-requirements.sha256   # kept inside the venv, next to pyvenv.cfg
@@ -26,10 +25,10 @@ python=${LORAFIT_PYTHON:-python3}
 case "${1:-}" in
   "") ;;
   -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
-  *) echo "setup-python: unknown argument '$1' (expected none)" >&2; exit 2 ;;
+  *) echo "setup/python.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
 esac
 
-say() { echo "setup-python: $*" >&2; }
+say() { echo "setup/python.sh: $*" >&2; }
 
 want=$(sha256sum "$requirements" | cut -d' ' -f1)
 is_ready() {
@@ -76,7 +75,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 wheels="$tmp/wheels"
 
-# Reuse the torch wheel that setup-libtorch.sh downloaded when it fits this interpreter (the dry
+# Reuse the torch wheel that setup/libtorch.sh downloaded when it fits this interpreter (the dry
 # run asks pip itself). It is named as a file because pip ranks an identical file on the index
 # above a local one, so --find-links alone would download it again.
 local_torch=()

@@ -27,10 +27,10 @@ converter="$dest/convert_lora_to_gguf.py"
 case "${1:-}" in
   "") ;;
   -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-  *) echo "fetch-llama-cpp-converter: unknown argument '$1' (expected none)" >&2; exit 2 ;;
+  *) echo "interop/fetch_llama_cpp_converter.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
 esac
 
-say() { echo "fetch-llama-cpp-converter: $*" >&2; }
+say() { echo "interop/fetch_llama_cpp_converter.sh: $*" >&2; }
 
 is_ready() { [ -f "$dest/.complete" ] && [ -f "$converter" ]; }
 

@@ -2,7 +2,7 @@
 (src/data/chat.rs) to be checked against, row by row. tests/chat_tools.rs runs it through
 LORAFIT_INTEROP_PYTHON:
 
-    ~/.cache/lorafit/venv-torch-2.13.0/bin/python scripts/tool_chat_reference.py \\
+    ~/.cache/lorafit/venv-torch-2.13.0/bin/python scripts/interop/tool_chat_reference.py \\
         /work/shared/assets/tokenizers/qwen3 DATA_FILE
 
 DATA_FILE is a JSON array or JSON Lines file of LLaMA-Factory-style records: ShareGPT

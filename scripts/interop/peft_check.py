@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Check a lorafit adapter against Hugging Face PEFT, the reference implementation.
 
-    VENV/bin/python scripts/peft_check.py --base BASE_DIR --adapter ADAPTER_DIR \
+    VENV/bin/python scripts/interop/peft_check.py --base BASE_DIR --adapter ADAPTER_DIR \
         --logits LOGITS_JSON [--tol 1e-4]
-    VENV/bin/python scripts/peft_check.py --jobs JOBS_JSON
+    VENV/bin/python scripts/interop/peft_check.py --jobs JOBS_JSON
 
 BASE_DIR is a Hugging Face model directory (config.json, *.safetensors). ADAPTER_DIR is a PEFT LoRA
 adapter (adapter_config.json + adapter_model.safetensors). LOGITS_JSON is what lorafit computed
