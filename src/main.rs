@@ -7,11 +7,11 @@ use lorafit::export::merge::MergeDtype;
 use lorafit::generate::{generate_command, GenerateOptions, Sampling};
 use lorafit::inspect::inspect;
 use lorafit::train::data_commands::{self, Split};
-use lorafit::train::run::{eval_command, train_command, EvalOptions, Interrupted, LogFormat, RunOptions};
+use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
+use lorafit::train::interrupt::{stop_on_signal, Interrupted};
+use lorafit::train::run::{train_command, LogFormat, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// Fine-tune causal language models with LoRA adapters and write adapters that Hugging Face PEFT,
 /// vLLM and other runtimes load as they are.
@@ -226,29 +226,15 @@ fn main() -> ExitCode {
                 overwrite,
                 resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),
                 stop: Some(stop_on_signal()),
-                log_format: match log_format {
-                    LogFormatArg::Text => LogFormat::Text,
-                    LogFormatArg::Json => LogFormat::Json,
-                    LogFormatArg::Quiet => LogFormat::Quiet,
-                },
+                log_format: log_format.into(),
                 ..RunOptions::default()
             };
             train_command(&config, &overrides, options).map(|_| ())
         }
-        Command::Eval { config, model, data, adapter, overrides } => eval_command(&EvalOptions {
-            config,
-            model,
-            data,
-            adapter,
-            overrides,
-        })
-        .map(|(loss, tokens)| {
-            println!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens", loss.exp());
-            println!(
-                "{}",
-                serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens})
-            );
-        }),
+        Command::Eval { config, model, data, adapter, overrides } => {
+            eval_command(&EvalOptions { config, model, data, adapter, overrides })
+                .map(|(loss, tokens)| print!("{}", eval_report(loss, tokens)))
+        }
         Command::Generate(args) => generate_command(&args.into(), &mut std::io::stdout()),
         Command::Export { adapter, format, model, out, dtype } => dtype
             .parse::<GgufDtype>()
@@ -298,6 +284,16 @@ fn main() -> ExitCode {
     }
 }
 
+impl From<LogFormatArg> for LogFormat {
+    fn from(arg: LogFormatArg) -> LogFormat {
+        match arg {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+            LogFormatArg::Quiet => LogFormat::Quiet,
+        }
+    }
+}
+
 impl From<GenerateArgs> for GenerateOptions {
     fn from(args: GenerateArgs) -> GenerateOptions {
         GenerateOptions {
@@ -319,23 +315,4 @@ impl From<GenerateArgs> for GenerateOptions {
             },
         }
     }
-}
-
-/// A flag that Ctrl-C (SIGINT) or SIGTERM sets: training finishes its current step, saves a
-/// checkpoint and exits. A second signal exits at once.
-fn stop_on_signal() -> Arc<AtomicBool> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let installed = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\nstopping after the current step and saving a checkpoint (press Ctrl-C again to quit now)"
-        );
-    });
-    if let Err(e) = installed {
-        eprintln!("warning: Ctrl-C will stop training without a checkpoint: {e}");
-    }
-    stop
 }

@@ -230,6 +230,26 @@ fn an_unwritable_output_directory_fails_before_training() {
 }
 
 #[test]
+fn a_damaged_checkpoint_is_refused_before_the_run_directory_is_touched() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "output: {run_name: damaged}\n");
+    train(tmp.path(), &["--set", "train.max_steps=2"]);
+    let run = tmp.path().join("checkpoints/damaged");
+    let config_before = std::fs::read_to_string(run.join("config.yaml")).unwrap();
+    let optimizer = run.join("step-2/optimizer.safetensors");
+    std::fs::write(&optimizer, b"not a safetensors file").unwrap();
+
+    let out = common::lorafit(tmp.path(), &["train", "run.yaml", "--resume", "--set", "train.max_steps=4"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("step-2/optimizer.safetensors"), "{stderr}");
+    // The resumed run's config (max_steps 4) was not written over the run's own.
+    assert_eq!(std::fs::read_to_string(run.join("config.yaml")).unwrap(), config_before);
+}
+
+#[test]
 fn a_non_finite_loss_stops_the_run_naming_the_step_or_is_skipped() {
     if common::assets().is_none() {
         return;

@@ -3,6 +3,8 @@
 //! gives a new key, so a stale entry is never read.
 
 use super::format::{Example, Prepared};
+use super::source::expand_paths;
+use crate::config::Config;
 use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -62,6 +64,24 @@ impl CacheKey {
     pub fn hex(&self) -> String {
         format!("{:016x}{:016x}", self.state[0], self.state[1])
     }
+}
+
+/// The key of the data `cfg` prepares with a tokenizer whose EOS id is `eos_id` and, for chat
+/// data, the chat template `chat_template`: every setting and file the examples depend on.
+pub fn key_for(cfg: &Config, eos_id: i64, chat_template: Option<&str>) -> Result<CacheKey> {
+    let mut key = CacheKey::default();
+    key.add_bytes(FORMAT_VERSION)
+        .add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
+        .add_bytes(&cfg.train.seed.to_le_bytes())
+        .add_bytes(&eos_id.to_le_bytes())
+        .add_bytes(chat_template.unwrap_or("").as_bytes());
+    key.add_path(&cfg.model.path.join("tokenizer.json"))?;
+    for pattern in std::iter::once(&cfg.data.train).chain(cfg.data.validation.as_ref()) {
+        for path in expand_paths(pattern)? {
+            key.add_path(&path)?;
+        }
+    }
+    Ok(key)
 }
 
 /// The cache file for `key` in `dir`.

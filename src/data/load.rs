@@ -4,7 +4,6 @@
 
 use super::cache;
 use super::format::{prepare_splits, ChatFormat, Prepared};
-use super::source::expand_paths;
 use super::tokenizer::TextTokenizer;
 use crate::config::Config;
 use anyhow::{bail, Result};
@@ -73,18 +72,7 @@ impl RunData {
 pub fn load_data(cfg: &Config, eos_token_ids: &[i64], embedding_rows: i64) -> Result<RunData> {
     let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, eos_token_ids)?;
     let chat = ChatFormat::of_data(&cfg.data, &cfg.model.path)?;
-    let mut key = cache::CacheKey::default();
-    key.add_bytes(cache::FORMAT_VERSION)
-        .add_bytes(serde_yaml::to_string(&cfg.data)?.as_bytes())
-        .add_bytes(&cfg.train.seed.to_le_bytes())
-        .add_bytes(&tokenizer.eos_id.to_le_bytes())
-        .add_bytes(chat.as_ref().map(|c| c.template.source()).unwrap_or("").as_bytes());
-    key.add_path(&cfg.model.path.join("tokenizer.json"))?;
-    for pattern in std::iter::once(&cfg.data.train).chain(cfg.data.validation.as_ref()) {
-        for path in expand_paths(pattern)? {
-            key.add_path(&path)?;
-        }
-    }
+    let key = cache::key_for(cfg, tokenizer.eos_id, chat.as_ref().map(|c| c.template.source()))?;
     let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
     let data = match cache::load(&entry) {
         Some((train, validation)) => {

@@ -4,19 +4,22 @@
 //! micro-batch contributes `sum(token NLL) / total label tokens of the step`, so gradient
 //! accumulation gives the same update as one large batch (not a mean of per-batch means).
 
-pub mod body;
+pub mod activations;
 pub mod checkpoint;
 pub mod data_commands;
+pub mod eval;
+pub mod interrupt;
 pub mod optim;
 pub mod precision;
 pub mod run;
 pub mod schedule;
+mod steps;
 
 use crate::config::TrainConfig;
 use crate::data::format::IGNORE;
 use crate::data::Batch;
 use crate::model::Decoder;
-use body::Body;
+use activations::Activations;
 use optim::AdamW;
 use tch::{Kind, Reduction, Tensor};
 
@@ -30,7 +33,7 @@ const LOGITS_PER_CHUNK: i64 = 16 << 20;
 pub struct Backward {
     /// The gradient is that of `scale · loss`.
     pub scale: f64,
-    /// Activation checkpointing (see [`body`]).
+    /// Activation checkpointing (see [`activations`]).
     pub checkpointing: bool,
 }
 
@@ -39,7 +42,7 @@ pub struct Backward {
 ///
 /// Logits are computed only at the positions whose next token is a target, a chunk of rows at a
 /// time; each chunk's backward runs at once into a detached copy of the hidden states, and their
-/// summed gradient then goes through the body of the model in one backward pass.
+/// summed gradient then goes through the blocks of the model in one backward pass.
 pub fn token_loss(model: &Decoder, batch: &Batch, backward: Option<Backward>) -> Tensor {
     token_loss_in_chunks(model, batch, backward, (LOGITS_PER_CHUNK / model.spec.vocab_size).max(1))
 }
@@ -52,8 +55,8 @@ pub fn token_loss_in_chunks(
     rows_per_chunk: i64,
 ) -> Tensor {
     let train = backward.is_some();
-    let body = Body::forward(model, batch, train, backward.is_some_and(|b| b.checkpointing));
-    let hidden = model.final_norm(&body.output);
+    let blocks = Activations::forward(model, batch, train, backward.is_some_and(|b| b.checkpointing));
+    let hidden = model.final_norm(&blocks.output);
     let width = *hidden.size().last().expect("hidden states have a width");
     let hidden = hidden.reshape([-1, width]);
     let head_input = if train { hidden.detach().set_requires_grad(true) } else { hidden.shallow_clone() };
@@ -73,7 +76,7 @@ pub fn token_loss_in_chunks(
     let head_grad = head_input.grad();
     if train && head_grad.defined() && hidden.requires_grad() {
         (hidden * head_grad).sum(Kind::Float).backward();
-        body.backward(model);
+        blocks.backward(model);
     }
     total
 }
@@ -140,7 +143,7 @@ impl Trainer {
         let scale = 1.0 / total_tokens.max(1) as f64;
         for batch in micro_batches {
             let loss =
-                token_loss(model, batch, Some(Backward { scale, checkpointing: self.checkpointing })) * scale;
+                micro_batch_loss(model, batch, Backward { scale, checkpointing: self.checkpointing }) * scale;
             step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
         }
         step_loss
@@ -150,6 +153,7 @@ impl Trainer {
     /// loss or gradient norm leaves the adapter and optimizer untouched (`applied: false`).
     pub fn step(&mut self, model: &Decoder, micro_batches: &[Batch], lr: f64) -> StepStats {
         let loss = self.accumulate(model, micro_batches).double_value(&[]);
+        reduce_gradients(&self.params);
         let norm = optim::grad_norm(&self.params);
         let grad_norm = norm.double_value(&[]);
         let applied = loss.is_finite() && grad_norm.is_finite();
@@ -170,3 +174,13 @@ impl Trainer {
         }
     }
 }
+
+/// The training objective: the summed loss of one micro-batch, its gradient (of `scale · loss`)
+/// accumulated into the adapters. Other objectives (preference losses) plug in here.
+fn micro_batch_loss(model: &Decoder, batch: &Batch, backward: Backward) -> Tensor {
+    token_loss(model, batch, Some(backward))
+}
+
+/// Called once a step's gradients are accumulated, before clipping and the update: data-parallel
+/// training all-reduces them across workers here; a single process has nothing to reduce.
+fn reduce_gradients(_params: &[Tensor]) {}

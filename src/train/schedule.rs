@@ -2,8 +2,10 @@
 
 use crate::config::LrScheduler;
 
-/// The learning rate for optimizer step `step` (0-based: the first update uses `step = 0`).
+/// The learning rate of step `step` (1-based, as every step number in a run): the value Hugging
+/// Face's schedule gives its `step - 1`-th update, so the first update of a warmup uses 0.
 pub fn learning_rate(kind: LrScheduler, base_lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    let step = step.saturating_sub(1);
     if step < warmup {
         return base_lr * step as f64 / warmup.max(1) as f64;
     }
@@ -22,7 +24,7 @@ mod tests {
 
     #[test]
     fn warmup_then_decay_to_zero_at_the_end() {
-        let lr = |k, s| learning_rate(k, 1.0, s, 10, 110);
+        let lr = |k, s: usize| learning_rate(k, 1.0, s + 1, 10, 110);
         assert_eq!(lr(LrScheduler::Cosine, 0), 0.0);
         assert_eq!(lr(LrScheduler::Cosine, 5), 0.5);
         assert_eq!(lr(LrScheduler::Cosine, 10), 1.0);

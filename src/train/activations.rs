@@ -6,10 +6,11 @@ use crate::data::Batch;
 use crate::model::{Decoder, TokenPositions};
 use tch::{Device, Kind, Tensor};
 
-/// The residual stream after the last block, and what its backward pass still needs.
-pub struct Body<'a> {
+/// The forward activations of the blocks kept for the backward pass: all of autograd's graph, or
+/// with checkpointing only each block's input, from which the block is recomputed.
+pub struct Activations<'a> {
     /// With activation checkpointing a leaf that collects the gradient from the head; otherwise
-    /// the end of the whole body's autograd graph.
+    /// the end of the whole forward pass's autograd graph.
     pub output: Tensor,
     recompute: Option<Recompute<'a>>,
 }
@@ -18,18 +19,18 @@ pub struct Body<'a> {
 struct Recompute<'a> {
     inputs: Vec<Tensor>,
     pass: TokenPositions<'a>,
-    /// See [`Body::forward`]; `None` without dropout.
+    /// See [`Activations::forward`]; `None` without dropout.
     seed: Option<i64>,
 }
 
-impl<'a> Body<'a> {
+impl<'a> Activations<'a> {
     /// Runs the blocks. When training applies dropout (the adapters' or the model's own), it draws
     /// one seed from the global generator and seeds each block's run with `seed + block`, with or
     /// without checkpointing, so that dropout draws the same masks when a block runs again, and
     /// the same masks in both modes. (Dropout on the embeddings draws before that, once: they are
     /// the first block's kept input.) Without dropout nothing random happens and the generator is
     /// left alone.
-    pub fn forward(model: &Decoder, batch: &'a Batch, train: bool, checkpointing: bool) -> Body<'a> {
+    pub fn forward(model: &Decoder, batch: &'a Batch, train: bool, checkpointing: bool) -> Activations<'a> {
         let (mut x, pass) = model.embed(&batch.input_ids, batch.packing.as_ref(), 0, train);
         let seed = (train && model.has_dropout())
             .then(|| Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu)).int64_value(&[0]));
@@ -43,7 +44,7 @@ impl<'a> Body<'a> {
             for i in 0..model.num_blocks() {
                 x = run(i, &x);
             }
-            return Body { output: x, recompute: None };
+            return Activations { output: x, recompute: None };
         }
         let mut inputs = Vec::with_capacity(model.num_blocks());
         tch::no_grad(|| {
@@ -52,7 +53,7 @@ impl<'a> Body<'a> {
                 inputs.push(std::mem::replace(&mut x, next));
             }
         });
-        Body { output: x.set_requires_grad(true), recompute: Some(Recompute { inputs, pass, seed }) }
+        Activations { output: x.set_requires_grad(true), recompute: Some(Recompute { inputs, pass, seed }) }
     }
 
     /// Carries the gradient that has reached `output` back through the blocks, when they were

@@ -1,0 +1,80 @@
+//! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
+//! logs it.
+
+use super::{evaluate, precision};
+use crate::config::Config;
+use crate::data::format::Prepared;
+use crate::data::{load_data, Batch};
+use crate::lora::peft;
+use crate::model::load::{load_model_for, resolve_device};
+use crate::model::ModelSpec;
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use tch::Device;
+
+/// What `lorafit eval` is asked for: a config file, or a model and a data file.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub config: Option<PathBuf>,
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    /// The adapter; `none` evaluates the base model alone; by default the final adapter of the
+    /// run the config names.
+    pub adapter: Option<PathBuf>,
+    pub overrides: Vec<String>,
+}
+
+/// Micro-batches of `examples`, in order, for evaluation.
+pub fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, device: Device) -> Vec<Batch> {
+    data.examples
+        .chunks(micro_batch_size)
+        .map(|chunk| Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id, device))
+        .collect()
+}
+
+/// `lorafit eval`: [`eval`] of the config and adapter `opts` give. Returns (mean token loss,
+/// label tokens).
+pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
+    let cfg = match (&opts.config, &opts.model, &opts.data) {
+        (Some(config), _, _) => Config::load(config, &opts.overrides)?,
+        (None, Some(model), Some(data)) => Config::for_model_and_data(model, data, &opts.overrides)?,
+        _ => bail!("give a CONFIG, or both --model and --data"),
+    };
+    let adapter = match &opts.adapter {
+        Some(dir) if dir.as_os_str() == "none" => None,
+        Some(dir) => Some(dir.clone()),
+        None => match &cfg.output.run_name {
+            Some(name) => Some(cfg.output.dir.join(name).join("adapter")),
+            None => bail!("give --adapter DIR, or set output.run_name to evaluate that run's adapter"),
+        },
+    };
+    eval(&cfg, adapter.as_deref())
+}
+
+/// The report `lorafit eval` prints: a line for people, then one JSON object for scripts.
+pub fn eval_report(loss: f64, tokens: i64) -> String {
+    let json = serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens});
+    format!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens\n{json}\n", loss.exp())
+}
+
+/// `lorafit eval`: the validation loss of the base model with `adapter` (none: the base
+/// alone), computed exactly as during training. Returns (mean token loss, label tokens).
+pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
+    let device = resolve_device(&cfg.train.device)?;
+    let (resolved, _) = precision::resolve(cfg, device);
+    let cfg = &resolved;
+    if let Some(threads) = cfg.train.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    let spec = ModelSpec::from_dir(&cfg.model.path)?;
+    let data = load_data(cfg, &spec.eos_token_ids, spec.vocab_size)?;
+    let Some(validation) = &data.validation else {
+        bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
+    };
+    let mut model = load_model_for(cfg, device)?;
+    if let Some(dir) = adapter {
+        peft::load(dir, &mut model, device)?;
+    }
+    let batches = eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device);
+    Ok(evaluate(&model, &batches))
+}

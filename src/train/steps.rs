@@ -1,0 +1,241 @@
+//! The training loop of a run: for each step, `step → log → maybe eval → maybe checkpoint →
+//! maybe stop`. Steps are numbered from 1: `step` is the number of the step being taken, which
+//! is also `state.step` once it is done.
+
+use super::checkpoint;
+use super::interrupt::Interrupted;
+use super::run::{collate, Run};
+use super::{evaluate_with_progress, schedule, StepStats};
+use crate::config::OnNonFinite;
+use crate::data::batch::MicroBatch;
+use crate::data::Batch;
+use crate::lora::peft;
+use crate::observe::console::say;
+use crate::observe::progress::progress_bar;
+use anyhow::{bail, Result};
+use indicatif::ProgressBar;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// What the loop leaves for the run's summary.
+pub(super) struct Trained {
+    pub last_loss: f64,
+    pub last_val_loss: Option<f64>,
+    /// Seconds the loop ran, and the tokens seen before it (non-zero when resuming).
+    pub seconds: f64,
+    pub tokens_at_start: i64,
+}
+
+/// The loop's progress bar and throughput clock.
+struct Progress {
+    bar: ProgressBar,
+    started: Instant,
+    tokens_at_start: i64,
+}
+
+/// Phase 3: trains until `total_steps`, an early stop, or `stop` (then with [`Interrupted`]).
+pub(super) fn train_loop(run: &mut Run, stop: Option<&AtomicBool>) -> Result<Trained> {
+    let bar = progress_bar(run.plan.total_steps as u64, run.console.shows_progress(), "step");
+    bar.set_position(run.plan.state.step as u64);
+    let progress = Progress { bar, started: Instant::now(), tokens_at_start: run.plan.state.tokens_seen };
+    let mut trained = Trained {
+        last_loss: f64::NAN,
+        last_val_loss: None,
+        seconds: 0.0,
+        tokens_at_start: progress.tokens_at_start,
+    };
+    let first_epoch = run.plan.state.epoch;
+    'epochs: for epoch in first_epoch.. {
+        let plan = run.plan.epoch_plan(epoch);
+        let done_in_epoch = if epoch == first_epoch { run.plan.state.step_in_epoch } else { 0 };
+        for (index, micro_batches) in plan.steps.iter().enumerate().skip(done_in_epoch) {
+            if run.plan.state.step >= run.plan.total_steps {
+                break 'epochs;
+            }
+            let step = run.plan.state.step + 1;
+            let (lr, stats) = take_step(run, step, micro_batches)?;
+            record_step(run, epoch, index, &stats);
+            trained.last_loss = stats.loss;
+            log_step(run, &progress, step, epoch, lr, &stats)?;
+            let stop_early = match maybe_eval(run, &progress, step)? {
+                Some(loss) => {
+                    trained.last_val_loss = Some(loss);
+                    after_eval(run, loss)?
+                }
+                None => false,
+            };
+            maybe_checkpoint(run, &progress, step, stop)?;
+            if stop_early {
+                let evals = run.plan.state.evals_since_best;
+                say!(run.console, "  early stop: no better validation loss in {evals} evaluations");
+                break 'epochs;
+            }
+        }
+    }
+    progress.bar.finish_and_clear();
+    trained.seconds = progress.started.elapsed().as_secs_f64();
+    Ok(trained)
+}
+
+/// One optimizer update over `micro_batches` at its scheduled learning rate. A non-finite loss
+/// or gradient stops the run, or with `on_nonfinite: skip` leaves the adapter as it was.
+fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result<(f64, StepStats)> {
+    let plan = &mut run.plan;
+    let train = &plan.cfg.train;
+    // Dropout draws from a stream that depends only on the seed and the steps done before this
+    // one, so a resumed run draws exactly what an uninterrupted one would.
+    tch::manual_seed(train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64 - 1) as i64);
+    let (examples, pad_id) = (&plan.data.train.examples, plan.data.tokenizer.eos_id);
+    let batches: Vec<Batch> =
+        micro_batches.iter().map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device)).collect();
+    let lr =
+        schedule::learning_rate(train.lr_scheduler, train.lr, step, train.warmup_steps, plan.total_steps);
+    let stats = plan.trainer.step(&plan.model, &batches, lr);
+    if !stats.applied && train.on_nonfinite == OnNonFinite::Stop {
+        let last_good = checkpoint::list(&run.dir).pop().map(|(_, d)| d.display().to_string());
+        bail!(
+            "the loss or gradient became non-finite (loss {}) at step {step}; the adapter was not \
+             updated. Last good checkpoint: {}. Lower train.lr, check the data, or set \
+             train.on_nonfinite: skip",
+            stats.loss,
+            last_good.unwrap_or_else(|| "none (set train.save_every)".into())
+        );
+    }
+    Ok((lr, stats))
+}
+
+/// Counts the step just taken (the `index`-th of `epoch`) into the trainer state.
+fn record_step(run: &mut Run, epoch: usize, index: usize, stats: &StepStats) {
+    let state = &mut run.plan.state;
+    if !stats.applied {
+        state.skipped_steps += 1;
+    }
+    state.step += 1;
+    state.epoch = epoch;
+    state.step_in_epoch = index + 1;
+    state.tokens_seen += stats.real_tokens;
+    state.padded_seen += stats.padded_tokens;
+    state.first_loss.get_or_insert(stats.loss);
+}
+
+/// The progress bar after every step; metrics, JSON record and a line every `log_every` steps
+/// and after the last.
+fn log_step(
+    run: &mut Run,
+    progress: &Progress,
+    step: usize,
+    epoch: usize,
+    lr: f64,
+    stats: &StepStats,
+) -> Result<()> {
+    let total_steps = run.plan.total_steps;
+    let tokens = run.plan.state.tokens_seen - progress.tokens_at_start;
+    let tokens_per_s = tokens as f64 / progress.started.elapsed().as_secs_f64();
+    let real_share = stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64;
+    progress.bar.set_position(step as u64);
+    progress.bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
+    if step % run.plan.cfg.train.log_every != 0 && step != total_steps {
+        return Ok(());
+    }
+    let values = [
+        ("train/loss", stats.loss),
+        ("train/lr", lr),
+        ("train/grad_norm", stats.grad_norm),
+        ("train/tokens_per_s", tokens_per_s),
+        ("train/real_token_share", real_share),
+        ("train/epoch", (epoch + 1) as f64),
+    ];
+    run.metrics.log(step as u64, &values)?;
+    run.console.record("train", step, &values);
+    if progress.bar.is_hidden() {
+        say!(
+            run.console,
+            "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens",
+            stats.loss,
+            stats.grad_norm,
+            100.0 * real_share
+        );
+    }
+    Ok(())
+}
+
+/// The validation loss every `eval_every` steps and after the last, when there is validation
+/// data; logged and printed.
+fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<f64>> {
+    let plan = &run.plan;
+    let due = plan.cfg.train.eval_every.is_some_and(|n| step % n == 0) || step == plan.total_steps;
+    let Some(batches) = plan.val_batches.as_ref().filter(|_| due) else {
+        return Ok(None);
+    };
+    let loss = progress.bar.suspend(|| {
+        let bar = progress_bar(batches.len() as u64, run.console.shows_progress(), "eval batch");
+        evaluate_with_progress(&plan.model, batches, &bar).0
+    });
+    let values = [("eval/loss", loss), ("eval/perplexity", loss.exp())];
+    run.metrics.log(step as u64, &values)?;
+    run.console.record("eval", step, &values);
+    let console = run.console;
+    progress
+        .bar
+        .suspend(|| say!(console, "  eval at step {step}: loss {loss:.4} (perplexity {:.2})", loss.exp()));
+    Ok(Some(loss))
+}
+
+/// Keeps the best validation loss (and with `save_best` its adapter in `best/`); true when
+/// early stopping's patience has run out.
+fn after_eval(run: &mut Run, loss: f64) -> Result<bool> {
+    let base_model = run.base_model();
+    let plan = &mut run.plan;
+    let state = &mut plan.state;
+    if state.best_eval_loss.is_none_or(|best| loss < best) {
+        state.best_eval_loss = Some(loss);
+        state.evals_since_best = 0;
+        if plan.cfg.train.save_best {
+            peft::save(&run.dir.join("best"), &plan.lora_cfg, &plan.injected, &base_model)?;
+        }
+        return Ok(false);
+    }
+    state.evals_since_best += 1;
+    Ok(plan.cfg.train.early_stopping_patience.is_some_and(|p| state.evals_since_best >= p))
+}
+
+/// A checkpoint every `save_every` steps (the last step's comes with the final adapter), or
+/// when asked to stop, which then ends the run with [`Interrupted`].
+fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&AtomicBool>) -> Result<()> {
+    let interrupted = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let due =
+        run.plan.cfg.train.save_every.is_some_and(|every| step % every == 0 && step < run.plan.total_steps);
+    if !(interrupted || due) {
+        return Ok(());
+    }
+    let checkpoint = save_checkpoint(run)?;
+    if interrupted {
+        progress.bar.finish_and_clear();
+        return Err(Interrupted { step, checkpoint }.into());
+    }
+    Ok(())
+}
+
+/// Saves the checkpoint of the steps done so far, keeping only the newest `keep_last`.
+pub(super) fn save_checkpoint(run: &Run) -> Result<PathBuf> {
+    let plan = &run.plan;
+    let dir = checkpoint::dir_for(&run.dir, plan.state.step);
+    let started = Instant::now();
+    checkpoint::save(
+        &dir,
+        &plan.state,
+        &plan.lora_cfg,
+        &plan.injected,
+        &plan.trainer.optimizer,
+        &run.base_model(),
+    )?;
+    let bytes: u64 =
+        std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+    let (mb, ms) = (bytes as f64 / 1e6, started.elapsed().as_secs_f64() * 1e3);
+    say!(run.console, "  checkpoint {} ({mb:.1} MB) written in {ms:.0} ms", dir.display());
+    if let Some(keep) = plan.cfg.train.keep_last {
+        checkpoint::prune(&run.dir, keep)?;
+    }
+    Ok(dir)
+}
