@@ -5,7 +5,7 @@ pub mod peft;
 
 use crate::config::{LoraConfig, LoraInit, TargetModules};
 use crate::model::{Decoder, LinearAdapter, LinearSites};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use regex::Regex;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
@@ -220,17 +220,21 @@ pub fn inject(model: &mut Decoder, cfg: &LoraConfig, device: Device) -> Result<A
         let (site, linear) =
             layers.iter_mut().find(|(site, _)| site.path == target.path).expect("selected from these layers");
         let path = &site.path;
-        let r = target.r as i64;
+        // A rank read from an adapter's config may be any number: allocate fallibly so an
+        // impossible one is an error naming the layer, not a libtorch panic.
+        let too_big = || format!("rank {} is too large for {path}; lower it", target.r);
+        let r = i64::try_from(target.r).map_err(|_| anyhow!(too_big()))?;
         let opts = (Kind::Float, device);
+        let mut a = Tensor::f_empty([r, linear.in_features()], opts).with_context(too_big)?;
         let a = match cfg.init {
             // kaiming_uniform_(a=√5) on [r, in]: bound = 1/√in.
             LoraInit::Kaiming => {
                 let bound = 1.0 / (linear.in_features() as f64).sqrt();
-                Tensor::empty([r, linear.in_features()], opts).uniform_(-bound, bound)
+                a.uniform_(-bound, bound)
             }
-            LoraInit::Gaussian => Tensor::empty([r, linear.in_features()], opts).normal_(0.0, 1.0 / r as f64),
+            LoraInit::Gaussian => a.normal_(0.0, 1.0 / r as f64),
         };
-        let b = Tensor::zeros([linear.out_features(), r], opts);
+        let b = Tensor::f_zeros([linear.out_features(), r], opts).with_context(too_big)?;
         let adapter = Adapter {
             a: a.set_requires_grad(true),
             b: b.set_requires_grad(true),

@@ -251,6 +251,9 @@ impl AdapterConfig {
         if !self.modules_to_save.is_empty() || self.bias != "none" {
             bail!("{path}: adapters with modules_to_save or trained biases are not supported yet");
         }
+        if self.r == 0 || self.rank_pattern.values().any(|&r| r == 0) {
+            bail!("{path}: `r` and the ranks in `rank_pattern` must be whole numbers >= 1, found 0");
+        }
         let Some(target_modules) = self.target_modules.clone() else {
             bail!("{path}: no target_modules");
         };
