@@ -8,7 +8,8 @@
 # CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB when scripts/setup/libtorch.sh
 # has already put the 527 MB torch wheel in the cache's wheels/ folder) and keeps a 5 GB venv.
 #
-# Idempotent: the venv records the sha256 of the requirements file it was built from, and when that
+# Idempotent: the venv records the sha256 of the pinned lines of the requirements file it was built
+# from (comments and blank lines left out, so editing a comment rebuilds nothing), and when that
 # still matches the script only says so (well under a second). Otherwise it builds a new venv under
 # a temporary name and renames it into place, so an interrupted run never leaves a half-made venv
 # where a good one is expected. LORAFIT_PYTHON picks the interpreter (default: python3).
@@ -24,13 +25,13 @@ python=${LORAFIT_PYTHON:-python3}
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
   *) echo "setup/python.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
 esac
 
 say() { echo "setup/python.sh: $*" >&2; }
 
-want=$(sha256sum "$requirements" | cut -d' ' -f1)
+want=$(grep -Ev '^[[:space:]]*(#|$)' "$requirements" | sha256sum | cut -d' ' -f1)
 is_ready() {
   # bin/python is a link to the base interpreter: -x also notices when that one has gone away.
   [ -x "$venv/bin/python" ] && [ "$(cat "$venv/$stamp_name" 2>/dev/null)" = "$want" ]
