@@ -25,7 +25,7 @@ python=${LORAFIT_PYTHON:-python3}
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
   *) echo "setup/python.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
 esac
 
