@@ -100,7 +100,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: &[(&str, &str)]
     Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
-fn kind_of(dtype: Dtype) -> Result<Kind> {
+pub(crate) fn kind_of(dtype: Dtype) -> Result<Kind> {
     Ok(match dtype {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,

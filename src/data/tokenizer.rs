@@ -2,9 +2,32 @@
 //! uses it: ids with the byte ranges they stand for, and text back from ids.
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::path::Path;
 use tokenizers::Tokenizer;
+
+/// The tokenizer settings file beside `tokenizer.json` (special tokens, chat template).
+pub const TOKENIZER_CONFIG: &str = "tokenizer_config.json";
+
+/// `<dir>/tokenizer_config.json` as a JSON object; empty when the model has none.
+pub fn read_tokenizer_config(dir: &Path) -> Result<Map<String, Value>> {
+    let path = dir.join(TOKENIZER_CONFIG);
+    if path.exists() {
+        read_json_object(&path)
+    } else {
+        Ok(Map::new())
+    }
+}
+
+/// A JSON file that must hold one object, with errors naming the file.
+pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => bail!("{} must hold a JSON object", path.display()),
+        Err(e) => bail!("{} is not valid JSON: {e}", path.display()),
+    }
+}
 
 /// The model's tokenizer plus the ids the data pipeline needs.
 pub struct TextTokenizer {
@@ -23,6 +46,9 @@ impl TextTokenizer {
                 dir.display()
             ),
         };
+        // transformers reads tokenizer_config.json for every data format; a damaged one is
+        // reported here rather than ignored until a chat template is wanted.
+        read_tokenizer_config(dir)?;
         Self::from_file(&dir.join("tokenizer.json"), eos_id)
     }
 

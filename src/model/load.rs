@@ -49,8 +49,12 @@ pub fn activation_kind(precision: Precision) -> Kind {
 /// Loads the base model from `dir`, frozen, with weights in `kind`.
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
     let spec = ModelSpec::from_dir(dir)?;
-    let weights = Weights::load(dir, kind, device)?;
-    Decoder::load(spec, weights).with_context(|| format!("loading the model in {}", dir.display()))
+    let weights = Weights::open(dir, kind, device)?;
+    let context = || format!("loading the model in {}", dir.display());
+    // Decoder::load is the one place that knows which tensors a model takes: run on the headers
+    // alone, it checks every name, dtype and shape before any data is read.
+    Decoder::load(spec.clone(), weights.headers_only()).with_context(context)?;
+    Decoder::load(spec, weights).with_context(context)
 }
 
 /// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind

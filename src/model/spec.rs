@@ -179,13 +179,20 @@ impl Fields<'_> {
     fn get(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
     }
-    fn int(&self, key: &str) -> Result<i64> {
-        self.opt_int(key)?.ok_or_else(|| anyhow!("config.json has no `{key}`"))
-    }
     fn opt_int(&self, key: &str) -> Result<Option<i64>> {
         self.get(key)
             .map(|v| v.as_i64().ok_or_else(|| anyhow!("config.json: `{key}` must be an integer, found {v}")))
             .transpose()
+    }
+    /// A size or count: a zero or negative one would only fail later, far from its key.
+    fn positive(&self, key: &str) -> Result<i64> {
+        self.opt_positive(key)?.ok_or_else(|| anyhow!("config.json has no `{key}`"))
+    }
+    fn opt_positive(&self, key: &str) -> Result<Option<i64>> {
+        match self.opt_int(key)? {
+            Some(n) if n <= 0 => bail!("config.json: `{key}` must be a positive integer, found {n}"),
+            n => Ok(n),
+        }
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.get(key)
@@ -244,12 +251,15 @@ impl ModelSpec {
             return gpt2(&f, model_type);
         }
 
-        let hidden_size = f.int("hidden_size")?;
-        let num_heads = f.int("num_attention_heads")?;
-        let num_kv_heads = f.opt_int("num_key_value_heads")?.unwrap_or(num_heads);
-        let head_dim = f.opt_int("head_dim")?.unwrap_or(hidden_size / num_heads.max(1));
-        check_heads(hidden_size, num_heads, num_kv_heads, head_dim)?;
-        let num_layers = f.int("num_hidden_layers")? as usize;
+        let hidden_size = f.positive("hidden_size")?;
+        let num_heads = f.positive("num_attention_heads")?;
+        let num_kv_heads = f.opt_positive("num_key_value_heads")?.unwrap_or(num_heads);
+        let head_dim = match f.opt_positive("head_dim")? {
+            Some(head_dim) => head_dim,
+            None => heads_divide("hidden_size", hidden_size, "num_attention_heads", num_heads)?,
+        };
+        check_kv_heads(num_heads, num_kv_heads)?;
+        let num_layers = f.positive("num_hidden_layers")? as usize;
         let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
         let act_name = f.str("hidden_activation").or(f.str("hidden_act")).unwrap_or("silu");
         let activation = match act_name {
@@ -268,13 +278,13 @@ impl ModelSpec {
             family,
             model_type,
             hidden_size,
-            intermediate_size: f.int("intermediate_size")?,
+            intermediate_size: f.positive("intermediate_size")?,
             num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: f.int("vocab_size")?,
-            max_position_embeddings: f.opt_int("max_position_embeddings")?.unwrap_or(2048),
+            vocab_size: f.positive("vocab_size")?,
+            max_position_embeddings: f.opt_positive("max_position_embeddings")?.unwrap_or(2048),
             norm: if gemma { NormKind::RmsPlusOne } else { NormKind::Rms },
             norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
             activation,
@@ -324,11 +334,16 @@ impl ModelSpec {
     }
 }
 
-fn check_heads(hidden: i64, heads: i64, kv_heads: i64, head_dim: i64) -> Result<()> {
-    if heads <= 0 || head_dim <= 0 || hidden <= 0 {
-        bail!("hidden_size, num_attention_heads and head_dim must be positive");
+/// The head size when config.json derives it as `hidden / heads`.
+fn heads_divide(hidden_key: &str, hidden: i64, heads_key: &str, heads: i64) -> Result<i64> {
+    if hidden % heads != 0 {
+        bail!("config.json: `{hidden_key}` {hidden} is not a multiple of `{heads_key}` {heads}");
     }
-    if kv_heads <= 0 || heads % kv_heads != 0 {
+    Ok(hidden / heads)
+}
+
+fn check_kv_heads(heads: i64, kv_heads: i64) -> Result<()> {
+    if heads % kv_heads != 0 {
         bail!("num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}");
     }
     Ok(())
@@ -344,10 +359,9 @@ fn eos_ids(f: &Fields) -> Vec<i64> {
 
 /// GPT-2's own config names (`n_embd`, `n_layer`, ...), learned positions, LayerNorm.
 fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
-    let hidden_size = f.int("n_embd")?;
-    let num_heads = f.int("n_head")?;
-    let head_dim = hidden_size / num_heads.max(1);
-    check_heads(hidden_size, num_heads, num_heads, head_dim)?;
+    let hidden_size = f.positive("n_embd")?;
+    let num_heads = f.positive("n_head")?;
+    let head_dim = heads_divide("n_embd", hidden_size, "n_head", num_heads)?;
     if f.bool_or("scale_attn_by_inverse_layer_idx", false) || f.bool_or("reorder_and_upcast_attn", false) {
         bail!("GPT-2 options scale_attn_by_inverse_layer_idx / reorder_and_upcast_attn are not supported");
     }
@@ -356,18 +370,18 @@ fn gpt2(f: &Fields, model_type: String) -> Result<ModelSpec> {
         "gelu" => Activation::Gelu,
         other => bail!("activation_function `{other}` is not supported (gelu_new, gelu)"),
     };
-    let num_layers = f.int("n_layer")? as usize;
+    let num_layers = f.positive("n_layer")? as usize;
     Ok(ModelSpec {
         family: Family::Gpt2,
         model_type,
         hidden_size,
-        intermediate_size: f.opt_int("n_inner")?.unwrap_or(4 * hidden_size),
+        intermediate_size: f.opt_positive("n_inner")?.unwrap_or(4 * hidden_size),
         num_layers,
         num_heads,
         num_kv_heads: num_heads,
         head_dim,
-        vocab_size: f.int("vocab_size")?,
-        max_position_embeddings: f.int("n_positions")?,
+        vocab_size: f.positive("vocab_size")?,
+        max_position_embeddings: f.positive("n_positions")?,
         norm: NormKind::Layer,
         norm_eps: f.f64_or("layer_norm_epsilon", 1e-5)?,
         activation,
@@ -401,15 +415,15 @@ fn ropes(f: &Fields, family: Family, head_dim: i64) -> Result<(Rope, Option<Rope
     let partial = f.f64_or("partial_rotary_factor", 1.0)?;
     let default_theta = if family == Family::Gemma3 { 1_000_000.0 } else { 10_000.0 };
     let legacy_theta = f.f64_or("rope_theta", default_theta)?;
-    let original_max = f.opt_int("original_max_position_embeddings")?;
-    let max_pos = f.opt_int("max_position_embeddings")?.unwrap_or(2048);
+    let original_max = f.opt_positive("original_max_position_embeddings")?;
+    let max_pos = f.opt_positive("max_position_embeddings")?.unwrap_or(2048);
     let parse = |params: Option<&Map<String, Value>>, theta: f64| -> Result<Rope> {
         let p = Fields(params.unwrap_or(&EMPTY));
         let theta = p.f64_or("rope_theta", theta)?;
         let partial = p.f64_or("partial_rotary_factor", partial)?;
         let rotary_dim = (head_dim as f64 * partial) as i64;
         let kind = p.str("rope_type").or(p.str("type")).unwrap_or("default");
-        let original = p.opt_int("original_max_position_embeddings")?.or(original_max);
+        let original = p.opt_positive("original_max_position_embeddings")?.or(original_max);
         let scaling = match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: p.f64_or("factor", 1.0)? },
@@ -477,7 +491,8 @@ static EMPTY: std::sync::LazyLock<Map<String, Value>> = std::sync::LazyLock::new
 
 /// Global or sliding attention per layer: `layer_types` when given, else each family's rule.
 fn layer_spans(f: &Fields, family: Family, num_layers: usize) -> Result<Vec<AttentionSpan>> {
-    let window = f.opt_int("sliding_window")?;
+    let window = f.opt_positive("sliding_window")?;
+    let gemma3_pattern = f.opt_positive("sliding_window_pattern")?.unwrap_or(6) as usize;
     let sliding = |on: bool| match (on, window) {
         (true, Some(w)) => AttentionSpan::Sliding(w),
         _ => AttentionSpan::Global,
@@ -505,9 +520,7 @@ fn layer_spans(f: &Fields, family: Family, num_layers: usize) -> Result<Vec<Atte
                     && i as i64 >= f.opt_int("max_window_layers").ok().flatten().unwrap_or(0),
             ),
             Family::Gemma2 => sliding(i % 2 == 0),
-            Family::Gemma3 => sliding(
-                (i + 1) % f.opt_int("sliding_window_pattern").ok().flatten().unwrap_or(6) as usize != 0,
-            ),
+            Family::Gemma3 => sliding((i + 1) % gemma3_pattern != 0),
             _ => AttentionSpan::Global,
         })
         .collect())

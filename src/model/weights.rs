@@ -1,41 +1,81 @@
 //! safetensors (single file or sharded with an index) → named frozen tensors.
+//!
+//! Loading reads like a database reads a page: the headers first, so every tensor's name, dtype
+//! and shape can be checked against config.json before any data is read, then each tensor by
+//! its byte range, in chunks converted into a tensor allocated once in the target dtype and
+//! device. Peak memory is the loaded weights plus one chunk.
 
-use crate::files::read_safetensors;
+use crate::files::{kind_of, read_safetensors_header};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Component, Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// The base model's tensors by Hugging Face name, each remembered with the file it came from so
-/// that shape errors can name it.
+/// Bytes of stored data read and converted at a time.
+const CHUNK_BYTES: usize = 16 << 20;
+
+/// One tensor of the checkpoint, located by its file's header.
+#[derive(Clone)]
+struct Stored {
+    kind: Kind,
+    shape: Vec<i64>,
+    /// Index into [`Weights::files`].
+    file: usize,
+    /// Absolute byte offset of the data in its file.
+    start: u64,
+}
+
+/// The base model's tensors by Hugging Face name, located by the safetensors headers and read
+/// when taken; each remembers its file so that errors can name it.
 pub struct Weights {
-    tensors: HashMap<String, (Tensor, PathBuf)>,
+    files: Vec<PathBuf>,
+    tensors: HashMap<String, Stored>,
     /// A name prefix that some checkpoints of the family omit (GPT-2's `transformer.`).
     optional_prefix: Option<&'static str>,
+    /// The dtype floating tensors are converted to and their device; `None` while only the
+    /// headers are being checked.
+    target: Option<(Kind, Device)>,
 }
 
 impl Weights {
-    /// Loads every tensor of `model.safetensors` (or the shards listed in
-    /// `model.safetensors.index.json`) onto `device`, converting floating tensors to `kind`.
-    /// A NaN or infinite value is refused here, naming the tensor and its file: training on it
-    /// would only fail later with a non-finite loss that looks like a learning rate or data fault.
-    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Weights> {
-        let mut tensors = HashMap::new();
-        for file in safetensors_files(dir)? {
-            for (name, stored) in read_safetensors(&file)? {
-                let tensor = if stored.is_floating_point() {
-                    let converted = stored.to_kind(kind).to_device(device);
-                    if converted.isfinite().all().int64_value(&[]) == 0 {
-                        bail!("{}", non_finite(&name, &file, &stored, kind));
-                    }
-                    converted
-                } else {
-                    stored.to_device(device)
-                };
-                tensors.insert(name, (tensor, file.clone()));
+    /// Reads the headers of `model.safetensors` (or of the shards listed in
+    /// `model.safetensors.index.json`); [`Weights::take`] will read each tensor onto `device`,
+    /// converting floating tensors to `kind`.
+    pub fn open(dir: &Path, kind: Kind, device: Device) -> Result<Weights> {
+        let files = safetensors_files(dir)?;
+        let mut tensors: HashMap<String, Stored> = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let mut file = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+            let header = read_safetensors_header(&mut file, path)?;
+            for (name, info) in header.metadata.tensors() {
+                let kind =
+                    kind_of(info.dtype).with_context(|| format!("tensor `{name}` in {}", path.display()))?;
+                let shape = info.shape.iter().map(|&d| d as i64).collect();
+                let stored =
+                    Stored { kind, shape, file: i, start: header.data_start + info.data_offsets.0 as u64 };
+                if let Some(first) = tensors.insert(name.clone(), stored) {
+                    bail!(
+                        "tensor `{name}` is stored twice, in {} and in {}",
+                        files[first.file].display(),
+                        path.display()
+                    );
+                }
             }
         }
-        Ok(Weights { tensors, optional_prefix: None })
+        Ok(Weights { files, tensors, optional_prefix: None, target: Some((kind, device)) })
+    }
+
+    /// The same tensors with their headers alone: [`Weights::take`] checks each and returns an
+    /// empty placeholder, reading nothing.
+    pub fn headers_only(&self) -> Weights {
+        Weights {
+            files: self.files.clone(),
+            tensors: self.tensors.clone(),
+            optional_prefix: self.optional_prefix,
+            target: None,
+        }
     }
 
     /// Accept tensor names without `prefix` as well (`transformer.h.0...` stored as `h.0...`).
@@ -52,23 +92,37 @@ impl Weights {
         self.optional_prefix.and_then(|p| name.strip_prefix(p))
     }
 
-    /// Takes tensor `name` out of the store, checking its shape. The tensor is frozen.
+    /// Takes tensor `name` out of the store, checking its dtype and shape before reading it.
+    /// The tensor is frozen.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let stored = match self.short_name(name) {
+        let key = match self.short_name(name) {
             Some(short) if !self.tensors.contains_key(name) => short,
             _ => name,
         };
-        let (tensor, file) = self
+        let stored = self
             .tensors
-            .remove(stored)
+            .remove(key)
             .ok_or_else(|| anyhow!("the model weights have no tensor `{name}` (expected shape {shape:?})"))?;
-        if tensor.size() != shape {
+        let file = &self.files[stored.file];
+        if stored.shape != shape {
             bail!(
                 "tensor `{name}` in {} has shape {:?}, but config.json implies {shape:?}",
                 file.display(),
-                tensor.size()
+                stored.shape
             );
         }
+        if !matches!(stored.kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            bail!(
+                "tensor `{name}` in {} is stored as {:?}; model weights must be floating point \
+                 (F32, F16, BF16 or F64)",
+                file.display(),
+                stored.kind
+            );
+        }
+        let tensor = match self.target {
+            Some((kind, device)) => read(name, &stored, file, kind, device)?,
+            None => Tensor::empty([0], (stored.kind, Device::Cpu)),
+        };
         Ok(tensor.set_requires_grad(false))
     }
 
@@ -80,25 +134,79 @@ impl Weights {
     }
 }
 
-/// Why tensor `name` of `file` has non-finite values once converted to `kind`.
-fn non_finite(name: &str, file: &Path, stored: &Tensor, kind: Kind) -> String {
-    let bad = stored.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
-    if bad > 0 {
+/// Reads `stored` from `path` into a tensor of `kind` on `device`, one chunk at a time. A NaN or
+/// infinite value is refused here, naming the file: training on it would only fail later with a
+/// non-finite loss that looks like a learning rate or data fault.
+fn read(name: &str, stored: &Stored, path: &Path, kind: Kind, device: Device) -> Result<Tensor> {
+    let cannot_read = || format!("cannot read tensor `{name}` from {}", path.display());
+    let mut file = File::open(path).with_context(cannot_read)?;
+    file.seek(SeekFrom::Start(stored.start)).with_context(cannot_read)?;
+    let out = Tensor::f_empty(&stored.shape, (kind, device))
+        .with_context(|| format!("no memory for tensor `{name}` ({kind:?}, shape {:?})", stored.shape))?;
+    let flat = out.view([-1]);
+    let numel = flat.size()[0];
+    let elt = stored.kind.elt_size_in_bytes();
+    let chunk = (CHUNK_BYTES / elt).max(1) as i64;
+    let mut buffer = vec![0u8; chunk.min(numel) as usize * elt];
+    let mut bad = NonFinite::default();
+    let mut done = 0;
+    while done < numel {
+        let n = chunk.min(numel - done);
+        let bytes = &mut buffer[..n as usize * elt];
+        file.read_exact(bytes).with_context(cannot_read)?;
+        let values = Tensor::f_from_data_size(bytes, &[n], stored.kind)?;
+        let mut dest = flat.narrow(0, done, n);
+        dest.f_copy_(&values)?;
+        if dest.isfinite().all().int64_value(&[]) == 0 {
+            bad.count(&values);
+        }
+        done += n;
+    }
+    match bad.message(name, path, numel, kind) {
+        Some(message) => Err(anyhow!(message)),
+        None => Ok(out),
+    }
+}
+
+/// The stored values of a tensor that are not finite once converted, counted chunk by chunk.
+#[derive(Default)]
+struct NonFinite {
+    nan: i64,
+    infinite: i64,
+    /// The largest magnitude among the chunks that overflowed the target dtype.
+    overflow: Option<f64>,
+}
+
+impl NonFinite {
+    fn count(&mut self, stored: &Tensor) {
         let nan = stored.isnan().sum(Kind::Int64).int64_value(&[]);
-        format!(
-            "tensor `{name}` in {} holds {nan} NaN and {} infinite values of {}: the checkpoint is \
-             damaged; download or export it again",
-            file.display(),
-            bad - nan,
-            stored.numel()
-        )
-    } else {
-        format!(
-            "tensor `{name}` in {} holds values beyond the range of {kind:?} (largest magnitude {}); \
-             load the model in float32 (model.dtype: fp32)",
-            file.display(),
-            stored.abs().max().double_value(&[])
-        )
+        let bad = stored.isfinite().logical_not().sum(Kind::Int64).int64_value(&[]);
+        self.nan += nan;
+        self.infinite += bad - nan;
+        if bad == 0 {
+            let largest = stored.abs().max().double_value(&[]);
+            self.overflow = Some(self.overflow.map_or(largest, |m| m.max(largest)));
+        }
+    }
+
+    fn message(&self, name: &str, file: &Path, numel: i64, kind: Kind) -> Option<String> {
+        if self.nan + self.infinite > 0 {
+            Some(format!(
+                "tensor `{name}` in {} holds {} NaN and {} infinite values of {numel}: the checkpoint is damaged; \
+                 download or export it again",
+                file.display(),
+                self.nan,
+                self.infinite
+            ))
+        } else {
+            self.overflow.map(|largest| {
+                format!(
+                    "tensor `{name}` in {} holds values beyond the range of {kind:?} (largest magnitude {largest}); \
+                     load the model in float32 (model.dtype: fp32)",
+                    file.display()
+                )
+            })
+        }
     }
 }
 
@@ -125,7 +233,21 @@ pub(crate) fn safetensors_files_if_any(dir: &Path) -> Result<Option<Vec<PathBuf>
             std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
         let parsed: Index = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid safetensors index", index.display()))?;
-        let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+        let mut files = Vec::new();
+        for (tensor, file) in &parsed.weight_map {
+            // A shard is a file of the model directory: an index must not make lorafit read
+            // whatever file a relative or absolute path reaches.
+            let mut parts = Path::new(file).components();
+            if !parts.all(|c| matches!(c, Component::Normal(_))) || file.is_empty() {
+                bail!(
+                    "{}: weight_map entry `{tensor}` points to `{file}`, outside the model directory; \
+                     shards must be named by paths inside {}",
+                    index.display(),
+                    dir.display()
+                );
+            }
+            files.push(dir.join(file));
+        }
         files.sort();
         files.dedup();
         return Ok(Some(files));

@@ -4,6 +4,7 @@
 use super::jinja::{dict, raise_exception, strftime_now, tojson, without_generation_tags};
 use super::messages::Message;
 use super::{common_prefix_len, first_word};
+use crate::data::tokenizer::{read_json_object, read_tokenizer_config, TOKENIZER_CONFIG};
 use crate::files::kind_name;
 use anyhow::{anyhow, bail, Context, Result};
 use minijinja::value::Value as JValue;
@@ -64,9 +65,8 @@ impl ChatTemplate {
     /// `tokenizer_config.json`, falling back to `special_tokens_map.json`. `Ok(None)` when the
     /// model has no chat template.
     pub fn from_model_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Map<String, Value> =
-            if config_path.exists() { read_json_object(&config_path)? } else { Map::new() };
+        let config_path = dir.join(TOKENIZER_CONFIG);
+        let config = read_tokenizer_config(dir)?;
         let jinja_path = dir.join("chat_template.jinja");
         let (source, origin) = if jinja_path.exists() {
             let text = std::fs::read_to_string(&jinja_path)
@@ -306,15 +306,6 @@ fn template_message(m: &Message) -> JValue {
         fields.push(("tool_calls", calls.collect()));
     }
     dict(fields)
-}
-
-fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    match serde_json::from_str(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => bail!("{} must hold a JSON object", path.display()),
-        Err(e) => bail!("{} is not valid JSON: {e}", path.display()),
-    }
 }
 
 /// A special token given as a string or as an AddedToken object (`{"content": ...}`).
