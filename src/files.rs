@@ -176,6 +176,92 @@ pub fn publish_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
     Ok(())
 }
 
+/// Whether `name` is a staging name of [`write_atomic`] or [`publish_dir`]: `.NAME.tmp-PID`, or
+/// `.NAME.old-PID` (a directory being replaced).
+fn is_staging(name: &str) -> bool {
+    name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-"))
+}
+
+/// Removes every staging file and directory in `dir` (not below it): what writers killed
+/// mid-write left behind. Only safe while no other process writes into `dir`, i.e. under its
+/// [`DirLock`].
+pub fn remove_staging(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(is_staging) {
+            let path = entry.path();
+            let removed =
+                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("cannot remove the leftover {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes and removes a small file in `dir`, so a read-only or full directory fails before any
+/// work; the file has a staging name, so a kill in between leaves nothing [`remove_staging`]
+/// does not clean.
+pub fn probe_writable(dir: &Path) -> Result<()> {
+    let probe = staging_path(&dir.join("write-test"));
+    std::fs::write(&probe, b"ok")
+        .and_then(|_| std::fs::remove_file(&probe))
+        .with_context(|| format!("the directory {} is not writable", dir.display()))
+}
+
+/// The file in a directory that [`DirLock`] locks.
+pub const LOCK_FILE: &str = "lorafit.lock";
+
+/// An advisory lock (`flock`) on a directory, held until dropped: one process at a time owns
+/// the directory. The operating system releases it when the holder exits, however it exits
+/// (SIGKILL included), so a lock file left behind by a dead process is simply taken again.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Takes the lock of `dir` (which exists) and writes this process's id into the lock file,
+    /// or fails naming the process that holds it.
+    pub fn acquire(dir: &Path) -> Result<DirLock> {
+        use std::io::{Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("process {holder}")
+                };
+                bail!(
+                    "{} is in use by {holder} (it holds {}); wait for it to finish or stop it, then try again",
+                    dir.display(),
+                    path.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        let pid = format!("{}\n", std::process::id());
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(pid.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(DirLock { _file: file })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

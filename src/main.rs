@@ -39,6 +39,11 @@ enum Command {
         /// (output.run_name), or from the checkpoint or run directory given.
         #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
         resume: Option<String>,
+        /// With --resume: continue even when the config changes a setting the checkpoint's steps
+        /// depended on (seed, data, batch sizes, adapter shape, ...); the changes are recorded in
+        /// the run's resumed_with_changes.txt. Without it such a resume is refused.
+        #[arg(long, requires = "resume")]
+        resume_anyway: bool,
         /// How progress is reported: `text` (lines, and a progress bar on a terminal), `json`
         /// (one JSON object per logged step and evaluation on stdout, for scripts and CI), or
         /// `quiet` (errors only).
@@ -221,10 +226,11 @@ fn main() -> ExitCode {
     lorafit::host_memory::retain_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Train { config, overrides, overwrite, resume, log_format } => {
+        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format } => {
             let options = RunOptions {
                 overwrite,
                 resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),
+                resume_anyway,
                 stop: Some(stop_on_signal()),
                 log_format: log_format.into(),
                 ..RunOptions::default()

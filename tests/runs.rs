@@ -297,3 +297,174 @@ fn json_log_format_prints_one_object_per_step_on_stdout() {
     assert!(records[0]["train/loss"].as_f64().unwrap() > 0.0);
     assert!(String::from_utf8_lossy(&out.stderr).contains("trained 3 steps"));
 }
+
+/// `lorafit train run.yaml ARGS...`, started in `dir`.
+fn spawn_train(dir: &Path, args: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_lorafit"))
+        .args(["train", "run.yaml"])
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Runs `lorafit` expecting exit code 1, and returns its stderr.
+fn refused(dir: &Path, args: &[&str]) -> String {
+    let out = common::lorafit(dir, args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "lorafit {args:?} was not refused: {stderr}");
+    stderr
+}
+
+#[test]
+fn a_resume_that_changes_what_the_run_computes_is_refused_before_anything_is_written() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "output: {run_name: changed}\n");
+    train(tmp.path(), &["--set", "train.max_steps=2"]);
+    let run = tmp.path().join("checkpoints/changed");
+    let config_before = std::fs::read(run.join("config.yaml")).unwrap();
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    // Other data in a file of another name: the data identity, not the path, is compared.
+    common::write(&tmp.path().join("other.jsonl"), common::STORY_ROWS);
+    let resume = ["train", "run.yaml", "--resume", "--set", "train.max_steps=4"];
+    for (set, key) in [
+        ("train.seed=7", "train.seed"),
+        ("train.micro_batch_size=2", "train.micro_batch_size"),
+        ("train.grad_accum_steps=1", "train.grad_accum_steps"),
+        ("lora.r=16", "lora.r"),
+        ("data.max_seq_len=32", "data.max_seq_len"),
+        ("data.train=other.jsonl", "data "),
+    ] {
+        let stderr = refused(tmp.path(), &[&resume[..], &["--set", set]].concat());
+        assert!(
+            stderr.contains(&format!("  {key}")) && stderr.contains("--resume-anyway"),
+            "{set}: {stderr}"
+        );
+        assert_eq!(std::fs::read(run.join("config.yaml")).unwrap(), config_before, "{set}");
+        assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), metrics_before, "{set}");
+        assert!(!run.join("step-3").exists() && !run.join("resumed_with_changes.txt").exists(), "{set}");
+    }
+
+    // Settings that do not change the steps are accepted silently.
+    let out = train(tmp.path(), &["--resume", "--set", "train.max_steps=3", "--set", "train.log_every=2"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("changed settings"));
+    assert!(!run.join("resumed_with_changes.txt").exists());
+
+    // --resume-anyway accepts a change and records it in the console and the run.
+    let out = train(
+        tmp.path(),
+        &["--resume", "--resume-anyway", "--set", "train.max_steps=4", "--set", "train.seed=7"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("changed settings (--resume-anyway): train.seed ") && stdout.contains(" → 7"),
+        "{stdout}"
+    );
+    let record = std::fs::read_to_string(run.join("resumed_with_changes.txt")).unwrap();
+    assert!(
+        record.contains("after step 3") && record.contains("train.seed ") && record.contains(" → 7"),
+        "{record}"
+    );
+    assert_eq!(losses(&run).last().unwrap().0, 4);
+}
+
+#[test]
+fn resuming_a_checkpoint_path_writes_only_into_its_run_directory() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "output: {run_name: source}\n");
+    train(tmp.path(), &["--set", "train.max_steps=2"]);
+    let run = tmp.path().join("checkpoints/source");
+    let elsewhere = tmp.path().join("kept/step-2");
+    copy_dir(&run.join("step-2"), &elsewhere);
+    let stderr = refused(tmp.path(), &["train", "run.yaml", "--resume", elsewhere.to_str().unwrap()]);
+    assert!(stderr.contains("outside a run directory"), "{stderr}");
+    let kept: Vec<_> =
+        std::fs::read_dir(tmp.path().join("kept")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(kept, ["step-2"]);
+
+    // A checkpoint inside its run directory resumes that run, whatever the config names.
+    let step = run.join("step-2");
+    train(
+        tmp.path(),
+        &["--set", "output.run_name=other", "--set", "train.max_steps=3", "--resume", step.to_str().unwrap()],
+    );
+    assert_eq!(losses(&run).last().unwrap().0, 3);
+    assert!(!tmp.path().join("checkpoints/other").exists());
+}
+
+#[test]
+fn a_run_killed_before_its_first_checkpoint_says_there_is_none_yet() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "output: {run_name: early}\n");
+    train(tmp.path(), &["--set", "train.max_steps=1"]);
+    // What a kill before the first save leaves: the run directory without any step-N/.
+    let run = tmp.path().join("checkpoints/early");
+    std::fs::remove_dir_all(run.join("step-1")).unwrap();
+    std::fs::remove_dir_all(run.join("adapter")).unwrap();
+    let stderr = refused(tmp.path(), &["train", "run.yaml", "--resume"]);
+    assert!(stderr.contains("no checkpoint yet") && stderr.contains("--overwrite"), "{stderr}");
+    assert!(!stderr.contains("set train.save_every"), "{stderr}");
+}
+
+#[test]
+fn a_run_directory_belongs_to_one_process_and_survives_kills_during_resumes() {
+    if common::assets().is_none() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    project(tmp.path(), "");
+    let steps = ["--set", "train.max_steps=40"];
+    train(tmp.path(), &[&steps[..], &["--set", "output.run_name=straight"]].concat());
+    let straight = tmp.path().join("checkpoints/straight");
+
+    let named = ["--set", "output.run_name=locked"];
+    let run = tmp.path().join("checkpoints/locked");
+    let mut child = spawn_train(tmp.path(), &[&steps[..], &named[..]].concat());
+    wait_for_step(&run, 2);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A resume holds the run: a second resume, a new run and --overwrite are refused naming it,
+    // and nothing of the run is removed.
+    let resume = [&steps[..], &named[..], &["--resume"]].concat();
+    let mut child = spawn_train(tmp.path(), &resume);
+    wait_for_step(&run, 4);
+    let holder = format!("process {}", child.id());
+    let second = [&["train", "run.yaml"][..], &resume[..]].concat();
+    let fresh = ["train", "run.yaml", "--set", "output.run_name=locked"];
+    let overwrite = [&fresh[..], &["--overwrite"]].concat();
+    for args in [&second[..], &fresh[..], &overwrite[..]] {
+        let stderr = refused(tmp.path(), args);
+        assert!(stderr.contains(&holder) && stderr.contains("checkpoints/locked"), "{args:?}: {stderr}");
+        assert!(run.join("step-4/trainer_state.json").exists() && run.join("config.yaml").exists());
+    }
+    // Killed during the resume, with the staging files of killed writers left behind.
+    std::thread::sleep(Duration::from_millis(3));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    for leftover in [".config.yaml.tmp-99999", ".metrics.jsonl.tmp-99999", ".write-test.tmp-99999"] {
+        common::write(&run.join(leftover), "partial");
+    }
+    common::write(&run.join(".adapter.tmp-99999/adapter_model.safetensors"), "partial");
+    let out = spawn_train(tmp.path(), &resume).wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(adapter_bytes(&run), adapter_bytes(&straight));
+    assert_eq!(losses(&run), losses(&straight));
+    let hidden: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}

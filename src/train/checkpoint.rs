@@ -5,11 +5,11 @@
 
 use super::optim::AdamW;
 use crate::config::LoraConfig;
-use crate::files::{publish_dir, read_safetensors, safetensors_bytes, write_atomic};
+use crate::files::{publish_dir, read_safetensors, remove_staging, safetensors_bytes, write_atomic};
 use crate::lora::{peft, AttachedAdapters};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
@@ -29,6 +29,10 @@ pub struct TrainerState {
     pub padded_seen: i64,
     pub first_loss: Option<f64>,
     pub skipped_steps: usize,
+    /// The settings exact resumption depends on, as this run used them (see
+    /// [`super::resume`]); empty in checkpoints written before they were recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub settings: BTreeMap<String, String>,
 }
 
 /// The directory of the checkpoint after `step` steps.
@@ -62,13 +66,17 @@ pub fn save(
     })
 }
 
-/// Restores the adapter and optimizer from `dir` and returns the trainer state.
-pub fn load(dir: &Path, injected: &AttachedAdapters, optimizer: &mut AdamW) -> Result<TrainerState> {
+/// The trainer state of the checkpoint `dir`, read without touching its tensors.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{} is not a complete checkpoint (no {STATE_FILE})", dir.display()))?;
-    let state: TrainerState =
-        serde_json::from_str(&text).with_context(|| format!("{} is damaged", state_path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is damaged", state_path.display()))
+}
+
+/// Restores the adapter and optimizer from `dir` and returns the trainer state.
+pub fn load(dir: &Path, injected: &AttachedAdapters, optimizer: &mut AdamW) -> Result<TrainerState> {
+    let state = read_state(dir)?;
     peft::copy_weights(dir, injected)?;
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -112,16 +120,30 @@ pub fn list(run_dir: &Path) -> Vec<(usize, PathBuf)> {
     found
 }
 
+/// Whether `path` is a checkpoint (rather than a run directory).
+pub fn is_checkpoint(path: &Path) -> bool {
+    path.join(STATE_FILE).exists()
+}
+
 /// The checkpoint to resume from: `path` itself when it is one, else the newest in the run
-/// directory `path`.
-pub fn resolve(path: &Path) -> Result<PathBuf> {
-    if path.join(STATE_FILE).exists() {
+/// directory `path`. `save_every` (the run's setting) says why a run may have none.
+pub fn resolve(path: &Path, save_every: Option<usize>) -> Result<PathBuf> {
+    if is_checkpoint(path) {
         return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        bail!("{} does not exist: --resume needs a run directory or a step-N/ checkpoint", path.display());
     }
     match list(path).pop() {
         Some((_, dir)) => Ok(dir),
+        None if save_every.is_some() => bail!(
+            "{} has no checkpoint yet (no step-N/ with {STATE_FILE}): the run stopped before its first save, \
+             so there is nothing to resume; start it over with --overwrite instead of --resume",
+            path.display()
+        ),
         None => bail!(
-            "{} holds no complete checkpoint (step-N/ with {STATE_FILE}); set train.save_every to write them",
+            "{} holds no checkpoint (step-N/ with {STATE_FILE}) because train.save_every is not set; \
+             start the run over with --overwrite, and set train.save_every to make it resumable",
             path.display()
         ),
     }
@@ -142,11 +164,10 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
 /// after it (they will be logged again) — so the resumed run's record reads like an
 /// uninterrupted one.
 pub fn forget_after(run_dir: &Path, step: usize) -> Result<()> {
+    remove_staging(run_dir)?;
     for entry in std::fs::read_dir(run_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let staging = name.starts_with('.') && (name.contains(".tmp-") || name.contains(".old-"));
-        let incomplete = name.starts_with("step-") && !entry.path().join(STATE_FILE).exists();
-        if staging || incomplete {
+        if name.starts_with("step-") && !entry.path().join(STATE_FILE).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

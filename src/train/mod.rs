@@ -11,6 +11,7 @@ pub mod eval;
 pub mod interrupt;
 pub mod optim;
 pub mod precision;
+pub mod resume;
 pub mod run;
 pub mod schedule;
 mod steps;

@@ -8,13 +8,14 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::eval_batches;
+use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_with_progress, precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{Example, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, RowLayout, RunData};
-use crate::files::write_atomic;
+use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, AttachedAdapters};
 use crate::model::load::{load_model_for, resolve_device, weight_kind};
@@ -40,6 +41,8 @@ pub struct RunOptions {
     /// Continue from a checkpoint: `Some(None)` the newest of the run named by the config,
     /// `Some(Some(path))` a checkpoint or run directory.
     pub resume: Option<Option<PathBuf>>,
+    /// Resume even when the config changes a setting exact resumption depends on.
+    pub resume_anyway: bool,
     /// Set (e.g. by Ctrl-C, see [`super::interrupt`]) to stop after the current step with a
     /// checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
@@ -103,6 +106,10 @@ pub(super) struct RunPlan {
     pub state: TrainerState,
     /// The checkpoint resumed from, and its run directory.
     resume: Option<(PathBuf, PathBuf)>,
+    /// The settings a resume changes (accepted by `--resume-anyway`).
+    changes: Vec<Change>,
+    /// The run directory's lock, once taken: early for a directory that already exists.
+    lock: Option<DirLock>,
 }
 
 impl RunPlan {
@@ -161,6 +168,13 @@ impl Run {
 /// Phase 1: reads and checks everything the run needs — config, device and precision, data,
 /// model and adapter, the checkpoint to resume — and writes nothing.
 fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan> {
+    let resume = opts.resume.as_ref().map(|r| resume::resume_point(cfg, r)).transpose()?;
+    // Another process's run is refused before any loading.
+    let existing = match &resume {
+        Some((_, dir)) => Some(dir.clone()),
+        None => cfg.output.run_name.as_ref().map(|name| cfg.output.dir.join(name)),
+    };
+    let lock = existing.filter(|dir| dir.is_dir()).map(|dir| DirLock::acquire(&dir)).transpose()?;
     let device = resolve_device(&cfg.train.device)?;
     let (resolved, precision) = precision::resolve(cfg, device);
     let (requested, cfg) = (cfg.clone(), resolved);
@@ -184,7 +198,6 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device));
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let trainer = Trainer::new(params, &cfg.train);
-    let resume = opts.resume.as_ref().map(|r| resume_point(&cfg, r)).transpose()?;
     let mut plan = RunPlan {
         lengths: data.train.examples.iter().map(|e| e.input_ids.len()).collect(),
         layout: row_layout(&cfg),
@@ -205,16 +218,30 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         val_batches,
         trainer,
         resume,
+        changes: Vec::new(),
+        lock,
     };
     // The plan of every epoch up front: with packing, the number of rows varies by epoch.
     plan.total_steps = match plan.cfg.train.max_steps {
         Some(n) => n,
         None => (0..plan.cfg.train.epochs).map(|e| plan.epoch_plan(e).steps.len()).sum(),
     };
-    if let Some((point, _)) = &plan.resume {
-        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer.optimizer)?;
-    }
+    restore(&mut plan, opts.resume_anyway)?;
     Ok(plan)
+}
+
+/// Records the settings the run depends on in its state, and when resuming, checks them
+/// against the checkpoint's (refusing a change unless `anyway`) before restoring it.
+fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
+    let settings = resume::settings(&plan.requested, &plan.data)?;
+    if let Some((point, _)) = &plan.resume {
+        let changes = resume::changes(&checkpoint::read_state(point)?.settings, &settings);
+        resume::check(&changes, point, anyway)?;
+        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer.optimizer)?;
+        plan.changes = changes;
+    }
+    plan.state.settings = settings;
+    Ok(())
 }
 
 /// The frozen model with the adapter injected: fresh, or starting from `lora.init_from`.
@@ -229,22 +256,6 @@ fn load_model_with_adapter(cfg: &Config, device: Device) -> Result<(Decoder, Lor
         peft::copy_weights(dir, &injected)?;
     }
     Ok((model, lora_cfg, injected))
-}
-
-/// The checkpoint `--resume` names, and the run directory it belongs to.
-fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, PathBuf)> {
-    let given = match resume {
-        Some(path) => path.clone(),
-        None => match &cfg.output.run_name {
-            Some(name) => cfg.output.dir.join(name),
-            None => {
-                bail!("--resume needs the run: set output.run_name in the config, or pass --resume RUN_DIR")
-            }
-        },
-    };
-    let checkpoint = checkpoint::resolve(&given)?;
-    let run_dir = checkpoint.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok((checkpoint, run_dir))
 }
 
 /// How the run lays examples into rows.
@@ -276,14 +287,17 @@ pub fn collate(
 
 /// Phase 2: the run directory with the config it runs (`config.yaml`) and its metrics; the
 /// prepared data goes to the cache now that every check has passed.
-fn create(plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
+fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
     let dir = match &plan.resume {
         Some((_, dir)) => create_run_dir(
             &Config { output: run_output(&plan.requested, dir), ..plan.requested.clone() },
             opts,
+            &mut plan.lock,
         )?,
-        None => create_run_dir(&plan.requested, opts)?,
+        None => create_run_dir(&plan.requested, opts, &mut plan.lock)?,
     };
+    // The lock is held: whatever staging files are here were left by killed processes.
+    remove_staging(&dir)?;
     // `auto` stays `auto`, so the file runs (or resumes: adapter and optimizer state are fp32
     // either way) with the precision that suits the machine it runs on; the comment keeps what
     // this run used.
@@ -297,6 +311,11 @@ fn create(plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
             checkpoint::forget_after(&dir, plan.state.step)?;
             let (step, epoch) = (plan.state.step, plan.state.epoch + 1);
             say!(console, "  resuming from {} (step {step}, epoch {epoch})", point.display());
+            if !plan.changes.is_empty() {
+                resume::record(&dir, step, &plan.changes)?;
+                let list: Vec<String> = plan.changes.iter().map(|c| c.to_string()).collect();
+                say!(console, "  resuming with changed settings (--resume-anyway): {}", list.join("; "));
+            }
             MetricsLog::open_append(&dir)?
         }
         None => {
@@ -442,21 +461,21 @@ fn generated_run_name(stem: &str, cfg: &Config) -> String {
     )
 }
 
-/// Creates the run directory, refusing to mix a new run into an old one.
-fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
+/// Creates the run directory and takes its lock (unless `lock` already holds it), refusing to mix
+/// a new run into an old one; `--overwrite` empties an existing directory under its lock.
+fn create_run_dir(cfg: &Config, opts: &RunOptions, lock: &mut Option<DirLock>) -> Result<PathBuf> {
     let name = cfg.output.run_name.clone().unwrap_or_else(|| generated_run_name(&opts.config_stem, cfg));
     let dir = cfg.output.dir.join(name);
-    // A probe write, so a read-only or full output directory fails before any training.
-    let probe = |dir: &Path| {
-        write_atomic(&dir.join(".write-test"), b"ok")
-            .and_then(|_| Ok(std::fs::remove_file(dir.join(".write-test"))?))
-            .with_context(|| format!("the run directory {} is not writable", dir.display()))
-    };
-    if opts.resume.is_some() {
-        probe(&dir)?;
-        return Ok(dir);
+    let existed = dir.exists();
+    if opts.resume.is_none() && !existed {
+        std::fs::create_dir_all(&cfg.output.dir)
+            .and_then(|_| std::fs::create_dir(&dir))
+            .with_context(|| format!("cannot create run directory {}", dir.display()))?;
     }
-    if dir.exists() {
+    if lock.is_none() {
+        *lock = Some(DirLock::acquire(&dir)?);
+    }
+    if opts.resume.is_none() && existed {
         if !opts.overwrite {
             bail!(
                 "run directory {} already exists; choose another name with --set output.run_name=NAME \
@@ -464,12 +483,24 @@ fn create_run_dir(cfg: &Config, opts: &RunOptions) -> Result<PathBuf> {
                 dir.display()
             );
         }
-        std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+        empty_dir(&dir)?;
     }
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create run directory {}", dir.display()))?;
-    probe(&dir)?;
+    // A read-only or full output directory fails before any training.
+    probe_writable(&dir).with_context(|| format!("the run directory {} is not writable", dir.display()))?;
     Ok(dir)
+}
+
+/// Removes everything in `dir` but its lock file.
+fn empty_dir(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if entry.file_name() != LOCK_FILE {
+            let removed =
+                if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The output section that puts the run in `run_dir` (for a resumed run found by path).

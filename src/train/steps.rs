@@ -135,7 +135,7 @@ fn log_step(
     let real_share = stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64;
     progress.bar.set_position(step as u64);
     progress.bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
-    if step % run.plan.cfg.train.log_every != 0 && step != total_steps {
+    if !step.is_multiple_of(run.plan.cfg.train.log_every) && step != total_steps {
         return Ok(());
     }
     let values = [
@@ -164,7 +164,7 @@ fn log_step(
 /// data; logged and printed.
 fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<f64>> {
     let plan = &run.plan;
-    let due = plan.cfg.train.eval_every.is_some_and(|n| step % n == 0) || step == plan.total_steps;
+    let due = plan.cfg.train.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == plan.total_steps;
     let Some(batches) = plan.val_batches.as_ref().filter(|_| due) else {
         return Ok(None);
     };
@@ -204,8 +204,8 @@ fn after_eval(run: &mut Run, loss: f64) -> Result<bool> {
 /// when asked to stop, which then ends the run with [`Interrupted`].
 fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&AtomicBool>) -> Result<()> {
     let interrupted = stop.is_some_and(|s| s.load(Ordering::SeqCst));
-    let due =
-        run.plan.cfg.train.save_every.is_some_and(|every| step % every == 0 && step < run.plan.total_steps);
+    let total = run.plan.total_steps;
+    let due = run.plan.cfg.train.save_every.is_some_and(|every| step.is_multiple_of(every) && step < total);
     if !(interrupted || due) {
         return Ok(());
     }
