@@ -28,13 +28,12 @@
 
 use anyhow::{bail, Context, Result};
 use lorafit::config::{Config, LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
-use lorafit::data::load_data;
 use lorafit::data::{Batch, EpochPlan, Example};
 use lorafit::files::write_atomic;
 use lorafit::lora;
 use lorafit::model::load::{load_model, weight_kind};
 use lorafit::model::ModelSpec;
-use lorafit::train::run::{collate, row_layout};
+use lorafit::train::run::{collate, load_run_data, row_layout};
 use lorafit::train::Trainer;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -273,7 +272,7 @@ fn real_data_batches(
     let model_path = format!("model.path={}", model_dir.display());
     let cfg = Config::load(config, &[model_path])?;
     let spec = ModelSpec::from_dir(model_dir)?;
-    let data = load_data(&cfg, &spec.eos_token_ids, spec.vocab_size)?;
+    let data = load_run_data(&cfg, &spec)?;
     let examples = &data.train.examples;
     let lines: Vec<String> =
         examples.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels}).to_string()).collect();

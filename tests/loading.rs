@@ -174,3 +174,40 @@ fn a_corrupt_tokenizer_config_is_reported_for_completion_data() {
     assert!(stderr.contains(&tokenizer_config.display().to_string()), "{stderr}");
     assert!(stderr.contains("not valid JSON"), "{stderr}");
 }
+
+/// An example longer than the model has positions for is refused naming `data.max_seq_len`:
+/// GPT-2's learned positions end there (the lookup past them used to panic), and a rotary
+/// model never saw positions beyond its config's.
+#[test]
+fn examples_longer_than_the_model_positions_are_refused_naming_max_seq_len() {
+    let tmp = tempfile::tempdir().unwrap();
+    let long_rows: String =
+        (0..4).map(|i| format!("{{\"text\": \"{}\"}}\n", format!("story {i} goes on ").repeat(40))).collect();
+    common::write(&tmp.path().join("long.jsonl"), &long_rows);
+    let gpt2 = common::fixture("gpt2");
+    let positions = ModelSpec::from_dir(&gpt2).unwrap().max_position_embeddings;
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("gpt2.yaml");
+    common::write(
+        &config,
+        &format!(
+            "model: {{path: {}}}\nlora: {{target_modules: all-linear}}\n\
+             data: {{train: long.jsonl, format: completion, max_seq_len: {}}}\n\
+             train: {{max_steps: 1}}\noutput: {{dir: {}}}\n",
+            gpt2.display(),
+            4 * positions,
+            out.display()
+        ),
+    );
+    let stderr = refused_train(&config, &out);
+    assert!(
+        stderr.contains("data.max_seq_len") && stderr.contains(&format!("{positions} positions")),
+        "{stderr}"
+    );
+
+    let model = copy_model(tmp.path());
+    edit_config(&model, |c| c["max_position_embeddings"] = json!(16));
+    let (config, out) = completion_project(tmp.path(), &model, 64);
+    let stderr = refused_train(&config, &out);
+    assert!(stderr.contains("data.max_seq_len") && stderr.contains("16 positions"), "{stderr}");
+}

@@ -28,9 +28,7 @@ impl RunData {
     /// (config.json's `vocab_size`), freshly prepared or read from the cache. A tokenizer with
     /// more ids than that, none of which the data uses, only gets a warning.
     fn check_vocabulary(&self, embedding_rows: i64) -> Result<()> {
-        let sets = std::iter::once(("training", &self.train))
-            .chain(self.validation.iter().map(|v| ("validation", v)));
-        for (name, set) in sets {
+        for (name, set) in self.sets() {
             if let Some((i, &id)) = set.examples.iter().enumerate().find_map(|(i, ex)| {
                 ex.input_ids.iter().find(|&&id| id < 0 || id >= embedding_rows).map(|id| (i, id))
             }) {
@@ -52,6 +50,32 @@ impl RunData {
         Ok(())
     }
 
+    /// Refuses an example longer than the model has positions for: learned positions (GPT-2)
+    /// end there, and rotary ones were never trained beyond it.
+    fn check_positions(&self, positions: i64, cfg: &Config) -> Result<()> {
+        for (name, set) in self.sets() {
+            let too_long =
+                set.examples.iter().enumerate().find(|(_, ex)| ex.input_ids.len() as i64 > positions);
+            if let Some((i, ex)) = too_long {
+                bail!(
+                    "{name} example {} has {} tokens, but the model in {} covers {positions} positions \
+                     (max_position_embeddings in its config.json): set data.max_seq_len to {positions} or less \
+                     (it is {}); longer examples are then cut or skipped as data.too_long says",
+                    i + 1,
+                    ex.input_ids.len(),
+                    cfg.model.path.display(),
+                    cfg.data.max_seq_len
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The training set and, when there is one, the validation set, each with its name.
+    fn sets(&self) -> impl Iterator<Item = (&'static str, &Prepared)> {
+        std::iter::once(("training", &self.train)).chain(self.validation.iter().map(|v| ("validation", v)))
+    }
+
     /// Saves freshly prepared data for the next run. Called once the run has passed every
     /// check, so that a refused run leaves nothing behind.
     pub fn store_in_cache(&self) {
@@ -65,12 +89,22 @@ impl RunData {
     }
 }
 
-/// Reads and prepares the data `cfg` names for the model in `cfg.model.path` (whose
-/// `config.json` gives `eos_token_ids` and, as `vocab_size`, its `embedding_rows`), or takes it
-/// from the data cache in `<output.dir>/.data-cache/` when the same inputs were prepared before.
-/// Either way every id is checked against the embedding before the data is returned.
-pub fn load_data(cfg: &Config, eos_token_ids: &[i64], embedding_rows: i64) -> Result<RunData> {
-    let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, eos_token_ids)?;
+/// What preparing data must know of the model it is for, from the model's `config.json`.
+pub struct ModelFacts<'a> {
+    /// The ids that end a sequence; the first is appended to each example.
+    pub eos_token_ids: &'a [i64],
+    /// Rows of the embedding (`vocab_size`): every token id must be below it.
+    pub embedding_rows: i64,
+    /// The longest sequence the model's positions cover.
+    pub positions: i64,
+}
+
+/// Reads and prepares the data `cfg` names for the model in `cfg.model.path`, or takes it from
+/// the data cache in `<output.dir>/.data-cache/` when the same inputs were prepared before.
+/// Either way every example is checked against the model's embedding and positions before the
+/// data is returned.
+pub fn load_data(cfg: &Config, model: &ModelFacts) -> Result<RunData> {
+    let tokenizer = TextTokenizer::from_model_dir(&cfg.model.path, model.eos_token_ids)?;
     let chat = ChatFormat::of_data(&cfg.data, &cfg.model.path)?;
     let key = cache::key_for(cfg, tokenizer.eos_id, chat.as_ref().map(|c| c.template.source()))?;
     let entry = cache::entry(&cfg.output.dir.join(".data-cache"), &key);
@@ -83,6 +117,7 @@ pub fn load_data(cfg: &Config, eos_token_ids: &[i64], embedding_rows: i64) -> Re
             RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry }
         }
     };
-    data.check_vocabulary(embedding_rows)?;
+    data.check_vocabulary(model.embedding_rows)?;
+    data.check_positions(model.positions, cfg)?;
     Ok(data)
 }

@@ -16,5 +16,5 @@ pub mod tokenizer;
 
 pub use batch::{Batch, EpochPlan, RowLayout};
 pub use format::{Example, Prepared};
-pub use load::{load_data, RunData};
+pub use load::{load_data, ModelFacts, RunData};
 pub use tokenizer::TextTokenizer;

@@ -308,6 +308,17 @@ impl ModelSpec {
         })
     }
 
+    /// The longest sequence the model's positions cover: `max_position_embeddings`, stretched by
+    /// linear RoPE scaling (the configs of the other scalings give the stretched length already).
+    pub fn positions(&self) -> i64 {
+        match &self.rope {
+            Some(Rope { scaling: RopeScaling::Linear { factor }, .. }) => {
+                (self.max_position_embeddings as f64 * factor) as i64
+            }
+            _ => self.max_position_embeddings,
+        }
+    }
+
     /// Parameter count of the base model (embeddings counted once when tied).
     pub fn parameter_count(&self) -> i64 {
         let (h, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);

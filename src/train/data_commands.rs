@@ -1,8 +1,9 @@
 //! `lorafit data preview` and `lorafit data export`: the run's data prepared exactly as `train`
 //! prepares it, shown or written out.
 
+use super::run::load_run_data;
 use crate::config::Config;
-use crate::data::{export, load_data, preview, RunData};
+use crate::data::{export, preview, RunData};
 use crate::model::ModelSpec;
 use anyhow::{anyhow, Result};
 use std::fmt::Write;
@@ -20,7 +21,7 @@ pub enum Split {
 fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData)> {
     let cfg = Config::load(config, overrides)?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let data = load_data(&cfg, &spec.eos_token_ids, spec.vocab_size)?;
+    let data = load_run_data(&cfg, &spec)?;
     Ok((cfg, data))
 }
 

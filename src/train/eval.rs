@@ -1,10 +1,11 @@
 //! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
 //! logs it.
 
+use super::run::load_run_data;
 use super::{evaluate, precision};
 use crate::config::Config;
 use crate::data::format::Prepared;
-use crate::data::{load_data, Batch};
+use crate::data::Batch;
 use crate::lora::peft;
 use crate::model::load::{load_model_for, resolve_device};
 use crate::model::ModelSpec;
@@ -67,7 +68,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
         tch::set_num_threads(threads as i32);
     }
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
-    let data = load_data(cfg, &spec.eos_token_ids, spec.vocab_size)?;
+    let data = load_run_data(cfg, &spec)?;
     let Some(validation) = &data.validation else {
         bail!("there is no validation data: set data.validation (a file) or data.val_split in the config");
     };

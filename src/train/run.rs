@@ -14,7 +14,7 @@ use super::{evaluate_with_progress, precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{Example, PromptFormat};
-use crate::data::{cache, load_data, Batch, EpochPlan, RowLayout, RunData};
+use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, AttachedAdapters};
@@ -165,6 +165,16 @@ impl Run {
     }
 }
 
+/// The data `cfg` names, prepared for (and checked against) the model `spec` describes.
+pub fn load_run_data(cfg: &Config, spec: &ModelSpec) -> Result<RunData> {
+    let model = ModelFacts {
+        eos_token_ids: &spec.eos_token_ids,
+        embedding_rows: spec.vocab_size,
+        positions: spec.positions(),
+    };
+    load_data(cfg, &model)
+}
+
 /// Phase 1: reads and checks everything the run needs — config, device and precision, data,
 /// model and adapter, the checkpoint to resume — and writes nothing.
 fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan> {
@@ -188,7 +198,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let prep_started = Instant::now();
     let spinner = spinner("preparing data", console.shows_progress());
-    let data = load_data(&cfg, &spec.eos_token_ids, spec.vocab_size);
+    let data = load_run_data(&cfg, &spec);
     spinner.finish_and_clear();
     let data = data?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
