@@ -297,7 +297,7 @@ fn create(plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
             checkpoint::forget_after(&dir, plan.state.step)?;
             let (step, epoch) = (plan.state.step, plan.state.epoch + 1);
             say!(console, "  resuming from {} (step {step}, epoch {epoch})", point.display());
-            MetricsLog::open_append(&dir)?
+            MetricsLog::open_append(&dir, plan.state.step as u64)?
         }
         None => {
             let mut metrics = MetricsLog::create(&dir)?;
