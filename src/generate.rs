@@ -7,6 +7,7 @@ use crate::data::format::{ChatFormat, PromptFormat};
 use crate::data::TextTokenizer;
 use crate::lora::peft;
 use crate::model::{load_model, Decoder, KvCache, ModelSpec};
+use crate::torch_errors;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::Write;
@@ -24,6 +25,22 @@ pub struct Sampling {
 
 impl Sampling {
     pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_k: None, top_p: None, seed: 0 };
+
+    /// Refuses settings transformers' `generate` refuses, naming the flag: a temperature that is
+    /// not a finite number ≥ 0 (0 is greedy, as `do_sample=False`), a negative top-k (0 means no
+    /// limit, as transformers' `top_k=0`), a top-p outside (0, 1] (1 keeps every token).
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            bail!("--temperature {}: give a finite number ≥ 0 (0 is greedy)", self.temperature);
+        }
+        if let Some(k) = self.top_k.filter(|&k| k < 0) {
+            bail!("--top-k {k}: give a number of tokens ≥ 1, or 0 for no limit");
+        }
+        if let Some(p) = self.top_p.filter(|&p| !(p > 0.0 && p <= 1.0)) {
+            bail!("--top-p {p}: give a probability in (0, 1] (1 keeps every token)");
+        }
+        Ok(())
+    }
 }
 
 /// The tokens after which an answer ends: the EOS ids of the model's `config.json`
@@ -68,10 +85,13 @@ pub fn stop_tokens(
 
 /// The next token from the logits `[vocab]` of the last position.
 fn choose(logits: &Tensor, sampling: &Sampling) -> i64 {
-    if sampling.temperature <= 0.0 {
+    // A temperature too small for float32 is the greedy limit (dividing by it would give NaN).
+    if (sampling.temperature as f32) < f32::MIN_POSITIVE {
         return logits.argmax(-1, false).int64_value(&[]);
     }
-    let mut logits = logits.to_kind(Kind::Float) / sampling.temperature;
+    // Shifted so the largest is 0: a tiny temperature then makes the others -inf, not inf - inf.
+    let logits = logits.to_kind(Kind::Float);
+    let mut logits = (&logits - logits.max()) / sampling.temperature;
     if let Some(k) = sampling.top_k.filter(|&k| k > 0 && k < logits.size()[0]) {
         let kth = logits.topk(k, -1, true, true).0.get(k - 1);
         logits = logits.masked_fill(&logits.lt_tensor(&kth), f64::NEG_INFINITY);
@@ -174,6 +194,7 @@ pub struct GenerateOptions {
 /// `lorafit generate`: streams the continuation of the prompt to `out`, and with `compare` the
 /// base model's before the adapted one.
 pub fn generate_command(opts: &GenerateOptions, out: &mut dyn Write) -> Result<()> {
+    opts.sampling.validate()?;
     // The run's config, when the prompt format comes from a run.
     let run_config = match (&opts.run, &opts.config) {
         (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
@@ -225,17 +246,20 @@ pub fn generate_command(opts: &GenerateOptions, out: &mut dyn Write) -> Result<(
             writeln!(out, "── {label} ──")?;
         }
         let (mut ids, mut shown) = (Vec::new(), 0usize);
-        generate(model, &prompt_ids, opts.max_new_tokens, &stop, &opts.sampling, device, |id| {
-            ids.push(id);
-            // Decode everything so far and print what is new: tokens can join into one character.
-            if let Ok(text) = tok.decode(&ids) {
-                if text.len() > shown && text.is_char_boundary(shown) {
-                    let _ = write!(out, "{}", &text[shown..]);
-                    let _ = out.flush();
-                    shown = text.len();
+        let decode = || {
+            generate(model, &prompt_ids, opts.max_new_tokens, &stop, &opts.sampling, device, |id| {
+                ids.push(id);
+                // Decode everything so far and print what is new: tokens can join into one character.
+                if let Ok(text) = tok.decode(&ids) {
+                    if text.len() > shown && text.is_char_boundary(shown) {
+                        let _ = write!(out, "{}", &text[shown..]);
+                        let _ = out.flush();
+                        shown = text.len();
+                    }
                 }
-            }
-        });
+            })
+        };
+        torch_errors::catch("generating", "--max-new-tokens or the prompt's length", decode)?;
         writeln!(out)?;
         Ok(())
     };

@@ -15,4 +15,5 @@ pub mod lora;
 pub mod model;
 pub mod observe;
 pub mod packing;
+pub mod torch_errors;
 pub mod train;

@@ -6,9 +6,11 @@ use lorafit::export::gguf::GgufDtype;
 use lorafit::export::merge::MergeDtype;
 use lorafit::generate::{generate_command, GenerateOptions, Sampling};
 use lorafit::inspect::inspect;
+use lorafit::torch_errors;
 use lorafit::train::data_commands::{self, Split};
 use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
 use lorafit::train::interrupt::{stop_on_signal, Interrupted};
+use lorafit::train::memory::MEMORY_SETTINGS;
 use lorafit::train::run::{train_command, LogFormat, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -167,10 +169,10 @@ struct GenerateArgs {
     /// Sampling temperature; 0 is greedy (the most likely token every time).
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
-    /// Sample only among the k most likely tokens.
+    /// Sample only among the k most likely tokens (0: no limit).
     #[arg(long)]
     top_k: Option<i64>,
-    /// Sample only among the most likely tokens whose probabilities add up to p.
+    /// Sample only among the most likely tokens whose probabilities add up to p, in (0, 1].
     #[arg(long)]
     top_p: Option<f64>,
     /// Seed of the sampling.
@@ -225,7 +227,25 @@ enum SplitArg {
 fn main() -> ExitCode {
     lorafit::host_memory::retain_freed_memory();
     let cli = Cli::parse();
-    let result = match cli.command {
+    // A libtorch failure anywhere (loading, evaluating) is an error, not a panic; the training
+    // step and generation catch their own with a more precise message.
+    let result = torch_errors::catch("lorafit", MEMORY_SETTINGS, || dispatch(cli.command)).and_then(|r| r);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.downcast_ref::<Interrupted>().is_some() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format } => {
             let options = RunOptions {
                 overwrite,
@@ -276,17 +296,6 @@ fn main() -> ExitCode {
             .map_err(|e| anyhow::anyhow!("--targets {targets}: {e}"))
             .and_then(|targets| inspect(&model, &targets, r))
             .map(|report| print!("{report}")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) if err.downcast_ref::<Interrupted>().is_some() => {
-            eprintln!("{err}");
-            ExitCode::from(130)
-        }
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            ExitCode::FAILURE
-        }
     }
 }
 

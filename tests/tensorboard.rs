@@ -142,7 +142,7 @@ fn a_resumed_log_continues_after_a_partial_line() {
     std::io::Write::write_all(&mut file, b"{\"step\": 4, \"train/lo").unwrap();
     drop(file);
 
-    let mut log = MetricsLog::open_append(&run_dir).unwrap();
+    let mut log = MetricsLog::open_append(&run_dir, 3).unwrap();
     assert_ne!(log.event_file(), first_events, "a resumed run starts a new event file");
     for step in 4..=6u64 {
         log.log(step, &[("train/loss", 1.0 / step as f64)]).unwrap();
@@ -190,4 +190,51 @@ fn a_training_run_logs_the_same_scalars_to_tensorboard_and_metrics_jsonl() {
     assert_eq!(logged["eval/loss"].iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![2, 4, 6]);
     let hparams = events["text"]["hparams"][0][1].as_str().unwrap();
     assert!(hparams.contains("max_steps: 6"), "{hparams}");
+}
+
+#[test]
+fn after_a_kill_and_resume_tensorboard_shows_one_point_per_step_as_metrics_jsonl() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model: {{path: {}}}\ndata: {{train: stories.jsonl, validation: stories.jsonl, format: completion}}\n\
+             train: {{max_steps: 12, eval_every: 2, save_every: 5, micro_batch_size: 2, threads: 1}}\n\
+             output: {{run_name: killed}}\n",
+            common::stories260k(&assets).display()
+        ),
+    );
+    let run = tmp.path().join("checkpoints/killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
+        .args(["train", "run.yaml"])
+        .current_dir(tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !std::fs::read_to_string(run.join(METRICS_FILE)).unwrap_or_default().contains("\"step\": 7,") {
+        assert!(started.elapsed().as_secs() < 120, "step 7 was never logged");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Whenever the kill landed, the run resumes from step 5 having logged steps after it: what a
+    // kill between two checkpoints leaves.
+    for k in 6..=12 {
+        let _ = std::fs::remove_dir_all(run.join(format!("step-{k}")));
+    }
+    let out = common::lorafit(tmp.path(), &["train", "run.yaml", "--resume"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let events = read_events(&python, &run);
+    let logged = jsonl_scalars(&run);
+    assert_eq!(
+        logged["train/loss"].iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+    assert_eq!(tensorboard_scalars(&events), logged);
+    assert_eq!(events["text"]["hparams"].as_array().unwrap().len(), 1, "the hparams text survives the purge");
 }

@@ -14,6 +14,7 @@ const WALLS: &[(&str, &[&str])] = &[
     ("host_memory", &[]),
     ("observe", &[]),
     ("packing", &[]),
+    ("torch_errors", &[]),
     // The frozen model knows nothing of data, adapters or training: adapters plug in through
     // `model::LinearAdapter`.
     ("model", &["config", "files", "packing"]),
@@ -21,14 +22,26 @@ const WALLS: &[(&str, &[&str])] = &[
     ("data", &["clock", "config", "files", "packing"]),
     ("lora", &["config", "files", "model"]),
     ("export", &["config", "files", "lora", "model"]),
-    ("generate", &["config", "data", "files", "lora", "model"]),
+    ("generate", &["config", "data", "files", "lora", "model", "torch_errors"]),
     ("inspect", &["config", "files", "lora", "model"]),
     (
         "train",
-        &["clock", "config", "data", "export", "files", "generate", "lora", "model", "observe", "packing"],
+        &[
+            "clock",
+            "config",
+            "data",
+            "export",
+            "files",
+            "generate",
+            "lora",
+            "model",
+            "observe",
+            "packing",
+            "torch_errors",
+        ],
     ),
     // The command line parses arguments and calls one command function of the library each.
-    ("main", &["config", "export", "generate", "host_memory", "inspect", "train"]),
+    ("main", &["config", "export", "generate", "host_memory", "inspect", "torch_errors", "train"]),
 ];
 
 /// One path into another top-level module: the line it is on and the module it names.

@@ -45,8 +45,10 @@ impl MetricsLog {
 
     /// Continues the log of a resumed run: appends to `metrics.jsonl` (created if missing) after
     /// cutting off a partial last line a crash may have left, and starts a new event file beside
-    /// the earlier ones (TensorBoard reads them all as one run).
-    pub fn open_append(run_dir: &Path) -> Result<MetricsLog> {
+    /// the earlier ones (TensorBoard reads them all as one run). `resumed_step` is the last step
+    /// the run keeps: the new file starts with a purge marker at the step after it, so TensorBoard
+    /// forgets the points logged after it, as `metrics.jsonl` has (the caller cuts those lines).
+    pub fn open_append(run_dir: &Path, resumed_step: u64) -> Result<MetricsLog> {
         std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
         let path = run_dir.join(METRICS_FILE);
         let complete = match std::fs::read(&path) {
@@ -60,7 +62,9 @@ impl MetricsLog {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         jsonl.set_len(complete).with_context(|| format!("cannot truncate {}", path.display()))?;
-        Ok(MetricsLog { jsonl, path, events: EventWriter::create(run_dir)? })
+        let mut events = EventWriter::create(run_dir)?;
+        events.purge_from(resumed_step as i64 + 1)?;
+        Ok(MetricsLog { jsonl, path, events })
     }
 
     /// The `metrics.jsonl` being written.
@@ -140,7 +144,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(METRICS_FILE);
         std::fs::write(&path, "{\"step\": 1, \"a\": 1.0}\n{\"step\": 2, \"a\"").unwrap();
-        let mut log = MetricsLog::open_append(dir.path()).unwrap();
+        let mut log = MetricsLog::open_append(dir.path(), 1).unwrap();
         log.log(2, &[("a", 2.0)]).unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
@@ -149,10 +153,10 @@ mod tests {
 
         // No complete line at all, and no file at all.
         std::fs::write(&path, "{\"st").unwrap();
-        MetricsLog::open_append(dir.path()).unwrap().log(1, &[]).unwrap();
+        MetricsLog::open_append(dir.path(), 0).unwrap().log(1, &[]).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"step\": 1}\n");
         let fresh = dir.path().join("fresh");
-        MetricsLog::open_append(&fresh).unwrap().log(3, &[]).unwrap();
+        MetricsLog::open_append(&fresh, 2).unwrap().log(3, &[]).unwrap();
         assert_eq!(std::fs::read_to_string(fresh.join(METRICS_FILE)).unwrap(), "{\"step\": 3}\n");
     }
 
@@ -160,7 +164,7 @@ mod tests {
     fn create_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         MetricsLog::create(dir.path()).unwrap().log(1, &[("a", 1.0)]).unwrap();
-        MetricsLog::open_append(dir.path()).unwrap().log(2, &[("a", 2.0)]).unwrap();
+        MetricsLog::open_append(dir.path(), 1).unwrap().log(2, &[("a", 2.0)]).unwrap();
         let events = |dir: &Path| {
             std::fs::read_dir(dir)
                 .unwrap()

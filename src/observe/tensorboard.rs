@@ -13,7 +13,9 @@
 //! `file_version = "brain.Event:2"`. The messages and fields written here:
 //!
 //! ```text
-//! Event           { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5; }
+//! Event           { double wall_time = 1; int64 step = 2; string file_version = 3; Summary summary = 5;
+//!                   SessionLog session_log = 7; }
+//! SessionLog      { SessionStatus status = 1; }   (START = 1)
 //! Summary         { repeated Value value = 1; }
 //! Summary.Value   { string tag = 1; float simple_value = 2; TensorProto tensor = 8;
 //!                   SummaryMetadata metadata = 9; }
@@ -40,6 +42,9 @@ pub const FILE_PREFIX: &str = "events.out.tfevents.";
 
 /// `tensorflow.DataType.DT_STRING`.
 const DT_STRING: u64 = 7;
+
+/// `tensorflow.SessionLog.SessionStatus.START`.
+const SESSION_START: u64 = 1;
 
 /// Appends events to one new event file in a directory.
 pub struct EventWriter {
@@ -76,6 +81,28 @@ impl EventWriter {
     /// The event file being written.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Tells readers that the run restarts at `step`: TensorBoard's reader then drops every event
+    /// at `step` or later read so far (points an earlier process logged after its last checkpoint),
+    /// so a resumed run shows one point per step. Written as PyTorch's
+    /// `SummaryWriter(purge_step=step)` does: an event with `file_version` and one with
+    /// `SessionLog.START`, both at `step`.
+    pub fn purge_from(&mut self, step: i64) -> Result<()> {
+        let wall_time = unix_time();
+        let mut version = Vec::new();
+        put_f64(&mut version, 1, wall_time);
+        put_varint_field(&mut version, 2, step as u64);
+        put_bytes(&mut version, 3, FILE_VERSION.as_bytes());
+        self.write_record(&version)?;
+        let mut session_log = Vec::new();
+        put_varint_field(&mut session_log, 1, SESSION_START);
+        let mut start = Vec::new();
+        put_f64(&mut start, 1, wall_time);
+        put_varint_field(&mut start, 2, step as u64);
+        put_bytes(&mut start, 7, &session_log);
+        self.write_record(&start)?;
+        self.flush()
     }
 
     /// One scalar under `tag` at `step`.

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data_commands;
 pub mod eval;
 pub mod interrupt;
+pub mod memory;
 pub mod optim;
 pub mod precision;
 pub mod resume;

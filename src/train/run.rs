@@ -8,6 +8,7 @@
 
 use super::checkpoint::{self, TrainerState};
 use super::eval::eval_batches;
+use super::memory::MemoryEstimate;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_with_progress, precision, Trainer};
@@ -94,6 +95,9 @@ pub(super) struct RunPlan {
     pub model: Decoder,
     pub lora_cfg: LoraConfig,
     pub injected: AttachedAdapters,
+    /// What the run should take, and a warning when that is close to what it can get.
+    memory: MemoryEstimate,
+    memory_warning: Option<String>,
     pub layout: RowLayout,
     /// Token count of each training example, in order.
     lengths: Vec<usize>,
@@ -202,7 +206,15 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     spinner.finish_and_clear();
     let data = data?;
     let prep_secs = prep_started.elapsed().as_secs_f64();
-    let (model, lora_cfg, injected) = load_model_with_adapter(&cfg, device)?;
+    // Checked before the model and adapters are allocated.
+    let lora_cfg = lora_config(&cfg)?;
+    let row_tokens = match row_layout(&cfg) {
+        RowLayout::Packed(n) => n,
+        RowLayout::ByLength => data.train.examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
+    };
+    let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
+    let memory_warning = memory.check_host(device)?;
+    let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
     let val_batches = (data.validation.as_ref())
         .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device));
@@ -224,6 +236,8 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         model,
         lora_cfg,
         injected,
+        memory,
+        memory_warning,
         stop_tokens,
         val_batches,
         trainer,
@@ -254,18 +268,26 @@ fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
     Ok(())
 }
 
-/// The frozen model with the adapter injected: fresh, or starting from `lora.init_from`.
-fn load_model_with_adapter(cfg: &Config, device: Device) -> Result<(Decoder, LoraConfig, AttachedAdapters)> {
-    let mut model = load_model_for(cfg, device)?;
-    let lora_cfg = match &cfg.lora.init_from {
+/// The adapter the run trains: the config's, or the shape of `lora.init_from`'s.
+fn lora_config(cfg: &Config) -> Result<LoraConfig> {
+    Ok(match &cfg.lora.init_from {
         Some(dir) => LoraConfig { dropout: cfg.lora.dropout, ..peft::read_config(dir)? },
         None => cfg.lora.clone(),
-    };
-    let injected = lora::inject(&mut model, &lora_cfg, device)?;
+    })
+}
+
+/// The frozen model with the adapter `lora_cfg` injected: fresh, or starting from `lora.init_from`.
+fn load_model_with_adapter(
+    cfg: &Config,
+    lora_cfg: &LoraConfig,
+    device: Device,
+) -> Result<(Decoder, AttachedAdapters)> {
+    let mut model = load_model_for(cfg, device)?;
+    let injected = lora::inject(&mut model, lora_cfg, device)?;
     if let Some(dir) = &cfg.lora.init_from {
         peft::copy_weights(dir, &injected)?;
     }
-    Ok((model, lora_cfg, injected))
+    Ok((model, injected))
 }
 
 /// How the run lays examples into rows.
@@ -326,7 +348,7 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
                 let list: Vec<String> = plan.changes.iter().map(|c| c.to_string()).collect();
                 say!(console, "  resuming with changed settings (--resume-anyway): {}", list.join("; "));
             }
-            MetricsLog::open_append(&dir)?
+            MetricsLog::open_append(&dir, plan.state.step as u64)?
         }
         None => {
             let mut metrics = MetricsLog::create(&dir)?;
@@ -352,6 +374,10 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
+    say!(console, "  {}", plan.memory.describe());
+    if let Some(warning) = &plan.memory_warning {
+        say!(console, "  warning: {warning}");
+    }
     say!(
         console,
         "  LoRA r={} alpha={} on {} modules ({}): {} trainable parameters ({:.3}% of the base){}",

@@ -4,6 +4,7 @@
 
 use super::checkpoint;
 use super::interrupt::Interrupted;
+use super::memory::MEMORY_SETTINGS;
 use super::run::{collate, Run};
 use super::{evaluate_with_progress, schedule, StepStats};
 use crate::config::OnNonFinite;
@@ -12,9 +13,10 @@ use crate::data::Batch;
 use crate::lora::peft;
 use crate::observe::console::say;
 use crate::observe::progress::progress_bar;
-use anyhow::{bail, Result};
+use crate::torch_errors;
+use anyhow::{anyhow, bail, Result};
 use indicatif::ProgressBar;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -91,18 +93,25 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
         micro_batches.iter().map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device)).collect();
     let lr =
         schedule::learning_rate(train.lr_scheduler, train.lr, step, train.warmup_steps, plan.total_steps);
-    let stats = plan.trainer.step(&plan.model, &batches, lr);
+    let stats = torch_errors::catch(&format!("training step {step}"), MEMORY_SETTINGS, || {
+        plan.trainer.step(&plan.model, &batches, lr)
+    })
+    .map_err(|e| anyhow!("{e}. {}", last_checkpoint(&run.dir)))?;
     if !stats.applied && train.on_nonfinite == OnNonFinite::Stop {
-        let last_good = checkpoint::list(&run.dir).pop().map(|(_, d)| d.display().to_string());
         bail!(
             "the loss or gradient became non-finite (loss {}) at step {step}; the adapter was not \
-             updated. Last good checkpoint: {}. Lower train.lr, check the data, or set \
-             train.on_nonfinite: skip",
+             updated. {}. Lower train.lr, check the data, or set train.on_nonfinite: skip",
             stats.loss,
-            last_good.unwrap_or_else(|| "none (set train.save_every)".into())
+            last_checkpoint(&run.dir)
         );
     }
     Ok((lr, stats))
+}
+
+/// Where a failed run can resume from: "Last good checkpoint: <dir>".
+fn last_checkpoint(run_dir: &Path) -> String {
+    let last_good = checkpoint::list(run_dir).pop().map(|(_, d)| d.display().to_string());
+    format!("Last good checkpoint: {}", last_good.unwrap_or_else(|| "none (set train.save_every)".into()))
 }
 
 /// Counts the step just taken (the `index`-th of `epoch`) into the trainer state.
