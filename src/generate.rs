@@ -123,7 +123,12 @@ pub fn generate(
     tch::no_grad(|| {
         let mut cache = KvCache::new(model);
         let mut input = Tensor::from_slice(prompt_ids).view([1, -1]).to_device(device);
-        for _ in 0..max_new_tokens {
+        // Learned positions (GPT-2) end at the model's last one, so decoding stops there too.
+        let room = match model.spec.rope {
+            None => (model.spec.max_position_embeddings as usize).saturating_sub(prompt_ids.len()),
+            Some(_) => usize::MAX,
+        };
+        for _ in 0..max_new_tokens.min(room) {
             let logits = model.forward_cached(&input, &mut cache);
             let next = choose(&logits.get(0).get(-1), sampling);
             out.push(next);

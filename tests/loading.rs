@@ -211,3 +211,14 @@ fn examples_longer_than_the_model_positions_are_refused_naming_max_seq_len() {
     let stderr = refused_train(&config, &out);
     assert!(stderr.contains("data.max_seq_len") && stderr.contains("16 positions"), "{stderr}");
 }
+
+/// Decoding stops at GPT-2's last learned position instead of looking up one past it.
+#[test]
+fn generation_stops_at_the_last_learned_position() {
+    let model = load_model(&common::fixture("gpt2"), Kind::Float, Device::Cpu).unwrap();
+    let positions = model.spec.max_position_embeddings as usize;
+    let prompt: Vec<i64> = (1..positions as i64 - 1).collect();
+    let sampling = lorafit::generate::Sampling::GREEDY;
+    let new = lorafit::generate::generate(&model, &prompt, 10, &[], &sampling, Device::Cpu, |_| {});
+    assert_eq!(prompt.len() + new.len(), positions);
+}
