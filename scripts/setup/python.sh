@@ -104,7 +104,7 @@ rm -rf "$wheels"
 # Scripts in bin/ name their interpreter by absolute path; point them at the final location.
 { grep -rlI --null -F "$build" "$build/bin" "$build/pyvenv.cfg" || true; } | xargs -0 -r sed -i "s|$build|$venv|g"
 
-"$build/bin/python" -c 'import torch, transformers, peft, safetensors, tokenizers, numpy, tensorboard' ||
+"$build/bin/python" -c 'import torch, transformers, peft, safetensors, tokenizers, numpy, tensorboard, pyarrow' ||
   { say "the new venv cannot import its packages; leaving the old state unchanged"; exit 1; }
 
 echo "$want" > "$build/$stamp_name"
