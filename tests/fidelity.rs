@@ -57,7 +57,8 @@ const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['r
                       {{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// A model directory holding only what data preparation reads: the tokenizer files and a
-/// config.json whose vocabulary covers the tokenizer and whose EOS is the tokenizer's.
+/// config.json whose vocabulary covers the tokenizer, whose EOS is the tokenizer's and whose
+/// positions cover the longest example.
 fn model_dir_for(root: &Path, name: &str, tokenizer: &Path, tokenizer_config: &Path) -> PathBuf {
     let dir = root.join(format!("model-{name}"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -88,7 +89,7 @@ fn model_dir_for(root: &Path, name: &str, tokenizer: &Path, tokenizer_config: &P
     let config = json!({
         "model_type": "llama", "hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 1,
         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 8, "vocab_size": largest + 1,
-        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 1_000_000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
         "tie_word_embeddings": true, "eos_token_id": id_of(&eos).expect("EOS is a token"),
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();

@@ -58,8 +58,8 @@ impl RunData {
                 set.examples.iter().enumerate().find(|(_, ex)| ex.input_ids.len() as i64 > positions);
             if let Some((i, ex)) = too_long {
                 bail!(
-                    "{name} example {} has {} tokens, but the model in {} covers {positions} positions \
-                     (max_position_embeddings in its config.json): set data.max_seq_len to {positions} or less \
+                    "{name} example {} has {} tokens, but the model in {} has {positions} positions \
+                     in its config.json: set data.max_seq_len to {positions} or less \
                      (it is {}); longer examples are then cut or skipped as data.too_long says",
                     i + 1,
                     ex.input_ids.len(),
