@@ -367,7 +367,10 @@ pub struct TrainConfig {
     pub grad_accum_steps: usize,
     pub lr: f64,
     pub lr_scheduler: LrScheduler,
+    /// Optimizer steps of linear warmup; see [`TrainConfig::warmup_steps_of`].
     pub warmup_steps: usize,
+    /// Warmup as a share of the run's optimizer steps (instead of `warmup_steps`).
+    pub warmup_ratio: Option<f64>,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -420,6 +423,7 @@ impl Default for TrainConfig {
             lr: 2e-4,
             lr_scheduler: LrScheduler::default(),
             warmup_steps: 0,
+            warmup_ratio: None,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -436,6 +440,17 @@ impl Default for TrainConfig {
             save_best: false,
             early_stopping_patience: None,
             on_nonfinite: OnNonFinite::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The warmup steps of a run of `total_steps` optimizer steps: `warmup_steps`, or
+    /// `warmup_ratio` of the total rounded up, as the Hugging Face Trainer counts it.
+    pub fn warmup_steps_of(&self, total_steps: usize) -> usize {
+        match self.warmup_ratio {
+            Some(ratio) => (ratio * total_steps as f64).ceil() as usize,
+            None => self.warmup_steps,
         }
     }
 }
