@@ -2,14 +2,17 @@
 //! validation.
 //!
 //! `configs/reference.yaml` documents every key. Loading happens in four steps, each with its
-//! own kind of error, and every error is a single paragraph that names where it came from:
+//! own kind of problem; every problem found is reported at once, one line each (file, line and
+//! column first, in the order of the file), and each line names where it came from:
 //!
-//! 1. The file is parsed as YAML (syntax errors: file, line and column).
-//! 2. The file text is deserialized into [`Config`] directly, so serde_yaml's positions
-//!    survive: unknown keys and values (with a "did you mean" suggestion) and wrong types are
-//!    reported with the dotted key, file, line and column.
-//! 3. Each `--set` override is applied to a [`serde_yaml::Value`] of the file and the result is
-//!    deserialized again, one override at a time, so an error names the override that caused it.
+//! 1. The file is parsed as YAML (syntax errors: file, line and column; these stop at once).
+//!    Merge keys (`<<: *anchor`) are applied and top-level `x-` sections, which only hold
+//!    anchors, are left out.
+//! 2. The document is deserialized into [`Config`]: unknown keys and values (with a "did you
+//!    mean" suggestion) and wrong types are reported with the dotted key, file, line and column.
+//!    Each refused key is removed (its default takes its place) and the rest is read again.
+//! 3. Each `--set` override is applied to the document and the result is deserialized again,
+//!    one override at a time, so a problem names the override that caused it.
 //! 4. [`Config::validate`] refuses out-of-range values and missing required keys, naming the
 //!    override that set the key last, or else the file (with the key's line when it can be found).
 //!
