@@ -10,6 +10,7 @@ pub mod export;
 pub mod files;
 pub mod generate;
 pub mod host_memory;
+pub mod init;
 pub mod inspect;
 pub mod lora;
 pub mod model;

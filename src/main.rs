@@ -5,6 +5,7 @@ use lorafit::config::TargetModules;
 use lorafit::export::gguf::GgufDtype;
 use lorafit::export::merge::MergeDtype;
 use lorafit::generate::{generate_command, GenerateOptions, Sampling};
+use lorafit::init::{init_command, InitOptions};
 use lorafit::inspect::inspect;
 use lorafit::torch_errors;
 use lorafit::train::data_commands::{self, Split};
@@ -26,6 +27,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Write a commented starting config for a model and a data file: the family's usual LoRA
+    /// settings (a preset), the model's linear layers, the data's record layout.
+    Init {
+        /// The Hugging Face model directory to fine-tune.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The training data file (its record layout is detected from its columns).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Settings of a family: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, gpt2,
+        /// smollm2. Default: the model's family.
+        #[arg(long)]
+        preset: Option<String>,
+        /// The config file to write.
+        #[arg(long, default_value = "lorafit.yaml")]
+        out: PathBuf,
+        /// Replace the file when it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Train a LoRA adapter as one YAML config describes (see configs/reference.yaml for every key).
     Train {
         /// The run's YAML config file.
@@ -246,6 +267,11 @@ fn main() -> ExitCode {
 /// Runs one command.
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Init { model, data, preset, out, force } => {
+            let summary = init_command(&InitOptions { model, data, preset, out, force })?;
+            println!("{summary}");
+            Ok(())
+        }
         Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format } => {
             let options = RunOptions {
                 overwrite,

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use lorafit::config::*;
 use serde_yaml::Value;
 
+mod common;
+
 /// The smallest valid config.
 const BASE: &str = "model:\n  path: models/base\ndata:\n  train: data/train.jsonl\n";
 
@@ -146,7 +148,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 24 + 4);
+    assert_eq!(schema.len(), 5 + 2 + 11 + 16 + 25 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
@@ -213,6 +215,7 @@ fn to_yaml_round_trips_a_changed_config() {
         lr: 1.234_567_890_123e-5,
         lr_scheduler: LrScheduler::Linear,
         warmup_steps: 100,
+        warmup_ratio: None,
         weight_decay: 0.01,
         adam_beta1: 0.0,
         adam_beta2: 0.95,
@@ -690,4 +693,95 @@ fn weight_dtype_auto_follows_precision() {
     assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Bf16);
     let config = parse(BASE, &["train.precision=fp32"]);
     assert_eq!(config.model.dtype.resolve(config.train.precision), WeightDtype::Fp32);
+}
+
+// ---------------------------------------------------------------- every problem at once
+
+#[test]
+fn every_problem_is_reported_at_once_in_file_order() {
+    let yaml = format!(
+        "{BASE}lora:\n  r: 0\n  alpah: 4\ntrain:\n  learning_rate: 1.0e-4\n  epochs: many\n  \
+         max_grad_norm: -1\noutput:\n  run_name: a/b\n"
+    );
+    let message =
+        format!("{:#}", Config::from_yaml_str(&yaml, "run.yaml", &sets(&["train.seed=x"])).unwrap_err());
+    let lines: Vec<&str> = message.lines().collect();
+    assert_eq!(lines.len(), 8, "{message}");
+    assert_eq!(lines[0], "run.yaml: 7 problems:");
+    let expected = [
+        "run.yaml:6:3: `lora.r` must be at least 1, got 0",
+        "run.yaml:7:3: unknown key `lora.alpah`; did you mean `alpha`?",
+        "run.yaml:9:3: unknown key `train.learning_rate`; did you mean `lr`?",
+        "run.yaml:10:11: `train.epochs` must be a whole number >= 0",
+        "run.yaml:11:3: `train.max_grad_norm` must be a finite number > 0",
+        "run.yaml:13:3: `output.run_name` must not contain a path separator",
+        "in --set train.seed=x: `train.seed` must be a whole number >= 0",
+    ];
+    for (line, start) in lines[1..].iter().zip(expected) {
+        assert!(line.starts_with(start), "expected a line starting {start:?}, got {line:?} in:\n{message}");
+    }
+}
+
+#[test]
+fn a_refused_key_is_not_refused_again_for_its_default() {
+    // `model.path: 5` is the wrong type; its empty default must not add "missing model.path".
+    let message = error("model:\n  path: [a]\ndata:\n  train: t\n", &[]);
+    assert_contains(&message, &["run.yaml:2:9", "`model.path` must be a path"]);
+}
+
+// ---------------------------------------------------------------- anchors and merge keys
+
+#[test]
+fn merge_keys_and_anchors_are_read() {
+    let yaml = "x-common: &common\n  lr: 1.0e-4\n  epochs: 2\nmodel:\n  path: m\ndata:\n  \
+                train: &file data/t.jsonl\n  validation: *file\ntrain:\n  <<: *common\n  epochs: 3\n";
+    let config = parse(yaml, &[]);
+    assert_eq!(config.train.lr, 1.0e-4);
+    // A key of the section itself wins over the merged one, as YAML's merge key says.
+    assert_eq!(config.train.epochs, 3);
+    assert_eq!(config.data.validation, Some(PathBuf::from("data/t.jsonl")));
+    assert_eq!(parse(yaml, &["train.lr=0.5"]).train.lr, 0.5);
+
+    let yaml = "x-common: &common\n  lr_sheduler: linear\nmodel:\n  path: m\ndata:\n  train: t\n\
+                train:\n  <<: *common\n";
+    assert_contains(&error(yaml, &[]), &["unknown key `train.lr_sheduler`; did you mean `lr_scheduler`?"]);
+}
+
+// ---------------------------------------------------------------- warmup_ratio
+
+#[test]
+fn warmup_ratio_counts_steps_as_the_hf_trainer() {
+    let Some(python) = common::python() else { return };
+    let cases = [(0.1, 200), (0.03, 1000), (0.05, 7), (0.5, 3), (0.0, 10), (0.99, 9), (0.07, 100), (0.1, 35)];
+    let ours: Vec<usize> = cases
+        .iter()
+        .map(|(ratio, total)| {
+            parse(BASE, &[&format!("train.warmup_ratio={ratio}")]).train.warmup_steps_of(*total)
+        })
+        .collect();
+    // transformers 5 takes a warmup ratio as a `warmup_steps` below 1 (so a ratio of 1 is
+    // not asked).
+    let script = "import json, sys, tempfile\nfrom transformers import TrainingArguments\n\
+                  cases = json.loads(sys.argv[1])\nwith tempfile.TemporaryDirectory() as d:\n    \
+                  print(json.dumps([TrainingArguments(output_dir=d, warmup_steps=r, report_to=[])\
+                  .get_warmup_steps(t) for r, t in cases]))\n";
+    let output = std::process::Command::new(python)
+        .args(["-c", script, &serde_json::to_string(&cases).unwrap()])
+        .output()
+        .expect("run the interop python");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let theirs: Vec<usize> = serde_json::from_slice(&output.stdout).expect("a JSON list");
+    assert_eq!(ours, theirs, "cases {cases:?}");
+    assert_eq!(parse(BASE, &[]).train.warmup_steps_of(100), 0);
+    assert_eq!(parse(BASE, &["train.warmup_steps=5"]).train.warmup_steps_of(100), 5);
+}
+
+#[test]
+fn warmup_ratio_is_refused_out_of_range_or_with_warmup_steps() {
+    let yaml = format!("{BASE}train:\n  warmup_ratio: 1.5\n");
+    assert_contains(&error(&yaml, &[]), &["run.yaml:6:3: `train.warmup_ratio` must be between 0 and 1"]);
+    let yaml = format!("{BASE}train:\n  warmup_steps: 10\n  warmup_ratio: 0.1\n");
+    assert_contains(&error(&yaml, &[]), &["`train.warmup_steps`", "`train.warmup_ratio`", "not both"]);
+    let yaml = format!("{BASE}train:\n  warmup_ratio: 0.1\n");
+    assert_eq!(parse(&yaml, &[]).train.warmup_ratio, Some(0.1));
 }

@@ -23,6 +23,7 @@ const WALLS: &[(&str, &[&str])] = &[
     ("lora", &["config", "files", "model"]),
     ("export", &["config", "files", "lora", "model"]),
     ("generate", &["config", "data", "files", "lora", "model", "torch_errors"]),
+    ("init", &["config", "data", "model"]),
     ("inspect", &["config", "files", "lora", "model"]),
     (
         "train",
@@ -41,7 +42,7 @@ const WALLS: &[(&str, &[&str])] = &[
         ],
     ),
     // The command line parses arguments and calls one command function of the library each.
-    ("main", &["config", "export", "generate", "host_memory", "inspect", "torch_errors", "train"]),
+    ("main", &["config", "export", "generate", "host_memory", "init", "inspect", "torch_errors", "train"]),
 ];
 
 /// One path into another top-level module: the line it is on and the module it names.

@@ -30,15 +30,59 @@ pub(super) fn strip_location(error: &serde_yaml::Error) -> String {
     }
 }
 
-/// Turns a serde_yaml deserialization error into a message for the user.
-pub(super) fn explain(error: &serde_yaml::Error, origin: &Origin) -> anyhow::Error {
-    let location = match origin {
-        Origin::File(_) => error.location().map(|l| (l.line(), l.column())),
-        Origin::Override(_) => None,
-    };
+/// One thing wrong with a config: the message with its origin in front, the file position it
+/// sorts by, and the dotted key it concerns.
+pub(super) struct Problem {
+    pub(super) location: Option<(usize, usize)>,
+    pub(super) key: String,
+    pub(super) message: String,
+}
+
+/// All problems as one error: a single one as its own line, several one per line under a header
+/// naming the file, in the order of the file (those without a position last).
+pub(super) fn report(source_name: &str, mut problems: Vec<Problem>) -> anyhow::Error {
+    problems.sort_by_key(|p| (p.location.is_none(), p.location));
+    if let [single] = problems.as_slice() {
+        return anyhow!("{}", single.message);
+    }
+    let lines: Vec<&str> = problems.iter().map(|p| p.message.as_str()).collect();
+    anyhow!("{source_name}: {} problems:\n{}", problems.len(), lines.join("\n"))
+}
+
+/// A serde_yaml deserialization error as a [`Problem`]. `yaml`, when given, is the file text the
+/// error's position refers to; without it the position is looked up in `file_text` by key.
+pub(super) fn explain(
+    error: &serde_yaml::Error,
+    origin: &Origin,
+    yaml: Option<&str>,
+    file_text: &str,
+) -> Problem {
     let text = strip_location(error);
     let (path, message) = split_path(&text);
-    anyhow!("{}{}", origin.prefix(location), describe(path, message))
+    let key = error_key(path, message);
+    let location = match (origin, yaml) {
+        (Origin::Override(_), _) => None,
+        (Origin::File(_), Some(_)) => error.location().map(|l| (l.line(), l.column())),
+        (Origin::File(_), None) if message.starts_with("unknown field ") => {
+            locate_or_section(file_text, &key)
+        }
+        (Origin::File(_), None) => {
+            locate_value(file_text, &key).or_else(|| locate_or_section(file_text, &key))
+        }
+    };
+    Problem { location, message: format!("{}{}", origin.prefix(location), describe(path, message)), key }
+}
+
+/// The dotted key an error is about: the unknown key itself, or the value's key without list
+/// indices.
+fn error_key(path: Option<&str>, message: &str) -> String {
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        if let Some(name) = backticked(rest).first() {
+            return join_key(path, name);
+        }
+    }
+    let path = path.unwrap_or("");
+    path.split_once('[').map_or(path, |(key, _)| key).to_string()
 }
 
 /// serde_yaml writes "dotted.path: message" (no path at the top level).
@@ -258,6 +302,31 @@ fn edit_distance(a: &str, b: &str) -> usize {
         }
     }
     rows[a.len()][b.len()]
+}
+
+/// The position of `key`, or else of its section.
+pub(super) fn locate_or_section(yaml: &str, key: &str) -> Option<(usize, usize)> {
+    let section = key.split('.').next().unwrap_or(key);
+    locate(yaml, key).or_else(|| locate(yaml, section))
+}
+
+/// The 1-based line and column of the value of `key` (dotted) in block-style YAML: after the
+/// colon, or the first line below it.
+pub(super) fn locate_value(yaml: &str, key: &str) -> Option<(usize, usize)> {
+    let (line, column) = locate(yaml, key)?;
+    let lines: Vec<&str> = yaml.lines().collect();
+    let text = lines.get(line - 1)?;
+    let after_key = text.get(column - 1..)?;
+    let after_colon = &after_key[after_key.find(':')? + 1..];
+    let value = after_colon.trim_start_matches(' ');
+    if !value.is_empty() && !value.starts_with('#') {
+        return Some((line, text.len() - value.len() + 1));
+    }
+    lines.iter().enumerate().skip(line).find_map(|(index, below)| {
+        let content = below.trim_start_matches(' ');
+        let blank = content.is_empty() || content.starts_with('#');
+        (!blank).then(|| (index + 1, below.len() - content.len() + 1))
+    })
 }
 
 /// The 1-based line and column of `key` (dotted) in block-style YAML, if it can be found.

@@ -2,14 +2,17 @@
 //! validation.
 //!
 //! `configs/reference.yaml` documents every key. Loading happens in four steps, each with its
-//! own kind of error, and every error is a single paragraph that names where it came from:
+//! own kind of problem; every problem found is reported at once, one line each (file, line and
+//! column first, in the order of the file), and each line names where it came from:
 //!
-//! 1. The file is parsed as YAML (syntax errors: file, line and column).
-//! 2. The file text is deserialized into [`Config`] directly, so serde_yaml's positions
-//!    survive: unknown keys and values (with a "did you mean" suggestion) and wrong types are
-//!    reported with the dotted key, file, line and column.
-//! 3. Each `--set` override is applied to a [`serde_yaml::Value`] of the file and the result is
-//!    deserialized again, one override at a time, so an error names the override that caused it.
+//! 1. The file is parsed as YAML (syntax errors: file, line and column; these stop at once).
+//!    Merge keys (`<<: *anchor`) are applied and top-level `x-` sections, which only hold
+//!    anchors, are left out.
+//! 2. The document is deserialized into [`Config`]: unknown keys and values (with a "did you
+//!    mean" suggestion) and wrong types are reported with the dotted key, file, line and column.
+//!    Each refused key is removed (its default takes its place) and the rest is read again.
+//! 3. Each `--set` override is applied to the document and the result is deserialized again,
+//!    one override at a time, so a problem names the override that caused it.
 //! 4. [`Config::validate`] refuses out-of-range values and missing required keys, naming the
 //!    override that set the key last, or else the file (with the key's line when it can be found).
 //!
@@ -367,7 +370,10 @@ pub struct TrainConfig {
     pub grad_accum_steps: usize,
     pub lr: f64,
     pub lr_scheduler: LrScheduler,
+    /// Optimizer steps of linear warmup; see [`TrainConfig::warmup_steps_of`].
     pub warmup_steps: usize,
+    /// Warmup as a share of the run's optimizer steps (instead of `warmup_steps`).
+    pub warmup_ratio: Option<f64>,
     pub weight_decay: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -420,6 +426,7 @@ impl Default for TrainConfig {
             lr: 2e-4,
             lr_scheduler: LrScheduler::default(),
             warmup_steps: 0,
+            warmup_ratio: None,
             weight_decay: 0.0,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
@@ -436,6 +443,17 @@ impl Default for TrainConfig {
             save_best: false,
             early_stopping_patience: None,
             on_nonfinite: OnNonFinite::default(),
+        }
+    }
+}
+
+impl TrainConfig {
+    /// The warmup steps of a run of `total_steps` optimizer steps: `warmup_steps`, or
+    /// `warmup_ratio` of the total rounded up, as the Hugging Face Trainer counts it.
+    pub fn warmup_steps_of(&self, total_steps: usize) -> usize {
+        match self.warmup_ratio {
+            Some(ratio) => (ratio * total_steps as f64).ceil() as usize,
+            None => self.warmup_steps,
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Step 4 of loading: out-of-range values and missing required keys, each refused with a
-//! message that names the key.
+//! message that names the key; every one is found, not only the first.
 
 use std::path::Path;
 
@@ -10,16 +10,30 @@ use super::{
 type Checked = std::result::Result<(), Invalid>;
 
 impl Config {
-    /// The first refused value, section by section in file order.
-    pub(super) fn check(&self) -> Checked {
+    /// Every refused value, section by section in file order.
+    pub(super) fn check(&self) -> Vec<Invalid> {
         let Config { model, lora, data, train, output } = self;
-        check_model(model)?;
-        check_lora(lora)?;
-        check_data(data)?;
-        check_train_length(train)?;
-        check_optimizer(train)?;
-        check_runtime(train)?;
-        check_output(output)
+        let mut found = Found::default();
+        found.add(check_model(model));
+        check_lora(lora, &mut found);
+        check_data(data, &mut found);
+        check_train_length(train, &mut found);
+        check_optimizer(train, &mut found);
+        check_runtime(train, &mut found);
+        found.add(check_output(output));
+        found.0
+    }
+}
+
+/// The refusals found so far; each check adds its own and the next one still runs.
+#[derive(Default)]
+struct Found(Vec<Invalid>);
+
+impl Found {
+    fn add(&mut self, checked: Checked) {
+        if let Err(invalid) = checked {
+            self.0.push(invalid);
+        }
     }
 }
 
@@ -32,157 +46,163 @@ fn check_model(model: &ModelConfig) -> Checked {
     )
 }
 
-fn check_lora(lora: &LoraConfig) -> Checked {
-    at_least("lora.r", lora.r, 1)?;
-    positive("lora.alpha", lora.alpha)?;
-    fraction("lora.dropout", lora.dropout)?;
+fn check_lora(lora: &LoraConfig, found: &mut Found) {
+    found.add(at_least("lora.r", lora.r, 1));
+    found.add(positive("lora.alpha", lora.alpha));
+    found.add(fraction("lora.dropout", lora.dropout));
     if let TargetModules::List(names) = &lora.target_modules {
         if names.is_empty() {
-            return Err(Invalid::new(
+            found.add(Err(Invalid::new(
                 "lora.target_modules",
                 "`lora.target_modules` is empty; list at least one module name \
                  (e.g. [q_proj, v_proj]) or write `all-linear`"
                     .to_string(),
-            ));
+            )));
         }
         if let Some(index) = names.iter().position(|name| name.trim().is_empty()) {
-            return Err(Invalid::new(
+            found.add(Err(Invalid::new(
                 "lora.target_modules",
                 format!(
                     "`lora.target_modules[{index}]` is an empty name; every entry must be \
                      a module name such as `q_proj`"
                 ),
-            ));
+            )));
         }
     }
     if lora.exclude_modules == Some(TargetModules::AllLinear) {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "lora.exclude_modules",
             "`lora.exclude_modules` cannot be `all-linear`; give a list of module names or a regex"
                 .to_string(),
-        ));
+        )));
     }
     for (pattern, &r) in &lora.rank_pattern {
-        valid_pattern("lora.rank_pattern", pattern)?;
-        at_least("lora.rank_pattern", r, 1)?;
+        found.add(valid_pattern("lora.rank_pattern", pattern));
+        found.add(at_least("lora.rank_pattern", r, 1));
     }
     for (pattern, &alpha) in &lora.alpha_pattern {
-        valid_pattern("lora.alpha_pattern", pattern)?;
-        positive("lora.alpha_pattern", alpha)?;
+        found.add(valid_pattern("lora.alpha_pattern", pattern));
+        found.add(positive("lora.alpha_pattern", alpha));
     }
-    Ok(())
 }
 
-fn check_data(data: &DataConfig) -> Checked {
-    required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl")?;
-    if let Some(validation) = &data.validation {
-        if validation.as_os_str().is_empty() {
-            return Err(Invalid::new(
-                "data.validation",
-                "`data.validation` is an empty path; give a file or null for no validation".to_string(),
-            ));
-        }
+fn check_data(data: &DataConfig, found: &mut Found) {
+    found.add(required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl"));
+    if data.validation.as_ref().is_some_and(|validation| validation.as_os_str().is_empty()) {
+        found.add(Err(Invalid::new(
+            "data.validation",
+            "`data.validation` is an empty path; give a file or null for no validation".to_string(),
+        )));
     }
-    at_least("data.max_seq_len", data.max_seq_len, 2)?;
+    found.add(at_least("data.max_seq_len", data.max_seq_len, 2));
     if let Some(share) = data.val_split {
         if !(share > 0.0 && share < 1.0) {
-            return Err(Invalid::new(
+            found.add(Err(Invalid::new(
                 "data.val_split",
                 format!("`data.val_split` must be between 0 and 1 (e.g. 0.05), got {share}"),
-            ));
+            )));
         }
         if data.validation.is_some() {
-            return Err(Invalid::new(
+            found.add(Err(Invalid::new(
                 "data.val_split",
                 "give either `data.validation` (a file) or `data.val_split` (a share of the \
                  training records), not both"
                     .to_string(),
-            ));
+            )));
         }
     }
     if data.chat_template.trim().is_empty() {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "data.chat_template",
             "`data.chat_template` is empty; use auto, chatml, llama3 or a Jinja template".to_string(),
-        ));
+        )));
     }
-    Ok(())
 }
 
-/// How long the run is and how its steps are made of micro-batches.
-fn check_train_length(train: &TrainConfig) -> Checked {
+/// How long the run is, how its steps are made of micro-batches, and how many of them warm up.
+fn check_train_length(train: &TrainConfig, found: &mut Found) {
     match train.max_steps {
-        Some(0) => {
-            return Err(Invalid::new(
-                "train.max_steps",
-                "`train.max_steps` must be at least 1 (got 0), or null to run \
-                 `train.epochs` epochs"
-                    .to_string(),
-            ))
-        }
-        Some(_) => {}
-        None if train.epochs == 0 => {
-            return Err(Invalid::new(
-                "train.epochs",
-                "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
-            ))
-        }
-        None => {}
+        Some(0) => found.add(Err(Invalid::new(
+            "train.max_steps",
+            "`train.max_steps` must be at least 1 (got 0), or null to run \
+             `train.epochs` epochs"
+                .to_string(),
+        ))),
+        None if train.epochs == 0 => found.add(Err(Invalid::new(
+            "train.epochs",
+            "`train.epochs` must be at least 1 (got 0), or set `train.max_steps`".to_string(),
+        ))),
+        _ => {}
     }
-    at_least("train.micro_batch_size", train.micro_batch_size, 1)?;
-    at_least("train.grad_accum_steps", train.grad_accum_steps, 1)
+    found.add(at_least("train.micro_batch_size", train.micro_batch_size, 1));
+    found.add(at_least("train.grad_accum_steps", train.grad_accum_steps, 1));
+    if let Some(ratio) = train.warmup_ratio {
+        if !(0.0..=1.0).contains(&ratio) {
+            found.add(Err(Invalid::new(
+                "train.warmup_ratio",
+                format!("`train.warmup_ratio` must be between 0 and 1 (e.g. 0.03), got {ratio}"),
+            )));
+        }
+        if train.warmup_steps > 0 {
+            found.add(Err(Invalid::new(
+                "train.warmup_ratio",
+                "give either `train.warmup_steps` (a number of steps) or `train.warmup_ratio` \
+                 (a share of the run's steps), not both"
+                    .to_string(),
+            )));
+        }
+    }
 }
 
 /// AdamW and gradient clipping.
-fn check_optimizer(train: &TrainConfig) -> Checked {
-    positive("train.lr", train.lr)?;
+fn check_optimizer(train: &TrainConfig, found: &mut Found) {
+    found.add(positive("train.lr", train.lr));
     if !(train.weight_decay >= 0.0 && train.weight_decay.is_finite()) {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "train.weight_decay",
             format!("`train.weight_decay` must be a finite number >= 0, got {}", train.weight_decay),
-        ));
+        )));
     }
-    fraction("train.adam_beta1", train.adam_beta1)?;
-    fraction("train.adam_beta2", train.adam_beta2)?;
-    positive("train.adam_eps", train.adam_eps)?;
+    found.add(fraction("train.adam_beta1", train.adam_beta1));
+    found.add(fraction("train.adam_beta2", train.adam_beta2));
+    found.add(positive("train.adam_eps", train.adam_eps));
     if let Some(norm) = train.max_grad_norm {
         if !(norm > 0.0 && norm.is_finite()) {
-            return Err(Invalid::new(
+            found.add(Err(Invalid::new(
                 "train.max_grad_norm",
                 format!(
                     "`train.max_grad_norm` must be a finite number > 0, got {norm}; \
                      use null to disable clipping"
                 ),
-            ));
+            )));
         }
     }
-    Ok(())
 }
 
 /// Where the run computes and how often it logs, evaluates and saves.
-fn check_runtime(train: &TrainConfig) -> Checked {
+fn check_runtime(train: &TrainConfig, found: &mut Found) {
     if DeviceName::parse(&train.device).is_none() {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "train.device",
             format!(
                 "`train.device` must be `auto`, `cpu`, `cuda` or `cuda:N` (N = GPU index), \
                  got `{}`",
                 train.device
             ),
-        ));
+        )));
     }
     if train.threads == Some(0) {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "train.threads",
             "`train.threads` must be at least 1 (got 0), or null to use all cores".to_string(),
-        ));
+        )));
     }
-    at_least("train.log_every", train.log_every, 1)?;
+    found.add(at_least("train.log_every", train.log_every, 1));
     if train.save_every == Some(0) {
-        return Err(Invalid::new(
+        found.add(Err(Invalid::new(
             "train.save_every",
             "`train.save_every` must be at least 1 (got 0), or null to save only at the end".to_string(),
-        ));
+        )));
     }
     for (key, value) in [
         ("train.keep_last", train.keep_last),
@@ -190,10 +210,9 @@ fn check_runtime(train: &TrainConfig) -> Checked {
         ("train.early_stopping_patience", train.early_stopping_patience),
     ] {
         if value == Some(0) {
-            return Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null")));
+            found.add(Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null"))));
         }
     }
-    Ok(())
 }
 
 fn check_output(output: &OutputConfig) -> Checked {

@@ -351,6 +351,18 @@ fn format_fields(format: DataFormat) -> &'static [&'static str] {
     }
 }
 
+/// The record layout a record's columns suggest (no renames): the first format whose main
+/// column it has, chats by either of their message columns; `None` when no format fits.
+pub fn detect_format(fields: &serde_json::Map<String, serde_json::Value>) -> Option<DataFormat> {
+    let has = |name: &str| fields.contains_key(name);
+    if chat::DEFAULT_MESSAGES_FIELDS.iter().any(|name| has(name)) {
+        return Some(DataFormat::Chat);
+    }
+    [DataFormat::Alpaca, DataFormat::InputOutput, DataFormat::Completion]
+        .into_iter()
+        .find(|format| has(format_fields(*format)[0]))
+}
+
 /// The columns a format reads in the user's files: its fields after renames, and for chats the
 /// ShareGPT `conversations` column tried when `messages` is not renamed.
 fn used_columns(cfg: &DataConfig) -> Vec<&str> {

@@ -91,8 +91,13 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
     let (examples, pad_id) = (&plan.data.train.examples, plan.data.tokenizer.eos_id);
     let batches: Vec<Batch> =
         micro_batches.iter().map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device)).collect();
-    let lr =
-        schedule::learning_rate(train.lr_scheduler, train.lr, step, train.warmup_steps, plan.total_steps);
+    let lr = schedule::learning_rate(
+        train.lr_scheduler,
+        train.lr,
+        step,
+        train.warmup_steps_of(plan.total_steps),
+        plan.total_steps,
+    );
     let stats = torch_errors::catch(&format!("training step {step}"), MEMORY_SETTINGS, || {
         plan.trainer.step(&plan.model, &batches, lr)
     })

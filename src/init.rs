@@ -1,0 +1,242 @@
+//! `lorafit init`: a commented starting config for a model and a data file, from what they say
+//! about themselves (family and linear layers from config.json, record layout from the data's
+//! columns) and from the settings the community uses for the family (the presets).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::config::{Config, DataFormat};
+use crate::data::format::detect_format;
+use crate::data::source::read_split;
+use crate::model::spec::Family;
+use crate::model::{LinearSites, ModelSpec};
+
+/// The usual LoRA settings for one family, as the fine-tuning tools' own examples set them.
+pub struct Preset {
+    pub name: &'static str,
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub lr: f64,
+    pub max_seq_len: usize,
+    /// Where the values come from, written into the config.
+    pub source: &'static str,
+}
+
+const UNSLOTH: &str = "Unsloth's notebooks for this family (r 16, alpha 16, every projection, lr 2e-4, \
+                       max_seq_length 2048)";
+
+/// One per supported family, plus SmolLM2 (a llama) as Hugging Face's course trains it.
+pub const PRESETS: &[Preset] = &[
+    Preset { name: "llama", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset {
+        name: "mistral",
+        r: 16,
+        alpha: 16.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: UNSLOTH,
+    },
+    Preset { name: "qwen2", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset { name: "qwen3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset { name: "gemma2", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset { name: "gemma3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset { name: "phi3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset {
+        name: "gpt2",
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.05,
+        lr: 1e-4,
+        // GPT-2 has 1024 learned positions.
+        max_seq_len: 1024,
+        source: "LLaMA-Factory's LoRA examples (lora_rank 8, lora_target all, learning_rate 1e-4) \
+                 with PEFT's alpha = 2 r",
+    },
+    Preset {
+        name: "smollm2",
+        r: 6,
+        alpha: 8.0,
+        dropout: 0.05,
+        lr: 2e-4,
+        max_seq_len: 1512,
+        source: "Hugging Face's smol-course, parameter-efficient fine-tuning of SmolLM2 (r 6, \
+                 alpha 8, all-linear, lr 2e-4, max_seq_length 1512)",
+    },
+];
+
+/// What `lorafit init` was given.
+pub struct InitOptions {
+    pub model: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub preset: Option<String>,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+/// Writes the config and returns a line saying what it is based on.
+pub fn init_command(opts: &InitOptions) -> Result<String> {
+    if opts.out.exists() && !opts.force {
+        bail!("{} exists; pass --force to replace it, or --out another file", opts.out.display());
+    }
+    let model = opts.model.as_deref().map(read_model).transpose()?;
+    let preset = match (&opts.preset, &model) {
+        (Some(name), _) => find_preset(name)?,
+        (None, Some(model)) => family_preset(model.spec.family),
+        (None, None) => bail!("give --model DIR, --preset NAME or both (presets: {})", preset_names()),
+    };
+    let format = opts.data.as_deref().map(detect_data_format).transpose()?;
+    let text = render(opts, preset, model.as_ref(), format);
+    // What is written must load: a mistake here is ours, not the user's.
+    Config::from_yaml_str(&text, &opts.out.display().to_string(), &[])
+        .context("the generated config does not load")?;
+    std::fs::write(&opts.out, &text).map_err(|e| anyhow!("cannot write {}: {e}", opts.out.display()))?;
+    Ok(format!("wrote {} (preset {})", opts.out.display(), preset.name))
+}
+
+/// What the config needs from the model directory.
+struct ModelFacts {
+    spec: ModelSpec,
+    /// The linear layers' names (`q_proj`, ...), output head excluded, in model order.
+    targets: Vec<String>,
+}
+
+fn read_model(dir: &Path) -> Result<ModelFacts> {
+    let spec = ModelSpec::from_dir(dir)?;
+    let sites = LinearSites::of(&spec);
+    let mut targets: Vec<String> = Vec::new();
+    for site in sites.layer(0) {
+        let leaf = site.path.rsplit('.').next().unwrap_or(&site.path).to_string();
+        if !targets.contains(&leaf) {
+            targets.push(leaf);
+        }
+    }
+    Ok(ModelFacts { spec, targets })
+}
+
+fn find_preset(name: &str) -> Result<&'static Preset> {
+    let wanted = name.trim().to_lowercase();
+    PRESETS
+        .iter()
+        .find(|p| p.name == wanted)
+        .ok_or_else(|| anyhow!("unknown preset `{name}`; the presets are: {}", preset_names()))
+}
+
+fn preset_names() -> String {
+    PRESETS.iter().map(|p| p.name).collect::<Vec<_>>().join(", ")
+}
+
+fn family_preset(family: Family) -> &'static Preset {
+    let name = match family {
+        Family::Llama => "llama",
+        Family::Mistral => "mistral",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+        Family::Gemma2 => "gemma2",
+        Family::Gemma3 => "gemma3",
+        Family::Phi3 => "phi3",
+        Family::Gpt2 => "gpt2",
+    };
+    PRESETS.iter().find(|p| p.name == name).expect("every family has a preset")
+}
+
+/// The record layout of the data file's first record, read as `train` reads the file.
+fn detect_data_format(path: &Path) -> Result<DataFormat> {
+    let records = read_split(path, "train")?;
+    let first = records.first().ok_or_else(|| anyhow!("{} holds no records", path.display()))?;
+    detect_format(&first.fields).ok_or_else(|| {
+        let columns: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        anyhow!(
+            "{} row {}: no known record layout in its columns ({}); expected `text`, \
+             `instruction`/`output`, `segments`, `messages` or `conversations` (rename columns \
+             with data.columns in the written config)",
+            first.file.display(),
+            first.row,
+            columns.join(", ")
+        )
+    })
+}
+
+/// Micro-batch and accumulation: no memory is measured, so a conservative default by model size
+/// (4 × 2 below a billion parameters, 1 × 8 above), the same 8 sequences per step.
+fn batch_for(model: Option<&ModelFacts>) -> (usize, usize) {
+    match model {
+        Some(m) if m.spec.parameter_count() >= 1_000_000_000 => (1, 8),
+        _ => (4, 2),
+    }
+}
+
+/// A YAML scalar for a path, quoted when YAML needs it.
+fn yaml_path(path: &Path) -> String {
+    let text = serde_yaml::to_string(&path.to_string_lossy()).unwrap_or_default();
+    text.trim_end().to_string()
+}
+
+fn render(
+    opts: &InitOptions,
+    preset: &Preset,
+    model: Option<&ModelFacts>,
+    format: Option<DataFormat>,
+) -> String {
+    let model_path = opts.model.as_deref().map_or("path/to/model-directory".to_string(), yaml_path);
+    let data_path = opts.data.as_deref().map_or("path/to/train.jsonl".to_string(), yaml_path);
+    let (targets, targets_note) = match model {
+        Some(m) => {
+            (format!("[{}]", m.targets.join(", ")), "this model's linear layers, as all-linear picks them")
+        }
+        None => ("all-linear".to_string(), "every linear layer but the output head"),
+    };
+    let (max_seq_len, length_note) = match model {
+        Some(m) if (m.spec.positions() as usize) < preset.max_seq_len => {
+            (m.spec.positions() as usize, "the model's position")
+        }
+        _ => (preset.max_seq_len, "the preset's"),
+    };
+    let format_note = match format {
+        Some(_) => "Record layout, detected from the data's columns",
+        None => "Record layout: completion | alpaca | input_output | chat",
+    };
+    let format = format.unwrap_or_default();
+    let (micro, accum) = batch_for(model);
+    format!(
+        "# Written by `lorafit init`; configs/reference.yaml documents every key.\n\
+         # LoRA settings of the `{name}` preset, after {source}.\n\
+         model:\n  \
+           # A Hugging Face model directory (config.json, safetensors, tokenizer.json).\n  \
+           path: {model_path}\n\
+         lora:\n  \
+           r: {r}\n  \
+           alpha: {alpha:?}\n  \
+           dropout: {dropout:?}\n  \
+           # Adapted layers: {targets_note}; a shorter list trains fewer weights.\n  \
+           target_modules: {targets}\n\
+         data:\n  \
+           train: {data_path}\n  \
+           # A held-out file (validation: val.jsonl) or share (val_split: 0.05) adds an eval loss.\n  \
+           # {format_note}\n  \
+           format: {format}\n  \
+           # Tokens per example: {length_note} length. Longer examples are truncated.\n  \
+           max_seq_len: {max_seq_len}\n\
+         train:\n  \
+           epochs: 1\n  \
+           # {micro} x {accum} sequences per optimizer step: a conservative default for the model's\n  \
+           # size, not measured here; raise micro_batch_size if memory allows.\n  \
+           micro_batch_size: {micro}\n  \
+           grad_accum_steps: {accum}\n  \
+           lr: {lr:?}\n  \
+           lr_scheduler: cosine\n  \
+           warmup_ratio: 0.03\n  \
+           # bf16-mixed where bf16 is native, else fp32.\n  \
+           precision: auto\n\
+         output:\n  \
+           dir: checkpoints\n",
+        name = preset.name,
+        source = preset.source,
+        r = preset.r,
+        alpha = preset.alpha,
+        dropout = preset.dropout,
+        lr = preset.lr,
+    )
+}
