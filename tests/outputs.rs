@@ -106,3 +106,68 @@ fn an_adapter_whose_base_is_not_here_needs_model() {
     }
     assert!(!t.join("x.gguf").exists());
 }
+
+/// Runs `lorafit` with `args` in `cwd`, expecting success.
+fn succeeds(cwd: &Path, args: &[&str]) -> std::process::Output {
+    let out = common::lorafit(cwd, args);
+    assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+    out
+}
+
+#[test]
+fn an_interrupted_run_with_a_generated_name_says_how_to_continue_and_resumes() {
+    let Some(assets) = common::assets() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    common::write(&t.join("stories.jsonl"), &(0..3).map(|_| common::STORY_ROWS).collect::<String>());
+    common::write(
+        &t.join("run.yaml"),
+        &format!(
+            "model: {{path: {}}}\ndata: {{train: stories.jsonl, format: completion, max_seq_len: 48}}\n\
+             train: {{max_steps: 500, micro_batch_size: 1, save_every: 1, threads: 1}}\n",
+            common::stories260k(&assets).display()
+        ),
+    );
+    // A finished run of another config in the same place is not the one to resume.
+    succeeds(t, &["train", "run.yaml", "--set", "train.max_steps=1", "--set", "lora.r=2"]);
+    let other: Vec<PathBuf> =
+        std::fs::read_dir(t.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
+        .args(["train", "run.yaml"])
+        .current_dir(t)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let run = loop {
+        let runs = std::fs::read_dir(t.join("checkpoints")).unwrap().map(|e| e.unwrap().path());
+        if let Some(run) = runs.filter(|r| !other.contains(r)).find(|r| r.join("step-2").exists()) {
+            break run;
+        }
+        assert!(started.elapsed().as_secs() < 120, "no checkpoint 2");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let message = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{message}");
+    let name = run.file_name().unwrap().to_str().unwrap();
+    let command = format!("lorafit train run.yaml --resume checkpoints/{name}");
+    assert!(message.contains(&format!("The run is in checkpoints/{name}")), "{message}");
+    assert!(message.contains(&format!("continue it with:\n  {command}\n")), "{message}");
+    let step: usize =
+        message.split("interrupted after step ").nth(1).unwrap().split(';').next().unwrap().parse().unwrap();
+
+    // `--resume` alone finds the run by its config; the printed command continues it too.
+    let more = format!("train.max_steps={}", step + 1);
+    succeeds(t, &["train", "run.yaml", "--resume", "--set", &more]);
+    assert!(run.join(format!("step-{}", step + 1)).join("trainer_state.json").exists());
+    let mut words: Vec<String> = command.split(' ').skip(1).map(str::to_string).collect();
+    words.extend(["--set".to_string(), format!("train.max_steps={}", step + 2)]);
+    succeeds(t, &words.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run.join(format!("step-{}", step + 2)).join("trainer_state.json").exists());
+    assert!(run.join("adapter").exists());
+}

@@ -40,6 +40,9 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Used to name the run when the config gives no `output.run_name`.
     pub config_stem: String,
+    /// The config file and its `--set` overrides, for the command that resumes the run.
+    pub config_path: PathBuf,
+    pub overrides: Vec<String>,
     /// Continue from a checkpoint: `Some(None)` the newest of the run named by the config,
     /// `Some(Some(path))` a checkpoint or run directory.
     pub resume: Option<Option<PathBuf>>,
@@ -67,7 +70,8 @@ pub struct RunSummary {
 pub fn train_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<RunSummary> {
     let cfg = Config::load(config, overrides)?;
     let config_stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    run(&cfg, &RunOptions { config_stem, ..opts })
+    let overrides = overrides.to_vec();
+    run(&cfg, &RunOptions { config_stem, config_path: config.to_path_buf(), overrides, ..opts })
 }
 
 /// Runs `lorafit train` for a loaded, validated config.
@@ -75,9 +79,52 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let console = Console(opts.log_format);
     let plan = prepare(cfg, opts, console)?;
     let mut run = create(plan, opts, console)?;
-    let val_loss_before = before_training(&run)?;
-    let trained = train_loop(&mut run, opts.stop.as_deref())?;
-    finish(run, trained, val_loss_before)
+    let run_dir = run.dir.clone();
+    let outcome = before_training(&run).and_then(|val_loss_before| {
+        let trained = train_loop(&mut run, opts.stop.as_deref())?;
+        finish(run, trained, val_loss_before)
+    });
+    outcome.map_err(|e| with_way_back(e, &run_dir, opts))
+}
+
+/// A failure (or interrupt) of a run that has its directory, saying where the run is and the
+/// command that continues it from its last checkpoint.
+fn with_way_back(mut err: anyhow::Error, run_dir: &Path, opts: &RunOptions) -> anyhow::Error {
+    let command = resume_command(run_dir, opts);
+    if let Some(interrupted) = err.downcast_mut::<super::interrupt::Interrupted>() {
+        interrupted.resume_command = command;
+        return err;
+    }
+    let next = if checkpoint::list(run_dir).is_empty() {
+        "it has no checkpoint to continue from (train.save_every saves them)".to_string()
+    } else {
+        format!("continue it from its last checkpoint with:\n  {command}")
+    };
+    anyhow::anyhow!("{err:#}\nThe run is in {}; {next}", run_dir.display())
+}
+
+/// `lorafit train CONFIG [--set ...] --resume RUN_DIR`, quoted for a POSIX shell.
+fn resume_command(run_dir: &Path, opts: &RunOptions) -> String {
+    let config = opts.config_path.display().to_string();
+    let mut words = vec!["lorafit", "train", if config.is_empty() { "CONFIG" } else { &config }];
+    for set in &opts.overrides {
+        words.extend(["--set", set]);
+    }
+    let run_dir = run_dir.display().to_string();
+    words.extend(["--resume", &run_dir]);
+    if opts.resume_anyway {
+        words.push("--resume-anyway");
+    }
+    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
+}
+
+/// `word` as one shell word: as it is when that is safe, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// Everything a run needs, read and checked before anything is written.

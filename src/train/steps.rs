@@ -237,7 +237,7 @@ fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&A
     let checkpoint = save_checkpoint(run)?;
     if interrupted {
         progress.bar.finish_and_clear();
-        return Err(Interrupted { step, checkpoint }.into());
+        return Err(Interrupted { step, checkpoint, resume_command: String::new() }.into());
     }
     Ok(())
 }
