@@ -272,17 +272,13 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .parse::<GgufDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
             .and_then(|dtype| {
-                let model = lorafit::lora::peft::base_model_dir(&adapter, model.as_deref())?;
-                lorafit::export::gguf::export_command(&adapter, &format, &model, &out, dtype, force)
+                lorafit::export::gguf::export_command(&adapter, &format, model.as_deref(), &out, dtype, force)
             })
             .map(|report| print!("{report}")),
         Command::Merge { model, adapter, out, dtype } => dtype
             .parse::<MergeDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
-            .and_then(|dtype| {
-                let model = lorafit::lora::peft::base_model_dir(&adapter, model.as_deref())?;
-                lorafit::export::merge::merge(&model, &adapter, &out, dtype)
-            })
+            .and_then(|dtype| lorafit::export::merge::merge_command(model.as_deref(), &adapter, &out, dtype))
             .map(|report| {
                 println!(
                     "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",

@@ -93,11 +93,12 @@ const ALIGNMENT: usize = 32;
 const QUANT_VERSION: u32 = 2;
 
 /// `lorafit export`: [`export`] in `format` (only `gguf`) to `out`, which must not exist unless
-/// `force`, and which runtimes load the adapter as it is, as text for stdout.
+/// `force`, and which runtimes load the adapter as it is, as text for stdout. Without
+/// `model_dir`, the base model is the one the adapter names.
 pub fn export_command(
     adapter_dir: &Path,
     format: &str,
-    model_dir: &Path,
+    model_dir: Option<&Path>,
     out: &Path,
     dtype: GgufDtype,
     force: bool,
@@ -109,7 +110,8 @@ pub fn export_command(
     if out.exists() && !force {
         bail!("{} already exists; pass --force to replace it, or choose another --out", out.display());
     }
-    let report = export(adapter_dir, model_dir, out, dtype)?;
+    let model_dir = peft::base_model_dir(adapter_dir, model_dir)?;
+    let report = export(adapter_dir, &model_dir, out, dtype)?;
     let mut text = format!(
         "wrote {} ({} tensors, {:.1} MB)\n",
         out.display(),
