@@ -76,16 +76,17 @@ enum Command {
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
     Eval {
-        /// The run's YAML config file (model, validation data, batching); or give --model and
-        /// --data instead.
-        #[arg(required_unless_present_all = ["model", "data"])]
+        /// The run's YAML config file (model, validation data, batching); or give --data (and
+        /// --model, or an --adapter that names its base model) instead.
+        #[arg(required_unless_present = "data")]
         config: Option<PathBuf>,
-        /// The base model directory (without a config).
+        /// The base model directory (without a config); default: the adapter's
+        /// `base_model_name_or_path`, when that is a model directory here.
         #[arg(long, conflicts_with = "config", requires = "data")]
         model: Option<PathBuf>,
         /// The evaluation data file (without a config); its format is `alpaca` unless
         /// `--set data.format=...` says otherwise.
-        #[arg(long, conflicts_with = "config", requires = "model")]
+        #[arg(long, conflicts_with = "config")]
         data: Option<PathBuf>,
         /// The PEFT adapter directory; default: the run's final adapter
         /// (output.dir/output.run_name/adapter). `none` evaluates the base model alone.
@@ -101,9 +102,10 @@ enum Command {
     /// Merge an adapter into its base model: W' = W + scale·(B@A), computed in fp32 and cast once,
     /// written as a complete Hugging Face model directory (streamed tensor by tensor).
     Merge {
-        /// The base model directory.
+        /// The base model directory; default: the adapter's `base_model_name_or_path`, when that
+        /// is a model directory here.
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// The PEFT adapter directory.
         #[arg(long)]
         adapter: PathBuf,
@@ -123,12 +125,16 @@ enum Command {
         /// The output format (only `gguf` for now).
         #[arg(long, default_value = "gguf")]
         format: String,
-        /// The base model directory the adapter was trained on.
+        /// The base model directory the adapter was trained on; default: the adapter's
+        /// `base_model_name_or_path`, when that is a model directory here.
         #[arg(long)]
-        model: PathBuf,
-        /// The output file.
+        model: Option<PathBuf>,
+        /// The output file (refused if it exists, unless --force).
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
         /// Tensor type of the GGUF file: f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
@@ -288,15 +294,17 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 .map(|(loss, tokens)| print!("{}", eval_report(loss, tokens)))
         }
         Command::Generate(args) => generate_command(&args.into(), &mut std::io::stdout()),
-        Command::Export { adapter, format, model, out, dtype } => dtype
+        Command::Export { adapter, format, model, out, dtype, force } => dtype
             .parse::<GgufDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
-            .and_then(|dtype| lorafit::export::gguf::export_command(&adapter, &format, &model, &out, dtype))
+            .and_then(|dtype| {
+                lorafit::export::gguf::export_command(&adapter, &format, model.as_deref(), &out, dtype, force)
+            })
             .map(|report| print!("{report}")),
         Command::Merge { model, adapter, out, dtype } => dtype
             .parse::<MergeDtype>()
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
-            .and_then(|dtype| lorafit::export::merge::merge(&model, &adapter, &out, dtype))
+            .and_then(|dtype| lorafit::export::merge::merge_command(model.as_deref(), &adapter, &out, dtype))
             .map(|report| {
                 println!(
                     "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",

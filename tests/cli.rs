@@ -262,7 +262,7 @@ fn precision_auto_follows_the_cpu_and_says_why() {
         stdout.contains("precision bf16-mixed (auto: LORAFIT_CPU_BF16=1 says this CPU has native bf16)"),
         "{stdout}"
     );
-    assert!(stdout.contains("BFloat16 weights") && !stderr.contains("warning"), "{stdout}{stderr}");
+    assert!(stdout.contains("bf16 weights) on the CPU") && !stderr.contains("warning"), "{stdout}{stderr}");
     // The run directory keeps `auto`, so the file picks again on the machine it runs on.
     assert!(
         config.starts_with("# precision used: bf16-mixed (auto:") && config.contains("precision: auto"),
@@ -274,7 +274,7 @@ fn precision_auto_follows_the_cpu_and_says_why() {
         stdout.contains("precision fp32 (auto: LORAFIT_CPU_BF16=0 says this CPU has no native bf16; bf16 would be emulated)"),
         "{stdout}"
     );
-    assert!(stdout.contains("Float weights") && !stderr.contains("warning"), "{stdout}{stderr}");
+    assert!(stdout.contains("fp32 weights) on the CPU") && !stderr.contains("warning"), "{stdout}{stderr}");
 
     // Asked for explicitly, bf16-mixed runs, with a warning where it is emulated.
     let (stdout, stderr, _) = one_step(Some("bf16-mixed"), "0");

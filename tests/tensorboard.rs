@@ -238,3 +238,96 @@ fn after_a_kill_and_resume_tensorboard_shows_one_point_per_step_as_metrics_jsonl
     assert_eq!(tensorboard_scalars(&events), logged);
     assert_eq!(events["text"]["hparams"].as_array().unwrap().len(), 1, "the hparams text survives the purge");
 }
+
+/// Prints one `{"name", "status", "hparams", "metrics"}` per session (run) that TensorBoard's
+/// HParams plugin lists for the log directory in `argv[1]`, as its dashboard asks for them.
+const READ_HPARAMS: &str = r#"
+import json, sys
+from google.protobuf import json_format
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.hparams import api_pb2, backend_context, list_session_groups
+logdir = sys.argv[1]
+mux = plugin_event_multiplexer.EventMultiplexer()
+mux.AddRunsFromDirectory(logdir)
+mux.Reload()
+provider = data_provider.MultiplexerDataProvider(mux, logdir)
+tb = base_plugin.TBContext(logdir=logdir, multiplexer=mux, data_provider=provider)
+request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=100, allowed_statuses=[0, 1, 2, 3])
+handler = list_session_groups.Handler(context.RequestContext(), backend_context.Context(tb), "", request)
+rows = []
+for group in handler.run().session_groups:
+    for session in group.sessions:
+        rows.append({
+            "name": session.name,
+            "status": api_pb2.Status.Name(session.status),
+            "hparams": {k: json_format.MessageToDict(v) for k, v in group.hparams.items()},
+            "metrics": {m.name.tag: m.value for m in session.metric_values},
+        })
+print(json.dumps(sorted(rows, key=lambda r: r["name"])))
+"#;
+
+#[test]
+fn each_run_is_one_row_of_the_hparams_dashboard_with_its_settings_and_results() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
+    let examples = common::STORY_ROWS.lines().count();
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model: {{path: {}}}\nlora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}\n\
+             data: {{train: stories.jsonl, validation: stories.jsonl, format: completion, packing: false, \
+             max_seq_len: 64}}\ntrain: {{max_steps: 4, eval_every: 2, micro_batch_size: 2, seed: 7}}\n",
+            common::stories260k(&assets).display()
+        ),
+    );
+    for (name, lr) in [("a", "0.0002"), ("b", "0.001")] {
+        let args = [
+            "train",
+            "run.yaml",
+            "--set",
+            &format!("output.run_name={name}"),
+            "--set",
+            &format!("train.lr={lr}"),
+        ];
+        let out = common::lorafit(tmp.path(), &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    let checkpoints = tmp.path().join("checkpoints");
+    let out = Command::new(&python).arg("-c").arg(READ_HPARAMS).arg(&checkpoints).output().unwrap();
+    assert!(out.status.success(), "the hparams reader failed: {}", String::from_utf8_lossy(&out.stderr));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["name"].as_str().unwrap()).collect::<Vec<_>>(), ["a", "b"]);
+    for (row, lr) in rows.iter().zip([2e-4, 1e-3]) {
+        assert_eq!(row["status"], "STATUS_SUCCESS");
+        let hparams = &row["hparams"];
+        assert_eq!(hparams["lr"], lr);
+        assert_eq!(hparams["lora.r"], 4.0);
+        assert_eq!(hparams["lora.alpha"], 8.0);
+        assert_eq!(hparams["lora.target_modules"], "[q_proj, v_proj]");
+        assert_eq!(hparams["data.max_seq_len"], 64.0);
+        assert_eq!(hparams["data.train"], "stories.jsonl");
+        assert_eq!(hparams["seed"], 7.0);
+        assert_eq!(hparams["batch_size"], 2.0);
+        assert!(hparams["precision"] == "fp32" || hparams["precision"] == "bf16-mixed", "{hparams}");
+
+        // The metrics are the runs' own logged values: the last eval loss, the best, the throughput.
+        let logged = jsonl_scalars(&checkpoints.join(row["name"].as_str().unwrap()));
+        let evals: Vec<f32> = logged["eval/loss"].iter().map(|r| r.1).collect();
+        let metrics = &row["metrics"];
+        assert_eq!(metrics["eval/loss"].as_f64().unwrap() as f32, *evals.last().unwrap());
+        let best = evals.iter().copied().fold(f32::INFINITY, f32::min);
+        assert_eq!(metrics["eval/best_loss"].as_f64().unwrap() as f32, best);
+        let tokens_per_s = logged["train/tokens_per_s"].last().unwrap().1;
+        assert_eq!(metrics["train/tokens_per_s"].as_f64().unwrap() as f32, tokens_per_s);
+
+        // `train/epoch` is the share of the data seen: two examples a step.
+        for &(step, epoch) in &logged["train/epoch"] {
+            assert_eq!(epoch, (step as f64 * 2.0 / examples as f64) as f32, "step {step}");
+        }
+    }
+}

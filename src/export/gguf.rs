@@ -92,19 +92,26 @@ const ALIGNMENT: usize = 32;
 /// `GGML_QUANT_VERSION`, which llama.cpp's converter writes into every file.
 const QUANT_VERSION: u32 = 2;
 
-/// `lorafit export`: [`export`] in `format` (only `gguf`), and which runtimes load the adapter
-/// as it is, as text for stdout.
+/// `lorafit export`: [`export`] in `format` (only `gguf`) to `out`, which must not exist unless
+/// `force`, and which runtimes load the adapter as it is, as text for stdout. Without
+/// `model_dir`, the base model is the one the adapter names.
 pub fn export_command(
     adapter_dir: &Path,
     format: &str,
-    model_dir: &Path,
+    model_dir: Option<&Path>,
     out: &Path,
     dtype: GgufDtype,
+    force: bool,
 ) -> Result<String> {
     if format != "gguf" {
         bail!("--format {format}: only gguf is supported (the adapter itself is already in PEFT format)");
     }
-    let report = export(adapter_dir, model_dir, out, dtype)?;
+    // As `merge` does, never replace a file the user did not say to replace.
+    if out.exists() && !force {
+        bail!("{} already exists; pass --force to replace it, or choose another --out", out.display());
+    }
+    let model_dir = peft::base_model_dir(adapter_dir, model_dir)?;
+    let report = export(adapter_dir, &model_dir, out, dtype)?;
     let mut text = format!(
         "wrote {} ({} tensors, {:.1} MB)\n",
         out.display(),

@@ -108,6 +108,16 @@ pub struct MergeReport {
     pub shards: usize,
 }
 
+/// `lorafit merge`: [`merge`], with the base model the adapter names when `model_dir` is `None`.
+pub fn merge_command(
+    model_dir: Option<&Path>,
+    adapter_dir: &Path,
+    out_dir: &Path,
+    dtype: MergeDtype,
+) -> Result<MergeReport> {
+    merge(&peft::base_model_dir(adapter_dir, model_dir)?, adapter_dir, out_dir, dtype)
+}
+
 /// Merges the PEFT LoRA adapter in `adapter_dir` into the Hugging Face model in `model_dir` and
 /// writes the result, a model directory that loads like the original, to `out_dir`, which must
 /// not exist or be empty.

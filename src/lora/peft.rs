@@ -134,6 +134,29 @@ pub fn write_files(
     )
 }
 
+/// The base model of the adapter in `adapter_dir`: `given` (a `--model` flag) when there is
+/// one, else the directory its `base_model_name_or_path` names, when that is a model directory
+/// here (said on stderr, so the user knows which model was used).
+pub fn base_model_dir(adapter_dir: &Path, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(dir) = given {
+        return Ok(dir.to_path_buf());
+    }
+    let adapter = AdapterConfig::read(adapter_dir)?;
+    let path = adapter.path.display();
+    let Some(base) = &adapter.base_model else {
+        bail!("{path} does not name its base model (base_model_name_or_path); pass --model DIR");
+    };
+    let dir = PathBuf::from(base);
+    if !dir.join("config.json").is_file() {
+        bail!(
+            "{path}: its base model `{base}` (base_model_name_or_path) is not a model directory here; \
+             pass --model DIR"
+        );
+    }
+    eprintln!("using the base model {base} (base_model_name_or_path of {path})");
+    Ok(dir)
+}
+
 /// The keys of a PEFT `adapter_config.json` that lorafit reads, typed. Every reader of the
 /// file goes through [`AdapterConfig::read`], so a value of the wrong type (`"lora_alpha": "16"`)
 /// is refused with the file and key, never replaced by a default. Absent keys (and `null` for
@@ -161,6 +184,8 @@ pub struct AdapterConfig {
     pub gaussian_init: bool,
     /// The key that makes this an activated-LoRA adapter (`alora_invocation_tokens`, ...).
     pub activated_lora: Option<&'static str>,
+    /// `base_model_name_or_path`: the model the adapter was trained on (a directory or a Hub id).
+    pub base_model: Option<String>,
 }
 
 impl AdapterConfig {
@@ -232,6 +257,7 @@ impl AdapterConfig {
             activated_lora: ["alora_invocation_tokens", "invocation_string"]
                 .into_iter()
                 .find(|key| map.get(*key).is_some_and(|v| !v.is_null())),
+            base_model: keys.optional("base_model_name_or_path", "a string")?,
         })
     }
 

@@ -6,6 +6,7 @@
 //! agree to float32 precision. Both files are handed to the operating system at the end of every
 //! call, so a crash of the process loses nothing already logged.
 
+use super::hparams::{self, HParam};
 use super::tensorboard::{unix_time, EventWriter, FILE_PREFIX};
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
@@ -99,6 +100,23 @@ impl MetricsLog {
     /// hyper-parameters; written once at the start of a run.
     pub fn text(&mut self, tag: &str, text: &str) -> Result<()> {
         self.events.add_text(tag, text, 0)?;
+        self.events.flush()
+    }
+
+    /// Opens this run's row in TensorBoard's HParams dashboard: its `hparams`, and the scalar
+    /// tags whose last values are the row's metrics. Written once, at step 0, when a run starts.
+    pub fn hparams_start(&mut self, hparams: &[(&str, HParam)], metric_tags: &[&str]) -> Result<()> {
+        let experiment = hparams::experiment(hparams, metric_tags);
+        self.events.add_plugin_content(hparams::EXPERIMENT_TAG, hparams::PLUGIN_NAME, &experiment, 0)?;
+        let start = hparams::session_start(hparams, unix_time());
+        self.events.add_plugin_content(hparams::SESSION_START_TAG, hparams::PLUGIN_NAME, &start, 0)?;
+        self.events.flush()
+    }
+
+    /// Marks the run's HParams row as finished successfully.
+    pub fn hparams_end(&mut self) -> Result<()> {
+        let end = hparams::session_end(unix_time());
+        self.events.add_plugin_content(hparams::SESSION_END_TAG, hparams::PLUGIN_NAME, &end, 0)?;
         self.events.flush()
     }
 }

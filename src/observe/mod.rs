@@ -5,6 +5,7 @@
 //! [`MetricsLog`] is what the training loop uses; [`EventWriter`] is the event-file writer under it.
 
 pub mod console;
+pub mod hparams;
 pub mod metrics;
 pub mod progress;
 pub mod tensorboard;

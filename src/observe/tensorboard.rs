@@ -20,7 +20,7 @@
 //! Summary.Value   { string tag = 1; float simple_value = 2; TensorProto tensor = 8;
 //!                   SummaryMetadata metadata = 9; }
 //! SummaryMetadata { PluginData plugin_data = 1; }
-//! PluginData      { string plugin_name = 1; }
+//! PluginData      { string plugin_name = 1; bytes content = 2; }
 //! TensorProto     { DataType dtype = 1; TensorShapeProto tensor_shape = 2; repeated bytes string_val = 8; }
 //! ```
 //!
@@ -127,10 +127,6 @@ impl EventWriter {
 
     /// A text summary under `tag` at `step`, shown (as Markdown) in TensorBoard's Text tab.
     pub fn add_text(&mut self, tag: &str, text: &str, step: i64) -> Result<()> {
-        let mut plugin_data = Vec::new();
-        put_bytes(&mut plugin_data, 1, b"text");
-        let mut metadata = Vec::new();
-        put_bytes(&mut metadata, 1, &plugin_data);
         let mut tensor = Vec::new();
         put_varint_field(&mut tensor, 1, DT_STRING);
         put_bytes(&mut tensor, 2, &[]); // a shape with no dimensions: a scalar
@@ -138,7 +134,24 @@ impl EventWriter {
         let mut v = Vec::new();
         put_bytes(&mut v, 1, tag.as_bytes());
         put_bytes(&mut v, 8, &tensor);
-        put_bytes(&mut v, 9, &metadata);
+        put_bytes(&mut v, 9, &plugin_metadata("text", &[]));
+        let mut summary = Vec::new();
+        put_bytes(&mut summary, 1, &v);
+        self.write_summary(&summary, step, unix_time())
+    }
+
+    /// A summary under `tag` at `step` that holds no value, only `content` for the plugin
+    /// `plugin_name` (how the HParams plugin's summaries are written, see [`super::hparams`]).
+    pub fn add_plugin_content(
+        &mut self,
+        tag: &str,
+        plugin_name: &str,
+        content: &[u8],
+        step: i64,
+    ) -> Result<()> {
+        let mut v = Vec::new();
+        put_bytes(&mut v, 1, tag.as_bytes());
+        put_bytes(&mut v, 9, &plugin_metadata(plugin_name, content));
         let mut summary = Vec::new();
         put_bytes(&mut summary, 1, &v);
         self.write_summary(&summary, step, unix_time())
@@ -164,6 +177,18 @@ impl EventWriter {
         let record = tfrecord(data);
         self.out.write_all(&record).with_context(|| format!("cannot write {}", self.path.display()))
     }
+}
+
+/// `SummaryMetadata` naming `plugin_name`, with its `content` when there is any.
+fn plugin_metadata(plugin_name: &str, content: &[u8]) -> Vec<u8> {
+    let mut plugin_data = Vec::new();
+    put_bytes(&mut plugin_data, 1, plugin_name.as_bytes());
+    if !content.is_empty() {
+        put_bytes(&mut plugin_data, 2, content);
+    }
+    let mut metadata = Vec::new();
+    put_bytes(&mut metadata, 1, &plugin_data);
+    metadata
 }
 
 /// Seconds since the Unix epoch, as event wall times are stored.
@@ -220,12 +245,12 @@ fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
     buf.push(v as u8);
 }
 
-fn put_varint_field(buf: &mut Vec<u8>, field: u64, v: u64) {
+pub(super) fn put_varint_field(buf: &mut Vec<u8>, field: u64, v: u64) {
     put_varint(buf, field << 3);
     put_varint(buf, v);
 }
 
-fn put_f64(buf: &mut Vec<u8>, field: u64, v: f64) {
+pub(super) fn put_f64(buf: &mut Vec<u8>, field: u64, v: f64) {
     put_varint(buf, field << 3 | 1);
     buf.extend_from_slice(&v.to_le_bytes());
 }
@@ -235,7 +260,7 @@ fn put_f32(buf: &mut Vec<u8>, field: u64, v: f32) {
     buf.extend_from_slice(&v.to_le_bytes());
 }
 
-fn put_bytes(buf: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+pub(super) fn put_bytes(buf: &mut Vec<u8>, field: u64, bytes: &[u8]) {
     put_varint(buf, field << 3 | 2);
     put_varint(buf, bytes.len() as u64);
     buf.extend_from_slice(bytes);

@@ -36,10 +36,20 @@ pub fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, devic
 /// `lorafit eval`: [`eval`] of the config and adapter `opts` give. Returns (mean token loss,
 /// label tokens).
 pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
-    let cfg = match (&opts.config, &opts.model, &opts.data) {
+    let given_adapter = opts.adapter.as_ref().filter(|dir| dir.as_os_str() != "none");
+    let cfg = match (&opts.config, &opts.data, given_adapter) {
         (Some(config), _, _) => Config::load(config, &opts.overrides)?,
-        (None, Some(model), Some(data)) => Config::for_model_and_data(model, data, &opts.overrides)?,
-        _ => bail!("give a CONFIG, or both --model and --data"),
+        (None, Some(data), Some(adapter)) => {
+            let model = peft::base_model_dir(adapter, opts.model.as_deref())?;
+            Config::for_model_and_data(&model, data, &opts.overrides)?
+        }
+        (None, Some(data), None) => match &opts.model {
+            Some(model) => Config::for_model_and_data(model, data, &opts.overrides)?,
+            None => {
+                bail!("give --model DIR (or an --adapter whose adapter_config.json names its base model)")
+            }
+        },
+        (None, None, _) => bail!("give a CONFIG, or --data (with --model or --adapter)"),
     };
     let adapter = match &opts.adapter {
         Some(dir) if dir.as_os_str() == "none" => None,

@@ -10,17 +10,17 @@ use std::sync::Arc;
 pub struct Interrupted {
     pub step: usize,
     pub checkpoint: PathBuf,
+    /// The command that continues the run (filled in by the run, which knows how it was started).
+    pub resume_command: String,
 }
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        write!(
-            f,
-            "interrupted after step {}; the checkpoint {} holds everything to continue: run the same \
-             command with --resume",
-            self.step,
-            self.checkpoint.display()
-        )
+        write!(f, "interrupted after step {}; checkpoint {} saved", self.step, self.checkpoint.display())?;
+        if let Some(run_dir) = self.checkpoint.parent() {
+            write!(f, ". The run is in {}", run_dir.display())?;
+        }
+        write!(f, "; continue it with:\n  {}", self.resume_command)
     }
 }
 

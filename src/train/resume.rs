@@ -136,8 +136,9 @@ pub fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, 
     let named = cfg.output.run_name.as_ref().map(|name| cfg.output.dir.join(name));
     let save_every = cfg.train.save_every;
     let Some(given) = resume else {
-        let Some(run_dir) = named else {
-            bail!("--resume needs the run: set output.run_name in the config, or pass --resume RUN_DIR")
+        let run_dir = match named {
+            Some(dir) => dir,
+            None => newest_run_of(cfg)?,
         };
         return Ok((checkpoint::resolve(&run_dir, save_every)?, run_dir));
     };
@@ -156,6 +157,43 @@ pub fn resume_point(cfg: &Config, resume: &Option<PathBuf>) -> Result<(PathBuf, 
         given.display(),
         parent.display()
     )
+}
+
+/// The newest run in `output.dir` of a config that names no run (its name was generated): the
+/// run directory whose `config.yaml` holds this config, up to the keys a resume may change
+/// ([`FREE_TO_CHANGE`]) other than the data files; the newest by that file's time when several do.
+fn newest_run_of(cfg: &Config) -> Result<PathBuf> {
+    let out_dir = &cfg.output.dir;
+    let wanted = comparable(&serde_json::to_value(cfg)?);
+    let mut found: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(out_dir).into_iter().flatten().flatten() {
+        let file = entry.path().join("config.yaml");
+        let Ok(text) = std::fs::read_to_string(&file) else { continue };
+        // A config.yaml another program wrote, or an older layout, is simply not this run.
+        let Ok(stored) = serde_yaml::from_str::<serde_json::Value>(&text) else { continue };
+        if comparable(&stored) == wanted {
+            let time = file.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+            if found.as_ref().is_none_or(|(newest, _)| time > *newest) {
+                found = Some((time, entry.path()));
+            }
+        }
+    }
+    match found {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "--resume: no run of this config in {}; pass --resume RUN_DIR, or set output.run_name",
+            out_dir.display()
+        ),
+    }
+}
+
+/// A config's keys and values, leaving out those a resume may change but the data files (runs
+/// on other files are other runs).
+fn comparable(config: &serde_json::Value) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    flatten("", config, &mut out);
+    out.retain(|key, _| !is_free(key) || key.starts_with("data."));
+    out
 }
 
 /// Appends the accepted `changes` to the run's [`CHANGES_FILE`].

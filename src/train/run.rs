@@ -22,6 +22,7 @@ use crate::lora::{self, peft, AttachedAdapters};
 use crate::model::load::{load_model_for, resolve_device, weight_kind};
 use crate::model::{Decoder, ModelSpec};
 use crate::observe::console::say;
+use crate::observe::hparams::HParam;
 use crate::observe::progress::{progress_bar, spinner};
 pub use crate::observe::LogFormat;
 use crate::observe::{Console, MetricsLog};
@@ -39,6 +40,9 @@ pub struct RunOptions {
     pub overwrite: bool,
     /// Used to name the run when the config gives no `output.run_name`.
     pub config_stem: String,
+    /// The config file and its `--set` overrides, for the command that resumes the run.
+    pub config_path: PathBuf,
+    pub overrides: Vec<String>,
     /// Continue from a checkpoint: `Some(None)` the newest of the run named by the config,
     /// `Some(Some(path))` a checkpoint or run directory.
     pub resume: Option<Option<PathBuf>>,
@@ -66,7 +70,8 @@ pub struct RunSummary {
 pub fn train_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<RunSummary> {
     let cfg = Config::load(config, overrides)?;
     let config_stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    run(&cfg, &RunOptions { config_stem, ..opts })
+    let overrides = overrides.to_vec();
+    run(&cfg, &RunOptions { config_stem, config_path: config.to_path_buf(), overrides, ..opts })
 }
 
 /// Runs `lorafit train` for a loaded, validated config.
@@ -74,9 +79,52 @@ pub fn run(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let console = Console(opts.log_format);
     let plan = prepare(cfg, opts, console)?;
     let mut run = create(plan, opts, console)?;
-    let val_loss_before = before_training(&run)?;
-    let trained = train_loop(&mut run, opts.stop.as_deref())?;
-    finish(run, trained, val_loss_before)
+    let run_dir = run.dir.clone();
+    let outcome = before_training(&run).and_then(|val_loss_before| {
+        let trained = train_loop(&mut run, opts.stop.as_deref())?;
+        finish(run, trained, val_loss_before)
+    });
+    outcome.map_err(|e| with_way_back(e, &run_dir, opts))
+}
+
+/// A failure (or interrupt) of a run that has its directory, saying where the run is and the
+/// command that continues it from its last checkpoint.
+fn with_way_back(mut err: anyhow::Error, run_dir: &Path, opts: &RunOptions) -> anyhow::Error {
+    let command = resume_command(run_dir, opts);
+    if let Some(interrupted) = err.downcast_mut::<super::interrupt::Interrupted>() {
+        interrupted.resume_command = command;
+        return err;
+    }
+    let next = if checkpoint::list(run_dir).is_empty() {
+        "it has no checkpoint to continue from (train.save_every saves them)".to_string()
+    } else {
+        format!("continue it from its last checkpoint with:\n  {command}")
+    };
+    anyhow::anyhow!("{err:#}\nThe run is in {}; {next}", run_dir.display())
+}
+
+/// `lorafit train CONFIG [--set ...] --resume RUN_DIR`, quoted for a POSIX shell.
+fn resume_command(run_dir: &Path, opts: &RunOptions) -> String {
+    let config = opts.config_path.display().to_string();
+    let mut words = vec!["lorafit", "train", if config.is_empty() { "CONFIG" } else { &config }];
+    for set in &opts.overrides {
+        words.extend(["--set", set]);
+    }
+    let run_dir = run_dir.display().to_string();
+    words.extend(["--resume", &run_dir]);
+    if opts.resume_anyway {
+        words.push("--resume-anyway");
+    }
+    words.iter().map(|w| shell_word(w)).collect::<Vec<_>>().join(" ")
+}
+
+/// `word` as one shell word: as it is when that is safe, else in single quotes.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
 }
 
 /// Everything a run needs, read and checked before anything is written.
@@ -151,6 +199,34 @@ impl RunPlan {
             say!(console, "  [{heading}] {prompt:?} → {:?}", data.tokenizer.decode(&new)?.trim());
         }
         Ok(())
+    }
+}
+
+/// The scalars whose last values are a run's metrics in TensorBoard's HParams dashboard: the
+/// final and the best validation loss, and the throughput.
+const HPARAMS_METRICS: &[&str] = &["eval/loss", "eval/best_loss", "train/tokens_per_s"];
+
+impl RunPlan {
+    /// The settings a user compares runs by, as TensorBoard's HParams dashboard shows them.
+    fn hparams(&self) -> Vec<(&'static str, HParam)> {
+        let (cfg, lora) = (&self.cfg, &self.lora_cfg);
+        let number = |n: usize| HParam::Number(n as f64);
+        let validation = cfg.data.validation.as_ref().map(|p| p.display().to_string());
+        vec![
+            ("lr", HParam::Number(cfg.train.lr)),
+            ("lora.r", number(lora.r)),
+            ("lora.alpha", HParam::Number(lora.alpha)),
+            ("lora.target_modules", HParam::Text(lora.target_modules.to_string())),
+            ("lora.dropout", HParam::Number(lora.dropout)),
+            ("train.micro_batch_size", number(cfg.train.micro_batch_size)),
+            ("train.grad_accum_steps", number(cfg.train.grad_accum_steps)),
+            ("batch_size", number(cfg.train.micro_batch_size * cfg.train.grad_accum_steps)),
+            ("data.max_seq_len", number(cfg.data.max_seq_len)),
+            ("precision", HParam::Text(precision::name(self.precision.precision).to_string())),
+            ("data.train", HParam::Text(cfg.data.train.display().to_string())),
+            ("data.validation", HParam::Text(validation.unwrap_or_default())),
+            ("seed", HParam::Number(cfg.train.seed as f64)),
+        ]
     }
 }
 
@@ -353,6 +429,7 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
         None => {
             let mut metrics = MetricsLog::create(&dir)?;
             metrics.text("hparams", &format!("```yaml\n{config_yaml}```"))?;
+            metrics.hparams_start(&plan.hparams(), HPARAMS_METRICS)?;
             metrics
         }
     };
@@ -364,13 +441,13 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
     let (cfg, spec, injected) = (&plan.cfg, &plan.spec, &plan.injected);
     say!(
         console,
-        "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {:?} weights) on {:?}, {} threads",
+        "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {} weights) on {}, {} threads",
         cfg.model.path.display(),
         spec.family,
         spec.num_layers,
         spec.parameter_count() as f64 / 1e6,
-        weight_kind(cfg.model.dtype, cfg.train.precision),
-        plan.device,
+        kind_name(weight_kind(cfg.model.dtype, cfg.train.precision)),
+        device_name(plan.device),
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
@@ -420,6 +497,26 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
     );
 }
 
+/// A weight dtype as users write it: "fp32", "bf16".
+fn kind_name(kind: tch::Kind) -> String {
+    match kind {
+        tch::Kind::Float => "fp32".to_string(),
+        tch::Kind::BFloat16 => "bf16".to_string(),
+        tch::Kind::Half => "fp16".to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A device as users say it: "the CPU", "CUDA GPU 0".
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "the CPU".to_string(),
+        Device::Cuda(n) => format!("CUDA GPU {n}"),
+        Device::Mps => "the Apple GPU (MPS)".to_string(),
+        Device::Vulkan => "Vulkan".to_string(),
+    }
+}
+
 /// A fresh run's validation loss and samples before training (none when resuming).
 fn before_training(run: &Run) -> Result<Option<f64>> {
     let (plan, console) = (&run.plan, run.console);
@@ -438,12 +535,13 @@ fn before_training(run: &Run) -> Result<Option<f64>> {
 }
 
 /// Phase 4: the final adapter and checkpoint, the summary and the samples after training.
-fn finish(run: Run, trained: Trained, val_loss_before: Option<f64>) -> Result<RunSummary> {
+fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Result<RunSummary> {
     let adapter_dir = run.dir.join("adapter");
-    let plan = &run.plan;
-    peft::save(&adapter_dir, &plan.lora_cfg, &plan.injected, &run.base_model())?;
+    peft::save(&adapter_dir, &run.plan.lora_cfg, &run.plan.injected, &run.base_model())?;
     // The final state too, so a finished run can be extended with a larger max_steps.
     save_checkpoint(&run)?;
+    run.metrics.hparams_end()?;
+    let plan = &run.plan;
 
     let (console, state) = (run.console, &plan.state);
     let first_loss = state.first_loss.unwrap_or(f64::NAN);

@@ -12,7 +12,7 @@ use crate::data::batch::MicroBatch;
 use crate::data::Batch;
 use crate::lora::peft;
 use crate::observe::console::say;
-use crate::observe::progress::progress_bar;
+use crate::observe::progress::{duration_words, progress_bar};
 use crate::torch_errors;
 use anyhow::{anyhow, bail, Result};
 use indicatif::ProgressBar;
@@ -34,13 +34,21 @@ struct Progress {
     bar: ProgressBar,
     started: Instant,
     tokens_at_start: i64,
+    /// Steps done before this process started (non-zero when resuming).
+    steps_at_start: usize,
 }
 
 /// Phase 3: trains until `total_steps`, an early stop, or `stop` (then with [`Interrupted`]).
 pub(super) fn train_loop(run: &mut Run, stop: Option<&AtomicBool>) -> Result<Trained> {
     let bar = progress_bar(run.plan.total_steps as u64, run.console.shows_progress(), "step");
     bar.set_position(run.plan.state.step as u64);
-    let progress = Progress { bar, started: Instant::now(), tokens_at_start: run.plan.state.tokens_seen };
+    let state = &run.plan.state;
+    let progress = Progress {
+        bar,
+        started: Instant::now(),
+        tokens_at_start: state.tokens_seen,
+        steps_at_start: state.step,
+    };
     let mut trained = Trained {
         last_loss: f64::NAN,
         last_val_loss: None,
@@ -59,7 +67,9 @@ pub(super) fn train_loop(run: &mut Run, stop: Option<&AtomicBool>) -> Result<Tra
             let (lr, stats) = take_step(run, step, micro_batches)?;
             record_step(run, epoch, index, &stats);
             trained.last_loss = stats.loss;
-            log_step(run, &progress, step, epoch, lr, &stats)?;
+            // Epochs done, counting this one's part: 0.16 after 16% of the first epoch.
+            let epochs_done = epoch as f64 + (index + 1) as f64 / plan.steps.len() as f64;
+            log_step(run, &progress, step, epochs_done, lr, &stats)?;
             let stop_early = match maybe_eval(run, &progress, step)? {
                 Some(loss) => {
                     trained.last_val_loss = Some(loss);
@@ -139,13 +149,14 @@ fn log_step(
     run: &mut Run,
     progress: &Progress,
     step: usize,
-    epoch: usize,
+    epochs_done: f64,
     lr: f64,
     stats: &StepStats,
 ) -> Result<()> {
     let total_steps = run.plan.total_steps;
     let tokens = run.plan.state.tokens_seen - progress.tokens_at_start;
-    let tokens_per_s = tokens as f64 / progress.started.elapsed().as_secs_f64();
+    let elapsed = progress.started.elapsed().as_secs_f64();
+    let tokens_per_s = tokens as f64 / elapsed;
     let real_share = stats.real_tokens as f64 / stats.padded_tokens.max(1) as f64;
     progress.bar.set_position(step as u64);
     progress.bar.set_message(format!("loss {:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s", stats.loss));
@@ -158,17 +169,21 @@ fn log_step(
         ("train/grad_norm", stats.grad_norm),
         ("train/tokens_per_s", tokens_per_s),
         ("train/real_token_share", real_share),
-        ("train/epoch", (epoch + 1) as f64),
+        ("train/epoch", epochs_done),
     ];
     run.metrics.log(step as u64, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
+        // Without a bar to show it, the line says the time left, from this process's pace.
+        let steps_here = (step - progress.steps_at_start).max(1) as f64;
+        let left = elapsed / steps_here * (total_steps - step) as f64;
         say!(
             run.console,
-            "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens",
+            "  step {step}/{total_steps} loss {:.4} lr {lr:.2e} grad_norm {:.3} {tokens_per_s:.0} tok/s, {:.0}% real tokens, {} left",
             stats.loss,
             stats.grad_norm,
-            100.0 * real_share
+            100.0 * real_share,
+            duration_words(left)
         );
     }
     Ok(())
@@ -186,7 +201,8 @@ fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<
         let bar = progress_bar(batches.len() as u64, run.console.shows_progress(), "eval batch");
         evaluate_with_progress(&plan.model, batches, &bar).0
     });
-    let values = [("eval/loss", loss), ("eval/perplexity", loss.exp())];
+    let best = plan.state.best_eval_loss.map_or(loss, |best| best.min(loss));
+    let values = [("eval/loss", loss), ("eval/perplexity", loss.exp()), ("eval/best_loss", best)];
     run.metrics.log(step as u64, &values)?;
     run.console.record("eval", step, &values);
     let console = run.console;
@@ -226,7 +242,7 @@ fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&A
     let checkpoint = save_checkpoint(run)?;
     if interrupted {
         progress.bar.finish_and_clear();
-        return Err(Interrupted { step, checkpoint }.into());
+        return Err(Interrupted { step, checkpoint, resume_command: String::new() }.into());
     }
     Ok(())
 }
