@@ -11,7 +11,7 @@ use lorafit::train::data_commands::{self, Split};
 use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
 use lorafit::train::interrupt::{stop_on_signal, Interrupted};
 use lorafit::train::memory::MEMORY_SETTINGS;
-use lorafit::train::run::{train_command, LogFormat, RunOptions};
+use lorafit::train::run::{dry_run_command, train_command, LogFormat, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -51,6 +51,11 @@ enum Command {
         /// `quiet` (errors only).
         #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
         log_format: LogFormatArg,
+        /// Check and load everything, print the run's figures (parameters, trainable share,
+        /// tokens and steps per epoch, real-token share, memory estimate with and without
+        /// gradient checkpointing) and exit without writing anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
@@ -246,7 +251,7 @@ fn main() -> ExitCode {
 /// Runs one command.
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format } => {
+        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format, dry_run } => {
             let options = RunOptions {
                 overwrite,
                 resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),
@@ -255,6 +260,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 log_format: log_format.into(),
                 ..RunOptions::default()
             };
+            if dry_run {
+                return dry_run_command(&config, &overrides, options);
+            }
             train_command(&config, &overrides, options).map(|_| ())
         }
         Command::Eval { config, model, data, adapter, overrides } => {
