@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use lorafit::config::TargetModules;
 use lorafit::export::gguf::GgufDtype;
 use lorafit::export::merge::MergeDtype;
-use lorafit::generate::{generate_command, GenerateOptions, Sampling};
+use lorafit::generate::{generate_command, BulkFiles, GenerateOptions, Sampling};
 use lorafit::inspect::inspect;
 use lorafit::torch_errors;
 use lorafit::train::data_commands::{self, Split};
@@ -152,8 +152,19 @@ struct GenerateArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt text.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A JSON Lines file of prompts to answer, one record a line: `prompt` (or `instruction`),
+    /// or MT-Bench's `turns` (each turn asked after the earlier answers; needs a chat template).
+    /// Each record is written to --out with its `answer`, or FastChat's `choices` for `turns`.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "compare", "show_prompt"], requires = "out")]
+    prompts: Option<PathBuf>,
+    /// Where --prompts' answers go (JSON Lines).
+    #[arg(long, value_name = "FILE.jsonl", requires = "prompts")]
+    out: Option<PathBuf>,
+    /// Replace an existing --out file.
+    #[arg(long, requires = "out")]
+    force: bool,
     /// Send the prompt as a user message through the chat template (see --template).
     #[arg(long, conflicts_with_all = ["run", "config"])]
     chat: bool,
@@ -325,6 +336,11 @@ impl From<GenerateArgs> for GenerateOptions {
             config: args.config,
             adapter: args.adapter,
             prompt: args.prompt,
+            bulk: args.prompts.zip(args.out).map(|(prompts, out)| BulkFiles {
+                prompts,
+                out,
+                force: args.force,
+            }),
             chat: args.chat,
             template: args.template,
             compare: args.compare,
