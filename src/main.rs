@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use lorafit::config::TargetModules;
 use lorafit::export::gguf::GgufDtype;
 use lorafit::export::merge::MergeDtype;
-use lorafit::generate::{generate_command, GenerateOptions, Sampling};
+use lorafit::generate::{generate_command, BulkFiles, GenerateOptions, Sampling};
 use lorafit::init::{init_command, InitOptions};
 use lorafit::inspect::inspect;
 use lorafit::torch_errors;
@@ -12,7 +12,7 @@ use lorafit::train::data_commands::{self, Split};
 use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
 use lorafit::train::interrupt::{stop_on_signal, Interrupted};
 use lorafit::train::memory::MEMORY_SETTINGS;
-use lorafit::train::run::{train_command, LogFormat, RunOptions};
+use lorafit::train::run::{dry_run_command, train_command, LogFormat, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -72,6 +72,11 @@ enum Command {
         /// `quiet` (errors only).
         #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
         log_format: LogFormatArg,
+        /// Check and load everything, print the run's figures (parameters, trainable share,
+        /// tokens and steps per epoch, real-token share, memory estimate with and without
+        /// gradient checkpointing) and exit without writing anything.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
@@ -174,8 +179,19 @@ struct GenerateArgs {
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// The prompt text.
-    #[arg(long)]
-    prompt: String,
+    #[arg(long, required_unless_present = "prompts")]
+    prompt: Option<String>,
+    /// A JSON Lines file of prompts to answer, one record a line: `prompt` (or `instruction`),
+    /// or MT-Bench's `turns` (each turn asked after the earlier answers; needs a chat template).
+    /// Each record is written to --out with its `answer`, or FastChat's `choices` for `turns`.
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["prompt", "compare", "show_prompt"], requires = "out")]
+    prompts: Option<PathBuf>,
+    /// Where --prompts' answers go (JSON Lines).
+    #[arg(long, value_name = "FILE.jsonl", requires = "prompts")]
+    out: Option<PathBuf>,
+    /// Replace an existing --out file.
+    #[arg(long, requires = "out")]
+    force: bool,
     /// Send the prompt as a user message through the chat template (see --template).
     #[arg(long, conflicts_with_all = ["run", "config"])]
     chat: bool,
@@ -278,7 +294,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
-        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format } => {
+        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format, dry_run } => {
             let options = RunOptions {
                 overwrite,
                 resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),
@@ -287,6 +303,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 log_format: log_format.into(),
                 ..RunOptions::default()
             };
+            if dry_run {
+                return dry_run_command(&config, &overrides, options);
+            }
             train_command(&config, &overrides, options).map(|_| ())
         }
         Command::Eval { config, model, data, adapter, overrides } => {
@@ -351,6 +370,11 @@ impl From<GenerateArgs> for GenerateOptions {
             config: args.config,
             adapter: args.adapter,
             prompt: args.prompt,
+            bulk: args.prompts.zip(args.out).map(|(prompts, out)| BulkFiles {
+                prompts,
+                out,
+                force: args.force,
+            }),
             chat: args.chat,
             template: args.template,
             compare: args.compare,

@@ -163,6 +163,18 @@ impl EpochPlan {
         };
         EpochPlan { steps: micro_batches.chunks(grad_accum_steps).map(<[MicroBatch]>::to_vec).collect() }
     }
+
+    /// The epoch's real tokens and the tokens of its padded micro-batches (each row padded to
+    /// the micro-batch's longest), for examples of `lengths` tokens.
+    pub fn tokens(&self, lengths: &[usize]) -> (usize, usize) {
+        let (mut real, mut padded) = (0usize, 0usize);
+        for mb in self.steps.iter().flatten() {
+            let row_len = |row: &Vec<usize>| row.iter().map(|&i| lengths[i]).sum::<usize>();
+            real += mb.iter().map(row_len).sum::<usize>();
+            padded += mb.len() * mb.iter().map(row_len).max().unwrap_or(0);
+        }
+        (real, padded)
+    }
 }
 
 /// First-fit: each example, in `order`, goes into the first row with room for it.

@@ -180,12 +180,33 @@ impl<'a> PromptFormat<'a> {
 
     /// The token ids the model is given for `prompt`, encoded as training encoded its examples.
     pub fn ids(&self, tok: &TextTokenizer, prompt: &str) -> Result<Vec<i64>> {
+        self.conversation_ids(tok, &[], prompt)
+    }
+
+    /// The token ids for `prompt` asked after the `(question, answer)` turns of `history`: a
+    /// conversation through the chat template; only a chat format has one.
+    pub fn conversation_ids(
+        &self,
+        tok: &TextTokenizer,
+        history: &[(String, String)],
+        prompt: &str,
+    ) -> Result<Vec<i64>> {
+        if !history.is_empty() && !matches!(self, PromptFormat::Chat(_)) {
+            bail!(
+                "a prompt asked after earlier turns needs a chat template (a run with data.format: chat, or --chat)"
+            );
+        }
         match self {
             PromptFormat::Text => tok.encode(prompt, true),
             PromptFormat::Alpaca(cfg) => tok.encode(&alpaca_prompt(cfg, prompt, ""), true),
             PromptFormat::Chat(chat) => {
-                let text = chat.template.render(&[chat::Message::new("user", prompt)], true)?;
-                tok.encode(&text, false)
+                let mut messages = Vec::new();
+                for (question, answer) in history {
+                    messages.push(chat::Message::new("user", question));
+                    messages.push(chat::Message::new("assistant", answer));
+                }
+                messages.push(chat::Message::new("user", prompt));
+                tok.encode(&chat.template.render(&messages, true)?, false)
             }
         }
     }

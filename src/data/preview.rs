@@ -85,13 +85,7 @@ pub fn preview(
 
 /// Real tokens over all tokens of the padded micro-batches of one epoch.
 pub fn real_share(lengths: &[usize], layout: RowLayout, micro_batch_size: usize) -> f64 {
-    let plan = EpochPlan::new(lengths, micro_batch_size, 1, layout, true, 0, 0);
-    let (mut real, mut padded) = (0usize, 0usize);
-    for mb in plan.steps.iter().flatten() {
-        let row_len = |row: &Vec<usize>| row.iter().map(|&i| lengths[i]).sum::<usize>();
-        real += mb.iter().map(row_len).sum::<usize>();
-        padded += mb.len() * mb.iter().map(row_len).max().unwrap_or(0);
-    }
+    let (real, padded) = EpochPlan::new(lengths, micro_batch_size, 1, layout, true, 0, 0).tokens(lengths);
     real as f64 / padded.max(1) as f64
 }
 

@@ -91,6 +91,17 @@ impl MemoryEstimate {
         )
     }
 
+    /// One line for the estimate of the other `train.gradient_checkpointing` setting than the
+    /// run's: `checkpointing` is the setting this estimate is for.
+    pub fn describe_alternative(&self, checkpointing: bool) -> String {
+        format!(
+            "{} gradient checkpointing it would be {} (activations {})",
+            if checkpointing { "with" } else { "without" },
+            gb(self.total()),
+            gb(self.activations)
+        )
+    }
+
     /// [`MemoryEstimate::check`] against what this process can get now, for a run on the CPU
     /// (a GPU's memory is its allocator's business).
     pub fn check_host(&self, device: Device) -> Result<Option<String>> {

@@ -145,6 +145,8 @@ pub(super) struct RunPlan {
     pub injected: AttachedAdapters,
     /// What the run should take, and a warning when that is close to what it can get.
     memory: MemoryEstimate,
+    /// What it would take with the other `train.gradient_checkpointing` setting.
+    memory_alternative: MemoryEstimate,
     memory_warning: Option<String>,
     pub layout: RowLayout,
     /// Token count of each training example, in order.
@@ -289,6 +291,9 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         RowLayout::ByLength => data.train.examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
     };
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
+    let mut toggled = cfg.clone();
+    toggled.train.gradient_checkpointing = !cfg.train.gradient_checkpointing;
+    let memory_alternative = MemoryEstimate::of(&toggled, &spec, &lora_cfg, row_tokens)?;
     let memory_warning = memory.check_host(device)?;
     let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
@@ -313,6 +318,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         lora_cfg,
         injected,
         memory,
+        memory_alternative,
         memory_warning,
         stop_tokens,
         val_batches,
@@ -413,7 +419,7 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
         format!("# precision used: {}\n{}", plan.precision.describe(), plan.requested.to_yaml());
     write_atomic(&dir.join("config.yaml"), config_yaml.as_bytes())?;
     plan.data.store_in_cache();
-    describe(&plan, &dir, console);
+    describe(&plan, Some(&dir), console);
     let metrics = match &plan.resume {
         Some((point, _)) => {
             checkpoint::forget_after(&dir, plan.state.step)?;
@@ -436,8 +442,20 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
     Ok(Run { plan, dir, metrics, console })
 }
 
-/// Prints what is about to run: model, precision, adapter, data and steps.
-fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
+/// `lorafit train CONFIG --dry-run`: the prepare phase alone (every check and all loading) and
+/// the figures of the run's opening lines; nothing is written: no run directory, no data cache
+/// entry.
+pub fn dry_run_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<()> {
+    let cfg = Config::load(config, overrides)?;
+    let console = Console(opts.log_format);
+    let plan = prepare(&cfg, &opts, console)?;
+    describe(&plan, None, console);
+    Ok(())
+}
+
+/// Prints what is about to run: model, precision, memory, adapter, data and steps, and where
+/// the run goes (`None`: nowhere, a dry run).
+fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
     let (cfg, spec, injected) = (&plan.cfg, &plan.spec, &plan.injected);
     say!(
         console,
@@ -452,6 +470,7 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
     );
     say!(console, "  precision {}", plan.precision.describe());
     say!(console, "  {}", plan.memory.describe());
+    say!(console, "    {}", plan.memory_alternative.describe_alternative(!cfg.train.gradient_checkpointing));
     if let Some(warning) = &plan.memory_warning {
         say!(console, "  warning: {warning}");
     }
@@ -468,12 +487,20 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
     );
     let data = &plan.data;
     let train_tokens: usize = plan.lengths.iter().sum();
+    let epoch = plan.epoch_plan(0);
+    let (real, padded) = epoch.tokens(&plan.lengths);
     say!(
         console,
         "  training data: {} ({train_tokens} tokens, {} in {:.2} s)",
         data.train.report(),
         if data.cached { "from the data cache" } else { "prepared" },
         plan.prep_secs
+    );
+    say!(
+        console,
+        "  per epoch: {} steps, {padded} batch tokens of which {real} real ({:.1}%)",
+        epoch.steps.len(),
+        100.0 * real as f64 / padded.max(1) as f64
     );
     if let Some(v) = &data.validation {
         say!(console, "  validation data: {}", v.report());
@@ -493,7 +520,7 @@ fn describe(plan: &RunPlan, run_dir: &Path, console: Console) {
         console,
         "  {} steps of {accum} micro-batches × {micro} {rows} → {}",
         plan.total_steps,
-        run_dir.display()
+        run_dir.map_or("nothing written (--dry-run)".to_string(), |dir| dir.display().to_string())
     );
 }
 

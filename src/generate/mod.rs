@@ -1,6 +1,9 @@
 //! Decoding, to try a model or an adapter: a KV cache so each new token costs one token's
 //! work, and greedy or sampled choice (temperature, top-k, top-p, seeded); and `lorafit
-//! generate`, which puts a prompt to a model as a run's data put its examples.
+//! generate`, which puts a prompt to a model as a run's data put its examples, or every prompt
+//! of a file ([`bulk`]).
+
+pub mod bulk;
 
 use crate::config::Config;
 use crate::data::format::{ChatFormat, PromptFormat};
@@ -9,6 +12,7 @@ use crate::lora::peft;
 use crate::model::{load_model, Decoder, KvCache, ModelSpec};
 use crate::torch_errors;
 use anyhow::{bail, Context, Result};
+pub use bulk::BulkFiles;
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -184,7 +188,9 @@ pub struct GenerateOptions {
     /// A run's config: its model and prompt format (the adapter only from `adapter`).
     pub config: Option<PathBuf>,
     pub adapter: Option<PathBuf>,
-    pub prompt: String,
+    /// One prompt, answered on `out` as it is generated; or `bulk`, a file of prompts.
+    pub prompt: Option<String>,
+    pub bulk: Option<BulkFiles>,
     /// Without a run or config: send the prompt through the chat template `template`.
     pub chat: bool,
     pub template: String,
@@ -196,83 +202,147 @@ pub struct GenerateOptions {
     pub sampling: Sampling,
 }
 
+/// A model, its tokenizer and the prompt format `lorafit generate` puts prompts in.
+struct Generator {
+    /// The run's config, when the prompt format comes from a run.
+    run_config: Option<Config>,
+    chat: Option<ChatFormat>,
+    tok: TextTokenizer,
+    vocab_size: i64,
+    stop: Vec<i64>,
+    model: Decoder,
+    adapter: Option<PathBuf>,
+    device: Device,
+}
+
+impl Generator {
+    /// Reads the model, tokenizer and prompt format `opts` names; the adapter is not applied yet.
+    fn open(opts: &GenerateOptions) -> Result<Generator> {
+        let run_config = match (&opts.run, &opts.config) {
+            (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
+                anyhow::anyhow!(
+                    "--run {}: {e:#} (is it a run directory written by lorafit train?)",
+                    dir.display()
+                )
+            })?),
+            (None, Some(path)) => Some(Config::load(path, &[])?),
+            (None, None) => None,
+        };
+        let model_dir = match (&run_config, &opts.model) {
+            (Some(cfg), _) => cfg.model.path.clone(),
+            (None, Some(dir)) => dir.clone(),
+            (None, None) => bail!("give --model, --run or --config"),
+        };
+        let adapter = opts.adapter.clone().or_else(|| opts.run.as_ref().map(|dir| dir.join("adapter")));
+        if opts.compare && adapter.is_none() {
+            bail!("--compare needs an adapter: give --adapter or --run");
+        }
+        let device = Device::cuda_if_available();
+        let spec = ModelSpec::from_dir(&model_dir)?;
+        let tok = TextTokenizer::from_model_dir(&model_dir, &spec.eos_token_ids)?;
+        let chat = match &run_config {
+            Some(cfg) => ChatFormat::of_data(&cfg.data, &model_dir)?,
+            None if opts.chat => Some(ChatFormat::resolve(&opts.template, &model_dir)?),
+            None => None,
+        };
+        let stop = stop_tokens(&model_dir, &spec.eos_token_ids, chat.as_ref(), &tok)?;
+        let model = load_model(&model_dir, Kind::Float, device)?;
+        Ok(Generator { run_config, chat, tok, vocab_size: spec.vocab_size, stop, model, adapter, device })
+    }
+
+    /// How prompts are put to the model: as the run's data put its examples, or as asked.
+    fn format(&self) -> PromptFormat<'_> {
+        match (&self.run_config, &self.chat) {
+            (Some(cfg), _) => PromptFormat::of_data(&cfg.data, self.chat.as_ref()),
+            (None, Some(chat)) => PromptFormat::Chat(chat),
+            (None, None) => PromptFormat::Text,
+        }
+    }
+
+    /// Refuses a prompt holding a token the model has no embedding row for.
+    fn check_ids(&self, prompt_ids: &[i64]) -> Result<()> {
+        if let Some(&id) = prompt_ids.iter().find(|&&id| id >= self.vocab_size) {
+            bail!(
+                "the prompt holds token id {id}, but the model's embedding has {} rows: the tokenizer is larger \
+                 than the model",
+                self.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    fn apply_adapter(&mut self) -> Result<()> {
+        if let Some(adapter) = &self.adapter {
+            peft::load(adapter, &mut self.model, self.device)?;
+        }
+        Ok(())
+    }
+
+    /// The new tokens for `prompt_ids`, each passed to `on_token` as it is chosen.
+    fn answer(
+        &self,
+        prompt_ids: &[i64],
+        opts: &GenerateOptions,
+        on_token: impl FnMut(i64),
+    ) -> Result<Vec<i64>> {
+        let decode = || {
+            generate(
+                &self.model,
+                prompt_ids,
+                opts.max_new_tokens,
+                &self.stop,
+                &opts.sampling,
+                self.device,
+                on_token,
+            )
+        };
+        torch_errors::catch("generating", "--max-new-tokens or the prompt's length", decode)
+    }
+}
+
 /// `lorafit generate`: streams the continuation of the prompt to `out`, and with `compare` the
-/// base model's before the adapted one.
+/// base model's before the adapted one; or answers every prompt of a file (see [`bulk`]).
 pub fn generate_command(opts: &GenerateOptions, out: &mut dyn Write) -> Result<()> {
     opts.sampling.validate()?;
-    // The run's config, when the prompt format comes from a run.
-    let run_config = match (&opts.run, &opts.config) {
-        (Some(dir), _) => Some(Config::load(&dir.join("config.yaml"), &[]).map_err(|e| {
-            anyhow::anyhow!(
-                "--run {}: {e:#} (is it a run directory written by lorafit train?)",
-                dir.display()
-            )
-        })?),
-        (None, Some(path)) => Some(Config::load(path, &[])?),
-        (None, None) => None,
-    };
-    let model_dir = match (&run_config, &opts.model) {
-        (Some(cfg), _) => cfg.model.path.clone(),
-        (None, Some(dir)) => dir.clone(),
-        (None, None) => bail!("give --model, --run or --config"),
-    };
-    let adapter = opts.adapter.clone().or_else(|| opts.run.as_ref().map(|dir| dir.join("adapter")));
-    if opts.compare && adapter.is_none() {
-        bail!("--compare needs an adapter: give --adapter or --run");
+    if let Some(files) = &opts.bulk {
+        // Before the model is loaded: a file that would be overwritten or cannot be read.
+        files.check_out()?;
+        let prompts = bulk::read_prompts(&files.prompts)?;
+        let mut generator = Generator::open(opts)?;
+        generator.apply_adapter()?;
+        let written = bulk::answer_all(&generator, opts, &prompts, files)?;
+        writeln!(out, "wrote {written} answered records to {}", files.out.display())?;
+        return Ok(());
     }
-    let device = Device::cuda_if_available();
-    let spec = ModelSpec::from_dir(&model_dir)?;
-    let tok = TextTokenizer::from_model_dir(&model_dir, &spec.eos_token_ids)?;
-    let chat = match &run_config {
-        Some(cfg) => ChatFormat::of_data(&cfg.data, &model_dir)?,
-        None if opts.chat => Some(ChatFormat::resolve(&opts.template, &model_dir)?),
-        None => None,
-    };
-    let format = match (&run_config, &chat) {
-        (Some(cfg), _) => PromptFormat::of_data(&cfg.data, chat.as_ref()),
-        (None, Some(chat)) => PromptFormat::Chat(chat),
-        (None, None) => PromptFormat::Text,
-    };
-    let prompt_ids = format.ids(&tok, &opts.prompt)?;
-    if let Some(&id) = prompt_ids.iter().find(|&&id| id >= spec.vocab_size) {
-        bail!(
-            "the prompt holds token id {id}, but the model's embedding has {} rows: the tokenizer is larger \
-             than the model",
-            spec.vocab_size
-        );
-    }
+    let Some(prompt) = &opts.prompt else { bail!("give --prompt TEXT or --prompts FILE.jsonl") };
+    let mut generator = Generator::open(opts)?;
+    let prompt_ids = generator.format().ids(&generator.tok, prompt)?;
+    generator.check_ids(&prompt_ids)?;
     if opts.show_prompt {
-        eprintln!("{}", tok.decode_all(&prompt_ids)?);
+        eprintln!("{}", generator.tok.decode_all(&prompt_ids)?);
     }
-    let stop = stop_tokens(&model_dir, &spec.eos_token_ids, chat.as_ref(), &tok)?;
-    let mut model = load_model(&model_dir, Kind::Float, device)?;
-    let mut answer = |model: &Decoder, label: &str| -> Result<()> {
+    let mut stream = |generator: &Generator, label: &str| -> Result<()> {
         if !label.is_empty() {
             writeln!(out, "── {label} ──")?;
         }
         let (mut ids, mut shown) = (Vec::new(), 0usize);
-        let decode = || {
-            generate(model, &prompt_ids, opts.max_new_tokens, &stop, &opts.sampling, device, |id| {
-                ids.push(id);
-                // Decode everything so far and print what is new: tokens can join into one character.
-                if let Ok(text) = tok.decode(&ids) {
-                    if text.len() > shown && text.is_char_boundary(shown) {
-                        let _ = write!(out, "{}", &text[shown..]);
-                        let _ = out.flush();
-                        shown = text.len();
-                    }
+        generator.answer(&prompt_ids, opts, |id| {
+            ids.push(id);
+            // Decode everything so far and print what is new: tokens can join into one character.
+            if let Ok(text) = generator.tok.decode(&ids) {
+                if text.len() > shown && text.is_char_boundary(shown) {
+                    let _ = write!(out, "{}", &text[shown..]);
+                    let _ = out.flush();
+                    shown = text.len();
                 }
-            })
-        };
-        torch_errors::catch("generating", "--max-new-tokens or the prompt's length", decode)?;
+            }
+        })?;
         writeln!(out)?;
         Ok(())
     };
     if opts.compare {
-        answer(&model, "base model")?;
+        stream(&generator, "base model")?;
     }
-    if let Some(adapter) = &adapter {
-        peft::load(adapter, &mut model, device)?;
-    }
-    answer(&model, if opts.compare { "with the adapter" } else { "" })
+    generator.apply_adapter()?;
+    stream(&generator, if opts.compare { "with the adapter" } else { "" })
 }
