@@ -949,3 +949,41 @@ fn view_typed_columns_are_named_with_a_way_to_convert() {
         }
     }
 }
+
+#[test]
+fn nested_column_paths_pick_fields_of_arrow_structs_and_json_objects() {
+    use lorafit::config::{Config, DataFormat};
+    use lorafit::data::format::prepare_records;
+    use lorafit::data::TextTokenizer;
+    use lorafit::model::ModelSpec;
+    let Some((dir, want, _)) = pyarrow_files() else { return };
+    let model = common::repo().join("data/default-model");
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
+    // The same rows with the nested fields moved to the columns alpaca reads by default.
+    let flat: Vec<Record> = want
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let fields = json!({"instruction": w["prompt"]["text"], "input": w["prompt"]["lang"], "output": w["text"]});
+            Record { file: "flat".into(), row: i + 1, fields: fields.as_object().unwrap().clone() }
+        })
+        .collect();
+    let mut cfg = Config::new(&model, "unused");
+    cfg.data.format = DataFormat::Alpaca;
+    let expected = prepare_records(&flat.into(), &cfg.data, &tok, None).unwrap().examples;
+    let jsonl: String = want.iter().map(|w| format!("{w}\n")).collect();
+    let jsonl = write(dir.path(), "nested.jsonl", jsonl);
+    for (field, path) in [("instruction", "prompt.text"), ("input", "prompt.lang"), ("output", "text")] {
+        cfg.data.columns.insert(field.into(), path.into());
+    }
+    for path in [dir.path().join("zstd.parquet"), dir.path().join("lz4.feather"), jsonl] {
+        let rows = read_rows(&path, "train").unwrap();
+        let prepared =
+            prepare_records(&rows, &cfg.data, &tok, None).unwrap_or_else(|e| panic!("{path:?}: {e:#}"));
+        assert!(prepared.examples == expected, "{}: examples differ from the flat rows'", path.display());
+        // `prompt` is read through its fields, so it is not among the ignored columns.
+        let notes = prepared.notes.join("\n");
+        assert!(notes.contains("score") && !notes.contains("prompt"), "{notes}");
+    }
+}

@@ -15,6 +15,9 @@ use rand::SeedableRng;
 use serde_json::Value;
 use std::path::Path;
 
+/// The share of a set's rows that may be left out or cut before a run warns about it.
+pub const LOSS_WARNING_SHARE: f64 = 0.05;
+
 /// Labels of tokens that carry no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
 
@@ -145,6 +148,53 @@ impl Prepared {
         line
     }
 
+    /// A warning when more than [`LOSS_WARNING_SHARE`] of the rows read were left out, or were
+    /// cut, with the counts and the settings that keep them; `name` says which set ("training").
+    /// The two are judged apart, as a cut example may then be left out and counted in both.
+    pub fn loss_warning(&self, name: &str, cfg: &DataConfig) -> Option<String> {
+        let lost = self.skipped_too_long + self.dropped_no_labels + self.skipped_bad_rows;
+        let rows = self.examples.len() + lost;
+        let over = |n: usize| n as f64 > LOSS_WARNING_SHARE * rows as f64;
+        if !over(lost) && !over(self.truncated) {
+            return None;
+        }
+        let mut advice = Vec::new();
+        if self.truncated + self.skipped_too_long > 0 {
+            advice.push(format!(
+                "raise data.max_seq_len (now {}) to keep long examples whole (data.too_long says whether they \
+                 are cut or skipped)",
+                cfg.max_seq_len
+            ));
+        }
+        if self.dropped_no_labels > 0 {
+            let masking = match cfg.format {
+                DataFormat::Chat => {
+                    format!("data.train_on (now {:?}) says which turns are trained", cfg.train_on)
+                        .to_lowercase()
+                }
+                DataFormat::Alpaca => "data.train_on_inputs: true trains the prompt too".to_string(),
+                _ => "check which segments are labelled trainable".to_string(),
+            };
+            advice.push(format!(
+                "an example has no trainable token when its answer lies past data.max_seq_len (now {}) or none \
+                 of it is trained: {masking}",
+                cfg.max_seq_len
+            ));
+        }
+        if self.skipped_bad_rows > 0 {
+            advice.push("fix the bad rows (data.on_bad_row: error stops at the first)".to_string());
+        }
+        let percent = |n: usize| 100.0 * n as f64 / rows as f64;
+        Some(format!(
+            "{name} data: of {rows} rows, {lost} ({:.0}%) are left out and {} ({:.0}%) cut ({}). To keep them: {}",
+            percent(lost),
+            self.truncated,
+            percent(self.truncated),
+            self.report(),
+            advice.join("; ")
+        ))
+    }
+
     /// Applies `data.on_bad_row` to a row that cannot be used; `reason` names its file and row.
     fn bad_row(&mut self, policy: OnBadRow, reason: String) -> Result<()> {
         match policy {
@@ -206,7 +256,8 @@ fn alpaca_prompt(cfg: &DataConfig, instruction: &str, input: &str) -> String {
     }
 }
 
-/// The column of `record` that holds lorafit's field `name` (after `data.columns` renames).
+/// The column of `record` that holds lorafit's field `name` (after `data.columns` renames); a
+/// dotted path (`prompt.text`) names a field of a nested object ([`Record::get`]).
 fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
     cfg.columns.get(name).map(String::as_str).unwrap_or(name)
 }
@@ -214,7 +265,7 @@ fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
 /// A string field, or an error naming file, row, the column and the columns present.
 fn text<'a>(record: &'a Record, cfg: &DataConfig, name: &str, required: bool) -> Result<Option<&'a str>> {
     let col = column(cfg, name);
-    match record.fields.get(col) {
+    match record.get(col) {
         Some(Value::String(s)) => Ok(Some(s)),
         None | Some(Value::Null) if !required => Ok(None),
         None | Some(Value::Null) => {
@@ -242,7 +293,7 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
         }
         DataFormat::InputOutput => {
             let col = column(cfg, "segments");
-            let Some(Value::Array(items)) = record.fields.get(col) else {
+            let Some(Value::Array(items)) = record.get(col) else {
                 bail!("the row has no `{col}` list of {{\"text\", \"label\"}} segments");
             };
             let segs = items
@@ -391,7 +442,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
                 fields.join(", ")
             );
         }
-        if !present.contains(&column.as_str()) {
+        if !records.iter().any(|r| r.get(column).is_some()) {
             bail!(
                 "data.columns maps `{field}` to the column `{column}`, but no row of {file} has it (columns: {})",
                 present.join(", ")
@@ -399,8 +450,11 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
         }
     }
     let used = used_columns(cfg);
+    // A nested path (`prompt.text`) uses its top-level column (`prompt`).
+    let is_used =
+        |c: &str| used.iter().any(|u| *u == c || u.strip_prefix(c).is_some_and(|r| r.starts_with('.')));
     for (chosen, rejected) in PREFERENCE_PAIRS {
-        if [chosen, rejected].iter().all(|c| present.contains(c) && !used.contains(c)) {
+        if [chosen, rejected].iter().all(|c| present.contains(c) && !is_used(c)) {
             bail!(
                 "{file} holds preference pairs (columns `{chosen}` and `{rejected}`): they are for preference \
                  training such as DPO, which lorafit does not do yet; as data.format {} it would train on the \
@@ -410,9 +464,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
             );
         }
     }
-    if !used.contains(&"label")
-        && records.iter().any(|r| r.fields.get("label").is_some_and(Value::is_boolean))
-    {
+    if !is_used("label") && records.iter().any(|r| r.fields.get("label").is_some_and(Value::is_boolean)) {
         bail!(
             "{file} holds KTO-style feedback (a true/false `label` column): as data.format {} every answer \
              would be trained, the undesirable ones (label false) too. Keep only the rows labelled true and \
@@ -420,7 +472,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
             cfg.format
         );
     }
-    let ignored: Vec<&str> = present.iter().copied().filter(|c| !used.contains(c)).collect();
+    let ignored: Vec<&str> = present.iter().copied().filter(|c| !is_used(c)).collect();
     Ok((!ignored.is_empty()).then(|| {
         format!("{file}: columns that data.format {} does not read: {}", cfg.format, ignored.join(", "))
     }))
