@@ -25,7 +25,7 @@ fn prepare_with(cfg: &Config, tok: &TextTokenizer) -> anyhow::Result<lorafit::da
         DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path).unwrap()),
         _ => None,
     };
-    prepare(&cfg.data.train, &cfg.data, tok, chat.as_ref())
+    prepare(cfg.data.train.paths()[0], &cfg.data, tok, chat.as_ref())
 }
 
 /// A data file that must fail: its name and contents, the format, the row the message must

@@ -987,3 +987,53 @@ fn nested_column_paths_pick_fields_of_arrow_structs_and_json_objects() {
         assert!(notes.contains("score") && !notes.contains("prompt"), "{notes}");
     }
 }
+
+#[test]
+fn several_data_sets_mix_by_weight_each_with_its_own_format_and_columns() {
+    use lorafit::config::Config;
+    use lorafit::data::format::{prepare, prepare_splits};
+    use lorafit::data::TextTokenizer;
+    use lorafit::model::ModelSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let stories: String =
+        (0..12).map(|i| format!("{{\"text\": \"Story {i}: a dog ran to the park.\"}}\n")).collect();
+    let qa: String =
+        (0..10).map(|i| format!("{{\"q\": \"What is {i} plus one?\", \"a\": \"{}\"}}\n", i + 1)).collect();
+    let (a, b) = (write(dir.path(), "stories.jsonl", stories), write(dir.path(), "qa.jsonl", &qa));
+    let model = common::repo().join("data/default-model");
+    let yaml = format!(
+        "model: {{path: {}}}\ndata:\n  format: alpaca\n  train:\n    - {{path: {}, format: completion, weight: 2}}\n    \
+         - {{path: {}, columns: {{instruction: q, output: a}}, weight: 0.5}}\n",
+        model.display(),
+        a.display(),
+        b.display()
+    );
+    let cfg = Config::from_yaml_str(&yaml, "run.yaml", &[]).unwrap_or_else(|e| panic!("{e:#}"));
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
+    let (train, _) = prepare_splits(&cfg.data, cfg.train.seed, &tok, None).unwrap();
+    // Each set prepared on its own, as a one-set run reads it.
+    let alone = |path: &Path, yaml_data: &str| {
+        let yaml = format!(
+            "model: {{path: {}}}\ndata: {{train: {}, {yaml_data}}}\n",
+            model.display(),
+            path.display()
+        );
+        let cfg = Config::from_yaml_str(&yaml, "run.yaml", &[]).unwrap();
+        prepare(path, &cfg.data, &tok, None).unwrap().examples
+    };
+    let stories = alone(&a, "format: completion");
+    let answers = alone(&b, "format: alpaca, columns: {instruction: q, output: a}");
+    assert_eq!(train.examples.len(), 2 * stories.len() + answers.len() / 2);
+    for ex in &stories {
+        assert_eq!(train.examples.iter().filter(|e| *e == ex).count(), 2, "weight 2 trains a story twice");
+    }
+    let kept = answers.iter().filter(|ex| train.examples.contains(ex)).count();
+    assert_eq!(kept, answers.len() / 2, "weight 0.5 keeps half of the answers");
+    assert!(answers.iter().all(|ex| train.examples.iter().filter(|e| *e == ex).count() <= 1));
+    // Every set's file is in the data cache key.
+    let key = |cfg: &Config| lorafit::data::cache::key_for(cfg, tok.eos_id, None).unwrap().hex();
+    let before = key(&cfg);
+    std::fs::write(&b, qa.replace("plus one", "and one")).unwrap();
+    assert_ne!(key(&cfg), before, "changing the second set's file must change the cache key");
+}

@@ -7,7 +7,7 @@
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
 use super::tokenizer::{Encoded, TextTokenizer};
-use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong};
+use crate::config::{DataConfig, DataFormat, DataSet, OnBadRow, TooLong, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -45,9 +45,13 @@ impl ChatFormat {
     /// The chat format of data prepared with `cfg` for the model in `model_dir`: none unless the
     /// data are chats.
     pub fn of_data(cfg: &DataConfig, model_dir: &Path) -> Result<Option<ChatFormat>> {
-        match cfg.format {
-            DataFormat::Chat => Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?)),
-            _ => Ok(None),
+        let set_formats = match &cfg.train {
+            TrainData::Sets(sets) => sets.iter().filter_map(|s| s.format).collect(),
+            TrainData::Path(_) => Vec::new(),
+        };
+        match set_formats.contains(&DataFormat::Chat) || cfg.format == DataFormat::Chat {
+            true => Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?)),
+            false => Ok(None),
         }
     }
 
@@ -193,6 +197,18 @@ impl Prepared {
             self.report(),
             advice.join("; ")
         ))
+    }
+
+    /// Adds the examples and counts of another set to this one.
+    fn absorb(&mut self, other: Prepared) {
+        self.examples.extend(other.examples);
+        self.truncated += other.truncated;
+        self.skipped_too_long += other.skipped_too_long;
+        self.dropped_no_labels += other.dropped_no_labels;
+        self.skipped_bad_rows += other.skipped_bad_rows;
+        let room = 5usize.saturating_sub(self.bad_row_samples.len());
+        self.bad_row_samples.extend(other.bad_row_samples.into_iter().take(room));
+        self.notes.extend(other.notes);
     }
 
     /// Applies `data.on_bad_row` to a row that cannot be used; `reason` names its file and row.
@@ -546,19 +562,87 @@ pub fn prepare_records(
 }
 
 /// The training and validation sets: from their files, or with `val_split` a seeded share of
-/// the training records held out.
+/// the training records held out (from each set of a `data.train` list, before weighting, so
+/// that no copy of a held-out example is trained).
 pub fn prepare_splits(
     cfg: &DataConfig,
     seed: u64,
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
 ) -> Result<(Prepared, Option<Prepared>)> {
-    let train = prepare(&cfg.train, cfg, tok, chat)?;
-    if let Some(path) = &cfg.validation {
-        return Ok((train, Some(prepare(path, cfg, tok, chat)?)));
+    let (train, held_out) = match &cfg.train {
+        TrainData::Path(path) => {
+            let train = prepare(path, cfg, tok, chat)?;
+            match cfg.val_split {
+                Some(share) => {
+                    let (train, val) = hold_out(train, share, seed)?;
+                    (train, Some(val))
+                }
+                None => (train, None),
+            }
+        }
+        TrainData::Sets(sets) => prepare_sets(sets, cfg, seed, tok, chat)?,
+    };
+    match &cfg.validation {
+        Some(path) => Ok((train, Some(prepare(path, cfg, tok, chat)?))),
+        None => Ok((train, held_out)),
     }
-    let Some(share) = cfg.val_split else { return Ok((train, None)) };
-    let mut train = train;
+}
+
+/// The data sets of a `data.train` list, each read with its own format and columns, held out
+/// from when `val_split` says so, weighted ([`weighted`]) and concatenated in list order.
+fn prepare_sets(
+    sets: &[DataSet],
+    cfg: &DataConfig,
+    seed: u64,
+    tok: &TextTokenizer,
+    chat: Option<&ChatFormat>,
+) -> Result<(Prepared, Option<Prepared>)> {
+    let (mut train, mut val) = (Prepared::default(), cfg.val_split.map(|_| Prepared::default()));
+    for (i, set) in sets.iter().enumerate() {
+        let set_cfg = DataConfig {
+            format: set.format.unwrap_or(cfg.format),
+            columns: set.columns.clone().unwrap_or_else(|| cfg.columns.clone()),
+            ..cfg.clone()
+        };
+        let mut prepared = prepare(&set.path, &set_cfg, tok, chat)
+            .with_context(|| format!("data.train[{i}] ({})", set.path.display()))?;
+        if let (Some(share), Some(val)) = (cfg.val_split, val.as_mut()) {
+            let (kept, held) = hold_out(prepared, share, seed)?;
+            prepared = kept;
+            val.absorb(held);
+        }
+        prepared.examples = weighted(prepared.examples, set.weight, seed ^ (i as u64 + 1));
+        train.absorb(prepared);
+    }
+    Ok((train, val))
+}
+
+/// A set's examples as its `weight` counts them: each example `floor(weight)` times, then a
+/// seeded `weight - floor(weight)` share of them once more (0.5: a random half; 2.5: all twice
+/// and half three times). Unlike LLaMA-Factory's `interleave_probs`, which samples sets by
+/// probability until one runs out, the result is a fixed multiset: the proportions hold
+/// exactly over every epoch. Never fewer than one example.
+fn weighted(examples: Vec<Example>, weight: f64, seed: u64) -> Vec<Example> {
+    let whole = weight.floor() as usize;
+    let extra = ((weight - weight.floor()) * examples.len() as f64).round() as usize;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let mut picked = order[..extra.min(order.len())].to_vec();
+    if whole == 0 && picked.is_empty() {
+        picked.extend(order.first());
+    }
+    picked.sort_unstable();
+    let mut out = Vec::with_capacity(examples.len() * whole + picked.len());
+    for _ in 0..whole {
+        out.extend(examples.iter().cloned());
+    }
+    out.extend(picked.into_iter().map(|i| examples[i].clone()));
+    out
+}
+
+/// Holds a seeded `share` of the examples out of `train` for validation.
+fn hold_out(mut train: Prepared, share: f64, seed: u64) -> Result<(Prepared, Prepared)> {
     let mut order: Vec<usize> = (0..train.examples.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5EED_5A11));
     let n_val = ((train.examples.len() as f64 * share).round() as usize)
@@ -577,5 +661,5 @@ pub fn prepare_splits(
         }
     }
     train.examples = kept;
-    Ok((train, Some(Prepared { examples: val, ..Prepared::default() })))
+    Ok((train, Prepared { examples: val, ..Prepared::default() }))
 }
