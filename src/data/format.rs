@@ -45,14 +45,15 @@ impl ChatFormat {
     /// The chat format of data prepared with `cfg` for the model in `model_dir`: none unless the
     /// data are chats.
     pub fn of_data(cfg: &DataConfig, model_dir: &Path) -> Result<Option<ChatFormat>> {
-        let set_formats = match &cfg.train {
-            TrainData::Sets(sets) => sets.iter().filter_map(|s| s.format).collect(),
-            TrainData::Path(_) => Vec::new(),
+        // A set of a `data.train` list may be chats when `data.format` is not.
+        let set_is_chat = match &cfg.train {
+            TrainData::Sets(sets) => sets.iter().any(|s| s.format == Some(DataFormat::Chat)),
+            TrainData::Path(_) => false,
         };
-        match set_formats.contains(&DataFormat::Chat) || cfg.format == DataFormat::Chat {
-            true => Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?)),
-            false => Ok(None),
+        if cfg.format == DataFormat::Chat || set_is_chat {
+            return Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?));
         }
+        Ok(None)
     }
 
     /// `data.chat_template`: `auto` (the model's own template; an error when it has none),
