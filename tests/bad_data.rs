@@ -25,7 +25,7 @@ fn prepare_with(cfg: &Config, tok: &TextTokenizer) -> anyhow::Result<lorafit::da
         DataFormat::Chat => Some(ChatFormat::resolve(&cfg.data.chat_template, &cfg.model.path).unwrap()),
         _ => None,
     };
-    prepare(&cfg.data.train, &cfg.data, tok, chat.as_ref())
+    prepare(cfg.data.train.paths()[0], &cfg.data, tok, chat.as_ref())
 }
 
 /// A data file that must fail: its name and contents, the format, the row the message must
@@ -128,4 +128,56 @@ fn skip_mode_skips_malformed_json_and_non_utf8_rows() {
     cfg.data.on_bad_row = OnBadRow::Skip;
     let err = format!("{:#}", prepare_with(&cfg, &tok).err().expect("nothing usable"));
     assert!(err.contains("2 bad rows skipped") && err.contains("all_bad.jsonl:1"), "{err}");
+}
+
+/// `lorafit data preview` on the shipped default config with `--set` overrides; its stderr.
+fn preview_stderr(sets: &[&str]) -> String {
+    let mut args = vec!["data", "preview", "configs/default.yaml", "-n", "1"];
+    for set in sets {
+        args.extend(["--set", set]);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = format!("output.dir={}", tmp.path().display());
+    args.extend(["--set", &out_dir]);
+    let out = common::lorafit(&common::repo(), &args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    stderr
+}
+
+#[test]
+fn losing_more_than_a_twentieth_of_the_rows_is_warned_with_the_setting_to_change() {
+    // The shipped run loses nothing, so it says nothing.
+    let quiet = preview_stderr(&[]);
+    assert!(!quiet.contains("warning"), "{quiet}");
+    // Prompts longer than 48 tokens leave their answers past max_seq_len: those rows have no
+    // trainable token, and the rest are cut.
+    let (cfg, tok) = {
+        let model = common::repo().join("data/default-model");
+        let mut cfg = Config::new(&model, common::repo().join("data/default/train.jsonl"));
+        cfg.data.max_seq_len = 48;
+        let eos = ModelSpec::from_dir(&model).unwrap().eos_token_ids;
+        (cfg, TextTokenizer::from_model_dir(&model, &eos).unwrap())
+    };
+    let prepared = prepare_with(&cfg, &tok).unwrap();
+    let rows = prepared.examples.len() + prepared.dropped_no_labels;
+    assert!(prepared.dropped_no_labels * 20 > rows, "the case must lose rows");
+    let warned = preview_stderr(&["data.max_seq_len=48"]);
+    let line = warned
+        .lines()
+        .find(|l| l.starts_with("warning: training data"))
+        .unwrap_or_else(|| panic!("{warned}"));
+    let counts = format!("of {rows} rows, {} (", prepared.dropped_no_labels);
+    assert!(line.contains(&counts) && line.contains(&format!("and {} (", prepared.truncated)), "{line}");
+    assert!(line.contains("data.max_seq_len (now 48)") && line.contains("train_on_inputs"), "{line}");
+}
+
+#[test]
+fn nothing_trainable_left_is_refused_naming_the_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let body = b"{\"instruction\": \"a long question that fills every position\", \"output\": \"x\"}\n";
+    let (mut cfg, tok) = setup(tmp.path(), "short.jsonl", body, DataFormat::Alpaca);
+    cfg.data.max_seq_len = 8;
+    let err = format!("{:#}", prepare_with(&cfg, &tok).err().expect("nothing trainable must be refused"));
+    assert!(err.contains("no usable example") && err.contains("1 dropped with no trainable token"), "{err}");
 }

@@ -882,3 +882,158 @@ fn error_corrupt_arrow() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files written by pyarrow (scripts/interop/write_arrow_files.py): every page and buffer
+// compression, and view-typed columns.
+
+/// Runs the writer script into a fresh folder: the folder, the rows pyarrow reads back, and the
+/// list of files written.
+fn pyarrow_files() -> Option<(tempfile::TempDir, Vec<Value>, Vec<Value>)> {
+    let python = common::python()?;
+    let dir = tempfile::tempdir().unwrap();
+    let script = common::repo().join("scripts/interop/write_arrow_files.py");
+    let out = std::process::Command::new(&python).arg(&script).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}: {}", script.display(), String::from_utf8_lossy(&out.stderr));
+    let read = |name: &str| -> Vec<Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap()
+    };
+    let (records, files) = (read("records.json"), read("files.json"));
+    Some((dir, records, files))
+}
+
+#[test]
+fn compressed_parquet_and_ipc_written_by_pyarrow_read_to_the_same_records() {
+    let Some((dir, want, files)) = pyarrow_files() else { return };
+    let mut codecs = Vec::new();
+    for file in files.iter().filter(|f| f.get("compression").is_some()) {
+        let name = file["name"].as_str().unwrap();
+        let records = read_records(&dir.path().join(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let got: Vec<Value> = records.into_iter().map(|r| Value::Object(r.fields)).collect();
+        let want = if name == "default.feather" { &want[..10] } else { &want[..] };
+        assert_eq!(got.len(), want.len(), "{name}: rows");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g, w, "{name}: row {}", i + 1);
+        }
+        if name.ends_with(".parquet") {
+            codecs.push(parquet_codec(&dir.path().join(name)));
+        }
+    }
+    // The codecs in the files' footers, so that each one was really exercised. pyarrow writes
+    // LZ4_RAW for both `lz4` and `lz4_raw`; it no longer writes the hadoop-framed LZ4 codec.
+    for codec in ["Gzip", "Brotli", "Lz4Raw", "Zstd", "Snappy"] {
+        assert!(codecs.iter().any(|c| c == codec), "no file compressed with {codec}: {codecs:?}");
+    }
+}
+
+/// The codec of the first column chunk of a Parquet file, as its footer records it.
+fn parquet_codec(path: &Path) -> String {
+    use arrow2::io::parquet::read::read_metadata;
+    let metadata = read_metadata(&mut std::fs::File::open(path).unwrap()).unwrap();
+    format!("{:?}", metadata.row_groups[0].columns()[0].compression())
+}
+
+#[test]
+fn view_typed_columns_are_named_with_a_way_to_convert() {
+    let Some((dir, _, files)) = pyarrow_files() else { return };
+    for file in files.iter().filter(|f| f.get("view").is_some()) {
+        let name = file["name"].as_str().unwrap();
+        match read_records(&dir.path().join(name)) {
+            // A reader that can decode views must give their values.
+            Ok(records) => assert_eq!(records[0].fields["text"], json!("a"), "{name}"),
+            Err(e) => {
+                let text = format!("{e:#}");
+                assert!(text.contains("view") && text.contains("cast(pa.string())"), "{name}: {text}");
+                assert!(!text.contains("corrupt"), "{name}: {text}");
+            }
+        }
+    }
+}
+
+#[test]
+fn nested_column_paths_pick_fields_of_arrow_structs_and_json_objects() {
+    use lorafit::config::{Config, DataFormat};
+    use lorafit::data::format::prepare_records;
+    use lorafit::data::TextTokenizer;
+    use lorafit::model::ModelSpec;
+    let Some((dir, want, _)) = pyarrow_files() else { return };
+    let model = common::repo().join("data/default-model");
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
+    // The same rows with the nested fields moved to the columns alpaca reads by default.
+    let flat: Vec<Record> = want
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let fields = json!({"instruction": w["prompt"]["text"], "input": w["prompt"]["lang"], "output": w["text"]});
+            Record { file: "flat".into(), row: i + 1, fields: fields.as_object().unwrap().clone() }
+        })
+        .collect();
+    let mut cfg = Config::new(&model, "unused");
+    cfg.data.format = DataFormat::Alpaca;
+    let expected = prepare_records(&flat.into(), &cfg.data, &tok, None).unwrap().examples;
+    let jsonl: String = want.iter().map(|w| format!("{w}\n")).collect();
+    let jsonl = write(dir.path(), "nested.jsonl", jsonl);
+    for (field, path) in [("instruction", "prompt.text"), ("input", "prompt.lang"), ("output", "text")] {
+        cfg.data.columns.insert(field.into(), path.into());
+    }
+    for path in [dir.path().join("zstd.parquet"), dir.path().join("lz4.feather"), jsonl] {
+        let rows = read_rows(&path, "train").unwrap();
+        let prepared =
+            prepare_records(&rows, &cfg.data, &tok, None).unwrap_or_else(|e| panic!("{path:?}: {e:#}"));
+        assert!(prepared.examples == expected, "{}: examples differ from the flat rows'", path.display());
+        // `prompt` is read through its fields, so it is not among the ignored columns.
+        let notes = prepared.notes.join("\n");
+        assert!(notes.contains("score") && !notes.contains("prompt"), "{notes}");
+    }
+}
+
+#[test]
+fn several_data_sets_mix_by_weight_each_with_its_own_format_and_columns() {
+    use lorafit::config::Config;
+    use lorafit::data::format::{prepare, prepare_splits};
+    use lorafit::data::TextTokenizer;
+    use lorafit::model::ModelSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let stories: String =
+        (0..12).map(|i| format!("{{\"text\": \"Story {i}: a dog ran to the park.\"}}\n")).collect();
+    let qa: String =
+        (0..10).map(|i| format!("{{\"q\": \"What is {i} plus one?\", \"a\": \"{}\"}}\n", i + 1)).collect();
+    let (a, b) = (write(dir.path(), "stories.jsonl", stories), write(dir.path(), "qa.jsonl", &qa));
+    let model = common::repo().join("data/default-model");
+    let yaml = format!(
+        "model: {{path: {}}}\ndata:\n  format: alpaca\n  train:\n    - {{path: {}, format: completion, weight: 2}}\n    \
+         - {{path: {}, columns: {{instruction: q, output: a}}, weight: 0.5}}\n",
+        model.display(),
+        a.display(),
+        b.display()
+    );
+    let cfg = Config::from_yaml_str(&yaml, "run.yaml", &[]).unwrap_or_else(|e| panic!("{e:#}"));
+    let tok =
+        TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
+    let (train, _) = prepare_splits(&cfg.data, cfg.train.seed, &tok, None).unwrap();
+    // Each set prepared on its own, as a one-set run reads it.
+    let alone = |path: &Path, yaml_data: &str| {
+        let yaml = format!(
+            "model: {{path: {}}}\ndata: {{train: {}, {yaml_data}}}\n",
+            model.display(),
+            path.display()
+        );
+        let cfg = Config::from_yaml_str(&yaml, "run.yaml", &[]).unwrap();
+        prepare(path, &cfg.data, &tok, None).unwrap().examples
+    };
+    let stories = alone(&a, "format: completion");
+    let answers = alone(&b, "format: alpaca, columns: {instruction: q, output: a}");
+    assert_eq!(train.examples.len(), 2 * stories.len() + answers.len() / 2);
+    for ex in &stories {
+        assert_eq!(train.examples.iter().filter(|e| *e == ex).count(), 2, "weight 2 trains a story twice");
+    }
+    let kept = answers.iter().filter(|ex| train.examples.contains(ex)).count();
+    assert_eq!(kept, answers.len() / 2, "weight 0.5 keeps half of the answers");
+    assert!(answers.iter().all(|ex| train.examples.iter().filter(|e| *e == ex).count() <= 1));
+    // Every set's file is in the data cache key.
+    let key = |cfg: &Config| lorafit::data::cache::key_for(cfg, tok.eos_id, None).unwrap().hex();
+    let before = key(&cfg);
+    std::fs::write(&b, qa.replace("plus one", "and one")).unwrap();
+    assert_ne!(key(&cfg), before, "changing the second set's file must change the cache key");
+}

@@ -265,7 +265,9 @@ fn preference_and_kto_rows_are_refused_for_supervised_training() {
         let spec = lorafit::model::ModelSpec::from_dir(&model).unwrap();
         let tok = lorafit::data::TextTokenizer::from_model_dir(&model, &spec.eos_token_ids).unwrap();
         let chat = lorafit::data::format::ChatFormat::resolve("chatml", &model).expect("chatml is built in");
-        let Err(err) = lorafit::data::format::prepare(&cfg.data.train, &cfg.data, &tok, Some(&chat)) else {
+        let Err(err) =
+            lorafit::data::format::prepare(cfg.data.train.paths()[0], &cfg.data, &tok, Some(&chat))
+        else {
             panic!("{file}: preference pairs were prepared for supervised training");
         };
         let err = format!("{err:#}");

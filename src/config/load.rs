@@ -10,7 +10,7 @@ use super::errors::{
     explain, join_key, locate_or_section, report, split_path, strip_location, value_kind, Origin, Problem,
 };
 use super::overrides::{apply_override, keys_overlap, parse_override};
-use super::{Config, DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, SECTIONS};
+use super::{Config, DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, TrainData, SECTIONS};
 
 impl Config {
     /// The default configuration with the two required paths filled in.
@@ -18,7 +18,7 @@ impl Config {
         let mut model = ModelConfig::unset();
         model.path = model_path.into();
         let mut data = DataConfig::unset();
-        data.train = train_path.into();
+        data.train = TrainData::Path(train_path.into());
         Config {
             model,
             lora: LoraConfig::default(),

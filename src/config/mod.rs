@@ -252,8 +252,8 @@ pub enum LoraInit {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training records. Required (an empty default lets `--set data.train=...` supply it).
-    #[serde(default, serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
-    pub train: PathBuf,
+    #[serde(default)]
+    pub train: TrainData,
     #[serde(default, serialize_with = "serialize_opt_path")]
     pub validation: Option<PathBuf>,
     /// Hold out this share of the training records (seeded) when there is no validation file.
@@ -296,6 +296,97 @@ pub struct DataConfig {
     /// What to do with an example longer than max_seq_len.
     #[serde(default)]
     pub too_long: TooLong,
+}
+
+/// `data.train`: one data path (a file, folder or glob read with the data settings), or a list
+/// of data sets mixed in one run, each with its own format, columns and weight.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainData {
+    Path(PathBuf),
+    Sets(Vec<DataSet>),
+}
+
+/// One data set of a `data.train` list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSet {
+    #[serde(default, serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
+    pub path: PathBuf,
+    /// The set's record layout; `data.format` when absent.
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    /// The set's column renames; `data.columns` when absent.
+    #[serde(default)]
+    pub columns: Option<BTreeMap<String, String>>,
+    /// How many times each example counts: 2 repeats every example, 0.5 keeps a seeded half.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+impl TrainData {
+    /// Every data path named, in order.
+    pub fn paths(&self) -> Vec<&Path> {
+        match self {
+            TrainData::Path(path) => vec![path],
+            TrainData::Sets(sets) => sets.iter().map(|s| s.path.as_path()).collect(),
+        }
+    }
+}
+
+impl Default for TrainData {
+    fn default() -> TrainData {
+        TrainData::Path(PathBuf::new())
+    }
+}
+
+impl From<PathBuf> for TrainData {
+    fn from(path: PathBuf) -> TrainData {
+        TrainData::Path(path)
+    }
+}
+
+/// Lets a plain path compare with the path it was given as.
+impl PartialEq<PathBuf> for TrainData {
+    fn eq(&self, other: &PathBuf) -> bool {
+        matches!(self, TrainData::Path(path) if path == other)
+    }
+}
+
+impl Serialize for TrainData {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            TrainData::Path(path) => serialize_path(path, serializer),
+            TrainData::Sets(sets) => sets.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TrainData {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<TrainData, D::Error> {
+        struct TrainVisitor;
+
+        impl<'de> Visitor<'de> for TrainVisitor {
+            type Value = TrainData;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a path, or a list of data sets ({path, format, columns, weight})")
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<TrainData, E> {
+                deserialize_path(de::value::StrDeserializer::<E>::new(value)).map(TrainData::Path)
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<TrainData, A::Error> {
+                Vec::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(TrainData::Sets)
+            }
+        }
+
+        deserializer.deserialize_any(TrainVisitor)
+    }
 }
 
 /// Which tokens of a chat carry loss.
@@ -544,7 +635,7 @@ impl ModelConfig {
 impl DataConfig {
     fn unset() -> Self {
         DataConfig {
-            train: PathBuf::new(),
+            train: TrainData::default(),
             validation: None,
             val_split: None,
             split: default_split(),

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::{
     Config, DataConfig, DeviceName, LoraConfig, ModelConfig, OutputConfig, TargetModules, TrainConfig,
+    TrainData,
 };
 
 type Checked = std::result::Result<(), Invalid>;
@@ -87,7 +88,7 @@ fn check_lora(lora: &LoraConfig, found: &mut Found) {
 }
 
 fn check_data(data: &DataConfig, found: &mut Found) {
-    found.add(required_path("data.train", &data.train, "the training data file", "train: data/train.jsonl"));
+    found.add(check_train_data(&data.train));
     if data.validation.as_ref().is_some_and(|validation| validation.as_os_str().is_empty()) {
         found.add(Err(Invalid::new(
             "data.validation",
@@ -253,6 +254,43 @@ impl Invalid {
     fn new(key: &'static str, message: String) -> Self {
         Invalid { key, message }
     }
+}
+
+/// A plain `data.train` path must be given; a list needs at least one set, each with a path
+/// and a positive weight.
+fn check_train_data(train: &TrainData) -> Checked {
+    let sets = match train {
+        TrainData::Path(path) => {
+            return required_path("data.train", path, "the training data file", "train: data/train.jsonl")
+        }
+        TrainData::Sets(sets) => sets,
+    };
+    if sets.is_empty() {
+        return Err(Invalid::new(
+            "data.train",
+            "`data.train` is an empty list; give a path, or data sets such as `- {path: a.jsonl, weight: 1}`"
+                .to_string(),
+        ));
+    }
+    for (i, set) in sets.iter().enumerate() {
+        if set.path.as_os_str().is_empty() {
+            return Err(Invalid::new(
+                "data.train",
+                format!("`data.train[{i}]` has no `path`; give its data file"),
+            ));
+        }
+        if !(set.weight.is_finite() && set.weight > 0.0) {
+            return Err(Invalid::new(
+                "data.train",
+                format!(
+                    "`data.train[{i}].weight` must be a positive number (2 repeats each example, 0.5 keeps half), \
+                     got {}; leave the set out rather than weighting it 0",
+                    set.weight
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn required_path(key: &'static str, path: &Path, what: &str, example: &str) -> Checked {

@@ -76,7 +76,7 @@ pub fn key_for(cfg: &Config, eos_id: i64, chat_template: Option<&str>) -> Result
         .add_bytes(&eos_id.to_le_bytes())
         .add_bytes(chat_template.unwrap_or("").as_bytes());
     key.add_path(&cfg.model.path.join("tokenizer.json"))?;
-    for pattern in std::iter::once(&cfg.data.train).chain(cfg.data.validation.as_ref()) {
+    for pattern in cfg.data.train.paths().into_iter().chain(cfg.data.validation.as_deref()) {
         for path in expand_paths(pattern)? {
             key.add_path(&path)?;
         }

@@ -7,13 +7,16 @@
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
 use super::tokenizer::{Encoded, TextTokenizer};
-use crate::config::{DataConfig, DataFormat, OnBadRow, TooLong};
+use crate::config::{DataConfig, DataFormat, DataSet, OnBadRow, TooLong, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
 use std::path::Path;
+
+/// The share of a set's rows that may be left out or cut before a run warns about it.
+pub const LOSS_WARNING_SHARE: f64 = 0.05;
 
 /// Labels of tokens that carry no loss (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
@@ -42,10 +45,15 @@ impl ChatFormat {
     /// The chat format of data prepared with `cfg` for the model in `model_dir`: none unless the
     /// data are chats.
     pub fn of_data(cfg: &DataConfig, model_dir: &Path) -> Result<Option<ChatFormat>> {
-        match cfg.format {
-            DataFormat::Chat => Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?)),
-            _ => Ok(None),
+        // A set of a `data.train` list may be chats when `data.format` is not.
+        let set_is_chat = match &cfg.train {
+            TrainData::Sets(sets) => sets.iter().any(|s| s.format == Some(DataFormat::Chat)),
+            TrainData::Path(_) => false,
+        };
+        if cfg.format == DataFormat::Chat || set_is_chat {
+            return Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?));
         }
+        Ok(None)
     }
 
     /// `data.chat_template`: `auto` (the model's own template; an error when it has none),
@@ -145,6 +153,65 @@ impl Prepared {
         line
     }
 
+    /// A warning when more than [`LOSS_WARNING_SHARE`] of the rows read were left out, or were
+    /// cut, with the counts and the settings that keep them; `name` says which set ("training").
+    /// The two are judged apart, as a cut example may then be left out and counted in both.
+    pub fn loss_warning(&self, name: &str, cfg: &DataConfig) -> Option<String> {
+        let lost = self.skipped_too_long + self.dropped_no_labels + self.skipped_bad_rows;
+        let rows = self.examples.len() + lost;
+        let over = |n: usize| n as f64 > LOSS_WARNING_SHARE * rows as f64;
+        if !over(lost) && !over(self.truncated) {
+            return None;
+        }
+        let mut advice = Vec::new();
+        if self.truncated + self.skipped_too_long > 0 {
+            advice.push(format!(
+                "raise data.max_seq_len (now {}) to keep long examples whole (data.too_long says whether they \
+                 are cut or skipped)",
+                cfg.max_seq_len
+            ));
+        }
+        if self.dropped_no_labels > 0 {
+            let masking = match cfg.format {
+                DataFormat::Chat => {
+                    format!("data.train_on (now {:?}) says which turns are trained", cfg.train_on)
+                        .to_lowercase()
+                }
+                DataFormat::Alpaca => "data.train_on_inputs: true trains the prompt too".to_string(),
+                _ => "check which segments are labelled trainable".to_string(),
+            };
+            advice.push(format!(
+                "an example has no trainable token when its answer lies past data.max_seq_len (now {}) or none \
+                 of it is trained: {masking}",
+                cfg.max_seq_len
+            ));
+        }
+        if self.skipped_bad_rows > 0 {
+            advice.push("fix the bad rows (data.on_bad_row: error stops at the first)".to_string());
+        }
+        let percent = |n: usize| 100.0 * n as f64 / rows as f64;
+        Some(format!(
+            "{name} data: of {rows} rows, {lost} ({:.0}%) are left out and {} ({:.0}%) cut ({}). To keep them: {}",
+            percent(lost),
+            self.truncated,
+            percent(self.truncated),
+            self.report(),
+            advice.join("; ")
+        ))
+    }
+
+    /// Adds the examples and counts of another set to this one.
+    fn absorb(&mut self, other: Prepared) {
+        self.examples.extend(other.examples);
+        self.truncated += other.truncated;
+        self.skipped_too_long += other.skipped_too_long;
+        self.dropped_no_labels += other.dropped_no_labels;
+        self.skipped_bad_rows += other.skipped_bad_rows;
+        let room = 5usize.saturating_sub(self.bad_row_samples.len());
+        self.bad_row_samples.extend(other.bad_row_samples.into_iter().take(room));
+        self.notes.extend(other.notes);
+    }
+
     /// Applies `data.on_bad_row` to a row that cannot be used; `reason` names its file and row.
     fn bad_row(&mut self, policy: OnBadRow, reason: String) -> Result<()> {
         match policy {
@@ -227,7 +294,8 @@ fn alpaca_prompt(cfg: &DataConfig, instruction: &str, input: &str) -> String {
     }
 }
 
-/// The column of `record` that holds lorafit's field `name` (after `data.columns` renames).
+/// The column of `record` that holds lorafit's field `name` (after `data.columns` renames); a
+/// dotted path (`prompt.text`) names a field of a nested object ([`Record::get`]).
 fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
     cfg.columns.get(name).map(String::as_str).unwrap_or(name)
 }
@@ -235,7 +303,7 @@ fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
 /// A string field, or an error naming file, row, the column and the columns present.
 fn text<'a>(record: &'a Record, cfg: &DataConfig, name: &str, required: bool) -> Result<Option<&'a str>> {
     let col = column(cfg, name);
-    match record.fields.get(col) {
+    match record.get(col) {
         Some(Value::String(s)) => Ok(Some(s)),
         None | Some(Value::Null) if !required => Ok(None),
         None | Some(Value::Null) => {
@@ -263,7 +331,7 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
         }
         DataFormat::InputOutput => {
             let col = column(cfg, "segments");
-            let Some(Value::Array(items)) = record.fields.get(col) else {
+            let Some(Value::Array(items)) = record.get(col) else {
                 bail!("the row has no `{col}` list of {{\"text\", \"label\"}} segments");
             };
             let segs = items
@@ -424,7 +492,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
                 fields.join(", ")
             );
         }
-        if !present.contains(&column.as_str()) {
+        if !records.iter().any(|r| r.get(column).is_some()) {
             bail!(
                 "data.columns maps `{field}` to the column `{column}`, but no row of {file} has it (columns: {})",
                 present.join(", ")
@@ -432,8 +500,11 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
         }
     }
     let used = used_columns(cfg);
+    // A nested path (`prompt.text`) uses its top-level column (`prompt`).
+    let is_used =
+        |c: &str| used.iter().any(|u| *u == c || u.strip_prefix(c).is_some_and(|r| r.starts_with('.')));
     for (chosen, rejected) in PREFERENCE_PAIRS {
-        if [chosen, rejected].iter().all(|c| present.contains(c) && !used.contains(c)) {
+        if [chosen, rejected].iter().all(|c| present.contains(c) && !is_used(c)) {
             bail!(
                 "{file} holds preference pairs (columns `{chosen}` and `{rejected}`): they are for preference \
                  training such as DPO, which lorafit does not do yet; as data.format {} it would train on the \
@@ -443,9 +514,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
             );
         }
     }
-    if !used.contains(&"label")
-        && records.iter().any(|r| r.fields.get("label").is_some_and(Value::is_boolean))
-    {
+    if !is_used("label") && records.iter().any(|r| r.fields.get("label").is_some_and(Value::is_boolean)) {
         bail!(
             "{file} holds KTO-style feedback (a true/false `label` column): as data.format {} every answer \
              would be trained, the undesirable ones (label false) too. Keep only the rows labelled true and \
@@ -453,7 +522,7 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
             cfg.format
         );
     }
-    let ignored: Vec<&str> = present.iter().copied().filter(|c| !used.contains(c)).collect();
+    let ignored: Vec<&str> = present.iter().copied().filter(|c| !is_used(c)).collect();
     Ok((!ignored.is_empty()).then(|| {
         format!("{file}: columns that data.format {} does not read: {}", cfg.format, ignored.join(", "))
     }))
@@ -527,19 +596,87 @@ pub fn prepare_records(
 }
 
 /// The training and validation sets: from their files, or with `val_split` a seeded share of
-/// the training records held out.
+/// the training records held out (from each set of a `data.train` list, before weighting, so
+/// that no copy of a held-out example is trained).
 pub fn prepare_splits(
     cfg: &DataConfig,
     seed: u64,
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
 ) -> Result<(Prepared, Option<Prepared>)> {
-    let train = prepare(&cfg.train, cfg, tok, chat)?;
-    if let Some(path) = &cfg.validation {
-        return Ok((train, Some(prepare(path, cfg, tok, chat)?)));
+    let (train, held_out) = match &cfg.train {
+        TrainData::Path(path) => {
+            let train = prepare(path, cfg, tok, chat)?;
+            match cfg.val_split {
+                Some(share) => {
+                    let (train, val) = hold_out(train, share, seed)?;
+                    (train, Some(val))
+                }
+                None => (train, None),
+            }
+        }
+        TrainData::Sets(sets) => prepare_sets(sets, cfg, seed, tok, chat)?,
+    };
+    match &cfg.validation {
+        Some(path) => Ok((train, Some(prepare(path, cfg, tok, chat)?))),
+        None => Ok((train, held_out)),
     }
-    let Some(share) = cfg.val_split else { return Ok((train, None)) };
-    let mut train = train;
+}
+
+/// The data sets of a `data.train` list, each read with its own format and columns, held out
+/// from when `val_split` says so, weighted ([`weighted`]) and concatenated in list order.
+fn prepare_sets(
+    sets: &[DataSet],
+    cfg: &DataConfig,
+    seed: u64,
+    tok: &TextTokenizer,
+    chat: Option<&ChatFormat>,
+) -> Result<(Prepared, Option<Prepared>)> {
+    let (mut train, mut val) = (Prepared::default(), cfg.val_split.map(|_| Prepared::default()));
+    for (i, set) in sets.iter().enumerate() {
+        let set_cfg = DataConfig {
+            format: set.format.unwrap_or(cfg.format),
+            columns: set.columns.clone().unwrap_or_else(|| cfg.columns.clone()),
+            ..cfg.clone()
+        };
+        let mut prepared = prepare(&set.path, &set_cfg, tok, chat)
+            .with_context(|| format!("data.train[{i}] ({})", set.path.display()))?;
+        if let (Some(share), Some(val)) = (cfg.val_split, val.as_mut()) {
+            let (kept, held) = hold_out(prepared, share, seed)?;
+            prepared = kept;
+            val.absorb(held);
+        }
+        prepared.examples = weighted(prepared.examples, set.weight, seed ^ (i as u64 + 1));
+        train.absorb(prepared);
+    }
+    Ok((train, val))
+}
+
+/// A set's examples as its `weight` counts them: each example `floor(weight)` times, then a
+/// seeded `weight - floor(weight)` share of them once more (0.5: a random half; 2.5: all twice
+/// and half three times). Unlike LLaMA-Factory's `interleave_probs`, which samples sets by
+/// probability until one runs out, the result is a fixed multiset: the proportions hold
+/// exactly over every epoch. Never fewer than one example.
+fn weighted(examples: Vec<Example>, weight: f64, seed: u64) -> Vec<Example> {
+    let whole = weight.floor() as usize;
+    let extra = ((weight - weight.floor()) * examples.len() as f64).round() as usize;
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    let mut picked = order[..extra.min(order.len())].to_vec();
+    if whole == 0 && picked.is_empty() {
+        picked.extend(order.first());
+    }
+    picked.sort_unstable();
+    let mut out = Vec::with_capacity(examples.len() * whole + picked.len());
+    for _ in 0..whole {
+        out.extend(examples.iter().cloned());
+    }
+    out.extend(picked.into_iter().map(|i| examples[i].clone()));
+    out
+}
+
+/// Holds a seeded `share` of the examples out of `train` for validation.
+fn hold_out(mut train: Prepared, share: f64, seed: u64) -> Result<(Prepared, Prepared)> {
     let mut order: Vec<usize> = (0..train.examples.len()).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5EED_5A11));
     let n_val = ((train.examples.len() as f64 * share).round() as usize)
@@ -558,5 +695,5 @@ pub fn prepare_splits(
         }
     }
     train.examples = kept;
-    Ok((train, Some(Prepared { examples: val, ..Prepared::default() })))
+    Ok((train, Prepared { examples: val, ..Prepared::default() }))
 }

@@ -119,5 +119,10 @@ pub fn load_data(cfg: &Config, model: &ModelFacts) -> Result<RunData> {
     };
     data.check_vocabulary(model.embedding_rows)?;
     data.check_positions(model.positions, cfg)?;
+    for (name, set) in data.sets() {
+        if let Some(warning) = set.loss_warning(name, &cfg.data) {
+            eprintln!("warning: {warning}");
+        }
+    }
     Ok(data)
 }

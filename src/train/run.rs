@@ -225,7 +225,18 @@ impl RunPlan {
             ("batch_size", number(cfg.train.micro_batch_size * cfg.train.grad_accum_steps)),
             ("data.max_seq_len", number(cfg.data.max_seq_len)),
             ("precision", HParam::Text(precision::name(self.precision.precision).to_string())),
-            ("data.train", HParam::Text(cfg.data.train.display().to_string())),
+            (
+                "data.train",
+                HParam::Text(
+                    cfg.data
+                        .train
+                        .paths()
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ),
+            ),
             ("data.validation", HParam::Text(validation.unwrap_or_default())),
             ("seed", HParam::Number(cfg.train.seed as f64)),
         ]

@@ -1,6 +1,7 @@
 //! Records → [`Conversation`]s: OpenAI and ShareGPT turns, content parts, tool calls and tools.
 
 use super::jinja::dict;
+use crate::data::source::lookup;
 use crate::files::kind_name;
 use anyhow::{anyhow, bail, Result};
 use minijinja::value::{Serde, Value as JValue, ValueKind};
@@ -113,7 +114,7 @@ pub fn parse_conversation(
 ) -> Result<Conversation> {
     let at = format!("{}:{row}", file.display());
     let (column, turns) = find_turns(&at, fields, messages_field)?;
-    let tools = match fields.get(tools_field) {
+    let tools = match lookup(fields, tools_field) {
         Some(value) => parse_tools(value).map_err(|why| anyhow!("{at}: `{tools_field}`: {why}"))?,
         None => None,
     };
@@ -151,7 +152,7 @@ fn find_turns<'a>(
         }
     };
     let (column, list) = match messages_field {
-        Some(name) => match fields.get(name) {
+        Some(name) => match lookup(fields, name) {
             Some(v) => (name, v),
             None => {
                 bail!("{at}: the row has no `{name}` field with the conversation (it has: {})", present())

@@ -62,18 +62,51 @@ fn open(path: &Path) -> Result<BufReader<File>> {
 }
 
 fn corrupt(path: &Path, kind: &str, e: impl std::fmt::Display) -> anyhow::Error {
+    let detail = e.to_string();
+    if let Some(view) = view_type(&detail) {
+        return anyhow!(
+            "data file {} has a column of Arrow's view type {view}, which lorafit's Arrow reader does not \
+             read; convert it before writing, e.g. in pyarrow `table = table.set_column(i, name, \
+             table[name].cast(pa.string()))` (`pa.binary()` for binary_view, `pa.list_(type)` for list_view), \
+             or save the table as Parquet, which stores string_view as a plain string",
+            path.display()
+        );
+    }
     anyhow!(
-        "data file {} is not readable as {kind} ({e}); it is corrupt or truncated, so write it \
-         again",
+        "data file {} is not readable as {kind} ({detail}); it is corrupt or truncated, so write \
+         it again",
         path.display()
     )
+}
+
+/// The view type (Arrow 1.4's string_view, binary_view, list_view) an Arrow schema decoder
+/// failed on: arrow2 predates them and reports their type tags as an unknown union variant.
+fn view_type(decoder_error: &str) -> Option<&'static str> {
+    // The tags of Arrow's `Type` union in Schema.fbs.
+    const VIEWS: [(&str, &str); 4] =
+        [("23", "binary_view"), ("24", "string_view"), ("25", "list_view"), ("26", "large_list_view")];
+    let tag = decoder_error.split("Unknown union (tag = ").nth(1)?.split(')').next()?;
+    VIEWS.iter().find(|(t, _)| *t == tag).map(|(_, name)| *name)
 }
 
 pub(super) fn read_parquet(path: &Path) -> Result<Vec<Record>> {
     use arrow2::io::parquet::read;
     let mut reader = open(path)?;
-    let metadata = read::read_metadata(&mut reader).map_err(|e| corrupt(path, "a Parquet file", e))?;
-    let schema = read::infer_schema(&metadata).map_err(|e| corrupt(path, "a Parquet file", e))?;
+    let mut metadata = read::read_metadata(&mut reader).map_err(|e| corrupt(path, "a Parquet file", e))?;
+    let schema = match read::infer_schema(&metadata) {
+        Ok(schema) => schema,
+        // The Arrow schema pyarrow embeds only refines the Parquet one (e.g. string_view for a
+        // string column); when arrow2 cannot decode it, the Parquet schema alone gives the values.
+        Err(_) if has_arrow_schema(&metadata) => {
+            metadata
+                .key_value_metadata
+                .as_mut()
+                .into_iter()
+                .for_each(|kv| kv.retain(|kv| kv.key != ARROW_SCHEMA));
+            read::infer_schema(&metadata).map_err(|e| corrupt(path, "a Parquet file", e))?
+        }
+        Err(e) => return Err(corrupt(path, "a Parquet file", e)),
+    };
     let expected = metadata.num_rows;
     let chunks = read::FileReader::new(reader, metadata.row_groups, schema.clone(), None, None, None);
     let mut records = Vec::new();
@@ -89,6 +122,13 @@ pub(super) fn read_parquet(path: &Path) -> Result<Vec<Record>> {
         ));
     }
     Ok(records)
+}
+
+/// The key under which Parquet writers store the Arrow schema of the table.
+const ARROW_SCHEMA: &str = "ARROW:schema";
+
+fn has_arrow_schema(metadata: &arrow2::io::parquet::read::FileMetaData) -> bool {
+    metadata.key_value_metadata.as_ref().is_some_and(|kv| kv.iter().any(|kv| kv.key == ARROW_SCHEMA))
 }
 
 pub(super) fn read_ipc_file(path: &Path) -> Result<Vec<Record>> {

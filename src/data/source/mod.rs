@@ -7,9 +7,11 @@
 //!   array of objects (`{"data": [...]}`, `{"train": [...]}`; the key's name does not matter).
 //!   Any other single object is one record. In a `.jsonl` file every line is one record, even a
 //!   line shaped like `{"data": [...]}`;
-//! - a Parquet file (`PAR1` magic; uncompressed, snappy or zstd pages);
+//! - a Parquet file (`PAR1` magic; uncompressed, snappy, zstd, gzip, brotli, lz4 or lz4_raw
+//!   pages);
 //! - an Arrow IPC stream (what `Dataset.save_to_disk` and the `datasets` cache write; starts with
-//!   the continuation marker `0xFFFFFFFF`) or an Arrow IPC file / Feather v2 (`ARROW1` magic);
+//!   the continuation marker `0xFFFFFFFF`) or an Arrow IPC file / Feather v2 (`ARROW1` magic),
+//!   uncompressed or with lz4_frame / zstd buffers;
 //! - a `save_to_disk` directory: a `DatasetDict` (`dataset_dict.json` + one folder per split) or
 //!   a single `Dataset` folder (`state.json` listing its `.arrow` shards in order);
 //! - plain UTF-8 text (`.txt`, or anything that does not start with `{` or `[`): one record per
@@ -64,6 +66,27 @@ impl Rows {
     pub fn extend(&mut self, other: Rows) {
         self.records.extend(other.records);
         self.bad.extend(other.bad);
+    }
+}
+
+/// The value at `column` of a record's fields: the field of that name, or, for a dotted path
+/// such as `prompt.text` that is no field's name, field `text` of the object in field `prompt`
+/// (any depth). Arrow structs are JSON objects once read, so the same path serves every format.
+pub fn lookup<'a>(fields: &'a Map<String, Value>, column: &str) -> Option<&'a Value> {
+    if let Some(value) = fields.get(column) {
+        return Some(value);
+    }
+    // Try every split at a dot: a field name may itself hold dots (`a.b` in `{"a.b": {"c": ..}}`).
+    column.match_indices('.').find_map(|(i, _)| match fields.get(&column[..i]) {
+        Some(Value::Object(inner)) => lookup(inner, &column[i + 1..]),
+        _ => None,
+    })
+}
+
+impl Record {
+    /// The value at `column`, a field name or a dotted path into nested objects ([`lookup`]).
+    pub fn get(&self, column: &str) -> Option<&Value> {
+        lookup(&self.fields, column)
     }
 }
 
