@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::config::{Config, DataFormat};
-use crate::data::format::detect_format;
-use crate::data::source::read_split;
+use crate::data::format::detect_data_format;
 use crate::model::spec::Family;
 use crate::model::{LinearSites, ModelSpec};
 
@@ -140,23 +139,6 @@ fn family_preset(family: Family) -> &'static Preset {
         Family::Gpt2 => "gpt2",
     };
     PRESETS.iter().find(|p| p.name == name).expect("every family has a preset")
-}
-
-/// The record layout of the data file's first record, read as `train` reads the file.
-fn detect_data_format(path: &Path) -> Result<DataFormat> {
-    let records = read_split(path, "train")?;
-    let first = records.first().ok_or_else(|| anyhow!("{} holds no records", path.display()))?;
-    detect_format(&first.fields).ok_or_else(|| {
-        let columns: Vec<&str> = first.fields.keys().map(String::as_str).collect();
-        anyhow!(
-            "{} row {}: no known record layout in its columns ({}); expected `text`, \
-             `instruction`/`output`, `segments`, `messages` or `conversations` (rename columns \
-             with data.columns in the written config)",
-            first.file.display(),
-            first.row,
-            columns.join(", ")
-        )
-    })
 }
 
 /// Micro-batch and accumulation: no memory is measured, so a conservative default by model size

@@ -163,8 +163,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct GenerateArgs {
-    /// The Hugging Face model directory (or take it from --run or --config).
-    #[arg(long, required_unless_present_any = ["run", "config"], conflicts_with_all = ["run", "config"])]
+    /// The Hugging Face model directory (or take it from --run or --config); default with
+    /// --adapter: its `base_model_name_or_path`, when that is a model directory here.
+    #[arg(long, required_unless_present_any = ["run", "config", "adapter"], conflicts_with_all = ["run", "config"])]
     model: Option<PathBuf>,
     /// A training run's directory: its model, its adapter (RUN_DIR/adapter, unless --adapter
     /// says otherwise), and prompts put to the model as its training data put its examples

@@ -47,7 +47,7 @@ fn export_replaces_an_existing_file_only_with_force() {
 }
 
 #[test]
-fn export_merge_and_eval_take_the_base_model_the_adapter_names() {
+fn export_merge_eval_and_generate_take_the_base_model_the_adapter_names() {
     let tmp = tempfile::tempdir().unwrap();
     let t = tmp.path();
     let model = common::fixture("llama3");
@@ -89,6 +89,18 @@ fn export_merge_and_eval_take_the_base_model_the_adapter_names() {
     let given = eval(&["eval", "--adapter", a, "--model", m, "--data", "eval.jsonl"]);
     let found = eval(&["eval", "--adapter", a, "--data", "eval.jsonl"]);
     assert!(given.starts_with("eval loss "), "{given}");
+    assert_eq!(given, found);
+
+    // generate: the same answer as with --model.
+    let answer = |args: &[&str]| {
+        let out = common::lorafit(t, args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let prompt = ["--prompt", "Count to 3.", "--max-new-tokens", "8"];
+    let given = answer(&[&["generate", "--adapter", a, "--model", m][..], &prompt].concat());
+    let found = answer(&[&["generate", "--adapter", a][..], &prompt].concat());
+    assert!(!given.trim().is_empty());
     assert_eq!(given, found);
 }
 
@@ -170,4 +182,25 @@ fn an_interrupted_run_with_a_generated_name_says_how_to_continue_and_resumes() {
     succeeds(t, &words.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(run.join(format!("step-{}", step + 2)).join("trainer_state.json").exists());
     assert!(run.join("adapter").exists());
+}
+
+/// `eval --data FILE` without a config reads the file in the format its records have, as
+/// `train` with that format set would.
+#[test]
+fn eval_of_a_bare_data_file_detects_its_format() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    common::write(&t.join("stories.jsonl"), common::STORY_ROWS);
+    let model = common::repo().join("data/default-model");
+    let m = model.to_str().unwrap();
+    let eval = |extra: &[&str]| {
+        let args =
+            [&["eval", "--model", m, "--data", "stories.jsonl", "--adapter", "none"][..], extra].concat();
+        let out = common::lorafit(t, &args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let detected = eval(&[]);
+    assert!(detected.starts_with("eval loss "), "{detected}");
+    assert_eq!(detected, eval(&["--set", "data.format=completion"]));
 }

@@ -5,7 +5,7 @@
 //! so masking rules live in one place whatever the format.
 
 use super::chat::{self, ChatTemplate};
-use super::source::{expand_paths, read_rows, Record, Rows};
+use super::source::{expand_paths, read_rows, read_split, Record, Rows};
 use super::tokenizer::{Encoded, TextTokenizer};
 use crate::config::{DataConfig, DataFormat, DataSet, OnBadRow, TooLong, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -450,6 +450,24 @@ pub fn detect_format(fields: &serde_json::Map<String, serde_json::Value>) -> Opt
     [DataFormat::Alpaca, DataFormat::InputOutput, DataFormat::Completion]
         .into_iter()
         .find(|format| has(format_fields(*format)[0]))
+}
+
+/// The record layout of a data file's first record, read as `train` reads the file: for a
+/// command given a data file but no config to name its format.
+pub fn detect_data_format(path: &Path) -> Result<DataFormat> {
+    let records = read_split(path, "train")?;
+    let first = records.first().ok_or_else(|| anyhow!("{} holds no records", path.display()))?;
+    detect_format(&first.fields).ok_or_else(|| {
+        let columns: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        anyhow!(
+            "{} row {}: no known record layout in its columns ({}); expected `text`, \
+             `instruction`/`output`, `segments`, `messages` or `conversations` (rename columns \
+             with data.columns)",
+            first.file.display(),
+            first.row,
+            columns.join(", ")
+        )
+    })
 }
 
 /// The columns a format reads in the user's files: its fields after renames, and for chats the

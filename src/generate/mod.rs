@@ -228,12 +228,13 @@ impl Generator {
             (None, Some(path)) => Some(Config::load(path, &[])?),
             (None, None) => None,
         };
-        let model_dir = match (&run_config, &opts.model) {
-            (Some(cfg), _) => cfg.model.path.clone(),
-            (None, Some(dir)) => dir.clone(),
-            (None, None) => bail!("give --model, --run or --config"),
-        };
         let adapter = opts.adapter.clone().or_else(|| opts.run.as_ref().map(|dir| dir.join("adapter")));
+        let model_dir = match (&run_config, &opts.model, &opts.adapter) {
+            (Some(cfg), _, _) => cfg.model.path.clone(),
+            (None, Some(dir), _) => dir.clone(),
+            (None, None, Some(adapter)) => peft::base_model_dir(adapter, None)?,
+            (None, None, None) => bail!("give --model, --run or --config"),
+        };
         if opts.compare && adapter.is_none() {
             bail!("--compare needs an adapter: give --adapter or --run");
         }

@@ -4,7 +4,7 @@
 use super::run::load_run_data;
 use super::{evaluate, precision};
 use crate::config::Config;
-use crate::data::format::Prepared;
+use crate::data::format::{detect_data_format, Prepared};
 use crate::data::Batch;
 use crate::lora::peft;
 use crate::model::load::{load_model_for, resolve_device};
@@ -33,6 +33,16 @@ pub fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, devic
         .collect()
 }
 
+/// The config of `eval --data FILE` without a config file: the data's format is detected from
+/// its first record, as `lorafit init` does, unless `--set data.format=...` names it.
+fn config_for_data(model: &Path, data: &Path, overrides: &[String]) -> Result<Config> {
+    let mut cfg = Config::for_model_and_data(model, data, overrides)?;
+    if !overrides.iter().any(|set| set.trim_start().starts_with("data.format=")) {
+        cfg.data.format = detect_data_format(data)?;
+    }
+    Ok(cfg)
+}
+
 /// `lorafit eval`: [`eval`] of the config and adapter `opts` give. Returns (mean token loss,
 /// label tokens).
 pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
@@ -41,10 +51,10 @@ pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
         (Some(config), _, _) => Config::load(config, &opts.overrides)?,
         (None, Some(data), Some(adapter)) => {
             let model = peft::base_model_dir(adapter, opts.model.as_deref())?;
-            Config::for_model_and_data(&model, data, &opts.overrides)?
+            config_for_data(&model, data, &opts.overrides)?
         }
         (None, Some(data), None) => match &opts.model {
-            Some(model) => Config::for_model_and_data(model, data, &opts.overrides)?,
+            Some(model) => config_for_data(model, data, &opts.overrides)?,
             None => {
                 bail!("give --model DIR (or an --adapter whose adapter_config.json names its base model)")
             }
