@@ -129,7 +129,7 @@ pub fn generate(
         let mut input = Tensor::from_slice(prompt_ids).view([1, -1]).to_device(device);
         // Learned positions (GPT-2) end at the model's last one, so decoding stops there too.
         let room = match model.spec.rope {
-            None => (model.spec.max_position_embeddings as usize).saturating_sub(prompt_ids.len()),
+            None => (model.spec.positions() as usize).saturating_sub(prompt_ids.len()),
             Some(_) => usize::MAX,
         };
         for _ in 0..max_new_tokens.min(room) {

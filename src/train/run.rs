@@ -297,9 +297,11 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let prep_secs = prep_started.elapsed().as_secs_f64();
     // Checked before the model and adapters are allocated.
     let lora_cfg = lora_config(&cfg)?;
-    let row_tokens = match row_layout(&cfg) {
+    let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
+    let layout = row_layout(&cfg);
+    let row_tokens = match layout {
         RowLayout::Packed(n) => n,
-        RowLayout::ByLength => data.train.examples.iter().map(|e| e.input_ids.len()).max().unwrap_or(0),
+        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
     };
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
     let mut toggled = cfg.clone();
@@ -313,8 +315,8 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let trainer = Trainer::new(params, &cfg.train);
     let mut plan = RunPlan {
-        lengths: data.train.examples.iter().map(|e| e.input_ids.len()).collect(),
-        layout: row_layout(&cfg),
+        lengths,
+        layout,
         total_steps: 0,
         state: TrainerState::default(),
         requested,
