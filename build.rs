@@ -1,5 +1,8 @@
 // Bakes the libtorch library directory into every binary, test and example as an rpath, so
-// `cargo run` and `cargo test` work without LD_LIBRARY_PATH.
+// `cargo run` and `cargo test` work without LD_LIBRARY_PATH; compiles the data-parallel shim
+// (src/dist/shim.cpp) against the same libtorch.
+use std::path::{Path, PathBuf};
+
 fn main() {
     // torch-sys (links = "tch") exports its lib dir to dependents as DEP_TCH_LIBTORCH_LIB.
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB")
@@ -7,8 +10,79 @@ fn main() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     // With a CUDA libtorch, keep libtorch_cuda.so linked even though no symbol of it is referenced
     // directly: it registers the CUDA backend when loaded (`--as-needed` would drop it).
-    if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
+    let cuda = Path::new(&lib).join("libtorch_cuda.so").exists();
+    if cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    build_dist_shim(Path::new(&lib), cuda);
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// Compiles the c10d shim when gloo's headers are there (scripts/setup/gloo.sh installs them);
+/// without them lorafit builds with `dist` reporting that it is missing (cfg `lorafit_dist`).
+fn build_dist_shim(lib: &Path, cuda: bool) {
+    println!("cargo:rustc-check-cfg=cfg(lorafit_dist)");
+    println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LORAFIT_GLOO_INCLUDE");
+    println!("cargo:rerun-if-env-changed=LORAFIT_NCCL_INCLUDE");
+    let gloo = std::env::var_os("LORAFIT_GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([PathBuf::from("/usr/include")])
+        .find(|dir| dir.join("gloo/algorithm.h").exists());
+    let Some(gloo) = gloo else {
+        println!(
+            "cargo:warning=gloo headers not found: lorafit is built without data-parallel training; \
+             run scripts/setup/gloo.sh (or set LORAFIT_GLOO_INCLUDE) and rebuild"
+        );
+        return;
+    };
+    println!("cargo:rerun-if-changed={}", gloo.join("gloo").display());
+    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/dist/shim.cpp")
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .include(&gloo)
+        .warnings(false)
+        .extra_warnings(false);
+    // NCCL only when the libtorch has CUDA and NCCL's and CUDA's headers are found.
+    if let Some(dirs) = cuda.then(|| nccl_includes(lib)).flatten() {
+        build.define("LORAFIT_NCCL", None).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+        for dir in dirs {
+            build.include(dir);
+        }
+    }
+    build.compile("lorafit_dist");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=lorafit_dist");
+}
+
+/// The include directories NCCL's process group needs beside libtorch's: nccl.h, and CUDA's
+/// `crt/host_config.h` and `nv/target`, from LORAFIT_NCCL_INCLUDE (colon-separated) or the
+/// `nvidia/*/include` directories of the Python environment the CUDA libtorch came from.
+fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
+    let dirs: Vec<PathBuf> = match std::env::var_os("LORAFIT_NCCL_INCLUDE") {
+        Some(list) => std::env::split_paths(&list).collect(),
+        None => {
+            let nvidia = lib.parent()?.parent()?.join("nvidia");
+            let mut found = Vec::new();
+            for entry in std::fs::read_dir(&nvidia).ok()?.flatten() {
+                found.extend([entry.path().join("include"), entry.path().join("cu13/include")]);
+            }
+            found.into_iter().filter(|d| d.is_dir()).collect()
+        }
+    };
+    let has = |file: &str| dirs.iter().any(|d| d.join(file).exists());
+    if has("nccl.h") && has("crt/host_config.h") && has("nv/target") {
+        return Some(dirs);
+    }
+    println!("cargo:warning=CUDA libtorch without NCCL/CUDA headers: NCCL not compiled in (set LORAFIT_NCCL_INCLUDE)");
+    None
 }

@@ -196,7 +196,9 @@ fn main() -> Result<()> {
     for (step, b) in batches.iter().enumerate() {
         let started = Instant::now();
         // `step` reads the loss and gradient norm back, so the time covers all the work.
-        let stats = trainer.step(&model, std::slice::from_ref(b), LR);
+        let stats = trainer
+            .step(&model, std::slice::from_ref(b), None, LR)
+            .expect("a single process has no collective to fail");
         let elapsed = started.elapsed().as_secs_f64();
         // Step 0 runs before any update: the base model's loss, which PEFT's run must match.
         first_loss.get_or_insert(stats.loss);

@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod export;
 pub mod files;
 pub mod generate;

@@ -77,6 +77,11 @@ enum Command {
         /// gradient checkpointing) and exit without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Train data-parallel in N local worker processes (each takes 1/N of every step's
+        /// micro-batches and of the cores), meeting on a free loopback port, as `torchrun
+        /// --standalone --nproc-per-node N` would start them.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        nproc_per_node: Option<u32>,
     },
     /// Compute the validation loss and perplexity of the base model with an adapter, exactly as
     /// training logs them.
@@ -287,6 +292,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// This command's arguments without `--nproc-per-node`: what each local worker runs.
+fn worker_args() -> Vec<String> {
+    let mut args = Vec::new();
+    let mut given = std::env::args().skip(1);
+    while let Some(arg) = given.next() {
+        if arg == "--nproc-per-node" {
+            given.next();
+        } else if !arg.starts_with("--nproc-per-node=") {
+            args.push(arg);
+        }
+    }
+    args
+}
+
 /// Runs one command.
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
@@ -295,7 +314,16 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             println!("{summary}");
             Ok(())
         }
-        Command::Train { config, overrides, overwrite, resume, resume_anyway, log_format, dry_run } => {
+        Command::Train { nproc_per_node: Some(n), .. } if n > 1 => {
+            let code = lorafit::dist::launch_local(n as usize, &worker_args())?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
+        Command::Train {
+            config, overrides, overwrite, resume, resume_anyway, log_format, dry_run, ..
+        } => {
             let options = RunOptions {
                 overwrite,
                 resume: resume.map(|p| (!p.is_empty()).then(|| PathBuf::from(p))),

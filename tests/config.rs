@@ -225,6 +225,7 @@ fn to_yaml_round_trips_a_changed_config() {
         gradient_checkpointing: true,
         device: "cuda:1".into(),
         threads: Some(2),
+        dist_timeout: 45,
         log_every: 10,
         save_every: Some(250),
         keep_last: Some(2),

@@ -209,7 +209,7 @@ fn train_and_export(dir: &Path, out: &Path) -> (Tensor, Tensor) {
         rows.iter().map(|r| Example { input_ids: r.clone(), labels: r.clone() }).collect();
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     for _ in 0..2 {
-        trainer.step(&model, std::slice::from_ref(&batch), train_cfg.lr);
+        trainer.step(&model, std::slice::from_ref(&batch), None, train_cfg.lr).unwrap();
     }
     peft::save(out, &cfg, &injected, &dir.display().to_string()).unwrap();
     let probe = Tensor::from_slice(&[5i64, 17, 42, 99, 100, 3, 250, 7, 8, 64, 33, 21]).view([1, 12]);

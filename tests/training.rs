@@ -56,7 +56,7 @@ fn a_step_changes_only_the_adapter() {
     let adapter_before: Vec<Tensor> = params(&injected).iter().map(|t| t.detach().copy()).collect();
     let mut trainer = Trainer::new(params(&injected), &cfg.train);
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
-    trainer.step(&model, std::slice::from_ref(&batch), cfg.train.lr);
+    trainer.step(&model, std::slice::from_ref(&batch), None, cfg.train.lr).unwrap();
 
     let frozen_after = model.frozen_tensors();
     assert_eq!(frozen_before.len(), frozen_after.len());
@@ -95,7 +95,7 @@ fn step_grads(
             let _ = lorafit::train::token_loss(&model, b, Some(Backward { scale, checkpointing: false }));
         }
     } else {
-        let _ = trainer.accumulate(&model, &batches);
+        let _ = trainer.accumulate(&model, &batches, None);
     }
     let grads: Vec<Tensor> = trainer.params.iter().map(|p| p.grad().copy()).collect();
     trainer.optimizer.update(&mut trainer.params, cfg.train.lr);

@@ -479,6 +479,9 @@ pub struct TrainConfig {
     pub device: String,
     /// CPU threads; `None` uses all cores.
     pub threads: Option<usize>,
+    /// Seconds a data-parallel rank waits for the others (joining, each collective) before it
+    /// ends the run with an error naming itself.
+    pub dist_timeout: u64,
     pub log_every: usize,
     /// Save a resumable checkpoint every N optimizer steps (into `step-N/`); `None`: only at
     /// the end.
@@ -527,6 +530,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             device: "auto".to_string(),
             threads: None,
+            dist_timeout: 300,
             log_every: 1,
             save_every: None,
             keep_last: None,

@@ -199,6 +199,7 @@ fn check_runtime(train: &TrainConfig, found: &mut Found) {
         )));
     }
     found.add(at_least("train.log_every", train.log_every, 1));
+    found.add(at_least("train.dist_timeout", train.dist_timeout as usize, 1));
     if train.save_every == Some(0) {
         found.add(Err(Invalid::new(
             "train.save_every",

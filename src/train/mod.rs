@@ -20,9 +20,12 @@ mod steps;
 use crate::config::TrainConfig;
 use crate::data::format::IGNORE;
 use crate::data::Batch;
+use crate::dist::Group;
 use crate::model::Decoder;
 use activations::Activations;
+use anyhow::Result;
 use optim::AdamW;
+use std::sync::Arc;
 use tch::{Kind, Reduction, Tensor};
 
 /// fp32 logits computed at once in the loss: 16M of them (64 MB), whatever the vocabulary, so
@@ -94,6 +97,13 @@ pub fn evaluate_with_progress(
     batches: &[Batch],
     bar: &indicatif::ProgressBar,
 ) -> (f64, i64) {
+    let (total, tokens) = evaluate_sums(model, batches, bar);
+    (total / tokens.max(1) as f64, tokens)
+}
+
+/// The summed token NLL over `batches` and their label tokens (what ranks add up to evaluate a
+/// data-parallel run), advancing `bar` by one per batch.
+pub fn evaluate_sums(model: &Decoder, batches: &[Batch], bar: &indicatif::ProgressBar) -> (f64, i64) {
     let tokens: i64 = batches.iter().map(|b| b.label_tokens).sum();
     let total = tch::no_grad(|| {
         let mut total = 0.0;
@@ -104,7 +114,7 @@ pub fn evaluate_with_progress(
         total
     });
     bar.finish_and_clear();
-    (total / tokens.max(1) as f64, tokens)
+    (total, tokens)
 }
 
 /// What one optimizer step did.
@@ -118,13 +128,19 @@ pub struct StepStats {
     pub padded_tokens: i64,
 }
 
-/// The adapter parameters with their optimizer.
+/// The adapter parameters with their optimizer, and the group of a data-parallel run.
 pub struct Trainer {
     pub params: Vec<Tensor>,
     pub optimizer: AdamW,
     max_grad_norm: Option<f64>,
     checkpointing: bool,
+    /// The other ranks of a data-parallel run: each step's token counts and gradients are
+    /// summed across them.
+    pub group: Option<Arc<Group>>,
 }
+
+/// The label, real and padded tokens of a step's micro-batches.
+type TokenCounts = [i64; 3];
 
 impl Trainer {
     pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
@@ -134,28 +150,65 @@ impl Trainer {
             optimizer,
             max_grad_norm: cfg.max_grad_norm,
             checkpointing: cfg.gradient_checkpointing,
+            group: None,
         }
     }
 
-    /// Forward and backward over the micro-batches of one step, leaving the step's gradient in
-    /// `.grad()`. Returns the step loss (mean over all its label tokens) as a scalar tensor.
-    pub fn accumulate(&mut self, model: &Decoder, micro_batches: &[Batch]) -> Tensor {
-        let total_tokens: i64 = micro_batches.iter().map(|b| b.label_tokens).sum();
+    /// (rank, world size): (0, 1) for a single process.
+    pub fn rank_world(&self) -> (usize, usize) {
+        self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world))
+    }
+
+    /// Forward and backward over this process's micro-batches of one step, leaving its share of
+    /// the step's gradient in `.grad()`; `seeds[i]` seeds micro-batch i's dropout (`None`: the
+    /// current random stream goes on). Returns its
+    /// share of the step loss (summed NLL over the label tokens of every rank's micro-batches)
+    /// as a scalar tensor, and the token counts of the whole step.
+    pub fn accumulate(
+        &mut self,
+        model: &Decoder,
+        micro_batches: &[Batch],
+        seeds: Option<&[i64]>,
+    ) -> Result<(Tensor, TokenCounts)> {
+        let counts = self.step_token_counts(micro_batches)?;
         let mut step_loss = Tensor::from(0f32);
-        let scale = 1.0 / total_tokens.max(1) as f64;
-        for batch in micro_batches {
+        let scale = 1.0 / counts[0].max(1) as f64;
+        for (i, batch) in micro_batches.iter().enumerate() {
+            if let Some(seed) = seeds.and_then(|s| s.get(i)) {
+                tch::manual_seed(*seed);
+            }
             let loss =
                 micro_batch_loss(model, batch, Backward { scale, checkpointing: self.checkpointing }) * scale;
             step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
         }
-        step_loss
+        Ok((step_loss, counts))
+    }
+
+    /// The token counts of the step: this process's micro-batches, summed across the group.
+    fn step_token_counts(&self, micro_batches: &[Batch]) -> Result<TokenCounts> {
+        let mut counts = [0i64; 3];
+        for b in micro_batches {
+            counts[0] += b.label_tokens;
+            counts[1] += b.real_tokens;
+            counts[2] += b.padded_tokens;
+        }
+        let Some(group) = &self.group else { return Ok(counts) };
+        let summed = Tensor::from_slice(&counts);
+        group.all_reduce_sum(std::slice::from_ref(&summed))?;
+        Ok([0, 1, 2].map(|i| summed.int64_value(&[i])))
     }
 
     /// One full optimizer step: accumulate, clip, update, zero the gradients. A non-finite
     /// loss or gradient norm leaves the adapter and optimizer untouched (`applied: false`).
-    pub fn step(&mut self, model: &Decoder, micro_batches: &[Batch], lr: f64) -> StepStats {
-        let loss = self.accumulate(model, micro_batches).double_value(&[]);
-        reduce_gradients(&self.params);
+    pub fn step(
+        &mut self,
+        model: &Decoder,
+        micro_batches: &[Batch],
+        seeds: Option<&[i64]>,
+        lr: f64,
+    ) -> Result<StepStats> {
+        let (loss, counts) = self.accumulate(model, micro_batches, seeds)?;
+        let loss = reduce_gradients(&self.params, loss, self.group.as_deref())?;
         let norm = optim::grad_norm(&self.params);
         let grad_norm = norm.double_value(&[]);
         let applied = loss.is_finite() && grad_norm.is_finite();
@@ -166,14 +219,8 @@ impl Trainer {
             self.optimizer.update(&mut self.params, lr);
         }
         optim::zero_grads(&self.params);
-        StepStats {
-            loss,
-            grad_norm,
-            applied,
-            label_tokens: micro_batches.iter().map(|b| b.label_tokens).sum(),
-            real_tokens: micro_batches.iter().map(|b| b.real_tokens).sum(),
-            padded_tokens: micro_batches.iter().map(|b| b.padded_tokens).sum(),
-        }
+        let [label_tokens, real_tokens, padded_tokens] = counts;
+        Ok(StepStats { loss, grad_norm, applied, label_tokens, real_tokens, padded_tokens })
     }
 }
 
@@ -183,6 +230,15 @@ fn micro_batch_loss(model: &Decoder, batch: &Batch, backward: Backward) -> Tenso
     token_loss(model, batch, Some(backward))
 }
 
-/// Called once a step's gradients are accumulated, before clipping and the update: data-parallel
-/// training all-reduces them across workers here; a single process has nothing to reduce.
-fn reduce_gradients(_params: &[Tensor]) {}
+/// Called once a step's gradients are accumulated, before clipping and the update: in a
+/// data-parallel run, sums the adapter gradients and the step loss across the group in one
+/// collective (the loss rides along in the gradients' dtype and device). Returns the step loss.
+fn reduce_gradients(params: &[Tensor], loss: Tensor, group: Option<&Group>) -> Result<f64> {
+    let Some(group) = group else { return Ok(loss.double_value(&[])) };
+    let mut tensors: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+    let like = tensors.first().map_or((Kind::Float, tch::Device::Cpu), |g| (g.kind(), g.device()));
+    let loss = loss.to_device(like.1).to_kind(like.0).reshape([1]);
+    tensors.push(loss.shallow_clone());
+    group.all_reduce_sum(&tensors)?;
+    Ok(loss.double_value(&[0]))
+}

@@ -11,11 +11,12 @@ use super::eval::eval_batches;
 use super::memory::MemoryEstimate;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
-use super::{evaluate_with_progress, precision, Trainer};
+use super::{evaluate_sums, precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{Example, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
+use crate::dist::{Backend, Group, Rendezvous};
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, AttachedAdapters};
@@ -30,7 +31,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tch::Device;
 
 /// Options that belong to one invocation rather than to the run's config.
@@ -52,6 +53,10 @@ pub struct RunOptions {
     /// checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
     pub log_format: LogFormat,
+    /// The group of a data-parallel run, and how many of its workers share this machine (they
+    /// share its cores).
+    pub group: Option<Arc<Group>>,
+    pub local_workers: usize,
 }
 
 /// What a finished run reports.
@@ -67,11 +72,32 @@ pub struct RunSummary {
 
 /// `lorafit train CONFIG`: the config file with its `--set` overrides, run; the run is named
 /// after the file unless `output.run_name` names it (`opts.config_stem` is set here).
-pub fn train_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<RunSummary> {
-    let cfg = Config::load(config, overrides)?;
+///
+/// When the environment names a data-parallel run (see [`crate::dist::Rendezvous`]), this
+/// process joins it first; its ranks but 0 report only errors.
+pub fn train_command(config: &Path, overrides: &[String], mut opts: RunOptions) -> Result<RunSummary> {
+    let mut cfg = Config::load(config, overrides)?;
+    if let Some(at) = Rendezvous::from_env()? {
+        opts = join_group(&mut cfg, &at, opts)?;
+    }
     let config_stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let overrides = overrides.to_vec();
     run(&cfg, &RunOptions { config_stem, config_path: config.to_path_buf(), overrides, ..opts })
+}
+
+/// Joins the data-parallel run `at` describes: Gloo on the CPU, NCCL with each rank on the GPU
+/// of its local rank.
+fn join_group(cfg: &mut Config, at: &Rendezvous, opts: RunOptions) -> Result<RunOptions> {
+    let backend = match resolve_device(&cfg.train.device)? {
+        Device::Cuda(_) => {
+            cfg.train.device = format!("cuda:{}", at.local_rank);
+            Backend::Nccl
+        }
+        _ => Backend::Gloo,
+    };
+    let group = Group::join(at, backend, Duration::from_secs(cfg.train.dist_timeout))?;
+    let log_format = if at.rank == 0 { opts.log_format } else { LogFormat::Quiet };
+    Ok(RunOptions { group: Some(Arc::new(group)), local_workers: at.local_world, log_format, ..opts })
 }
 
 /// Runs `lorafit train` for a loaded, validated config.
@@ -167,18 +193,38 @@ pub(super) struct RunPlan {
 }
 
 impl RunPlan {
-    /// Which examples each step of `epoch` uses.
+    /// Which examples each step of `epoch` uses: with W data-parallel ranks, a step has W times
+    /// the micro-batches of one process, the same sequence of examples whatever W.
     pub fn epoch_plan(&self, epoch: usize) -> EpochPlan {
         let train = &self.cfg.train;
         EpochPlan::new(
             &self.lengths,
             train.micro_batch_size,
-            train.grad_accum_steps,
+            train.grad_accum_steps * self.trainer.rank_world().1,
             self.layout,
             self.cfg.data.shuffle,
             train.seed,
             epoch,
         )
+    }
+
+    /// The validation loss (mean over every label token), this rank's share of the batches
+    /// summed with the others'; `None` without validation data.
+    pub fn validation_loss(&self, console: Console) -> Result<Option<f64>> {
+        let Some(batches) = &self.val_batches else { return Ok(None) };
+        let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
+        let (mut total, mut tokens) = evaluate_sums(&self.model, batches, &bar);
+        if let Some(group) = &self.trainer.group {
+            let sums = tch::Tensor::from_slice(&[total, tokens as f64]);
+            group.all_reduce_sum(std::slice::from_ref(&sums))?;
+            (total, tokens) = (sums.double_value(&[0]), sums.double_value(&[1]) as i64);
+        }
+        Ok(Some(total / tokens.max(1) as f64))
+    }
+
+    /// Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one.
+    pub fn writes(&self) -> bool {
+        self.trainer.rank_world().0 == 0
     }
 
     /// Prints greedy continuations of the sample prompts under `heading`, each prompt put to the
@@ -247,11 +293,20 @@ impl RunPlan {
 pub(super) struct Run {
     pub plan: RunPlan,
     pub dir: PathBuf,
-    pub metrics: MetricsLog,
+    /// `None` on the ranks of a data-parallel run but rank 0, which alone writes.
+    pub metrics: Option<MetricsLog>,
     pub console: Console,
 }
 
 impl Run {
+    /// Logs `values` at `step` (on the process that writes the run's files).
+    pub fn log(&mut self, step: usize, values: &[(&str, f64)]) -> Result<()> {
+        match &mut self.metrics {
+            Some(metrics) => metrics.log(step as u64, values),
+            None => Ok(()),
+        }
+    }
+
     /// The base model as adapter files record it.
     pub fn base_model(&self) -> String {
         self.plan.cfg.model.path.display().to_string()
@@ -277,14 +332,15 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         Some((_, dir)) => Some(dir.clone()),
         None => cfg.output.run_name.as_ref().map(|name| cfg.output.dir.join(name)),
     };
-    let lock = existing.filter(|dir| dir.is_dir()).map(|dir| DirLock::acquire(&dir)).transpose()?;
+    let writes = opts.group.as_ref().is_none_or(|g| g.rank == 0);
+    let lock = existing.filter(|dir| writes && dir.is_dir()).map(|dir| DirLock::acquire(&dir)).transpose()?;
     let device = resolve_device(&cfg.train.device)?;
     let (resolved, precision) = precision::resolve(cfg, device);
     let (requested, cfg) = (cfg.clone(), resolved);
-    let threads = cfg
-        .train
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = cfg.train.threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / opts.local_workers.max(1)).max(1)
+    });
     tch::set_num_threads(threads as i32);
     tch::manual_seed(cfg.train.seed as i64);
 
@@ -311,9 +367,11 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
     let val_batches = (data.validation.as_ref())
-        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device));
+        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device))
+        .map(|batches| rank_share(batches, opts.group.as_deref()));
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
-    let trainer = Trainer::new(params, &cfg.train);
+    let mut trainer = Trainer::new(params, &cfg.train);
+    trainer.group = opts.group.clone();
     let mut plan = RunPlan {
         lengths,
         layout,
@@ -346,7 +404,17 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         None => (0..plan.cfg.train.epochs).map(|e| plan.epoch_plan(e).steps.len()).sum(),
     };
     restore(&mut plan, opts.resume_anyway)?;
+    if let Some(group) = &plan.trainer.group {
+        // Every rank starts from rank 0's adapter (the same seed makes them equal anyway).
+        group.broadcast(&plan.trainer.params, 0)?;
+    }
     Ok(plan)
+}
+
+/// This rank's evaluation batches: every W-th, from its rank on.
+fn rank_share(batches: Vec<Batch>, group: Option<&Group>) -> Vec<Batch> {
+    let Some(g) = group else { return batches };
+    batches.into_iter().skip(g.rank).step_by(g.world).collect()
 }
 
 /// Records the settings the run depends on in its state, and when resuming, checks them
@@ -415,6 +483,16 @@ pub fn collate(
 /// Phase 2: the run directory with the config it runs (`config.yaml`) and its metrics; the
 /// prepared data goes to the cache now that every check has passed.
 fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
+    if !plan.writes() {
+        // The other ranks of a data-parallel run write nothing; rank 0 has the run directory.
+        let dir = match &plan.resume {
+            Some((_, dir)) => dir.clone(),
+            None => {
+                plan.requested.output.dir.join(plan.requested.output.run_name.clone().unwrap_or_default())
+            }
+        };
+        return Ok(Run { plan, dir, metrics: None, console });
+    }
     let dir = match &plan.resume {
         Some((_, dir)) => create_run_dir(
             &Config { output: run_output(&plan.requested, dir), ..plan.requested.clone() },
@@ -443,13 +521,13 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
                 let list: Vec<String> = plan.changes.iter().map(|c| c.to_string()).collect();
                 say!(console, "  resuming with changed settings (--resume-anyway): {}", list.join("; "));
             }
-            MetricsLog::open_append(&dir, plan.state.step as u64)?
+            Some(MetricsLog::open_append(&dir, plan.state.step as u64)?)
         }
         None => {
             let mut metrics = MetricsLog::create(&dir)?;
             metrics.text("hparams", &format!("```yaml\n{config_yaml}```"))?;
             metrics.hparams_start(&plan.hparams(), HPARAMS_METRICS)?;
-            metrics
+            Some(metrics)
         }
     };
     Ok(Run { plan, dir, metrics, console })
@@ -563,29 +641,42 @@ fn before_training(run: &Run) -> Result<Option<f64>> {
     if plan.resume.is_some() {
         return Ok(None);
     }
-    let val_loss_before = plan.val_batches.as_ref().map(|batches| {
-        let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        evaluate_with_progress(&plan.model, batches, &bar).0
-    });
+    let val_loss_before = plan.validation_loss(console)?;
     if let Some(loss) = val_loss_before {
         say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
     }
-    plan.print_samples(console, "before")?;
+    if plan.writes() {
+        plan.print_samples(console, "before")?;
+    }
     Ok(val_loss_before)
 }
 
 /// Phase 4: the final adapter and checkpoint, the summary and the samples after training.
 fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Result<RunSummary> {
     let adapter_dir = run.dir.join("adapter");
-    peft::save(&adapter_dir, &run.plan.lora_cfg, &run.plan.injected, &run.base_model())?;
+    let plan = &run.plan;
+    let summary = RunSummary {
+        steps: plan.state.step,
+        first_loss: plan.state.first_loss.unwrap_or(f64::NAN),
+        last_loss: trained.last_loss,
+        val_loss_before,
+        val_loss_after: trained.last_val_loss,
+        adapter_dir: adapter_dir.clone(),
+        run_dir: run.dir.clone(),
+    };
+    if !plan.writes() {
+        return Ok(summary);
+    }
+    peft::save(&adapter_dir, &plan.lora_cfg, &plan.injected, &run.base_model())?;
     // The final state too, so a finished run can be extended with a larger max_steps.
     save_checkpoint(&run)?;
-    run.metrics.hparams_end()?;
+    if let Some(metrics) = run.metrics.as_mut() {
+        metrics.hparams_end()?;
+    }
     let plan = &run.plan;
 
     let (console, state) = (run.console, &plan.state);
-    let first_loss = state.first_loss.unwrap_or(f64::NAN);
-    let last_loss = trained.last_loss;
+    let (first_loss, last_loss) = (summary.first_loss, summary.last_loss);
     say!(
         console,
         "  trained {} steps in {:.1} s ({:.0} tokens/s, {:.0}% of batch tokens real): loss {first_loss:.4} → {last_loss:.4}{}",
@@ -605,15 +696,7 @@ fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Resul
     plan.print_samples(console, "after")?;
     say!(console, "  adapter (PEFT format): {}", adapter_dir.display());
     say!(console, "  {}", crate::export::compat::check(&adapter_dir)?.describe());
-    Ok(RunSummary {
-        steps: state.step,
-        first_loss,
-        last_loss,
-        val_loss_before,
-        val_loss_after: trained.last_val_loss,
-        adapter_dir,
-        run_dir: run.dir,
-    })
+    Ok(summary)
 }
 
 /// A run name from the config file name, the time (UTC) and a short hash of the resolved

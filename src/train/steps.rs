@@ -6,7 +6,7 @@ use super::checkpoint;
 use super::interrupt::Interrupted;
 use super::memory::MEMORY_SETTINGS;
 use super::run::{collate, Run};
-use super::{evaluate_with_progress, schedule, StepStats};
+use super::{schedule, StepStats};
 use crate::config::OnNonFinite;
 use crate::data::batch::MicroBatch;
 use crate::data::Batch;
@@ -90,17 +90,22 @@ pub(super) fn train_loop(run: &mut Run, stop: Option<&AtomicBool>) -> Result<Tra
     Ok(trained)
 }
 
-/// One optimizer update over `micro_batches` at its scheduled learning rate. A non-finite loss
-/// or gradient stops the run, or with `on_nonfinite: skip` leaves the adapter as it was.
+/// One optimizer update over `micro_batches` (the whole step's, of every rank) at its scheduled
+/// learning rate. A non-finite loss or gradient stops the run, or with `on_nonfinite: skip`
+/// leaves the adapter as it was.
 fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result<(f64, StepStats)> {
     let plan = &mut run.plan;
     let train = &plan.cfg.train;
-    // Dropout draws from a stream that depends only on the seed and the steps done before this
-    // one, so a resumed run draws exactly what an uninterrupted one would.
-    tch::manual_seed(train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64 - 1) as i64);
+    // Each rank takes its own consecutive share of the step's micro-batches.
+    let (rank, world) = plan.trainer.rank_world();
+    let share = micro_batches.len() / world;
+    let mine = rank * share..(rank + 1) * share;
+    let seeds: Vec<i64> = mine.clone().map(|i| dropout_seed(train.seed, step, i)).collect();
     let (examples, pad_id) = (&plan.data.train.examples, plan.data.tokenizer.eos_id);
-    let batches: Vec<Batch> =
-        micro_batches.iter().map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device)).collect();
+    let batches: Vec<Batch> = micro_batches[mine]
+        .iter()
+        .map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device))
+        .collect();
     let lr = schedule::learning_rate(
         train.lr_scheduler,
         train.lr,
@@ -109,9 +114,10 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
         plan.total_steps,
     );
     let stats = torch_errors::catch(&format!("training step {step}"), MEMORY_SETTINGS, || {
-        plan.trainer.step(&plan.model, &batches, lr)
+        plan.trainer.step(&plan.model, &batches, Some(&seeds), lr)
     })
-    .map_err(|e| anyhow!("{e}. {}", last_checkpoint(&run.dir)))?;
+    .and_then(|stats| stats)
+    .map_err(|e| anyhow!("{e:#}. {}", last_checkpoint(&run.dir)))?;
     if !stats.applied && train.on_nonfinite == OnNonFinite::Stop {
         bail!(
             "the loss or gradient became non-finite (loss {}) at step {step}; the adapter was not \
@@ -121,6 +127,14 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
         );
     }
     Ok((lr, stats))
+}
+
+/// The dropout seed of the `index`-th micro-batch of `step`: it depends only on the seed, the
+/// step and the micro-batch's place in the step, so whichever rank takes a micro-batch, and a
+/// resumed run, draw exactly what an uninterrupted single process would.
+fn dropout_seed(seed: u64, step: usize, index: usize) -> i64 {
+    let first = seed.wrapping_mul(1_000_003).wrapping_add(step as u64 - 1);
+    first.wrapping_add((index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) as i64
 }
 
 /// Where a failed run can resume from: "Last good checkpoint: <dir>".
@@ -171,7 +185,7 @@ fn log_step(
         ("train/real_token_share", real_share),
         ("train/epoch", epochs_done),
     ];
-    run.metrics.log(step as u64, &values)?;
+    run.log(step, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
         // Without a bar to show it, the line says the time left, from this process's pace.
@@ -194,16 +208,15 @@ fn log_step(
 fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<f64>> {
     let plan = &run.plan;
     let due = plan.cfg.train.eval_every.is_some_and(|n| step.is_multiple_of(n)) || step == plan.total_steps;
-    let Some(batches) = plan.val_batches.as_ref().filter(|_| due) else {
+    if !due {
+        return Ok(None);
+    }
+    let Some(loss) = progress.bar.suspend(|| plan.validation_loss(run.console))? else {
         return Ok(None);
     };
-    let loss = progress.bar.suspend(|| {
-        let bar = progress_bar(batches.len() as u64, run.console.shows_progress(), "eval batch");
-        evaluate_with_progress(&plan.model, batches, &bar).0
-    });
     let best = plan.state.best_eval_loss.map_or(loss, |best| best.min(loss));
     let values = [("eval/loss", loss), ("eval/perplexity", loss.exp()), ("eval/best_loss", best)];
-    run.metrics.log(step as u64, &values)?;
+    run.log(step, &values)?;
     run.console.record("eval", step, &values);
     let console = run.console;
     progress
@@ -221,7 +234,7 @@ fn after_eval(run: &mut Run, loss: f64) -> Result<bool> {
     if state.best_eval_loss.is_none_or(|best| loss < best) {
         state.best_eval_loss = Some(loss);
         state.evals_since_best = 0;
-        if plan.cfg.train.save_best {
+        if plan.cfg.train.save_best && plan.writes() {
             peft::save(&run.dir.join("best"), &plan.lora_cfg, &plan.injected, &base_model)?;
         }
         return Ok(false);
@@ -233,7 +246,7 @@ fn after_eval(run: &mut Run, loss: f64) -> Result<bool> {
 /// A checkpoint every `save_every` steps (the last step's comes with the final adapter), or
 /// when asked to stop, which then ends the run with [`Interrupted`].
 fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&AtomicBool>) -> Result<()> {
-    let interrupted = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+    let interrupted = agreed_stop(run, stop.is_some_and(|s| s.load(Ordering::SeqCst)))?;
     let total = run.plan.total_steps;
     let due = run.plan.cfg.train.save_every.is_some_and(|every| step.is_multiple_of(every) && step < total);
     if !(interrupted || due) {
@@ -247,10 +260,23 @@ fn maybe_checkpoint(run: &Run, progress: &Progress, step: usize, stop: Option<&A
     Ok(())
 }
 
-/// Saves the checkpoint of the steps done so far, keeping only the newest `keep_last`.
+/// Whether to stop now: in a data-parallel run, when any rank was asked to (a signal reaches
+/// the workers at slightly different times), so that all stop after the same step.
+fn agreed_stop(run: &Run, asked: bool) -> Result<bool> {
+    let Some(group) = &run.plan.trainer.group else { return Ok(asked) };
+    let flag = tch::Tensor::from_slice(&[asked as i64]);
+    group.all_reduce_sum(std::slice::from_ref(&flag))?;
+    Ok(flag.int64_value(&[0]) > 0)
+}
+
+/// Saves the checkpoint of the steps done so far, keeping only the newest `keep_last` (on the
+/// process that writes the run's files; the others only return its path).
 pub(super) fn save_checkpoint(run: &Run) -> Result<PathBuf> {
     let plan = &run.plan;
     let dir = checkpoint::dir_for(&run.dir, plan.state.step);
+    if !plan.writes() {
+        return Ok(dir);
+    }
     let started = Instant::now();
     checkpoint::save(
         &dir,

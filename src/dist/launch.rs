@@ -1,0 +1,109 @@
+//! `lorafit train CONFIG --nproc-per-node N`: starts N copies of this command on this machine as
+//! the ranks of one data-parallel run, like `torchrun --standalone`, and waits for them.
+
+use anyhow::{Context, Result};
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The variable that tells a worker how many share its machine (for its thread count).
+pub const LOCAL_WORLD_SIZE: &str = "LOCAL_WORLD_SIZE";
+
+/// How long the other workers get to end on their own once one has failed (they normally
+/// notice at their next collective, at once) before they are killed.
+const GRACE: Duration = Duration::from_secs(30);
+
+/// Runs `args` (this program's arguments without `--nproc-per-node`) as `n` workers meeting on
+/// a free loopback port; returns the exit code of the run: 0, or the first failing worker's.
+/// Ctrl-C (or SIGTERM) is passed on to every worker, which stop together with one checkpoint;
+/// a second one kills them.
+pub fn launch_local(n: usize, args: &[String]) -> Result<i32> {
+    let port = free_port()?;
+    let exe = std::env::current_exe().context("cannot find the lorafit executable to start workers")?;
+    let signals = Arc::new(AtomicUsize::new(0));
+    let counter = signals.clone();
+    ctrlc::set_handler(move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+    })
+    .context("cannot install the Ctrl-C handler of the launcher")?;
+    let mut workers: Vec<Child> = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = Command::new(&exe)
+            .args(args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env(LOCAL_WORLD_SIZE, n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .env_remove("TORCHELASTIC_USE_AGENT_STORE")
+            .spawn();
+        match child {
+            Ok(child) => workers.push(child),
+            Err(e) => {
+                kill_all(&mut workers);
+                return Err(e).with_context(|| format!("cannot start worker {rank} ({})", exe.display()));
+            }
+        }
+    }
+    Ok(supervise(&mut workers, &signals))
+}
+
+/// Waits for every worker, passing signals on and ending the rest after one fails.
+fn supervise(workers: &mut [Child], signals: &AtomicUsize) -> i32 {
+    let mut codes: Vec<Option<i32>> = vec![None; workers.len()];
+    let (mut failed_at, mut forwarded) = (None::<Instant>, 0);
+    while codes.iter().any(Option::is_none) {
+        for (rank, child) in workers.iter_mut().enumerate() {
+            if codes[rank].is_none() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    // Killed by a signal: 128 + its number, as a shell reports it.
+                    let code = status.code().unwrap_or_else(|| 128 + signal_of(&status));
+                    codes[rank] = Some(code);
+                    if code != 0 && failed_at.is_none() {
+                        failed_at = Some(Instant::now());
+                    }
+                }
+            }
+        }
+        let received = signals.load(Ordering::SeqCst);
+        if received > forwarded {
+            forwarded = received;
+            for (rank, child) in workers.iter_mut().enumerate() {
+                if codes[rank].is_none() {
+                    // The first signal asks for a checkpoint; a second one ends the workers now.
+                    let sig = if received == 1 { libc::SIGINT } else { libc::SIGKILL };
+                    // SAFETY: a plain kill(2) of our own child's pid.
+                    unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+                }
+            }
+        }
+        if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
+            kill_all(workers);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The first failure, by rank; an interrupted run's 130 when every worker stopped so.
+    codes.iter().flatten().copied().find(|&c| c != 0).unwrap_or(0)
+}
+
+fn signal_of(status: &std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal().unwrap_or(0)
+}
+
+fn kill_all(workers: &mut [Child]) {
+    for child in workers.iter_mut() {
+        if matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+        }
+    }
+}
+
+/// A port on 127.0.0.1 nothing listens on now (the OS picks it); rank 0's store binds it a
+/// moment later.
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free local port")?;
+    Ok(listener.local_addr()?.port())
+}
