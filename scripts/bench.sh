@@ -64,6 +64,7 @@ shape() {
 
 # Everything the runs need, built (or found ready) first.
 scripts/setup/libtorch.sh
+scripts/setup/gloo.sh
 scripts/setup/python.sh
 py="$cache/venv-torch-2.13.0/bin/python"
 cargo build --release --quiet --example train_speed

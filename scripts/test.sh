@@ -16,6 +16,7 @@ require=${LORAFIT_REQUIRE_ASSETS:-0}
 
 setup_start=$(date +%s%N)
 scripts/setup/libtorch.sh
+scripts/setup/gloo.sh
 scripts/setup/python.sh
 export LORAFIT_INTEROP_PYTHON="$cache/venv-torch-2.13.0/bin/python"
 echo "test.sh: setup took $(( ($(date +%s%N) - setup_start) / 1000000 )) ms" >&2
