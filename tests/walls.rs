@@ -10,6 +10,7 @@ const WALLS: &[(&str, &[&str])] = &[
     // Leaves: they import nothing of the crate.
     ("clock", &[]),
     ("config", &[]),
+    ("dist", &[]),
     ("files", &[]),
     ("host_memory", &[]),
     ("observe", &[]),
@@ -31,6 +32,7 @@ const WALLS: &[(&str, &[&str])] = &[
             "clock",
             "config",
             "data",
+            "dist",
             "export",
             "files",
             "generate",
@@ -42,7 +44,10 @@ const WALLS: &[(&str, &[&str])] = &[
         ],
     ),
     // The command line parses arguments and calls one command function of the library each.
-    ("main", &["config", "export", "generate", "host_memory", "init", "inspect", "torch_errors", "train"]),
+    (
+        "main",
+        &["config", "dist", "export", "generate", "host_memory", "init", "inspect", "torch_errors", "train"],
+    ),
 ];
 
 /// One path into another top-level module: the line it is on and the module it names.

@@ -337,10 +337,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let device = resolve_device(&cfg.train.device)?;
     let (resolved, precision) = precision::resolve(cfg, device);
     let (requested, cfg) = (cfg.clone(), resolved);
-    let threads = cfg.train.threads.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        (cores / opts.local_workers.max(1)).max(1)
-    });
+    let threads = threads(&cfg, opts);
     tch::set_num_threads(threads as i32);
     tch::manual_seed(cfg.train.seed as i64);
 
@@ -404,11 +401,15 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         None => (0..plan.cfg.train.epochs).map(|e| plan.epoch_plan(e).steps.len()).sum(),
     };
     restore(&mut plan, opts.resume_anyway)?;
-    if let Some(group) = &plan.trainer.group {
-        // Every rank starts from rank 0's adapter (the same seed makes them equal anyway).
-        group.broadcast(&plan.trainer.params, 0)?;
-    }
     Ok(plan)
+}
+
+/// CPU threads: the config's, else the cores shared among the workers on this machine.
+fn threads(cfg: &Config, opts: &RunOptions) -> usize {
+    cfg.train.threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        (cores / opts.local_workers.max(1)).max(1)
+    })
 }
 
 /// This rank's evaluation batches: every W-th, from its rank on.
@@ -418,7 +419,8 @@ fn rank_share(batches: Vec<Batch>, group: Option<&Group>) -> Vec<Batch> {
 }
 
 /// Records the settings the run depends on in its state, and when resuming, checks them
-/// against the checkpoint's (refusing a change unless `anyway`) before restoring it.
+/// against the checkpoint's (refusing a change unless `anyway`) before restoring it; in a
+/// data-parallel run every rank then takes rank 0's adapter.
 fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
     let settings = resume::settings(&plan.requested, &plan.data)?;
     if let Some((point, _)) = &plan.resume {
@@ -428,6 +430,10 @@ fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
         plan.changes = changes;
     }
     plan.state.settings = settings;
+    if let Some(group) = &plan.trainer.group {
+        // Every rank starts from rank 0's adapter (the same seed makes them equal anyway).
+        group.broadcast(&plan.trainer.params, 0)?;
+    }
     Ok(())
 }
 
@@ -607,9 +613,13 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
         RowLayout::ByLength => "examples (grouped by length)".to_string(),
     };
     let (accum, micro) = (cfg.train.grad_accum_steps, cfg.train.micro_batch_size);
+    let workers = match plan.trainer.rank_world().1 {
+        1 => String::new(),
+        world => format!(" on each of {world} workers"),
+    };
     say!(
         console,
-        "  {} steps of {accum} micro-batches × {micro} {rows} → {}",
+        "  {} steps of {accum} micro-batches × {micro} {rows}{workers} → {}",
         plan.total_steps,
         run_dir.map_or("nothing written (--dry-run)".to_string(), |dir| dir.display().to_string())
     );
