@@ -14,15 +14,17 @@ pub mod optim;
 pub mod precision;
 pub mod resume;
 pub mod run;
+pub mod scaler;
 pub mod schedule;
 mod steps;
 
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::format::IGNORE;
 use crate::data::Batch;
 use crate::model::Decoder;
 use activations::Activations;
 use optim::AdamW;
+use scaler::{LossScaler, GRAD_SCALER_DEFAULTS};
 use tch::{Kind, Reduction, Tensor};
 
 /// fp32 logits computed at once in the loss: 16M of them (64 MB), whatever the vocabulary, so
@@ -113,51 +115,67 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// False when a non-finite loss or gradient kept the update from being applied.
     pub applied: bool,
+    /// The update was skipped by the loss scaler: the scaled gradient overflowed while the loss
+    /// stayed finite, which fp16-mixed expects now and then (the scale backs off).
+    pub overflow: bool,
+    /// The loss scale this step ran with (fp16-mixed only).
+    pub loss_scale: Option<f64>,
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
 }
 
-/// The adapter parameters with their optimizer.
+/// The adapter parameters with their optimizer (and, for fp16-mixed, the loss scaler).
 pub struct Trainer {
     pub params: Vec<Tensor>,
     pub optimizer: AdamW,
+    pub scaler: Option<LossScaler>,
     max_grad_norm: Option<f64>,
     checkpointing: bool,
 }
 
 impl Trainer {
+    /// `cfg.precision` is the resolved one: fp16-mixed gets a loss scaler.
     pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
         let optimizer = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
+        let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
+        let scaler =
+            (cfg.precision == Precision::Fp16Mixed).then(|| LossScaler::new(GRAD_SCALER_DEFAULTS, device));
         Trainer {
             params,
             optimizer,
+            scaler,
             max_grad_norm: cfg.max_grad_norm,
             checkpointing: cfg.gradient_checkpointing,
         }
     }
 
-    /// Forward and backward over the micro-batches of one step, leaving the step's gradient in
-    /// `.grad()`. Returns the step loss (mean over all its label tokens) as a scalar tensor.
-    pub fn accumulate(&mut self, model: &Decoder, micro_batches: &[Batch]) -> Tensor {
+    /// Forward and backward over the micro-batches of one step, leaving the gradient of
+    /// `loss_scale` × the step loss in `.grad()`. Returns the step loss (mean over all its label
+    /// tokens, unscaled) as a scalar tensor on the model's device: nothing waits for it here.
+    pub fn accumulate(&mut self, model: &Decoder, micro_batches: &[Batch], loss_scale: f64) -> Tensor {
         let total_tokens: i64 = micro_batches.iter().map(|b| b.label_tokens).sum();
-        let mut step_loss = Tensor::from(0f32);
+        let device = self.params.first().map_or(tch::Device::Cpu, |p| p.device());
+        let mut step_loss = Tensor::zeros([], (Kind::Float, device));
         let scale = 1.0 / total_tokens.max(1) as f64;
+        let backward = Backward { scale: scale * loss_scale, checkpointing: self.checkpointing };
         for batch in micro_batches {
-            let loss =
-                micro_batch_loss(model, batch, Backward { scale, checkpointing: self.checkpointing }) * scale;
-            step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
+            step_loss = &step_loss + micro_batch_loss(model, batch, backward) * scale;
         }
         step_loss
     }
 
-    /// One full optimizer step: accumulate, clip, update, zero the gradients. A non-finite
-    /// loss or gradient norm leaves the adapter and optimizer untouched (`applied: false`).
+    /// One full optimizer step: accumulate, unscale (fp16-mixed), clip, update, zero the
+    /// gradients. A non-finite loss or gradient leaves the adapter and optimizer untouched
+    /// (`applied: false`). The host waits for the device once, for the loss and gradient norm.
     pub fn step(&mut self, model: &Decoder, micro_batches: &[Batch], lr: f64) -> StepStats {
-        let loss = self.accumulate(model, micro_batches).double_value(&[]);
+        let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
+        let loss = self.accumulate(model, micro_batches, loss_scale.unwrap_or(1.0));
         reduce_gradients(&self.params);
+        let found_inf = self.scaler.as_ref().map(|s| s.unscale(&self.params));
         let norm = optim::grad_norm(&self.params);
-        let grad_norm = norm.double_value(&[]);
+        let read = Tensor::stack(&[loss.to_device(norm.device()), norm.shallow_clone()], 0);
+        let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             if let Some(max) = self.max_grad_norm {
@@ -165,11 +183,16 @@ impl Trainer {
             }
             self.optimizer.update(&mut self.params, lr);
         }
+        if let (Some(scaler), Some(found_inf)) = (self.scaler.as_mut(), found_inf) {
+            scaler.update(&found_inf);
+        }
         optim::zero_grads(&self.params);
         StepStats {
             loss,
             grad_norm,
             applied,
+            overflow: loss_scale.is_some() && !grad_norm.is_finite() && loss.is_finite(),
+            loss_scale,
             label_tokens: micro_batches.iter().map(|b| b.label_tokens).sum(),
             real_tokens: micro_batches.iter().map(|b| b.real_tokens).sum(),
             padded_tokens: micro_batches.iter().map(|b| b.padded_tokens).sum(),

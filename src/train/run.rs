@@ -356,7 +356,7 @@ fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
     if let Some((point, _)) = &plan.resume {
         let changes = resume::changes(&checkpoint::read_state(point)?.settings, &settings);
         resume::check(&changes, point, anyway)?;
-        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer.optimizer)?;
+        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer)?;
         plan.changes = changes;
     }
     plan.state.settings = settings;
