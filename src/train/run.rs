@@ -19,6 +19,7 @@ use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, Run
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, AttachedAdapters};
+use crate::model::attention::AttentionPath;
 use crate::model::load::{load_model_for, resolve_device, weight_kind};
 use crate::model::{Decoder, ModelSpec};
 use crate::observe::console::say;
@@ -299,10 +300,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let lora_cfg = lora_config(&cfg)?;
     let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
     let layout = row_layout(&cfg);
-    let row_tokens = match layout {
-        RowLayout::Packed(n) => n,
-        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
-    };
+    let row_tokens = longest_row(layout, &lengths);
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
     let mut toggled = cfg.clone();
     toggled.train.gradient_checkpointing = !cfg.train.gradient_checkpointing;
@@ -412,6 +410,14 @@ pub fn collate(
     }
 }
 
+/// The tokens of the longest row: the packed length, or the longest example.
+fn longest_row(layout: RowLayout, lengths: &[usize]) -> usize {
+    match layout {
+        RowLayout::Packed(n) => n,
+        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
+    }
+}
+
 /// Phase 2: the run directory with the config it runs (`config.yaml`) and its metrics; the
 /// prepared data goes to the cache now that every check has passed.
 fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
@@ -482,6 +488,11 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
+    let row_tokens = longest_row(plan.layout, &plan.lengths);
+    let packed = matches!(plan.layout, RowLayout::Packed(_));
+    let attention =
+        AttentionPath::choose(plan.device, plan.model.activations, row_tokens as i64, false, packed);
+    say!(console, "  attention {}", attention.name());
     say!(console, "  {}", plan.memory.describe());
     say!(console, "    {}", plan.memory_alternative.describe_alternative(!cfg.train.gradient_checkpointing));
     if let Some(warning) = &plan.memory_warning {
