@@ -274,7 +274,10 @@ enum SplitArg {
 }
 
 fn main() -> ExitCode {
-    lorafit::host_memory::retain_freed_memory();
+    // The CPU's allocator setting; a GPU's memory has its own caching allocator.
+    if !tch::Cuda::is_available() {
+        lorafit::host_memory::retain_freed_memory();
+    }
     let cli = Cli::parse();
     // A libtorch failure anywhere (loading, evaluating) is an error, not a panic; the training
     // step and generation catch their own with a more precise message.

@@ -1,7 +1,8 @@
 //! Where the tokens of packed rows sit. The batcher (`data`) makes it and the decoder's attention
-//! (`model`) reads it; it lives apart from both so that neither imports the other.
+//! (`model`) reads it; it lives apart from both so that neither imports the other. Both make
+//! the tensors of a batch through [`upload`].
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Where each token of packed rows sits: `[batch, seq]` position within its example, and the
 /// example's index within the row (padding gets its own index, so it attends only to itself).
@@ -26,8 +27,19 @@ impl Packing {
                         .flat_map(move |(&n, example)| (0..n).map(move |at| value(example, at)))
                 })
                 .collect();
-            Tensor::from_slice(&values).view([segments.len() as i64, -1]).to_device(device)
+            upload(&values, &[segments.len() as i64, -1], device)
         };
         Packing { positions: per_token(|_, at| at), documents: per_token(|example, _| example), segments }
+    }
+}
+
+/// `values` as an int64 tensor of `shape` on `device`. To a GPU the copy goes from pinned host
+/// memory without waiting for it (the caching host allocator keeps the pinned block until the
+/// copy is done), so building the next batch overlaps the step before it.
+pub fn upload(values: &[i64], shape: &[i64], device: Device) -> Tensor {
+    let host = Tensor::from_slice(values).view(shape);
+    match device {
+        Device::Cuda(_) => host.pin_memory(device).to_device_(device, Kind::Int64, true, false),
+        _ => host.to_device(device),
     }
 }

@@ -95,7 +95,7 @@ fn accumulation_over_packed_and_padded_micro_batches_matches_one_batch() {
         });
         let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
         let mut trainer = lorafit::train::Trainer::new(params, &Default::default());
-        let _ = trainer.accumulate(&model, batches, None);
+        let _ = trainer.accumulate(&model, batches, None, 1.0);
         trainer.params.iter().map(|p| p.grad().copy()).collect()
     };
     let one = grads(&[Batch::pack(&[vec![&ex[0], &ex[1]], vec![&ex[2]]], 0, Device::Cpu)]);

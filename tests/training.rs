@@ -95,7 +95,7 @@ fn step_grads(
             let _ = lorafit::train::token_loss(&model, b, Some(Backward { scale, checkpointing: false }));
         }
     } else {
-        let _ = trainer.accumulate(&model, &batches, None);
+        let _ = trainer.accumulate(&model, &batches, None, 1.0);
     }
     let grads: Vec<Tensor> = trainer.params.iter().map(|p| p.grad().copy()).collect();
     trainer.optimizer.update(&mut trainer.params, cfg.train.lr);

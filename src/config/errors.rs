@@ -173,7 +173,7 @@ fn unknown_value(path: Option<&str>, unknown: &str, valid: &[&str]) -> String {
 /// The YAML spellings of the enum-valued keys.
 fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
     Some(match key {
-        "model.dtype" => &["auto", "fp32", "bf16"],
+        "model.dtype" => &["auto", "fp32", "bf16", "fp16"],
         "lora.init" => &["kaiming", "gaussian"],
         "data.format" => &["completion", "alpaca", "input_output", "chat"],
         "data.train_on" => &["assistant", "last", "all"],
@@ -181,7 +181,7 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.too_long" => &["truncate", "skip", "error"],
         "train.on_nonfinite" => &["stop", "skip"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
-        "train.precision" => &["auto", "fp32", "bf16-mixed"],
+        "train.precision" => &["auto", "fp32", "bf16-mixed", "fp16-mixed"],
         _ => return None,
     })
 }

@@ -73,11 +73,13 @@ pub struct ModelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WeightDtype {
-    /// bf16 when the run's (resolved) precision is `bf16-mixed`, else fp32.
+    /// bf16 when the run's (resolved) precision is `bf16-mixed`, fp16 when it is `fp16-mixed`,
+    /// else fp32.
     #[default]
     Auto,
     Fp32,
     Bf16,
+    Fp16,
 }
 
 impl WeightDtype {
@@ -85,6 +87,7 @@ impl WeightDtype {
     pub fn resolve(self, precision: Precision) -> WeightDtype {
         match (self, precision) {
             (WeightDtype::Auto, Precision::Bf16Mixed) => WeightDtype::Bf16,
+            (WeightDtype::Auto, Precision::Fp16Mixed) => WeightDtype::Fp16,
             (WeightDtype::Auto, Precision::Fp32) => WeightDtype::Fp32,
             (WeightDtype::Auto, Precision::Auto) => {
                 unreachable!("train.precision auto is resolved when a run starts")
@@ -574,6 +577,9 @@ pub enum Precision {
     Fp32,
     /// bf16 compute with fp32 adapter weights and optimizer state.
     Bf16Mixed,
+    /// fp16 compute with fp32 adapter weights and optimizer state, and dynamic loss scaling
+    /// (`train::scaler`), for GPUs without bf16.
+    Fp16Mixed,
 }
 
 /// A device as `train.device` names it; whether it exists here is checked when a run starts
@@ -755,6 +761,7 @@ mod tests {
         use Precision::*;
         assert_eq!(WeightDtype::Auto.resolve(Bf16Mixed), WeightDtype::Bf16);
         assert_eq!(WeightDtype::Auto.resolve(Fp32), WeightDtype::Fp32);
+        assert_eq!(WeightDtype::Auto.resolve(Fp16Mixed), WeightDtype::Fp16);
         assert_eq!(WeightDtype::Fp32.resolve(Bf16Mixed), WeightDtype::Fp32);
         assert_eq!(WeightDtype::Bf16.resolve(Fp32), WeightDtype::Bf16);
     }

@@ -3,7 +3,7 @@
 //! example) or one example per row, grouped by length to minimise padding.
 
 use super::format::{Example, IGNORE};
-use crate::packing::Packing;
+use crate::packing::{upload, Packing};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -78,8 +78,8 @@ impl Batch {
             }
         }
         let shape = [rows.len() as i64, seq as i64];
-        let tensor = |v: &[i64]| Tensor::from_slice(v).view(shape).to_device(device);
-        let flat = |v: &[i64]| Tensor::from_slice(v).to_device(device);
+        let tensor = |v: &[i64]| upload(v, &shape, device);
+        let flat = |v: &[i64]| upload(v, &[-1], device);
         Batch {
             input_ids: tensor(&ids),
             label_tokens: target_ids.len() as i64,

@@ -6,6 +6,48 @@ use super::decoder::dropout;
 use crate::packing::Packing;
 use tch::{Device, Kind, Tensor};
 
+/// How [`causal_attention`] computes attention, chosen by device, dtype and shape
+/// ([`AttentionPath::choose`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionPath {
+    /// bf16 GEMMs over blocks of queries ([`attention_by_query_blocks`]): bf16 on the CPU.
+    QueryBlocks,
+    /// One call of libtorch's fused SDPA with `is_causal` (flash or memory-efficient kernel on
+    /// CUDA): unpacked rows without a sliding window.
+    FusedCausal,
+    /// One SDPA call with a boolean mask: sliding windows, and packed rows on CUDA, where the
+    /// memory-efficient kernel takes the block-diagonal mask in one launch.
+    FusedMasked,
+    /// One SDPA call per packed example: packed rows on the CPU, where each call is a few large
+    /// GEMMs and the masked-out scores are never computed.
+    PerExample,
+}
+
+impl AttentionPath {
+    /// The path for queries of `kind` and length `seq` on `device`, with or without a sliding
+    /// window and packed rows.
+    pub fn choose(device: Device, kind: Kind, seq: i64, window: bool, packed: bool) -> AttentionPath {
+        if device == Device::Cpu && kind == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
+            return AttentionPath::QueryBlocks;
+        }
+        match (window, packed) {
+            (false, false) => AttentionPath::FusedCausal,
+            (false, true) if device == Device::Cpu => AttentionPath::PerExample,
+            _ => AttentionPath::FusedMasked,
+        }
+    }
+
+    /// For the run's banner and the GPU check: "fused SDPA (causal)", ...
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionPath::QueryBlocks => "bf16 query blocks",
+            AttentionPath::FusedCausal => "fused SDPA (causal)",
+            AttentionPath::FusedMasked => "fused SDPA (block mask)",
+            AttentionPath::PerExample => "SDPA per packed example",
+        }
+    }
+}
+
 /// Causal self-attention of queries `[batch, heads, seq, head_dim]` over keys and values
 /// `[batch, kv_heads, seq, head_dim]`, within a sliding window where given and within each
 /// example in packed rows, with dropout `dropout_p` on the probabilities.
@@ -18,23 +60,51 @@ pub(super) fn causal_attention(
     packing: Option<&Packing>,
     dropout_p: f64,
 ) -> Tensor {
-    let seq = q.size()[2];
-    if q.device() == Device::Cpu && q.kind() == Kind::BFloat16 && seq <= MAX_QUERY_BLOCKED_LEN {
-        return attention_by_query_blocks(q, k, v, scale, window, packing, dropout_p);
-    }
+    let path = AttentionPath::choose(q.device(), q.kind(), q.size()[2], window.is_some(), packing.is_some());
+    attend(path, q, k, v, scale, window, packing, dropout_p)
+}
+
+/// [`causal_attention`] along `path`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    path: AttentionPath,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    window: Option<i64>,
+    packing: Option<&Packing>,
+    dropout_p: f64,
+) -> Tensor {
     let gqa = q.size()[1] != k.size()[1];
     // With dropout, libtorch's CPU SDPA takes its math path, which drops probabilities as eager
     // attention does.
-    match (window, packing) {
-        (None, None) => {
-            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, dropout_p, true, scale, gqa)
+    match (path, packing) {
+        (AttentionPath::QueryBlocks, _) => {
+            attention_by_query_blocks(q, k, v, scale, window, packing, dropout_p)
         }
-        // Example by example does the block-diagonal mask's work without computing the blocks it
-        // masks out (most of a packed row's scores).
-        (None, Some(packing)) => attention_per_example(q, k, v, &packing.segments, scale, dropout_p),
-        (Some(_), _) => {
-            let allowed = attention_mask(seq, window, packing.map(|p| &p.documents), q.device());
-            Tensor::scaled_dot_product_attention(q, k, v, Some(allowed), dropout_p, false, scale, gqa)
+        (AttentionPath::PerExample, Some(packing)) => {
+            attention_per_example(q, k, v, &packing.segments, scale, dropout_p)
+        }
+        (AttentionPath::FusedMasked, _) | (AttentionPath::PerExample, None) => {
+            let allowed = attention_mask(q.size()[2], window, packing.map(|p| &p.documents), q.device());
+            // CUDA's memory-efficient kernel, the one that takes a mask, does not group heads:
+            // the key/value heads are repeated for it rather than falling back to the math kernel.
+            let (k, v, gqa) = match q.device() {
+                Device::Cuda(_) if gqa => {
+                    let groups = q.size()[1] / k.size()[1];
+                    (
+                        k.repeat_interleave_self_int(groups, 1, None),
+                        v.repeat_interleave_self_int(groups, 1, None),
+                        false,
+                    )
+                }
+                _ => (k.shallow_clone(), v.shallow_clone(), gqa),
+            };
+            Tensor::scaled_dot_product_attention(q, &k, &v, Some(allowed), dropout_p, false, scale, gqa)
+        }
+        (AttentionPath::FusedCausal, _) => {
+            Tensor::scaled_dot_product_attention(q, k, v, None::<Tensor>, dropout_p, true, scale, gqa)
         }
     }
 }
@@ -256,5 +326,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The paths CUDA takes give what the CPU paths give, on CPU tensors in fp32: the block mask
+    /// for packed rows (with grouped key/value heads, examples of every length, padding) as one
+    /// SDPA call per example, and the causal call as the masked one.
+    #[test]
+    fn fused_paths_match_cpu_paths() {
+        tch::manual_seed(11);
+        let (heads, kv_heads, dim, scale) = (6, 2, 16, 0.25);
+        let packing = packed(&[&[10, 1, 26, 27], &[64]]);
+        let [q, k, v] = [heads, kv_heads, kv_heads]
+            .map(|h| Tensor::randn([2, h, 64, dim], (Kind::Float, Device::Cpu)).set_requires_grad(true));
+        let run = |path, packing: Option<&Packing>| {
+            let out = attend(path, &q, &k, &v, scale, None, packing, 0.0);
+            let grads = Tensor::run_backward(&[out.square().sum(Kind::Float)], &[&q, &k, &v], false, false);
+            (out, grads)
+        };
+        for (fused, reference, packing) in [
+            (AttentionPath::FusedMasked, AttentionPath::PerExample, Some(&packing)),
+            (AttentionPath::FusedMasked, AttentionPath::FusedCausal, None),
+        ] {
+            let (ours, our_grads) = run(fused, packing);
+            let (theirs, their_grads) = run(reference, packing);
+            let results = std::iter::once((&ours, &theirs)).chain(our_grads.iter().zip(&their_grads));
+            for ((a, b), what) in results.zip(["output", "dq", "dk", "dv"]) {
+                let diff = (a - b).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "{fused:?} against {reference:?}, {what}: differs by {diff:.2e}");
+            }
+        }
+    }
+
+    /// CUDA never takes the CPU-only paths; the CPU keeps the ones it had.
+    #[test]
+    fn path_by_device() {
+        let cuda = Device::Cuda(0);
+        for kind in [Kind::BFloat16, Kind::Half, Kind::Float] {
+            assert_eq!(AttentionPath::choose(cuda, kind, 512, false, false), AttentionPath::FusedCausal);
+            assert_eq!(AttentionPath::choose(cuda, kind, 512, false, true), AttentionPath::FusedMasked);
+            assert_eq!(AttentionPath::choose(cuda, kind, 512, true, false), AttentionPath::FusedMasked);
+        }
+        let cpu = Device::Cpu;
+        assert_eq!(AttentionPath::choose(cpu, Kind::BFloat16, 512, false, true), AttentionPath::QueryBlocks);
+        assert_eq!(AttentionPath::choose(cpu, Kind::BFloat16, 4096, false, true), AttentionPath::PerExample);
+        assert_eq!(AttentionPath::choose(cpu, Kind::Float, 512, false, true), AttentionPath::PerExample);
+        assert_eq!(AttentionPath::choose(cpu, Kind::Float, 512, false, false), AttentionPath::FusedCausal);
     }
 }

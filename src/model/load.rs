@@ -32,6 +32,7 @@ pub fn weight_kind(dtype: WeightDtype, precision: Precision) -> Kind {
     match dtype {
         WeightDtype::Fp32 => Kind::Float,
         WeightDtype::Bf16 => Kind::BFloat16,
+        WeightDtype::Fp16 => Kind::Half,
         WeightDtype::Auto => activation_kind(precision),
     }
 }
@@ -42,6 +43,7 @@ pub fn activation_kind(precision: Precision) -> Kind {
     match precision {
         Precision::Fp32 => Kind::Float,
         Precision::Bf16Mixed => Kind::BFloat16,
+        Precision::Fp16Mixed => Kind::Half,
         Precision::Auto => unreachable!("train.precision auto is resolved when a run starts"),
     }
 }

@@ -1,9 +1,10 @@
 //! Resumable checkpoints: `step-<N>/` holds the adapter (a PEFT adapter other tools can load
-//! as it is), the AdamW moments and `trainer_state.json` (step, data position, evaluation
+//! as it is), the AdamW moments (and an fp16-mixed run's loss scale) and `trainer_state.json` (step, data position, evaluation
 //! history). The directory is built under a temporary name and renamed into place, and the
 //! state file is written last, so a checkpoint either exists whole or not at all.
 
-use super::optim::AdamW;
+use super::scaler::ScalerState;
+use super::Trainer;
 use crate::config::LoraConfig;
 use crate::files::{publish_dir, read_safetensors, remove_staging, safetensors_bytes, write_atomic};
 use crate::lora::{peft, AttachedAdapters};
@@ -14,6 +15,11 @@ use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Metadata keys of [`OPTIMIZER_FILE`]: the AdamW step count, and an fp16-mixed run's loss scale
+/// and clean steps since it last changed.
+const ADAMW_STEP: &str = "adamw_step";
+const LOSS_SCALE: &str = "loss_scale";
+const LOSS_SCALE_GROWTH_TRACKER: &str = "loss_scale_growth_tracker";
 
 /// Where training stands: enough to continue exactly where it stopped.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -46,16 +52,22 @@ pub fn save(
     state: &TrainerState,
     lora: &LoraConfig,
     injected: &AttachedAdapters,
-    optimizer: &AdamW,
+    trainer: &Trainer,
     base_model: &str,
 ) -> Result<()> {
+    let optimizer = &trainer.optimizer;
     let mut moments = Vec::with_capacity(2 * injected.trainables.len());
     for (t, (m, v)) in injected.trainables.iter().zip(&optimizer.moments) {
         moments.push((format!("{}.exp_avg", t.peft_key), m.shallow_clone()));
         moments.push((format!("{}.exp_avg_sq", t.peft_key), v.shallow_clone()));
     }
-    let optimizer_step = optimizer.step.to_string();
-    let optimizer_bytes = safetensors_bytes(&moments, &[("adamw_step", &optimizer_step)])?;
+    let mut metadata = vec![(ADAMW_STEP, optimizer.step.to_string())];
+    if let Some(scaler) = trainer.scaler.as_ref().map(|s| s.state()) {
+        metadata.push((LOSS_SCALE, scaler.scale.to_string()));
+        metadata.push((LOSS_SCALE_GROWTH_TRACKER, scaler.growth_tracker.to_string()));
+    }
+    let metadata: Vec<(&str, &str)> = metadata.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let optimizer_bytes = safetensors_bytes(&moments, &metadata)?;
     publish_dir(dir, |tmp| {
         peft::write_files(tmp, lora, injected, base_model)?;
         write_atomic(&tmp.join(OPTIMIZER_FILE), &optimizer_bytes)?;
@@ -74,16 +86,24 @@ pub fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_str(&text).with_context(|| format!("{} is damaged", state_path.display()))
 }
 
-/// Restores the adapter and optimizer from `dir` and returns the trainer state.
-pub fn load(dir: &Path, injected: &AttachedAdapters, optimizer: &mut AdamW) -> Result<TrainerState> {
+/// Restores the adapter, optimizer and loss scale from `dir` and returns the trainer state.
+pub fn load(dir: &Path, injected: &AttachedAdapters, trainer: &mut Trainer) -> Result<TrainerState> {
     let state = read_state(dir)?;
     peft::copy_weights(dir, injected)?;
     let path = dir.join(OPTIMIZER_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let header = safetensors::SafeTensors::read_metadata(&bytes)
         .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let step = header.1.metadata().as_ref().and_then(|m| m.get("adamw_step")).and_then(|s| s.parse().ok());
+    let metadata = header.1.metadata().clone().unwrap_or_default();
+    let step = metadata.get(ADAMW_STEP).and_then(|s| s.parse().ok());
     let Some(step) = step else { bail!("{}: no optimizer step recorded", path.display()) };
+    if let Some(scaler) = trainer.scaler.as_mut() {
+        // A checkpoint of a run in another precision has none: the scale starts afresh.
+        if let Some(state) = scaler_state(&metadata, &path)? {
+            scaler.restore(state);
+        }
+    }
+    let optimizer = &mut trainer.optimizer;
     let mut stored: HashMap<String, tch::Tensor> = read_safetensors(&path)?.into_iter().collect();
     for (t, (m, v)) in injected.trainables.iter().zip(optimizer.moments.iter_mut()) {
         for (suffix, moment) in [("exp_avg", m), ("exp_avg_sq", v)] {
@@ -102,6 +122,23 @@ pub fn load(dir: &Path, injected: &AttachedAdapters, optimizer: &mut AdamW) -> R
     }
     optimizer.step = step;
     Ok(state)
+}
+
+/// The loss scaler's state in the metadata of the optimizer file `path`, if it has one.
+fn scaler_state(metadata: &HashMap<String, String>, path: &Path) -> Result<Option<ScalerState>> {
+    let Some(scale) = metadata.get(LOSS_SCALE) else { return Ok(None) };
+    let scale = scale.parse::<f64>().ok().filter(|s| s.is_finite() && *s > 0.0);
+    let tracker = metadata.get(LOSS_SCALE_GROWTH_TRACKER).and_then(|t| t.parse::<i64>().ok());
+    match (scale, tracker) {
+        (Some(scale), Some(growth_tracker)) if growth_tracker >= 0 => {
+            Ok(Some(ScalerState { scale, growth_tracker }))
+        }
+        _ => bail!(
+            "{}: `{LOSS_SCALE}` must be a positive number and `{LOSS_SCALE_GROWTH_TRACKER}` a whole \
+             number >= 0; the checkpoint is damaged: resume from an earlier one",
+            path.display()
+        ),
+    }
 }
 
 /// Complete step checkpoints of a run, oldest first.

@@ -14,10 +14,11 @@ pub mod optim;
 pub mod precision;
 pub mod resume;
 pub mod run;
+pub mod scaler;
 pub mod schedule;
 mod steps;
 
-use crate::config::TrainConfig;
+use crate::config::{Precision, TrainConfig};
 use crate::data::format::IGNORE;
 use crate::data::Batch;
 use crate::dist::Group;
@@ -25,6 +26,7 @@ use crate::model::Decoder;
 use activations::Activations;
 use anyhow::Result;
 use optim::AdamW;
+use scaler::{LossScaler, GRAD_SCALER_DEFAULTS};
 use std::sync::Arc;
 use tch::{Kind, Reduction, Tensor};
 
@@ -123,15 +125,22 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// False when a non-finite loss or gradient kept the update from being applied.
     pub applied: bool,
+    /// The update was skipped by the loss scaler: the scaled gradient overflowed while the loss
+    /// stayed finite, which fp16-mixed expects now and then (the scale backs off).
+    pub overflow: bool,
+    /// The loss scale this step ran with (fp16-mixed only).
+    pub loss_scale: Option<f64>,
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
 }
 
-/// The adapter parameters with their optimizer, and the group of a data-parallel run.
+/// The adapter parameters with their optimizer (and, for fp16-mixed, the loss scaler), and the
+/// group of a data-parallel run.
 pub struct Trainer {
     pub params: Vec<Tensor>,
     pub optimizer: AdamW,
+    pub scaler: Option<LossScaler>,
     max_grad_norm: Option<f64>,
     checkpointing: bool,
     /// The other ranks of a data-parallel run: each step's token counts and gradients are
@@ -143,11 +152,16 @@ pub struct Trainer {
 type TokenCounts = [i64; 3];
 
 impl Trainer {
+    /// `cfg.precision` is the resolved one: fp16-mixed gets a loss scaler.
     pub fn new(params: Vec<Tensor>, cfg: &TrainConfig) -> Trainer {
         let optimizer = AdamW::new(&params, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.weight_decay);
+        let device = params.first().map_or(tch::Device::Cpu, |p| p.device());
+        let scaler =
+            (cfg.precision == Precision::Fp16Mixed).then(|| LossScaler::new(GRAD_SCALER_DEFAULTS, device));
         Trainer {
             params,
             optimizer,
+            scaler,
             max_grad_norm: cfg.max_grad_norm,
             checkpointing: cfg.gradient_checkpointing,
             group: None,
@@ -159,27 +173,29 @@ impl Trainer {
         self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world))
     }
 
-    /// Forward and backward over this process's micro-batches of one step, leaving its share of
-    /// the step's gradient in `.grad()`; `seeds[i]` seeds micro-batch i's dropout (`None`: the
-    /// current random stream goes on). Returns its
-    /// share of the step loss (summed NLL over the label tokens of every rank's micro-batches)
-    /// as a scalar tensor, and the token counts of the whole step.
+    /// Forward and backward over this process's micro-batches of one step, leaving the gradient
+    /// of `loss_scale` × its share of the step loss in `.grad()`; `seeds[i]` seeds micro-batch
+    /// i's dropout (`None`: the current random stream goes on). Returns its share of the step
+    /// loss (summed NLL over the label tokens of every rank's micro-batches, divided by their
+    /// count, unscaled) as a scalar tensor on the model's device, so nothing waits for it here,
+    /// and the token counts of the whole step.
     pub fn accumulate(
         &mut self,
         model: &Decoder,
         micro_batches: &[Batch],
         seeds: Option<&[i64]>,
+        loss_scale: f64,
     ) -> Result<(Tensor, TokenCounts)> {
         let counts = self.step_token_counts(micro_batches)?;
-        let mut step_loss = Tensor::from(0f32);
+        let device = self.params.first().map_or(tch::Device::Cpu, |p| p.device());
+        let mut step_loss = Tensor::zeros([], (Kind::Float, device));
         let scale = 1.0 / counts[0].max(1) as f64;
+        let backward = Backward { scale: scale * loss_scale, checkpointing: self.checkpointing };
         for (i, batch) in micro_batches.iter().enumerate() {
             if let Some(seed) = seeds.and_then(|s| s.get(i)) {
                 tch::manual_seed(*seed);
             }
-            let loss =
-                micro_batch_loss(model, batch, Backward { scale, checkpointing: self.checkpointing }) * scale;
-            step_loss = &step_loss + loss.to_device(tch::Device::Cpu);
+            step_loss = &step_loss + micro_batch_loss(model, batch, backward) * scale;
         }
         Ok((step_loss, counts))
     }
@@ -198,8 +214,10 @@ impl Trainer {
         Ok([0, 1, 2].map(|i| summed.int64_value(&[i])))
     }
 
-    /// One full optimizer step: accumulate, clip, update, zero the gradients. A non-finite
-    /// loss or gradient norm leaves the adapter and optimizer untouched (`applied: false`).
+    /// One full optimizer step: accumulate, sum across the group, unscale (fp16-mixed), clip,
+    /// update, zero the gradients. A non-finite loss or gradient leaves the adapter and optimizer
+    /// untouched (`applied: false`). The host waits for the device once, for the loss and
+    /// gradient norm.
     pub fn step(
         &mut self,
         model: &Decoder,
@@ -207,10 +225,13 @@ impl Trainer {
         seeds: Option<&[i64]>,
         lr: f64,
     ) -> Result<StepStats> {
-        let (loss, counts) = self.accumulate(model, micro_batches, seeds)?;
+        let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
+        let (loss, counts) = self.accumulate(model, micro_batches, seeds, loss_scale.unwrap_or(1.0))?;
         let loss = reduce_gradients(&self.params, loss, self.group.as_deref())?;
+        let found_inf = self.scaler.as_ref().map(|s| s.unscale(&self.params));
         let norm = optim::grad_norm(&self.params);
-        let grad_norm = norm.double_value(&[]);
+        let read = Tensor::stack(&[loss.to_device(norm.device()), norm.shallow_clone()], 0);
+        let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             if let Some(max) = self.max_grad_norm {
@@ -218,9 +239,21 @@ impl Trainer {
             }
             self.optimizer.update(&mut self.params, lr);
         }
+        if let (Some(scaler), Some(found_inf)) = (self.scaler.as_mut(), found_inf) {
+            scaler.update(&found_inf);
+        }
         optim::zero_grads(&self.params);
         let [label_tokens, real_tokens, padded_tokens] = counts;
-        Ok(StepStats { loss, grad_norm, applied, label_tokens, real_tokens, padded_tokens })
+        Ok(StepStats {
+            loss,
+            grad_norm,
+            applied,
+            overflow: loss_scale.is_some() && !grad_norm.is_finite() && loss.is_finite(),
+            loss_scale,
+            label_tokens,
+            real_tokens,
+            padded_tokens,
+        })
     }
 }
 
@@ -233,12 +266,12 @@ fn micro_batch_loss(model: &Decoder, batch: &Batch, backward: Backward) -> Tenso
 /// Called once a step's gradients are accumulated, before clipping and the update: in a
 /// data-parallel run, sums the adapter gradients and the step loss across the group in one
 /// collective (the loss rides along in the gradients' dtype and device). Returns the step loss.
-fn reduce_gradients(params: &[Tensor], loss: Tensor, group: Option<&Group>) -> Result<f64> {
-    let Some(group) = group else { return Ok(loss.double_value(&[])) };
+fn reduce_gradients(params: &[Tensor], loss: Tensor, group: Option<&Group>) -> Result<Tensor> {
+    let Some(group) = group else { return Ok(loss) };
     let mut tensors: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
     let like = tensors.first().map_or((Kind::Float, tch::Device::Cpu), |g| (g.kind(), g.device()));
     let loss = loss.to_device(like.1).to_kind(like.0).reshape([1]);
     tensors.push(loss.shallow_clone());
     group.all_reduce_sum(&tensors)?;
-    Ok(loss.double_value(&[0]))
+    Ok(loss.reshape([]))
 }

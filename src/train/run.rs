@@ -20,6 +20,7 @@ use crate::dist::{Backend, Group, Rendezvous};
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
 use crate::generate::{generate, stop_tokens, Sampling};
 use crate::lora::{self, peft, AttachedAdapters};
+use crate::model::attention::AttentionPath;
 use crate::model::load::{load_model_for, resolve_device, weight_kind};
 use crate::model::{Decoder, ModelSpec};
 use crate::observe::console::say;
@@ -352,10 +353,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let lora_cfg = lora_config(&cfg)?;
     let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
     let layout = row_layout(&cfg);
-    let row_tokens = match layout {
-        RowLayout::Packed(n) => n,
-        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
-    };
+    let row_tokens = longest_row(layout, &lengths);
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
     let mut toggled = cfg.clone();
     toggled.train.gradient_checkpointing = !cfg.train.gradient_checkpointing;
@@ -426,7 +424,7 @@ fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
     if let Some((point, _)) = &plan.resume {
         let changes = resume::changes(&checkpoint::read_state(point)?.settings, &settings);
         resume::check(&changes, point, anyway)?;
-        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer.optimizer)?;
+        plan.state = checkpoint::load(point, &plan.injected, &mut plan.trainer)?;
         plan.changes = changes;
     }
     plan.state.settings = settings;
@@ -483,6 +481,14 @@ pub fn collate(
         RowLayout::ByLength => {
             Batch::collate(&rows.into_iter().flatten().collect::<Vec<_>>(), pad_id, device)
         }
+    }
+}
+
+/// The tokens of the longest row: the packed length, or the longest example.
+fn longest_row(layout: RowLayout, lengths: &[usize]) -> usize {
+    match layout {
+        RowLayout::Packed(n) => n,
+        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
     }
 }
 
@@ -566,6 +572,11 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
+    let row_tokens = longest_row(plan.layout, &plan.lengths);
+    let packed = matches!(plan.layout, RowLayout::Packed(_));
+    let attention =
+        AttentionPath::choose(plan.device, plan.model.activations, row_tokens as i64, false, packed);
+    say!(console, "  attention {}", attention.name());
     say!(console, "  {}", plan.memory.describe());
     say!(console, "    {}", plan.memory_alternative.describe_alternative(!cfg.train.gradient_checkpointing));
     if let Some(warning) = &plan.memory_warning {

@@ -118,7 +118,8 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
     })
     .and_then(|stats| stats)
     .map_err(|e| anyhow!("{e:#}. {}", last_checkpoint(&run.dir)))?;
-    if !stats.applied && train.on_nonfinite == OnNonFinite::Stop {
+    // An overflow the loss scaler absorbs (fp16-mixed) is routine: the scale backs off.
+    if !stats.applied && !stats.overflow && train.on_nonfinite == OnNonFinite::Stop {
         bail!(
             "the loss or gradient became non-finite (loss {}) at step {step}; the adapter was not \
              updated. {}. Lower train.lr, check the data, or set train.on_nonfinite: skip",
@@ -177,7 +178,7 @@ fn log_step(
     if !step.is_multiple_of(run.plan.cfg.train.log_every) && step != total_steps {
         return Ok(());
     }
-    let values = [
+    let mut values = vec![
         ("train/loss", stats.loss),
         ("train/lr", lr),
         ("train/grad_norm", stats.grad_norm),
@@ -185,6 +186,7 @@ fn log_step(
         ("train/real_token_share", real_share),
         ("train/epoch", epochs_done),
     ];
+    values.extend(stats.loss_scale.map(|scale| ("train/loss_scale", scale)));
     run.log(step, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
@@ -278,14 +280,7 @@ pub(super) fn save_checkpoint(run: &Run) -> Result<PathBuf> {
         return Ok(dir);
     }
     let started = Instant::now();
-    checkpoint::save(
-        &dir,
-        &plan.state,
-        &plan.lora_cfg,
-        &plan.injected,
-        &plan.trainer.optimizer,
-        &run.base_model(),
-    )?;
+    checkpoint::save(&dir, &plan.state, &plan.lora_cfg, &plan.injected, &plan.trainer, &run.base_model())?;
     let bytes: u64 =
         std::fs::read_dir(&dir)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
     let (mb, ms) = (bytes as f64 / 1e6, started.elapsed().as_secs_f64() * 1e3);
