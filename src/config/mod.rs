@@ -67,6 +67,21 @@ pub struct ModelConfig {
     /// The dtype the frozen base weights are held in.
     #[serde(default)]
     pub dtype: WeightDtype,
+    /// Store the frozen linear weights in 4 bits (QLoRA); `None` keeps them in `dtype`.
+    #[serde(default)]
+    pub quantize: Option<QuantFormat>,
+    /// Quantize the 4-bit blocks' scales to 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    #[serde(default = "default_true")]
+    pub double_quant: bool,
+}
+
+/// A 4-bit format of bitsandbytes for the frozen linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantFormat {
+    /// NormalFloat4, the QLoRA default.
+    Nf4,
+    Fp4,
 }
 
 /// The dtype of the frozen base weights.
@@ -638,7 +653,12 @@ impl Default for OutputConfig {
 
 impl ModelConfig {
     fn unset() -> Self {
-        ModelConfig { path: PathBuf::new(), dtype: WeightDtype::default() }
+        ModelConfig {
+            path: PathBuf::new(),
+            dtype: WeightDtype::default(),
+            quantize: None,
+            double_quant: true,
+        }
     }
 }
 

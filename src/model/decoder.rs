@@ -11,6 +11,7 @@
 
 use super::attention::{attention_mask_offset, causal_attention};
 use super::names::ModuleNames;
+use super::quantized::{FrozenWeight, QuantizedWeight};
 use super::rope::{apply_rope, rope_tables};
 use super::sites::{LinearSite, LinearSites, Role};
 use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind};
@@ -30,7 +31,7 @@ pub trait LinearAdapter: Send {
 /// A frozen linear layer `y = x Wᵀ (+ b)` with an optional trainable adapter beside it.
 pub struct Linear {
     /// `[out, in]`, whatever the checkpoint's storage order.
-    pub weight: Tensor,
+    pub weight: FrozenWeight,
     pub bias: Option<Tensor>,
     pub adapter: Option<Box<dyn LinearAdapter>>,
     /// The checkpoint stores this weight `[in, out]` (GPT-2's Conv1D).
@@ -38,13 +39,20 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Takes the weight (and bias) of `site` out of `w`, in `[out, in]` order.
+    /// Takes the weight (and bias) of `site` out of `w`, in `[out, in]` order, quantized when
+    /// `w` asks for it.
     fn load(w: &mut Weights, site: &LinearSite) -> Result<Linear> {
         let (name, out, inp) = (&site.path, site.out_features, site.in_features);
         let weight = if site.fan_in_fan_out {
             w.take(&format!("{name}.weight"), &[inp, out])?.tr().contiguous()
         } else {
             w.take(&format!("{name}.weight"), &[out, inp])?
+        };
+        let weight = match w.quantization() {
+            Some((format, nested)) if weight.numel() > 0 => {
+                FrozenWeight::Quantized(Box::new(QuantizedWeight::quantize(&weight, format, nested)))
+            }
+            _ => FrozenWeight::Dense(weight),
         };
         let bias = if site.bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
         Ok(Linear { weight, bias, adapter: None, fan_in_fan_out: site.fan_in_fan_out })
@@ -60,7 +68,9 @@ impl Linear {
 
     /// `x Wᵀ (+ b)` plus the adapter's term, in `x`'s kind.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let base = x.to_kind(self.weight.kind()).linear(&self.weight, self.bias.as_ref()).to_kind(x.kind());
+        // A quantized weight is dequantized here and dropped with this call's graph.
+        let weight = self.weight.dense();
+        let base = x.to_kind(weight.kind()).linear(&weight, self.bias.as_ref()).to_kind(x.kind());
         match &self.adapter {
             Some(adapter) => adapter.add_to(&base, x, train),
             None => base,
@@ -314,7 +324,7 @@ impl Decoder {
             }
         }
         for (_, l) in self.linear_layers_mut() {
-            out.push(l.weight.shallow_clone());
+            out.extend(l.weight.tensors());
             out.extend(l.bias.as_ref().map(Tensor::shallow_clone));
         }
         out

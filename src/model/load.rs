@@ -2,7 +2,7 @@
 //! the frozen weights and of the activations for a resolved precision, and the frozen decoder.
 
 use super::{Decoder, ModelSpec, Weights};
-use crate::config::{Config, DeviceName, Precision, WeightDtype};
+use crate::config::{Config, DeviceName, Precision, QuantFormat, WeightDtype};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use tch::{Device, Kind};
@@ -50,8 +50,20 @@ pub fn activation_kind(precision: Precision) -> Kind {
 
 /// Loads the base model from `dir`, frozen, with weights in `kind`.
 pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
+    load_model_quantized(dir, kind, device, None)
+}
+
+/// [`load_model`], with the linear layers' weights quantized to a 4-bit format (and their
+/// scales to 8 bits when the flag is set) tensor by tensor as they are read.
+pub fn load_model_quantized(
+    dir: &Path,
+    kind: Kind,
+    device: Device,
+    quantization: Option<(QuantFormat, bool)>,
+) -> Result<Decoder> {
     let spec = ModelSpec::from_dir(dir)?;
-    let weights = Weights::open(dir, kind, device)?;
+    let mut weights = Weights::open(dir, kind, device)?;
+    weights.set_quantization(quantization);
     let context = || format!("loading the model in {}", dir.display());
     // Decoder::load is the one place that knows which tensors a model takes: run on the headers
     // alone, it checks every name, dtype and shape before any data is read.
@@ -62,7 +74,9 @@ pub fn load_model(dir: &Path, kind: Kind, device: Device) -> Result<Decoder> {
 /// The run's base model: weights in `model.dtype`, activations in `train.precision`'s kind
 /// (already resolved).
 pub fn load_model_for(cfg: &Config, device: Device) -> Result<Decoder> {
-    let mut model = load_model(&cfg.model.path, weight_kind(cfg.model.dtype, cfg.train.precision), device)?;
+    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
+    let quantization = cfg.model.quantize.map(|format| (format, cfg.model.double_quant));
+    let mut model = load_model_quantized(&cfg.model.path, kind, device, quantization)?;
     model.activations = activation_kind(cfg.train.precision);
     Ok(model)
 }

@@ -7,13 +7,14 @@ pub mod attention;
 pub mod decoder;
 pub mod load;
 pub mod names;
+pub mod quantized;
 mod rope;
 pub mod sites;
 pub mod spec;
 pub mod weights;
 
 pub use decoder::{Decoder, KvCache, Linear, LinearAdapter, TokenPositions};
-pub use load::load_model;
+pub use load::{load_model, load_model_quantized};
 pub use sites::{LinearSite, LinearSites};
 pub use spec::ModelSpec;
 pub use weights::Weights;

@@ -5,6 +5,7 @@
 //! its byte range, in chunks converted into a tensor allocated once in the target dtype and
 //! device. Peak memory is the loaded weights plus one chunk.
 
+use crate::config::QuantFormat;
 use crate::files::{kind_of, read_safetensors_header};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -37,6 +38,9 @@ pub struct Weights {
     /// The dtype floating tensors are converted to and their device; `None` while only the
     /// headers are being checked.
     target: Option<(Kind, Device)>,
+    /// The 4-bit format linear weights are quantized to at load, and whether their scales are
+    /// quantized too.
+    quantization: Option<(QuantFormat, bool)>,
 }
 
 impl Weights {
@@ -64,7 +68,13 @@ impl Weights {
                 }
             }
         }
-        Ok(Weights { files, tensors, optional_prefix: None, target: Some((kind, device)) })
+        Ok(Weights {
+            files,
+            tensors,
+            optional_prefix: None,
+            target: Some((kind, device)),
+            quantization: None,
+        })
     }
 
     /// The same tensors with their headers alone: [`Weights::take`] checks each and returns an
@@ -75,7 +85,18 @@ impl Weights {
             tensors: self.tensors.clone(),
             optional_prefix: self.optional_prefix,
             target: None,
+            quantization: self.quantization,
         }
+    }
+
+    /// Quantize the linear layers' weights to `format` as they are taken (see
+    /// [`crate::model::quantized`]), with double-quantized scales when `nested`.
+    pub fn set_quantization(&mut self, quantization: Option<(QuantFormat, bool)>) {
+        self.quantization = quantization;
+    }
+
+    pub fn quantization(&self) -> Option<(QuantFormat, bool)> {
+        self.quantization
     }
 
     /// Accept tensor names without `prefix` as well (`transformer.h.0...` stored as `h.0...`).

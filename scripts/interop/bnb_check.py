@@ -1,0 +1,76 @@
+"""bitsandbytes' side of lorafit's 4-bit interop tests (tests/quantized.rs).
+
+usage: bnb_check.py codes TENSORS.safetensors OUT.json
+    TENSORS holds, for each weight NAME, `NAME.input` (the dense weight) and what lorafit made of
+    it: `NAME.packed`, `NAME.absmax`, `NAME.offset`, `NAME.nested_absmax`, `NAME.nested_quant_map`
+    and `NAME.quant_map`, plus `NAME.format` (0 = nf4, 1 = fp4) as a one-element tensor.
+    bitsandbytes.functional.quantize_4bit(input, blocksize=64, quant_type, compress_statistics=True)
+    runs on each input; OUT lists, per NAME, the parts that are not bit-identical.
+
+usage: bnb_check.py logits MODEL_DIR IDS_JSON COMPUTE OUT.json
+    Loads MODEL_DIR with transformers + bitsandbytes (4-bit NF4, double quantization, compute
+    dtype COMPUTE: float32 or bfloat16) on CPU and writes the fp32 logits of the token ids.
+"""
+
+import json
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+
+def check_codes(tensors_path, out_path):
+    import bitsandbytes.functional as F
+
+    tensors = load_file(tensors_path)
+    names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    report = {}
+    for name in names:
+        fmt = ["nf4", "fp4"][int(tensors[f"{name}.format"].item())]
+        packed, state = F.quantize_4bit(
+            tensors[f"{name}.input"], blocksize=64, quant_type=fmt, compress_statistics=True
+        )
+        theirs = {
+            "packed": packed,
+            "absmax": state.absmax,
+            "offset": state.offset.reshape(1),
+            "nested_absmax": state.state2.absmax,
+            "nested_quant_map": state.state2.code,
+            "quant_map": state.code,
+        }
+        report[name] = [
+            part for part, value in theirs.items() if not torch.equal(value.cpu(), tensors[f"{name}.{part}"])
+        ]
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
+def logits(model_dir, ids_json, compute, out_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, compute)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=config, dtype=dtype, device_map="cpu"
+    )
+    # In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for its own
+    # gemm kernel, which refuses widths that are not multiples of its tile (stories260K's 32-wide
+    # k/v projections); train mode keeps the dequantize + matmul path. The model has no dropout.
+    model.train()
+    ids = torch.tensor([json.loads(ids_json)])
+    with torch.no_grad():
+        out = model(input_ids=ids).logits.float()[0]
+    with open(out_path, "w") as f:
+        json.dump(out.tolist(), f)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "codes":
+        check_codes(*sys.argv[2:4])
+    else:
+        logits(*sys.argv[2:6])

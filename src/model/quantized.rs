@@ -1,0 +1,303 @@
+//! Frozen linear weights stored in 4 bits (QLoRA): NF4 or FP4 codes in blocks of 64 values, each
+//! block scaled by its absolute maximum, the scales themselves quantized to 8 bits in blocks of
+//! 256 ("double quantization"). The layout and every rounding step follow bitsandbytes'
+//! `quantize_4bit(w, blocksize=64, compress_statistics=True)` on CPU, so that codes and scales
+//! are bit-identical to what PEFT + bitsandbytes users train on and save.
+//!
+//! A layer's weight is dequantized to the compute dtype when the layer runs and dropped after:
+//! memory holds the 4-bit codes plus one layer's dense copy.
+
+use crate::config::QuantFormat;
+use tch::{Device, Kind, Tensor};
+
+/// Values per 4-bit block (bitsandbytes' default `blocksize`).
+pub const BLOCK: i64 = 64;
+/// Scales per 8-bit block of the double-quantized scales.
+pub const NESTED_BLOCK: i64 = 256;
+
+/// bitsandbytes' NF4 code: quantiles of N(0, 1) scaled to [-1, 1], by 4-bit value.
+const NF4: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// bitsandbytes' FP4 code (1 sign, 2 exponent, 1 mantissa bit), by 4-bit value.
+const FP4: [f32; 16] = [
+    0.0,
+    0.005_208_333_5,
+    0.666_666_7,
+    1.0,
+    0.333_333_34,
+    0.5,
+    0.166_666_67,
+    0.25,
+    0.0,
+    -0.005_208_333_5,
+    -0.666_666_7,
+    -1.0,
+    -0.333_333_34,
+    -0.5,
+    -0.166_666_67,
+    -0.25,
+];
+
+impl QuantFormat {
+    /// The 16 values a 4-bit code stands for, fp32 on the CPU.
+    pub fn code(self) -> Tensor {
+        Tensor::from_slice(match self {
+            QuantFormat::Nf4 => &NF4,
+            QuantFormat::Fp4 => &FP4,
+        })
+    }
+
+    /// bitsandbytes' name (`quant_type`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Nf4 => "nf4",
+            QuantFormat::Fp4 => "fp4",
+        }
+    }
+}
+
+/// The block scales of a quantized weight.
+pub enum Scales {
+    /// fp32, one per block.
+    Plain(Tensor),
+    /// Double quantization: `scale = nested_code[codes] · nested_absmax[block / 256] + offset`.
+    Nested { codes: Tensor, offset: f32, nested_absmax: Tensor, nested_code: Tensor },
+}
+
+/// A frozen `[out, in]` weight in 4 bits.
+pub struct QuantizedWeight {
+    pub format: QuantFormat,
+    pub shape: [i64; 2],
+    /// The codes, two per byte (the first value in the high nibble), `[numel / 2, 1]` uint8.
+    pub packed: Tensor,
+    pub scales: Scales,
+    /// The dtype the weight is dequantized to (the model's weight dtype).
+    pub compute: Kind,
+}
+
+impl QuantizedWeight {
+    /// Quantizes `w` (`[out, in]`, any floating kind) as bitsandbytes' `quantize_4bit` does on
+    /// CPU, with double quantization of the scales when `nested`.
+    pub fn quantize(w: &Tensor, format: QuantFormat, nested: bool) -> QuantizedWeight {
+        let size = w.size();
+        let (packed, absmax) = quantize_4bit(&w.to_device(Device::Cpu), format);
+        let scales = if nested {
+            let offset = absmax.mean(Kind::Float);
+            let (codes, nested_absmax) = quantize_blockwise(&(&absmax - &offset), &dynamic_map());
+            Scales::Nested {
+                codes,
+                offset: offset.double_value(&[]) as f32,
+                nested_absmax,
+                nested_code: dynamic_map(),
+            }
+        } else {
+            Scales::Plain(absmax)
+        };
+        let device = w.device();
+        QuantizedWeight {
+            format,
+            shape: [size[0], size[1]],
+            packed: packed.to_device(device),
+            scales: scales.moved_to(device),
+            compute: w.kind(),
+        }
+    }
+
+    /// The fp32 scale of every block.
+    pub fn absmax(&self) -> Tensor {
+        match &self.scales {
+            Scales::Plain(absmax) => absmax.shallow_clone(),
+            Scales::Nested { codes, offset, nested_absmax, nested_code } => {
+                let n = codes.numel() as i64;
+                let values = nested_code.index_select(0, &codes.to_kind(Kind::Int64));
+                let blocks = nested_absmax.repeat_interleave_self_int(NESTED_BLOCK, 0, None).narrow(0, 0, n);
+                values * blocks + f64::from(*offset)
+            }
+        }
+    }
+
+    /// The dense weight `[out, in]` in the compute dtype: `code[q] · absmax[block]` in fp32, cast
+    /// once, as bitsandbytes' `dequantize_4bit`.
+    pub fn dequantize(&self) -> Tensor {
+        let n = self.shape[0] * self.shape[1];
+        let code = self.format.code().to_device(self.packed.device());
+        // One lookup per byte: row b of `pairs` holds the values of its high and low nibble.
+        let bytes = Tensor::arange(256, (Kind::Int64, self.packed.device()));
+        let pairs = Tensor::stack(
+            &[
+                code.index_select(0, &bytes.bitwise_right_shift_tensor_scalar(4)),
+                code.index_select(0, &bytes.bitwise_and(15)),
+            ],
+            1,
+        );
+        let values = pairs.index_select(0, &self.packed.view([-1]).to_kind(Kind::Int64)).view([-1]);
+        let blocks = (n + BLOCK - 1) / BLOCK;
+        let padded = values.constant_pad_nd([0, blocks * BLOCK - values.size()[0]]);
+        let scaled = padded.view([blocks, BLOCK]) * self.absmax().view([blocks, 1]);
+        scaled.view([-1]).narrow(0, 0, n).view(self.shape).to_kind(self.compute)
+    }
+
+    /// Bytes held: the codes and the scales.
+    pub fn bytes(&self) -> i64 {
+        let size = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        size(&self.packed)
+            + match &self.scales {
+                Scales::Plain(absmax) => size(absmax),
+                Scales::Nested { codes, nested_absmax, nested_code, .. } => {
+                    size(codes) + size(nested_absmax) + size(nested_code) + 4
+                }
+            }
+    }
+}
+
+impl Scales {
+    fn moved_to(self, device: Device) -> Scales {
+        match self {
+            Scales::Plain(absmax) => Scales::Plain(absmax.to_device(device)),
+            Scales::Nested { codes, offset, nested_absmax, nested_code } => Scales::Nested {
+                codes: codes.to_device(device),
+                offset,
+                nested_absmax: nested_absmax.to_device(device),
+                nested_code: nested_code.to_device(device),
+            },
+        }
+    }
+}
+
+/// A frozen linear weight as a layer holds it: dense, or 4-bit and dequantized when used.
+pub enum FrozenWeight {
+    Dense(Tensor),
+    /// Boxed: a layer holding it stays as small as a dense one.
+    Quantized(Box<QuantizedWeight>),
+}
+
+impl FrozenWeight {
+    /// `[out, in]`.
+    pub fn size(&self) -> [i64; 2] {
+        match self {
+            FrozenWeight::Dense(w) => {
+                let s = w.size();
+                [s[0], s[1]]
+            }
+            FrozenWeight::Quantized(q) => q.shape,
+        }
+    }
+
+    /// The dense weight to multiply with: the tensor itself, or a fresh dequantized copy that
+    /// lives as long as the caller keeps it.
+    pub fn dense(&self) -> Tensor {
+        match self {
+            FrozenWeight::Dense(w) => w.shallow_clone(),
+            FrozenWeight::Quantized(q) => q.dequantize(),
+        }
+    }
+
+    /// The tensors held, for checks that training leaves the base untouched.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        match self {
+            FrozenWeight::Dense(w) => vec![w.shallow_clone()],
+            FrozenWeight::Quantized(q) => vec![q.packed.shallow_clone(), q.absmax()],
+        }
+    }
+}
+
+/// 4-bit codes `[numel / 2, 1]` and fp32 absmax per block of [`BLOCK`] values: bitsandbytes'
+/// CPU `quantize_4bit` (scale by the reciprocal of the block's absmax, clamp to [-1, 1], bucket
+/// between the midpoints of the sorted code).
+fn quantize_4bit(w: &Tensor, format: QuantFormat) -> (Tensor, Tensor) {
+    let a = w.to_kind(Kind::Float).reshape([-1]);
+    let n = a.size()[0];
+    let full = n - n % BLOCK;
+    let whole = a.narrow(0, 0, full).view([-1, BLOCK]);
+    let mut absmax = whole.abs().amax([1], false);
+    let mut scaled =
+        (&whole * absmax.clamp_min(1e-38).reciprocal().view([-1, 1])).clamp(-1.0, 1.0).view([-1]);
+    if full < n {
+        let tail = a.narrow(0, full, n - full);
+        let am = tail.abs().max().clamp_min(1e-38);
+        absmax = Tensor::cat(&[absmax, am.view([1])], 0);
+        scaled = Tensor::cat(&[scaled, (&tail / &am).clamp(-1.0, 1.0)], 0);
+    }
+    if scaled.size()[0] % 2 == 1 {
+        scaled = scaled.constant_pad_nd([0, 1]);
+    }
+    let code = format.code();
+    let order = code.argsort(0, false);
+    let sorted = code.index_select(0, &order);
+    let k = sorted.size()[0];
+    let bounds = (sorted.narrow(0, 0, k - 1) + sorted.narrow(0, 1, k - 1)) / 2.0;
+    let q = scaled.bucketize(&bounds, true, false).to_kind(Kind::Int64);
+    let q = match format {
+        QuantFormat::Nf4 => q,
+        QuantFormat::Fp4 => order.index_select(0, &q),
+    }
+    .to_kind(Kind::Uint8);
+    let high = q.slice(0, 0, None, 2);
+    let low = q.slice(0, 1, None, 2);
+    ((high * 16 + low).unsqueeze(1), absmax)
+}
+
+/// 8-bit codes and fp32 absmax per block of [`NESTED_BLOCK`] values of `x`, as bitsandbytes'
+/// CPU `quantize_blockwise`: the value times the reciprocal of its block's absmax is rounded to
+/// one of 65536 steps of [-1, 1], and a table maps each step to the code value nearest to it.
+fn quantize_blockwise(x: &Tensor, code: &Tensor) -> (Tensor, Tensor) {
+    let n = x.size()[0];
+    let blocks = (n + NESTED_BLOCK - 1) / NESTED_BLOCK;
+    let padded = x.constant_pad_nd([0, blocks * NESTED_BLOCK - n]).view([blocks, NESTED_BLOCK]);
+    let absmax = padded.abs().amax([1], false);
+    let normed = (&padded * absmax.reciprocal().view([-1, 1])).clamp(-1.0, 1.0);
+    let step = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to_kind(Kind::Int64);
+    let codes = lookup_table(code).index_select(0, &step.view([-1])).view([blocks, NESTED_BLOCK]);
+    // A block of zeros has no scale to divide by: its codes are 0, as bitsandbytes writes.
+    let codes = codes.masked_fill(&absmax.eq(0.0).view([-1, 1]), 0);
+    (codes.view([-1]).narrow(0, 0, n).to_kind(Kind::Uint8), absmax)
+}
+
+/// For each of the 65536 steps `-1 + 2i/65535` of [-1, 1], the index of the nearest value of
+/// the sorted `code` (ties to the lower one).
+fn lookup_table(code: &Tensor) -> Tensor {
+    let k = code.size()[0];
+    let midpoints = (code.narrow(0, 0, k - 1) + code.narrow(0, 1, k - 1)) * 0.5;
+    let steps = Tensor::arange(65536, (Kind::Float, Device::Cpu)) * 2.0 / 65535.0 - 1.0;
+    steps.bucketize(&midpoints, false, false)
+}
+
+/// bitsandbytes' signed 8-bit dynamic code (`create_dynamic_map()`): for each decade
+/// 1e-6 .. 1, the midpoints of `linspace(0.1, 1, 2^i + 1)` scaled to it, both signs, then 0 and
+/// 1, sorted; 256 fp32 values.
+pub fn dynamic_map() -> Tensor {
+    let mut data: Vec<f64> = Vec::with_capacity(256);
+    for i in 0..7i32 {
+        let items = (1i64 << i) + 1;
+        let bounds = Tensor::linspace(0.1, 1.0, items, (Kind::Float, Device::Cpu));
+        let means = (bounds.narrow(0, 0, items - 1) + bounds.narrow(0, 1, items - 1)) / 2.0;
+        // `10 ** (i - 6)` as Python computes it: the correctly rounded decimal.
+        let decade: f64 = format!("1e{}", i - 6).parse().unwrap_or(1.0);
+        for sign in [1.0, -1.0] {
+            let scaled = &means * (sign * decade);
+            data.extend(Vec::<f32>::try_from(&scaled).unwrap_or_default().into_iter().map(f64::from));
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    data.sort_by(f64::total_cmp);
+    let values: Vec<f32> = data.into_iter().map(|v| v as f32).collect();
+    Tensor::from_slice(&values)
+}

@@ -1,0 +1,137 @@
+//! 4-bit frozen weights against bitsandbytes (scripts/interop/bnb_check.py, run by the interop
+//! Python): the codes and scales lorafit makes are bit-identical to `quantize_4bit`'s, and the
+//! logits of a model loaded with `model.quantize: nf4` equal transformers + bitsandbytes'.
+
+mod common;
+
+use lorafit::config::QuantFormat;
+use lorafit::model::quantized::{FrozenWeight, QuantizedWeight, Scales};
+use lorafit::model::{load_model, load_model_quantized};
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+
+/// Runs bnb_check.py with `args` and returns the JSON it wrote to its last argument.
+fn bnb_check(python: &Path, args: &[&str]) -> Value {
+    let script = common::repo().join("scripts/interop/bnb_check.py");
+    let out = Command::new(python).arg(script).args(args).output().expect("run the interop python");
+    assert!(out.status.success(), "bnb_check.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let report = args.last().expect("an output path");
+    serde_json::from_str(&std::fs::read_to_string(report).unwrap()).unwrap()
+}
+
+/// `w` and what lorafit's quantization makes of it, under the names bnb_check.py reads.
+fn parts(name: &str, w: &Tensor, q: &QuantizedWeight) -> Vec<(String, Tensor)> {
+    let Scales::Nested { codes, offset, nested_absmax, nested_code } = &q.scales else {
+        panic!("{name}: the scales are not double-quantized");
+    };
+    let format = match q.format {
+        QuantFormat::Nf4 => 0,
+        QuantFormat::Fp4 => 1,
+    };
+    [
+        ("input", w.shallow_clone()),
+        ("packed", q.packed.shallow_clone()),
+        ("absmax", codes.shallow_clone()),
+        ("offset", Tensor::from_slice(&[*offset])),
+        ("nested_absmax", nested_absmax.shallow_clone()),
+        ("nested_quant_map", nested_code.shallow_clone()),
+        ("quant_map", q.format.code()),
+        ("format", Tensor::from_slice(&[format as i64])),
+    ]
+    .into_iter()
+    .map(|(part, t)| (format!("{name}.{part}"), t))
+    .collect()
+}
+
+/// Random weights of awkward shapes (a last block shorter than 64 values, an odd count, a block
+/// of zeros, bf16 input, values from 1e-3 to 1e3) and every linear weight of stories260K and of
+/// the Llama 3 fixture, as the model loader quantizes them.
+#[test]
+fn codes_and_scales_equal_bitsandbytes() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    tch::manual_seed(7);
+    let mut tensors = Vec::new();
+    let mut expected = 0;
+    let shapes: [(i64, i64); 5] = [(96, 80), (1000, 77), (17, 5), (64, 19233), (300, 256)];
+    for (i, (rows, cols)) in shapes.into_iter().enumerate() {
+        for format in [QuantFormat::Nf4, QuantFormat::Fp4] {
+            let w = Tensor::randn([rows, cols], (Kind::Float, Device::Cpu)) * 10f64.powi(i as i32 - 2);
+            if i == 4 {
+                let _ = w.narrow(0, 10, 3).zero_();
+            }
+            let w = if i % 2 == 1 { w.to_kind(Kind::BFloat16) } else { w };
+            let q = QuantizedWeight::quantize(&w, format, true);
+            tensors.extend(parts(&format!("random{i}_{}", format.name()), &w, &q));
+            expected += 1;
+        }
+    }
+    for (label, dir) in [("stories", common::stories260k(&assets)), ("llama3", common::fixture("llama3"))] {
+        let mut dense = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+        let mut quantized =
+            load_model_quantized(&dir, Kind::Float, Device::Cpu, Some((QuantFormat::Nf4, true))).unwrap();
+        for ((site, d), (_, q)) in dense.linear_layers_mut().into_iter().zip(quantized.linear_layers_mut()) {
+            let (FrozenWeight::Dense(w), FrozenWeight::Quantized(q)) = (&d.weight, &q.weight) else {
+                panic!("{label}: {} is not quantized at load", site.path);
+            };
+            tensors.extend(parts(&format!("{label}.{}", site.path), w, q));
+            expected += 1;
+        }
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("tensors.safetensors");
+    Tensor::write_safetensors(&tensors, &file).unwrap();
+    let report_path = scratch.path().join("report.json");
+    let report = bnb_check(&python, &["codes", file.to_str().unwrap(), report_path.to_str().unwrap()]);
+    let report = report.as_object().unwrap();
+    assert_eq!(report.len(), expected, "bitsandbytes checked {} weights of {expected}", report.len());
+    let differing: Vec<String> = report
+        .iter()
+        .filter(|(_, parts)| !parts.as_array().unwrap().is_empty())
+        .map(|(name, parts)| format!("{name}: {parts}"))
+        .collect();
+    assert!(differing.is_empty(), "not bit-identical to bitsandbytes:\n{}", differing.join("\n"));
+}
+
+/// stories260K loaded with `model.quantize: nf4` (double quantization, fp32 compute) gives the
+/// logits transformers + bitsandbytes give, within the fp32 tolerance of the family tests: the
+/// dequantized weights are the same bits, so only the order of the sums differs.
+#[test]
+fn nf4_logits_equal_transformers_bitsandbytes() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let dir = common::stories260k(&assets);
+    let ids: Vec<i64> = vec![1, 403, 407, 261, 378, 324, 266, 292, 270, 290, 363, 287, 341, 308, 269, 260];
+    let scratch = tempfile::tempdir().unwrap();
+    let out = scratch.path().join("logits.json");
+    let theirs = bnb_check(
+        &python,
+        &[
+            "logits",
+            dir.to_str().unwrap(),
+            &serde_json::to_string(&ids).unwrap(),
+            "float32",
+            out.to_str().unwrap(),
+        ],
+    );
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(theirs).unwrap();
+    let theirs = Tensor::from_slice2(&theirs).to_kind(Kind::Float);
+
+    let model = load_model_quantized(&dir, Kind::Float, Device::Cpu, Some((QuantFormat::Nf4, true))).unwrap();
+    let ours = tch::no_grad(|| model.forward(&Tensor::from_slice(&ids).view([1, -1]), false)).squeeze_dim(0);
+    let dense = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    let unquantized =
+        tch::no_grad(|| dense.forward(&Tensor::from_slice(&ids).view([1, -1]), false)).squeeze_dim(0);
+
+    let diff = (&ours - &theirs).abs().max().double_value(&[]);
+    let quantization_error = (&unquantized - &theirs).abs().max().double_value(&[]);
+    eprintln!(
+        "nf4 logits vs transformers + bitsandbytes: {diff:e}; vs the unquantized model: {quantization_error}"
+    );
+    assert!(quantization_error > 1e-2, "the reference is not quantized (differs by {quantization_error})");
+    assert!(diff <= 1e-4, "nf4 logits differ from transformers + bitsandbytes by {diff}");
+}
