@@ -664,23 +664,36 @@ fn the_default_model_answers_in_llama_cpp_as_in_lorafit() {
         .expect("run python");
     assert!(out.status.success(), "scripts/base_to_gguf.py: {}", String::from_utf8_lossy(&out.stderr));
 
-    let script = snippet(t, "llama_cpp_answer.py", LLAMA_CPP_ANSWER_PY);
-    let out = Command::new(&converter.python)
-        .env("PYTHONPATH", &runtime)
-        .arg(script)
-        .args([&base_gguf, &adapter_gguf, &model])
-        // `--show-prompt` ends the prompt (which ends in a newline itself) with one more.
-        .args([prompt.strip_suffix('\n').unwrap_or(&prompt), "32"])
-        .output()
-        .expect("run python");
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "llama.cpp: {stdout}{stderr}");
-    let reply: serde_json::Value =
-        serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let files = [base_gguf.as_path(), adapter_gguf.as_path(), model.as_path()];
+    // `--show-prompt` ends the prompt (which ends in a newline itself) with one more.
+    let reply =
+        llama_cpp_answer(t, &converter.python, &runtime, files, prompt.strip_suffix('\n').unwrap_or(&prompt));
     assert_eq!(reply["answer"].as_str().unwrap(), adapted.trim_end_matches('\n'), "llama.cpp's answer");
     eprintln!(
         "{question} → lorafit and llama.cpp: {:?} (base model: {:?})",
         adapted.trim(),
         base_answer.trim()
     );
+}
+
+/// llama.cpp's greedy answer ([`LLAMA_CPP_ANSWER_PY`]) to `prompt` with `files`: base GGUF,
+/// adapter GGUF, model directory.
+fn llama_cpp_answer(
+    scratch: &Path,
+    python: &Path,
+    runtime: &Path,
+    files: [&Path; 3],
+    prompt: &str,
+) -> serde_json::Value {
+    let script = snippet(scratch, "llama_cpp_answer.py", LLAMA_CPP_ANSWER_PY);
+    let out = Command::new(python)
+        .env("PYTHONPATH", runtime)
+        .arg(script)
+        .args(files)
+        .args([prompt, "32"])
+        .output()
+        .expect("run python");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "llama.cpp: {stdout}{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
