@@ -3,7 +3,8 @@
 //! the same PEFT adapter: same metadata, tensor names, order, shapes, types and values, read back
 //! with llama.cpp's `gguf` reader. GPT-2 is the one place lorafit differs on purpose (see
 //! `src/export/gguf.rs`). rsLoRA and per-module alpha/rank, which the converter ignores, are
-//! checked against PEFT's own scales instead.
+//! checked against PEFT's own scales instead. Last, the whole journey: the default model's
+//! adapter, exported, answers in llama.cpp itself exactly as in lorafit.
 
 mod common;
 
@@ -556,4 +557,143 @@ fn writes_a_gguf_v3_adapter_without_python() {
     for needle in ["general.architecture", "qwen3", "adapter.lora.alpha", "blk.1.attn_q.weight.lora_b"] {
         assert!(text.contains(needle), "no `{needle}` in the file");
     }
+}
+
+/// Runs a base GGUF with a GGUF LoRA in llama.cpp (the `llama_cpp` bindings built by
+/// `fetch_llama_cpp_converter.sh --runtime`) and prints the greedy continuation of a prompt as
+/// JSON. argv: base.gguf, adapter.gguf, model dir (its tokenizer.json), prompt text as lorafit
+/// puts it to the model (`<s>` first), most new tokens. The prompt's llama.cpp tokens must be
+/// those of the Hugging Face tokenizer, or the answers could not be compared.
+const LLAMA_CPP_ANSWER_PY: &str = r#"
+import json, sys
+import llama_cpp
+from tokenizers import Tokenizer
+
+base, adapter, model_dir, prompt, max_new = sys.argv[1:6]
+text = prompt.removeprefix("<s>")
+llm = llama_cpp.Llama(model_path=base, lora_path=adapter, n_ctx=256, n_threads=1, verbose=False)
+ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+hf = Tokenizer.from_file(f"{model_dir}/tokenizer.json").encode(text).ids
+assert ids == hf, f"llama.cpp tokenizes the prompt as {ids}, the Hugging Face tokenizer as {hf}"
+answer = []
+for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+    if token == llm.token_eos() or len(answer) == int(max_new):
+        break
+    answer.append(token)
+print(json.dumps({"answer": llm.detokenize(answer).decode("utf-8"), "prompt_tokens": len(ids)}))
+"#;
+
+/// llama.cpp's library and Python bindings, built once by the fetch script, or `None` (after
+/// `common::skip`) when they cannot be built here.
+fn llama_cpp_runtime(python: &Path) -> Option<PathBuf> {
+    let fetch = common::repo().join("scripts/interop/fetch_llama_cpp_converter.sh");
+    let out = Command::new("bash").arg(&fetch).arg("--runtime").env("LORAFIT_PYTHON", python).output();
+    let out = out.expect("run bash");
+    if !out.status.success() {
+        common::skip(&format!(
+            "scripts/interop/fetch_llama_cpp_converter.sh --runtime failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+        return None;
+    }
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The README's journey with the shipped default model: train, `export --format gguf`, the base
+/// converted by llama.cpp's converter through scripts/base_to_gguf.py, then llama.cpp itself
+/// answers a held-out question with the adapter exactly as `lorafit generate` does.
+#[test]
+fn the_default_model_answers_in_llama_cpp_as_in_lorafit() {
+    let Some(converter) = Converter::find() else { return };
+    let Some(runtime) = llama_cpp_runtime(&converter.python) else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (t, repo) = (tmp.path(), common::repo());
+    let run = |args: &[&str]| {
+        let out = common::lorafit(&repo, args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let out_dir = format!("output.dir={}", t.display());
+    run(&[
+        "train",
+        "configs/default.yaml",
+        "--set",
+        &out_dir,
+        "--set",
+        "output.run_name=journey",
+        "--log-format",
+        "quiet",
+    ]);
+    let run_dir = t.join("journey");
+    let adapter_gguf = t.join("adapter.gguf");
+    let adapter = run_dir.join("adapter");
+    let a = [adapter.to_str().unwrap(), adapter_gguf.to_str().unwrap()];
+    run(&["export", "--adapter", a[0], "--format", "gguf", "--dtype", "f32", "--out", a[1]]);
+
+    // A held-out question (data/default/val.jsonl), answered by lorafit before and after.
+    let question = "Name the best friend of the Grubbet.";
+    let r = run_dir.to_str().unwrap();
+    let (answers, prompt) = run(&[
+        "generate",
+        "--run",
+        r,
+        "--prompt",
+        question,
+        "--compare",
+        "--show-prompt",
+        "--max-new-tokens",
+        "32",
+    ]);
+    let (base_answer, adapted) = answers
+        .trim_start_matches("── base model ──\n")
+        .split_once("── with the adapter ──\n")
+        .unwrap_or_else(|| panic!("unexpected generate output: {answers}"));
+    assert_ne!(base_answer.trim(), adapted.trim(), "the adapter does not change the answer");
+
+    let model = repo.join("data/default-model");
+    let base_gguf = t.join("base.gguf");
+    let to_gguf = [Path::new("--outfile"), &base_gguf, Path::new("--outtype"), Path::new("f32")];
+    let out = converter
+        .python()
+        .arg(repo.join("scripts/base_to_gguf.py"))
+        .arg(converter.script.parent().unwrap())
+        .arg(&model)
+        .args(to_gguf)
+        .output()
+        .expect("run python");
+    assert!(out.status.success(), "scripts/base_to_gguf.py: {}", String::from_utf8_lossy(&out.stderr));
+
+    let files = [base_gguf.as_path(), adapter_gguf.as_path(), model.as_path()];
+    // `--show-prompt` ends the prompt (which ends in a newline itself) with one more.
+    let reply =
+        llama_cpp_answer(t, &converter.python, &runtime, files, prompt.strip_suffix('\n').unwrap_or(&prompt));
+    assert_eq!(reply["answer"].as_str().unwrap(), adapted.trim_end_matches('\n'), "llama.cpp's answer");
+    eprintln!(
+        "{question} → lorafit and llama.cpp: {:?} (base model: {:?})",
+        adapted.trim(),
+        base_answer.trim()
+    );
+}
+
+/// llama.cpp's greedy answer ([`LLAMA_CPP_ANSWER_PY`]) to `prompt` with `files`: base GGUF,
+/// adapter GGUF, model directory.
+fn llama_cpp_answer(
+    scratch: &Path,
+    python: &Path,
+    runtime: &Path,
+    files: [&Path; 3],
+    prompt: &str,
+) -> serde_json::Value {
+    let script = snippet(scratch, "llama_cpp_answer.py", LLAMA_CPP_ANSWER_PY);
+    let out = Command::new(python)
+        .env("PYTHONPATH", runtime)
+        .arg(script)
+        .args(files)
+        .args([prompt, "32"])
+        .output()
+        .expect("run python");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "llama.cpp: {stdout}{stderr}");
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }

@@ -1,6 +1,7 @@
 //! What the commands that write or read a run's outputs do with what the user gives them:
 //! `export` never replaces a file unasked, and `export`, `merge` and `eval` find the base model
-//! an adapter names in its `adapter_config.json` when `--model` is left out.
+//! an adapter names in its `adapter_config.json` when `--model` is left out (a relative name
+//! beside the adapter first, then in the working directory).
 
 mod common;
 
@@ -102,6 +103,34 @@ fn export_merge_eval_and_generate_take_the_base_model_the_adapter_names() {
     let found = answer(&[&["generate", "--adapter", a][..], &prompt].concat());
     assert!(!given.trim().is_empty());
     assert_eq!(given, found);
+}
+
+#[test]
+fn a_relative_base_is_found_beside_the_adapter_before_the_working_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    // run/adapter names `../model`, which is run/model, not a directory of the working directory.
+    std::fs::create_dir_all(t.join("run")).unwrap();
+    std::os::unix::fs::symlink(common::fixture("llama3"), t.join("run/model")).unwrap();
+    let adapter = adapter_naming(&t.join("run/adapter"), "../model");
+    let a = adapter.to_str().unwrap();
+    let m = common::fixture("llama3");
+    let given = common::lorafit(
+        t,
+        &["export", "--adapter", a, "--model", m.to_str().unwrap(), "--out", "given.gguf"],
+    );
+    assert!(given.status.success(), "{}", stderr(&given));
+    let found = common::lorafit(t, &["export", "--adapter", a, "--out", "found.gguf"]);
+    assert!(found.status.success(), "{}", stderr(&found));
+    let said = stderr(&found);
+    assert!(said.contains(&format!("using the base model {}", adapter.join("../model").display())), "{said}");
+    assert_eq!(std::fs::read(t.join("given.gguf")).unwrap(), std::fs::read(t.join("found.gguf")).unwrap());
+
+    // A name relative to the working directory still works when nothing beside the adapter has it.
+    let cwd_named = adapter_naming(&t.join("other/adapter"), "run/model");
+    let out = common::lorafit(t, &["export", "--adapter", cwd_named.to_str().unwrap(), "--out", "cwd.gguf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read(t.join("given.gguf")).unwrap(), std::fs::read(t.join("cwd.gguf")).unwrap());
 }
 
 #[test]

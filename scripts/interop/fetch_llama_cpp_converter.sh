@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Fetches llama.cpp's LoRA-to-GGUF converter, the reference lorafit's GGUF adapter export is
-# checked against. llama.cpp ships it inside the llama-cpp-python source distribution on PyPI;
-# this script downloads that sdist (llama-cpp-python 0.3.36, which vendors
-# ggml-org/llama.cpp@0c1e57098; sha256 checked) with pip and extracts only what the converter needs:
+# checked against, and with --runtime also builds llama.cpp itself to run GGUF files in.
+# llama.cpp ships inside the llama-cpp-python source distribution on PyPI; this script downloads
+# that sdist (llama-cpp-python 0.3.36, which vendors ggml-org/llama.cpp@0c1e57098; sha256 checked)
+# with pip and extracts only what the converter needs:
 #
 #   vendor/llama.cpp/convert_lora_to_gguf.py, convert_hf_to_gguf.py, conversion/ (the model
 #   classes both import) and gguf-py/ (the `gguf` package, used through PYTHONPATH)
@@ -13,7 +14,11 @@
 #   PYTHONPATH=<dir>/gguf-py:<dir> python <dir>/convert_lora_to_gguf.py --base MODEL ADAPTER
 #
 # with a Python that has torch, transformers, numpy and safetensors (the lorafit venv).
-# Idempotent: once extracted, it only prints the path. Messages go to stderr.
+# --runtime: also builds the sdist's llama.cpp library (CPU, only `libllama`, -O1: about 140
+# compiler runs, with cmake and ninja from PyPI) and puts it beside the sdist's `llama_cpp`
+# Python package (and its one missing dependency, diskcache) in <version>-runtime/, whose path
+# it then prints instead: PYTHONPATH=<that dir> python -c 'import llama_cpp'.
+# Idempotent: once extracted (built), it only prints the path. Messages go to stderr.
 # LORAFIT_PYTHON picks the interpreter whose pip downloads (default: the lorafit venv, else python3).
 set -euo pipefail
 
@@ -23,19 +28,26 @@ cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
 root="$cache/llama-cpp-python"
 dest="$root/$VERSION"
 converter="$dest/convert_lora_to_gguf.py"
+runtime="$dest-runtime"
 
+want=converter
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
-  *) echo "interop/fetch_llama_cpp_converter.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
+  --runtime) want=runtime ;;
+  -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+  *) echo "interop/fetch_llama_cpp_converter.sh: unknown argument '$1' (expected none or --runtime)" >&2; exit 2 ;;
 esac
 
 say() { echo "interop/fetch_llama_cpp_converter.sh: $*" >&2; }
 
-is_ready() { [ -f "$dest/.complete" ] && [ -f "$converter" ]; }
+is_ready() {
+  [ -f "$dest/.complete" ] && [ -f "$converter" ] || return 1
+  [ "$want" = converter ] || [ -f "$runtime/.complete" ]
+}
+done_path() { if [ "$want" = runtime ]; then echo "$runtime"; else echo "$converter"; fi; }
 
 if is_ready; then
-  echo "$converter"
+  done_path
   exit 0
 fi
 
@@ -45,7 +57,7 @@ exec 9>"$root/.lock"
 if command -v flock >/dev/null; then
   flock 9
   if is_ready; then
-    echo "$converter"
+    done_path
     exit 0
   fi
 fi
@@ -81,14 +93,46 @@ rm -rf "$tmp"
 mkdir -p "$tmp"
 trap 'rm -rf "$tmp"' EXIT
 prefix=$(tar -tzf "$sdist" | awk -F/ 'NR == 1 { print $1 }')
-say "extracting the converter from $(basename "$sdist")"
-tar -xzf "$sdist" -C "$tmp" --wildcards \
-  "$prefix/vendor/llama.cpp/convert_lora_to_gguf.py" \
-  "$prefix/vendor/llama.cpp/convert_hf_to_gguf.py" \
-  "$prefix/vendor/llama.cpp/conversion/*" \
-  "$prefix/vendor/llama.cpp/gguf-py/*"
-touch "$tmp/$prefix/vendor/llama.cpp/.complete"
-rm -rf "$dest"
-mv "$tmp/$prefix/vendor/llama.cpp" "$dest"
-say "converter ready at $dest"
-echo "$converter"
+
+if [ ! -f "$dest/.complete" ]; then
+  say "extracting the converter from $(basename "$sdist")"
+  tar -xzf "$sdist" -C "$tmp" --wildcards \
+    "$prefix/vendor/llama.cpp/convert_lora_to_gguf.py" \
+    "$prefix/vendor/llama.cpp/convert_hf_to_gguf.py" \
+    "$prefix/vendor/llama.cpp/conversion/*" \
+    "$prefix/vendor/llama.cpp/gguf-py/*"
+  touch "$tmp/$prefix/vendor/llama.cpp/.complete"
+  rm -rf "$dest"
+  mv "$tmp/$prefix/vendor/llama.cpp" "$dest"
+  say "converter ready at $dest"
+fi
+
+if [ "$want" = runtime ] && [ ! -f "$runtime/.complete" ]; then
+  tools="$root/tools"
+  if [ ! -x "$tools/bin/cmake" ] || [ ! -x "$tools/bin/ninja" ]; then
+    say "installing cmake and ninja into $tools"
+    "$python" -m pip install --quiet --target "$tools" cmake ninja >&2
+  fi
+  say "building llama.cpp's library from $(basename "$sdist") (a few minutes)"
+  tar -xzf "$sdist" -C "$tmp" "$prefix/llama_cpp" "$prefix/vendor/llama.cpp"
+  src="$tmp/$prefix/vendor/llama.cpp"
+  # The libraries are loaded from the package's lib/ folder: each finds the others beside itself.
+  PYTHONPATH="$tools" PATH="$tools/bin:$PATH" cmake -S "$src" -B "$tmp/build" -G Ninja \
+    -DCMAKE_MAKE_PROGRAM="$tools/bin/ninja" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS_RELEASE="-O1 -DNDEBUG" -DCMAKE_CXX_FLAGS_RELEASE="-O1 -DNDEBUG" \
+    -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$ORIGIN' \
+    -DLLAMA_BUILD_COMMON=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF >&2
+  PYTHONPATH="$tools" PATH="$tools/bin:$PATH" cmake --build "$tmp/build" --target llama >&2
+  package="$tmp/$prefix/llama_cpp"
+  mkdir -p "$package/lib"
+  find "$tmp/build" -name 'lib*.so*' -exec cp -P {} "$package/lib/" \;
+  mkdir -p "$tmp/runtime"
+  mv "$package" "$tmp/runtime/llama_cpp"
+  "$python" -m pip install --quiet --no-deps --target "$tmp/runtime" diskcache >&2
+  touch "$tmp/runtime/.complete"
+  rm -rf "$runtime"
+  mv "$tmp/runtime" "$runtime"
+  say "llama.cpp ready at $runtime"
+fi
+done_path

@@ -136,7 +136,9 @@ pub fn write_files(
 
 /// The base model of the adapter in `adapter_dir`: `given` (a `--model` flag) when there is
 /// one, else the directory its `base_model_name_or_path` names, when that is a model directory
-/// here (said on stderr, so the user knows which model was used).
+/// (said on stderr, so the user knows which model was used). A relative name is looked up
+/// beside the adapter first, so an adapter moved together with its base still finds it, then
+/// in the working directory, where PEFT looks.
 pub fn base_model_dir(adapter_dir: &Path, given: Option<&Path>) -> Result<PathBuf> {
     if let Some(dir) = given {
         return Ok(dir.to_path_buf());
@@ -146,14 +148,16 @@ pub fn base_model_dir(adapter_dir: &Path, given: Option<&Path>) -> Result<PathBu
     let Some(base) = &adapter.base_model else {
         bail!("{path} does not name its base model (base_model_name_or_path); pass --model DIR");
     };
-    let dir = PathBuf::from(base);
-    if !dir.join("config.json").is_file() {
+    // `join` keeps an absolute `base` as it is.
+    let candidates = [adapter_dir.join(base), PathBuf::from(base)];
+    let Some(dir) = candidates.into_iter().find(|dir| dir.join("config.json").is_file()) else {
         bail!(
-            "{path}: its base model `{base}` (base_model_name_or_path) is not a model directory here; \
-             pass --model DIR"
+            "{path}: its base model `{base}` (base_model_name_or_path) is not a model directory, \
+             neither relative to {} nor to the working directory; pass --model DIR",
+            adapter_dir.display()
         );
-    }
-    eprintln!("using the base model {base} (base_model_name_or_path of {path})");
+    };
+    eprintln!("using the base model {} (base_model_name_or_path of {path})", dir.display());
     Ok(dir)
 }
 
