@@ -154,6 +154,18 @@ fn gemm_gflops(kind: Kind, n: i64) -> f64 {
     2.0 * (n * n * n) as f64 / best / 1e9
 }
 
+/// The GEMM roofline: fp32, and bf16 where the CPU computes it natively ("emulated" elsewhere).
+fn gemm_json(threads: usize) -> serde_json::Value {
+    let n = 2048;
+    let native = lorafit::train::precision::cpu_bf16().native;
+    json!({
+        "gemm_n": n,
+        "threads": threads,
+        "fp32_gflops": gemm_gflops(Kind::Float, n),
+        "bf16_gflops": if native { json!(gemm_gflops(Kind::BFloat16, n)) } else { json!("emulated") },
+    })
+}
+
 /// The CPU's model name (the first `model name` of `/proc/cpuinfo`) and its bf16 support.
 fn cpu_json() -> serde_json::Value {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -177,20 +189,8 @@ fn main() -> Result<()> {
     lorafit::host_memory::retain_freed_memory();
     let args = parse_args()?;
     tch::set_num_threads(args.threads as i32);
-    if args.cpu {
-        println!("{}", cpu_json());
-        return Ok(());
-    }
-    if args.gemm {
-        let n = 2048;
-        let native = lorafit::train::precision::cpu_bf16().native;
-        let out = json!({
-            "gemm_n": n,
-            "threads": args.threads,
-            "fp32_gflops": gemm_gflops(Kind::Float, n),
-            "bf16_gflops": if native { json!(gemm_gflops(Kind::BFloat16, n)) } else { json!("emulated") },
-        });
-        println!("{out}");
+    if args.cpu || args.gemm {
+        println!("{}", if args.cpu { cpu_json() } else { gemm_json(args.threads) });
         return Ok(());
     }
     let Some(model_dir) = &args.model else {
