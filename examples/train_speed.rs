@@ -6,6 +6,7 @@
 //!     cargo run --release --example train_speed -- --model DIR --data CONFIG --examples-out FILE \
 //!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
 //!     cargo run --release --example train_speed -- --gemm [--threads N]
+//!     cargo run --release --example train_speed -- --cpu
 //!
 //! `--checkpointing` turns on activation checkpointing (`train.gradient_checkpointing`).
 //!
@@ -24,7 +25,12 @@
 //! and real_tokens_per_s (over all measured steps), since steps then differ in size.
 //!
 //! `--gemm` measures the machine's matmul throughput instead (the roofline for model FLOP
-//! utilisation): square 2048² matmuls in fp32 and bf16, the best of ten, printed as GFLOP/s.
+//! utilisation): square 2048² matmuls in fp32 and bf16, the best of up to ten within a time
+//! bound, printed as GFLOP/s. Where the CPU has no native bf16 (see `--cpu`) the bf16 probe is
+//! skipped and reported as `"emulated"`: emulated bf16 GEMMs are slow enough to stall the bench.
+//!
+//! `--cpu` prints the CPU's model name and whether it computes bf16 natively (AVX512-BF16 or
+//! AMX-BF16 in `/proc/cpuinfo`, as `train.precision: auto` decides).
 
 use anyhow::{bail, Context, Result};
 use lorafit::config::{Config, LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
@@ -51,6 +57,7 @@ struct Args {
     steps: usize,
     threads: usize,
     gemm: bool,
+    cpu: bool,
     checkpointing: bool,
     data: Option<PathBuf>,
     examples_out: Option<PathBuf>,
@@ -65,14 +72,16 @@ fn parse_args() -> Result<Args> {
         steps: 5,
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         gemm: false,
+        cpu: false,
         checkpointing: false,
         data: None,
         examples_out: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--gemm" || flag == "--checkpointing" {
+        if flag == "--gemm" || flag == "--cpu" || flag == "--checkpointing" {
             args.gemm |= flag == "--gemm";
+            args.cpu |= flag == "--cpu";
             args.checkpointing |= flag == "--checkpointing";
             continue;
         }
@@ -119,44 +128,73 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// GFLOP/s of an `n`×`n` by `n`×`n` matmul in `kind`: the best of ten timed products after two
-/// warm-ups (thread pool start, kernel selection). The best, not the median, because this is the
-/// roofline: on a shared machine the slower products measure the neighbours, not the hardware.
+/// The time one dtype's GEMM probe may take, warm-up included: the probe must not stall the bench
+/// on a slow or busy CPU.
+const GEMM_BUDGET_S: f64 = 10.0;
+
+/// GFLOP/s of an `n`×`n` by `n`×`n` matmul in `kind`: the best of up to ten timed products after
+/// one warm-up (thread pool start, kernel selection), stopping once [`GEMM_BUDGET_S`] is spent
+/// (at least one product is timed). The best, not the median, because this is the roofline: on a
+/// shared machine the slower products measure the neighbours, not the hardware.
 fn gemm_gflops(kind: Kind, n: i64) -> f64 {
+    let started = Instant::now();
     let a = Tensor::randn([n, n], (kind, Device::Cpu));
     let b = Tensor::randn([n, n], (kind, Device::Cpu));
-    for _ in 0..2 {
-        let _ = a.matmul(&b);
+    let _ = a.matmul(&b);
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let c = a.matmul(&b);
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+        if started.elapsed().as_secs_f64() > GEMM_BUDGET_S {
+            break;
+        }
     }
-    let best = (0..10)
-        .map(|_| {
-            let t = Instant::now();
-            let c = a.matmul(&b);
-            let secs = t.elapsed().as_secs_f64();
-            drop(c);
-            secs
-        })
-        .fold(f64::INFINITY, f64::min);
     2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// The GEMM roofline: fp32, and bf16 where the CPU computes it natively ("emulated" elsewhere).
+fn gemm_json(threads: usize) -> serde_json::Value {
+    let n = 2048;
+    let native = lorafit::train::precision::cpu_bf16().native;
+    json!({
+        "gemm_n": n,
+        "threads": threads,
+        "fp32_gflops": gemm_gflops(Kind::Float, n),
+        "bf16_gflops": if native { json!(gemm_gflops(Kind::BFloat16, n)) } else { json!("emulated") },
+    })
+}
+
+/// The CPU's model name (the first `model name` of `/proc/cpuinfo`) and its bf16 support.
+fn cpu_json() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, name)| name.trim());
+    let bf16 = lorafit::train::precision::cpu_bf16();
+    json!({
+        "model": model,
+        "avx512_bf16": bf16.finding.contains("AVX512-BF16"),
+        "amx_bf16": bf16.finding.contains("AMX-BF16"),
+        "native_bf16": bf16.native,
+        "finding": bf16.finding,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+    })
 }
 
 fn main() -> Result<()> {
     lorafit::host_memory::retain_freed_memory();
     let args = parse_args()?;
     tch::set_num_threads(args.threads as i32);
-    if args.gemm {
-        let n = 2048;
-        let out = json!({
-            "gemm_n": n,
-            "threads": args.threads,
-            "fp32_gflops": gemm_gflops(Kind::Float, n),
-            "bf16_gflops": gemm_gflops(Kind::BFloat16, n),
-        });
-        println!("{out}");
+    if args.cpu || args.gemm {
+        println!("{}", if args.cpu { cpu_json() } else { gemm_json(args.threads) });
         return Ok(());
     }
     let Some(model_dir) = &args.model else {
-        bail!("usage: train_speed --model DIR (--batches FILE | --data CONFIG --examples-out FILE) --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing] | --gemm");
+        bail!("usage: train_speed --model DIR (--batches FILE | --data CONFIG --examples-out FILE) --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing] | --gemm | --cpu");
     };
     if args.steps == 0 {
         bail!("--steps must be at least 1");

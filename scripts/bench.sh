@@ -5,27 +5,36 @@
 #   scripts/bench.sh [tiny|small|medium|real|all|scale] [--steps N] [--warmup N] [--rounds N]
 #                    [--threads N]
 #
+# PEFT runs each precision class its usual ways (scripts/bench/peft_train.py): fp32, and for
+# bf16-mixed the bf16 base with fp32 adapters under autocast (`bf16-base`) plus, on tiny and
+# small, the fp32 base under autocast (`fp32-autocast`, the slowest recipe, for reference).
+# The table compares lorafit with the fastest PEFT recipe of the same precision class.
+# bf16-mixed runs only where the CPU computes bf16 natively (AVX512-BF16 or AMX-BF16 in
+# /proc/cpuinfo): elsewhere bf16 is emulated, many times slower, and reported as skipped; the
+# real and scale cases then run in fp32.
+#
 # Cases (random weights, built on first use into ${LORAFIT_CACHE:-~/.cache/lorafit}/bench/):
 #   tiny    data/default-model (4 layers, hidden 128), batch 4 × seq 256, 2 warm-up + 8 measured
 #           steps, fp32 and bf16-mixed, on saved random token batches (every position trained)
 #   small   SmolLM2-135M shape, batch 4 × seq 512, 1 warm-up + 3 measured steps, likewise
 #   medium  Qwen2.5-0.5B shape, batch 2 × seq 512, 1 warm-up + 3 measured steps, likewise
 #   real    the small model with the SmolLM tokenizer on instruction data (alpaca_tiny, and the
-#           ShareGPT conversations), max_seq_len 512, 4 rows a step, bf16-mixed, 1 warm-up + 4
-#           measured steps: lorafit as `lorafit train` runs it (packed rows, prompts masked),
-#           PEFT the usual way on the same tokenized examples (4 examples a step, padded to the
-#           longest); compared by useful (label) tokens per second
-#   all     tiny, small, medium and real (about 12 minutes here)
-#   scale   the small model in bf16-mixed, batch 1 × seq 512, 1024 and 2048, with and without
-#           activation checkpointing, 1 warm-up + 2 measured steps (about 10 minutes here)
+#           ShareGPT conversations), max_seq_len 512, 4 rows a step, 1 warm-up + 4 measured
+#           steps: lorafit as `lorafit train` runs it (packed rows, prompts masked), PEFT the
+#           usual way on the same tokenized examples (4 examples a step, padded to the longest);
+#           compared by useful (label) tokens per second
+#   all     tiny, small, medium and real (sized to finish in under 20 minutes on a 2-core CPU)
+#   scale   the small model, batch 1 × seq 512, 1024 and 2048, with and without activation
+#           checkpointing, 1 warm-up + 2 measured steps
 # --steps / --warmup override the measured / warm-up steps of every case. --rounds repeats each
-# comparison (default 1). The two runners alternate (PEFT first, then lorafit first for the next
-# comparison) so that machine noise hits both. Threads default to the core count. The real case
-# runs lorafit first: it writes the tokenized examples PEFT trains on.
+# comparison (default 1). The runners of a comparison alternate their order (PEFT first, then
+# lorafit first for the next one) so that machine noise hits all. Threads default to the core
+# count. The real case runs lorafit first: it writes the tokenized examples PEFT trains on.
 #
-# Prints a table (tokens/s, useful tokens/s, median step time, peak RSS, losses, model FLOP
-# utilisation against this machine's measured GEMM throughput, lorafit/PEFT ratios) and keeps the
-# raw results and a JSON summary in target/bench/. Not part of the test command.
+# Prints the CPU (model, bf16 support) and a table (tokens/s, useful tokens/s, median step time,
+# peak RSS, losses, model FLOP utilisation against this machine's measured GEMM throughput,
+# lorafit/PEFT ratios) and keeps the raw results (JSON Lines) and a JSON summary in target/bench/.
+# Not part of the test command.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -41,7 +50,7 @@ while [ $# -gt 0 ]; do
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --threads) threads=${2:?--threads needs a number}; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -68,7 +77,7 @@ scripts/setup/gloo.sh
 scripts/setup/python.sh
 py="$cache/venv-torch-2.13.0/bin/python"
 cargo build --release --quiet --example train_speed
-lorafit_bin="$repo/target/release/examples/train_speed"
+lorafit_bin="${CARGO_TARGET_DIR:-$repo/target}/release/examples/train_speed"
 mkdir -p "$bench_dir"
 to_build=()
 for case in "${cases[@]}"; do
@@ -85,34 +94,58 @@ mkdir -p target/bench
 results="target/bench/bench-$(date -u +%Y%m%d-%H%M%S).jsonl"
 say "raw results in $results"
 
-# The roofline: this machine's fp32 and bf16 matmul throughput through libtorch.
+# The CPU, and whether it computes bf16 natively: bf16 runs only where it does.
+cpu=$("$lorafit_bin" --cpu)
+echo "{\"cpu\": $cpu}" >> "$results"
+if [[ $cpu == *'"native_bf16":true'* ]]; then
+  precisions=(fp32 bf16-mixed) best=bf16-mixed
+else
+  precisions=(fp32) best=fp32
+  say "no native bf16 on this CPU: bf16-mixed is emulated and skipped; real and scale run in fp32"
+fi
+
+# The roofline: this machine's fp32 and bf16 matmul throughput through libtorch (bounded time).
 echo "{\"gemm\": $("$lorafit_bin" --gemm --threads "$threads")}" >> "$results"
 
-# One run of one runner; its JSON line goes into the results file under the case's label.
+# One run of one runner (`lorafit`, or `peft:RECIPE`); its JSON line goes into the results file
+# under the case's label.
 run_one() {  # runner label model precision warm-up steps [runner arguments...]
   local runner=$1 label=$2 model=$3 precision=$4 w=$5 n=$6 out
   shift 6
   say "$label $precision $runner ($w warm-up + $n measured steps)"
-  if [ "$runner" = peft ]; then
-    # transformers prints load progress and deprecation notes on stderr: keep them out of the way.
-    out=$("$py" -W ignore scripts/bench/peft_train.py --model "$model" --precision "$precision" \
-      --warmup "$w" --steps "$n" --threads "$threads" "$@" 2>>"$results.peft.log")
-  else
+  if [ "$runner" = lorafit ]; then
     out=$("$lorafit_bin" --model "$model" --precision "$precision" \
       --warmup "$w" --steps "$n" --threads "$threads" "$@")
+  else
+    # transformers prints load progress and deprecation notes on stderr: keep them out of the way.
+    out=$("$py" -W ignore scripts/bench/peft_train.py --model "$model" --recipe "${runner#peft:}" \
+      --warmup "$w" --steps "$n" --threads "$threads" "$@" 2>>"$results.peft.log")
   fi
   printf '{"size": "%s", "model": "%s", "result": %s}\n' "$label" "$model" "$out" >> "$results"
 }
 
-# Both runners on the same arguments, alternating which goes first.
+# The PEFT recipes a comparison runs: the usual one of the precision class, and on the cheap
+# cases the fp32-base autocast reference too.
+recipes() {  # case precision
+  if [ "$2" = fp32 ]; then echo peft:fp32
+  elif [ "$1" = tiny ] || [ "$1" = small ]; then echo peft:bf16-base peft:fp32-autocast
+  else echo peft:bf16-base
+  fi
+}
+
+# lorafit and the PEFT recipes on the same arguments, alternating the order.
 flip=0
-both() {  # label model precision warm-up steps [runner arguments...]
-  local order
-  if [ $flip = 0 ]; then order=(peft lorafit); else order=(lorafit peft); fi
+side_by_side() {  # "peft:RECIPE ..." label model precision warm-up steps [runner arguments...]
+  local order i
+  read -r -a order <<< "$1"
+  shift
+  order=("${order[0]}" lorafit "${order[@]:1}")
+  if [ $flip = 1 ]; then
+    for ((i = ${#order[@]} - 1; i >= 0; i--)); do run_one "${order[i]}" "$@"; done
+  else
+    for runner in "${order[@]}"; do run_one "$runner" "$@"; done
+  fi
   flip=$((1 - flip))
-  for runner in "${order[@]}"; do
-    run_one "$runner" "$@"
-  done
 }
 
 batches_for() {  # vocab batch seq count -> path of saved random batches
@@ -140,8 +173,9 @@ train:
 output:
   dir: target/bench/runs
 YAML
-  run_one lorafit "real-$name" "$bench_dir/small" bf16-mixed "$w" "$n" --data "$config" --examples-out "$examples"
-  run_one peft "real-$name" "$bench_dir/small" bf16-mixed "$w" "$n" --examples "$examples" --micro-batch 4
+  run_one lorafit "real-$name" "$bench_dir/small" "$best" "$w" "$n" --data "$config" --examples-out "$examples"
+  run_one "$(recipes real "$best")" "real-$name" "$bench_dir/small" "$best" "$w" "$n" \
+    --examples "$examples" --micro-batch 4
 }
 
 started=$(date +%s)
@@ -152,8 +186,9 @@ for case in "${cases[@]}"; do
         read -r model vocab batch seq w n <<< "$(shape "$case")"
         w=${warmup:-$w} n=${steps:-$n}
         file=$(batches_for "$vocab" "$batch" "$seq" $((w + n)))
-        for precision in fp32 bf16-mixed; do
-          both "$case" "$model" "$precision" "$w" "$n" --batches "$file"
+        for precision in "${precisions[@]}"; do
+          side_by_side "$(recipes "$case" "$precision")" "$case" "$model" "$precision" "$w" "$n" \
+            --batches "$file"
         done
         ;;
       real)
@@ -164,8 +199,10 @@ for case in "${cases[@]}"; do
         w=${warmup:-1} n=${steps:-2}
         for seq in 512 1024 2048; do
           file=$(batches_for 49152 1 "$seq" $((w + n)))
-          both "small-1x$seq" "$bench_dir/small" bf16-mixed "$w" "$n" --batches "$file"
-          both "small-1x$seq-ckpt" "$bench_dir/small" bf16-mixed "$w" "$n" --batches "$file" --checkpointing
+          side_by_side "$(recipes scale "$best")" "small-1x$seq" "$bench_dir/small" "$best" "$w" "$n" \
+            --batches "$file"
+          side_by_side "$(recipes scale "$best")" "small-1x$seq-ckpt" "$bench_dir/small" "$best" "$w" "$n" \
+            --batches "$file" --checkpointing
         done
         ;;
     esac

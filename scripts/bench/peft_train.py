@@ -2,12 +2,19 @@
 """The reference side of the speed benchmark: transformers + PEFT training LoRA the usual way.
 
     "$VENV/bin/python" scripts/bench/peft_train.py --model DIR (--batches FILE | --examples FILE) \
-        --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing]
+        --recipe fp32|bf16-base|fp32-autocast [--warmup N] [--steps N] [--threads N] [--checkpointing]
 
 Same work as examples/train_speed.rs: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down;
 AdamW (lr 1e-4, no weight decay), gradient norm clipped at 1.0; step i trains on saved batch
-i (labels = inputs, every position trained). bf16-mixed is what PEFT users do on a CPU: an fp32
-model under `torch.autocast("cpu", dtype=torch.bfloat16)`, adapters and optimizer in fp32.
+i (labels = inputs, every position trained). The recipes, the ways PEFT users train:
+  fp32           fp32 model and adapters (precision class fp32)
+  bf16-base      the model loaded in bf16 (`dtype=torch.bfloat16`), PEFT's adapters kept in fp32
+                 (`autocast_adapter_dtype=True`), under `torch.autocast("cpu", dtype=torch.bfloat16)`:
+                 the usual bf16 recipe on a CPU (precision class bf16-mixed)
+  fp32-autocast  an fp32 model under the same autocast: every frozen weight is cast to bf16 at
+                 every op (autocast caches only casts of leaves that require grad), so it is the
+                 slowest bf16 recipe, kept for reference (precision class bf16-mixed)
+The optimizer state is fp32 in every recipe.
 
 `--checkpointing` turns on transformers' gradient checkpointing (non-reentrant, as recommended
 for PEFT). `--examples` is the real-data case: tokenized examples (JSON Lines of `input_ids` and
@@ -28,6 +35,12 @@ import statistics
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# recipe -> (precision class, base model dtype, autocast to bf16)
+RECIPES = {
+    "fp32": ("fp32", "float32", False),
+    "bf16-base": ("bf16-mixed", "bfloat16", True),
+    "fp32-autocast": ("bf16-mixed", "float32", True),
+}
 
 
 def main():
@@ -37,7 +50,7 @@ def main():
     parser.add_argument("--examples")
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--precision", choices=["fp32", "bf16-mixed"], required=True)
+    parser.add_argument("--recipe", choices=list(RECIPES), required=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -59,18 +72,20 @@ def main():
             raise SystemExit(f"{args.batches} holds {saved.shape[0]} batches, {total} steps asked for")
         steps = [(ids, None, ids) for ids in saved[:total]]  # no padding: no mask
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    precision, base_dtype, bf16_autocast = RECIPES[args.recipe]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, base_dtype))
     if args.checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    # autocast_adapter_dtype (PEFT's default, spelled out): fp32 adapters beside a bf16 base.
+    model = get_peft_model(model, lora, autocast_adapter_dtype=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
     def autocast():
-        if args.precision == "bf16-mixed":
+        if bf16_autocast:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -99,7 +114,8 @@ def main():
         json.dumps(
             {
                 "runner": "peft",
-                "precision": args.precision,
+                "precision": precision,
+                "recipe": args.recipe,
                 "threads": args.threads,
                 "batch": int(steps[0][0].shape[0]),
                 "seq": int(steps[0][0].shape[1]),

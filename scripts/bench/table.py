@@ -3,11 +3,16 @@
 
     python3 scripts/bench/table.py RESULTS.jsonl [--json SUMMARY.json]
 
-Needs only the standard library. Each record is either `{"gemm": {...}}` (the machine's measured
-matmul throughput) or `{"size", "model", "result"}` with a runner's output. Runs repeated over
-several rounds are combined: median of the tokens/s and step-time medians, largest peak RSS,
-the last round's losses. The ratio rows give lorafit/PEFT for speed, step time and memory, and
-lorafit − PEFT for the losses (first loss: step 0, before any update, so only numerics differ).
+Needs only the standard library. Each record is `{"cpu": {...}}` (the CPU's model and bf16
+support), `{"gemm": {...}}` (the machine's measured matmul throughput; bf16 "emulated" where the
+CPU has no native bf16) or `{"size", "model", "result"}` with a runner's output. PEFT runs under
+several recipes (`peft:fp32`, `peft:bf16-base`, `peft:fp32-autocast`); each belongs to the
+precision class of lorafit's run it is compared with. Runs repeated over several rounds are
+combined: median of the tokens/s and step-time medians, largest peak RSS, the last round's
+losses. The ratio rows give lorafit against the fastest PEFT recipe of the same precision class
+(named in the row): lorafit/PEFT for speed, step time and memory, and lorafit − PEFT for the
+losses (first loss: step 0, before any update, so only numerics differ). The summary also holds
+the ratios against every recipe.
 
 Model FLOP utilisation (MFU) = model FLOPs per token × tokens/s / measured GEMM FLOP/s (bf16 GEMM
 for bf16-mixed runs, fp32 GEMM for fp32 runs), with FLOPs per token of a LoRA training step:
@@ -57,14 +62,17 @@ def main():
     parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
 
-    gemm = None
-    runs = {}  # (size, precision, runner) -> list of results
+    gemm, cpu = None, None
+    runs = {}  # (size, precision, runner) -> list of results; runner "lorafit" or "peft:RECIPE"
     models = {}
     with open(args.results) as f:
         for line in f:
             if not line.strip():
                 continue
             record = json.loads(line)
+            if "cpu" in record:
+                cpu = record["cpu"]
+                continue
             if "gemm" in record:
                 # Measured before and after the runs: the higher figure is the roofline.
                 g = record["gemm"]
@@ -72,20 +80,30 @@ def main():
                     gemm = dict(g)
                 else:
                     for key in ("fp32_gflops", "bf16_gflops"):
-                        gemm[key] = max(gemm[key], g[key])
+                        if isinstance(g[key], (int, float)):
+                            gemm[key] = max(gemm[key], g[key])
                 continue
             r = record["result"]
-            runs.setdefault((record["size"], r["precision"], r["runner"]), []).append(r)
+            runner = r["runner"] if r["runner"] == "lorafit" else f"peft:{r.get('recipe', 'fp32-autocast')}"
+            runs.setdefault((record["size"], r["precision"], runner), []).append(r)
             models[record["size"]] = record["model"]
 
-    summary = {"gemm": gemm, "runs": []}
+    summary = {"cpu": cpu, "gemm": gemm, "runs": []}
+    if cpu:
+        yes = lambda flag: "yes" if cpu[flag] else "no"
+        print(
+            f"CPU {cpu['model']}, {cpu['cores']} cores: AVX512-BF16 {yes('avx512_bf16')}, AMX-BF16 "
+            f"{yes('amx_bf16')}" + ("" if cpu["native_bf16"] else " (bf16 emulated: bf16-mixed skipped)")
+        )
     if gemm:
+        bf16 = gemm["bf16_gflops"]
+        bf16 = f"{bf16:.0f} GFLOP/s" if isinstance(bf16, (int, float)) else str(bf16)
         print(
             f"GEMM {gemm['gemm_n']}², {gemm['threads']} threads: fp32 {gemm['fp32_gflops']:.0f} GFLOP/s, "
-            f"bf16 {gemm['bf16_gflops']:.0f} GFLOP/s"
+            f"bf16 {bf16}"
         )
     header = (
-        f"{'case':<18} {'precision':<10} {'runner':<12} {'batch×seq':>9} {'tokens/s':>9} {'useful/s':>9} "
+        f"{'case':<18} {'precision':<10} {'runner':<18} {'batch×seq':>9} {'tokens/s':>9} {'useful/s':>9} "
         f"{'step s':>8} {'peak RSS MB':>11} {'first loss':>10} {'final loss':>10} {'MFU':>6}"
     )
     print(header)
@@ -96,7 +114,8 @@ def main():
             config = json.load(f)
         for precision in ["fp32", "bf16-mixed"]:
             agg = {}
-            for runner in ["peft", "lorafit"]:
+            runners = sorted({k[2] for k in runs if k[:2] == (size, precision)}, key=lambda r: r == "lorafit")
+            for runner in runners:
                 results = runs.get((size, precision, runner))
                 if not results:
                     continue
@@ -120,23 +139,28 @@ def main():
                     "final_loss": last["final_loss"],
                     "flops_per_token": flops_per_token(config, last["seq"]),
                 }
-                if gemm and not size.startswith("real-"):
-                    peak = gemm["bf16_gflops" if precision == "bf16-mixed" else "fp32_gflops"] * 1e9
-                    row["mfu"] = row["flops_per_token"] * tokens_per_s / peak
+                peak = gemm and gemm["bf16_gflops" if precision == "bf16-mixed" else "fp32_gflops"]
+                if isinstance(peak, (int, float)) and not size.startswith("real-"):
+                    row["mfu"] = row["flops_per_token"] * tokens_per_s / (peak * 1e9)
                 agg[runner] = row
                 summary["runs"].append(row)
                 mfu = f"{100 * row['mfu']:5.1f}%" if "mfu" in row else "     -"
                 print(
-                    f"{size:<18} {precision:<10} {runner:<12} {row['batch']:>4}×{row['seq']:<4} "
+                    f"{size:<18} {precision:<10} {runner:<18} {row['batch']:>4}×{row['seq']:<4} "
                     f"{tokens_per_s:>9.0f} {row['useful_tokens_per_s']:>9.0f} {row['median_step_s']:>8.3f} "
                     f"{row['peak_rss_mb']:>11.0f} "
                     f"{row['first_loss']:>10.4f} {row['final_loss']:>10.4f} {mfu}"
                 )
-            if len(agg) == 2:
-                p, l = agg["peft"], agg["lorafit"]
+            peft = [r for name, r in agg.items() if name != "lorafit"]
+            if "lorafit" not in agg or not peft:
+                continue
+            l, fastest = agg["lorafit"], max(peft, key=lambda r: r["tokens_per_s"])
+            for p in sorted(peft, key=lambda r: r is not fastest):
                 ratio = {
                     "size": size,
                     "precision": precision,
+                    "against": p["runner"],
+                    "fastest_peft": p is fastest,
                     "tokens_per_s_ratio": l["tokens_per_s"] / p["tokens_per_s"],
                     "useful_tokens_per_s_ratio": l["useful_tokens_per_s"] / p["useful_tokens_per_s"],
                     "step_time_ratio": l["median_step_s"] / p["median_step_s"],
@@ -145,8 +169,10 @@ def main():
                     "final_loss_diff": l["final_loss"] - p["final_loss"],
                 }
                 summary.setdefault("ratios", []).append(ratio)
+                if p is not fastest:
+                    continue
                 print(
-                    f"{size:<18} {precision:<10} {'lorafit/PEFT':<12} {'':>9} "
+                    f"{size:<18} {precision:<10} {'lorafit/' + p['runner']:<18} {'':>9} "
                     f"{ratio['tokens_per_s_ratio']:>8.2f}x {ratio['useful_tokens_per_s_ratio']:>8.2f}x "
                     f"{ratio['step_time_ratio']:>7.2f}x "
                     f"{ratio['peak_rss_ratio']:>10.2f}x {ratio['first_loss_diff']:>+10.4f} {ratio['final_loss_diff']:>+10.4f}"
