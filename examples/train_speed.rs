@@ -2,7 +2,7 @@
 //! library on saved token batches, measured the way `scripts/bench/peft_train.py` measures PEFT.
 //!
 //!     cargo run --release --example train_speed -- --model DIR --batches FILE \
-//!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
+//!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--device cpu|cuda]
 //!     cargo run --release --example train_speed -- --model DIR --data CONFIG --examples-out FILE \
 //!         --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N]
 //!     cargo run --release --example train_speed -- --gemm [--threads N]
@@ -61,6 +61,8 @@ struct Args {
     checkpointing: bool,
     data: Option<PathBuf>,
     examples_out: Option<PathBuf>,
+    /// `--device cpu|cuda|cuda:N`: where the model and batches live (the GPU check's runs).
+    device: Device,
 }
 
 fn parse_args() -> Result<Args> {
@@ -76,6 +78,7 @@ fn parse_args() -> Result<Args> {
         checkpointing: false,
         data: None,
         examples_out: None,
+        device: Device::Cpu,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -101,6 +104,7 @@ fn parse_args() -> Result<Args> {
             "--warmup" => args.warmup = value.parse()?,
             "--steps" => args.steps = value.parse()?,
             "--threads" => args.threads = value.parse()?,
+            "--device" => args.device = lorafit::model::load::resolve_device(&value)?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -199,7 +203,7 @@ fn main() -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let device = Device::Cpu;
+    let device = args.device;
     tch::manual_seed(0);
     let total = args.warmup + args.steps;
     let batches = match (&args.batches, &args.data, &args.examples_out) {

@@ -2,7 +2,8 @@
 """The reference side of the speed benchmark: transformers + PEFT training LoRA the usual way.
 
     "$VENV/bin/python" scripts/bench/peft_train.py --model DIR (--batches FILE | --examples FILE) \
-        --recipe fp32|bf16-base|fp32-autocast [--warmup N] [--steps N] [--threads N] [--checkpointing]
+        --recipe fp32|bf16-base|fp32-autocast [--warmup N] [--steps N] [--threads N] [--checkpointing] \
+        [--device cpu|cuda]
 
 Same work as examples/train_speed.rs: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down;
 AdamW (lr 1e-4, no weight decay), gradient norm clipped at 1.0; step i trains on saved batch
@@ -16,6 +17,7 @@ i (labels = inputs, every position trained). The recipes, the ways PEFT users tr
                  slowest bf16 recipe, kept for reference (precision class bf16-mixed)
 The optimizer state is fp32 in every recipe.
 
+`--device cuda` (scripts/gpu/check.sh) trains on the GPU, autocast there instead of on the CPU.
 `--checkpointing` turns on transformers' gradient checkpointing (non-reentrant, as recommended
 for PEFT). `--examples` is the real-data case: tokenized examples (JSON Lines of `input_ids` and
 `labels`, -100 where not trained, as lorafit prepared them) trained the usual way: shuffled,
@@ -54,6 +56,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
 
     import torch
@@ -73,7 +76,12 @@ def main():
         steps = [(ids, None, ids) for ids in saved[:total]]  # no padding: no mask
 
     precision, base_dtype, bf16_autocast = RECIPES[args.recipe]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, base_dtype))
+    # SDPA attention, transformers' default, named so a GPU run uses the fused kernels for sure.
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, base_dtype), attn_implementation="sdpa"
+    ).to(args.device)
+    # The batches go to the device before the clock starts, as lorafit's runner loads them.
+    steps = [tuple(t.to(args.device) if t is not None else None for t in step) for step in steps]
     if args.checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -86,7 +94,7 @@ def main():
 
     def autocast():
         if bf16_autocast:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(args.device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     times, losses, first_loss = [], [], None
@@ -124,6 +132,10 @@ def main():
                 "tokens_per_s": steps[0][0].numel() / median,
                 "median_step_s": median,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "device": args.device,
+                # The caching allocator's own peak, for reference beside the GPU check's nvidia-smi
+                # figure (which counts the CUDA context and the allocator's reserve too).
+                "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
                 "first_loss": first_loss,
                 "final_loss": losses[-1],
                 "checkpointing": args.checkpointing,
