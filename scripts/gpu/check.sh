@@ -38,13 +38,19 @@ out=$(cd "$out" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/lorafit-gpu-check.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
-# The binaries run against this machine's own torch libraries.
-torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
-export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# The CUDA build runs against this machine's own torch libraries (the default build's rpath
+# already names its libtorch).
+if [ "$mode" = cuda ]; then
+  torch_lib=$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
+  export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 lorafit="$bin/lorafit" train_speed="$bin/train_speed" cuda_tests="$bin/cuda_tests"
 if [ "$mode" = cpu ]; then
+  # The rehearsal builds the same three programs with the default (CPU) build.
+  cargo build --release --quiet --bin lorafit --example train_speed
   train_speed="$bin/examples/train_speed"
-  cuda_tests=$(ls -t target/release/deps/cuda-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+  cuda_tests=$(cargo test --release --no-run --test cuda --message-format=json 2>/dev/null |
+    sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 fi
 for b in "$lorafit" "$train_speed" "$cuda_tests"; do
   [ -x "$b" ] || { say "missing $b (build it with scripts/gpu/build_cuda.sh, or cargo build --release for --cpu)"; exit 1; }

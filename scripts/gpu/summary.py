@@ -30,7 +30,7 @@ def test_result(log):
     m = re.search(r"test result: (\w+)\. (\d+) passed; (\d+) failed; (\d+) ignored", text)
     if not m:
         return {"ran": False, "tail": text[-2000:]}
-    skipped = len(re.findall(r"^skipped: ", text, re.M))
+    skipped = len(re.findall(r"skipped: ", text))
     return {"ran": True, "result": m[1], "passed": int(m[2]), "failed": int(m[3]), "skipped": skipped}
 
 
