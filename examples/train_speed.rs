@@ -38,7 +38,7 @@ use lorafit::data::{Batch, EpochPlan, Example};
 use lorafit::files::write_atomic;
 use lorafit::lora;
 use lorafit::model::load::{load_model, weight_kind};
-use lorafit::model::ModelSpec;
+use lorafit::model::{Decoder, ModelSpec};
 use lorafit::train::run::{collate, load_run_data, row_layout};
 use lorafit::train::Trainer;
 use serde_json::json;
@@ -213,34 +213,14 @@ fn main() -> Result<()> {
     };
     let (batch, seq) = batches[0].input_ids.size2()?;
 
-    let kind = weight_kind(WeightDtype::Auto, args.precision);
-    let mut model = load_model(model_dir, kind, device)?;
-    let lora_cfg = LoraConfig {
-        r: 16,
-        alpha: 32.0,
-        dropout: 0.0,
-        target_modules: TargetModules::List(TARGETS.iter().map(|s| s.to_string()).collect()),
-        ..LoraConfig::default()
-    };
-    let injected = lora::inject(&mut model, &lora_cfg, device)?;
-    let train_cfg = TrainConfig {
-        weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
-        lr: LR,
-        gradient_checkpointing: args.checkpointing,
-        ..TrainConfig::default()
-    };
-    let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
-    let mut trainer = Trainer::new(params, &train_cfg);
+    let (model, mut trainer) = adapted_model(model_dir, &args)?;
 
     let (mut times, mut losses, mut first_loss) = (Vec::new(), Vec::new(), None);
     let (mut label_tokens, mut real_tokens) = (0, 0);
     for (step, b) in batches.iter().enumerate() {
         let started = Instant::now();
         // `step` reads the loss and gradient norm back, so the time covers all the work.
-        let stats = trainer
-            .step(&model, std::slice::from_ref(b), None, LR)
-            .expect("a single process has no collective to fail");
+        let stats = trainer.step(&model, std::slice::from_ref(b), None, LR)?;
         let elapsed = started.elapsed().as_secs_f64();
         // Step 0 runs before any update: the base model's loss, which PEFT's run must match.
         first_loss.get_or_insert(stats.loss);
@@ -257,6 +237,7 @@ fn main() -> Result<()> {
         "runner": "lorafit",
         "precision": precision,
         "threads": args.threads,
+        "device": format!("{device:?}"),
         "batch": batch,
         "seq": seq,
         "warmup": args.warmup,
@@ -274,6 +255,29 @@ fn main() -> Result<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// The frozen model on `args.device` with the benchmark's adapters, and their trainer.
+fn adapted_model(model_dir: &Path, args: &Args) -> Result<(Decoder, Trainer)> {
+    let kind = weight_kind(WeightDtype::Auto, args.precision);
+    let mut model = load_model(model_dir, kind, args.device)?;
+    let lora_cfg = LoraConfig {
+        r: 16,
+        alpha: 32.0,
+        dropout: 0.0,
+        target_modules: TargetModules::List(TARGETS.iter().map(|s| s.to_string()).collect()),
+        ..LoraConfig::default()
+    };
+    let injected = lora::inject(&mut model, &lora_cfg, args.device)?;
+    let train_cfg = TrainConfig {
+        weight_decay: 0.0,
+        max_grad_norm: Some(1.0),
+        lr: LR,
+        gradient_checkpointing: args.checkpointing,
+        ..TrainConfig::default()
+    };
+    let params: Vec<Tensor> = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
+    Ok((model, Trainer::new(params, &train_cfg)))
 }
 
 /// Saved `[count, batch, seq]` token blocks, each one micro-batch of equal-length rows with
