@@ -86,7 +86,11 @@ pub fn init_command(opts: &InitOptions) -> Result<String> {
         (None, Some(model)) => family_preset(model.spec.family),
         (None, None) => bail!("give --model DIR, --preset NAME or both (presets: {})", preset_names()),
     };
-    let format = opts.data.as_deref().map(detect_data_format).transpose()?;
+    let format = opts
+        .data
+        .as_deref()
+        .map(|data| detect_data_format(data, "train", &Default::default()))
+        .transpose()?;
     let text = render(opts, preset, model.as_ref(), format);
     // What is written must load: a mistake here is ours, not the user's.
     Config::from_yaml_str(&text, &opts.out.display().to_string(), &[])

@@ -60,7 +60,10 @@ fn dotted_keys(value: &Value, prefix: &str, keys: &mut BTreeSet<String>) {
 
 #[test]
 fn minimal_config_takes_every_default() {
-    let config = parse(BASE, &[]);
+    let mut config = parse(BASE, &[]);
+    // A config without data.format leaves it to be detected from the data.
+    assert!(config.data.format_unset);
+    config.data.format_unset = false;
     assert_eq!(config, Config::new("models/base", "data/train.jsonl"));
 
     assert_eq!(config.model.path, PathBuf::from("models/base"));
@@ -255,7 +258,9 @@ fn to_yaml_round_trips_a_changed_config() {
 
 #[test]
 fn to_yaml_round_trips_the_defaults_and_lists_every_key() {
-    let config = parse(BASE, &[]);
+    let mut config = parse(BASE, &[]);
+    // Written out, data.format names a format: the one detected from the data in a run.
+    config.data.format_unset = false;
     let yaml = config.to_yaml();
     assert_eq!(Config::from_yaml_str(&yaml, "resolved.yaml", &[]).unwrap(), config);
     for key in ["max_steps: null", "threads: null", "validation: null", "run_name: null"] {

@@ -65,13 +65,15 @@ impl Config {
         }
 
         let text = serde_yaml::to_string(&doc).map_err(|e| anyhow!("{source_name}: {e}"))?;
-        let config: Config = match serde_yaml::from_str(&text) {
+        let mut config: Config = match serde_yaml::from_str(&text) {
             Ok(config) => config,
             Err(e) => {
                 problems.push(explain(&e, &file, None, yaml));
                 return Err(report(source_name, problems));
             }
         };
+        let data = doc.get("data");
+        config.data.format_unset = data.and_then(|data| data.get("format")).is_none();
         for invalid in config.check() {
             // A key refused while reading is not refused again for the default that replaced it.
             if problems.iter().any(|p| keys_overlap(&p.key, invalid.key)) {
@@ -106,7 +108,8 @@ impl Config {
     }
 
     /// The resolved config as YAML (every key, defaults filled in), to be written into the run
-    /// directory. `Config::from_yaml_str(&config.to_yaml(), ..)` gives `config` back.
+    /// directory. `Config::from_yaml_str(&config.to_yaml(), ..)` gives `config` back once its
+    /// data format is detected (`data.format_unset` is not written: the YAML names a format).
     pub fn to_yaml(&self) -> String {
         serde_yaml::to_string(self).expect("a Config always serializes to YAML")
     }

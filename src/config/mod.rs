@@ -280,8 +280,13 @@ pub struct DataConfig {
     /// The split to read from a `datasets` DatasetDict folder (`save_to_disk`).
     #[serde(default = "default_split")]
     pub split: String,
+    /// The record layout; detected from the data when the YAML names none (see `format_unset`).
     #[serde(default)]
     pub format: DataFormat,
+    /// Set by the loader when the loaded YAML has no `data.format`: `format` is then a
+    /// placeholder until `data::format::resolve_format` detects it from the data.
+    #[serde(skip)]
+    pub format_unset: bool,
     /// Column renames: the name lorafit expects → the name in the user's files.
     #[serde(default)]
     pub columns: BTreeMap<String, String>,
@@ -330,7 +335,7 @@ pub enum TrainData {
 pub struct DataSet {
     #[serde(default, serialize_with = "serialize_path", deserialize_with = "deserialize_path")]
     pub path: PathBuf,
-    /// The set's record layout; `data.format` when absent.
+    /// The set's record layout; `data.format` when absent, detected when neither is given.
     #[serde(default)]
     pub format: Option<DataFormat>,
     /// The set's column renames; `data.columns` when absent.
@@ -670,6 +675,7 @@ impl DataConfig {
             val_split: None,
             split: default_split(),
             format: DataFormat::default(),
+            format_unset: false,
             columns: BTreeMap::new(),
             prompt_template: None,
             prompt_template_no_input: None,

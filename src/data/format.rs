@@ -5,7 +5,7 @@
 //! so masking rules live in one place whatever the format.
 
 use super::chat::{self, ChatTemplate};
-use super::source::{expand_paths, read_rows, read_split, Record, Rows};
+use super::source::{expand_paths, read_rows, Record, Rows};
 use super::tokenizer::{Encoded, TextTokenizer};
 use crate::config::{DataConfig, DataFormat, DataSet, OnBadRow, TooLong, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
@@ -13,6 +13,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The share of a set's rows that may be left out or cut before a run warns about it.
@@ -45,12 +46,10 @@ impl ChatFormat {
     /// The chat format of data prepared with `cfg` for the model in `model_dir`: none unless the
     /// data are chats.
     pub fn of_data(cfg: &DataConfig, model_dir: &Path) -> Result<Option<ChatFormat>> {
-        // A set of a `data.train` list may be chats when `data.format` is not.
-        let set_is_chat = match &cfg.train {
-            TrainData::Sets(sets) => sets.iter().any(|s| s.format == Some(DataFormat::Chat)),
-            TrainData::Path(_) => false,
-        };
-        if cfg.format == DataFormat::Chat || set_is_chat {
+        // A set of a `data.train` list may be chats when `data.format` is not, and a
+        // validation file is read with `data.format` whatever the sets are.
+        let validation_is_chat = cfg.validation.is_some() && cfg.format == DataFormat::Chat;
+        if train_formats(cfg).contains(&DataFormat::Chat) || validation_is_chat {
             return Ok(Some(ChatFormat::resolve(&cfg.chat_template, model_dir)?));
         }
         Ok(None)
@@ -154,9 +153,10 @@ impl Prepared {
     }
 
     /// A warning when more than [`LOSS_WARNING_SHARE`] of the rows read were left out, or were
-    /// cut, with the counts and the settings that keep them; `name` says which set ("training").
+    /// cut, with the counts and the settings that keep them; `name` says which set ("training"),
+    /// `formats` which record layouts it was read with (a `data.train` list may mix them).
     /// The two are judged apart, as a cut example may then be left out and counted in both.
-    pub fn loss_warning(&self, name: &str, cfg: &DataConfig) -> Option<String> {
+    pub fn loss_warning(&self, name: &str, cfg: &DataConfig, formats: &[DataFormat]) -> Option<String> {
         let lost = self.skipped_too_long + self.dropped_no_labels + self.skipped_bad_rows;
         let rows = self.examples.len() + lost;
         let over = |n: usize| n as f64 > LOSS_WARNING_SHARE * rows as f64;
@@ -172,18 +172,11 @@ impl Prepared {
             ));
         }
         if self.dropped_no_labels > 0 {
-            let masking = match cfg.format {
-                DataFormat::Chat => {
-                    format!("data.train_on (now {:?}) says which turns are trained", cfg.train_on)
-                        .to_lowercase()
-                }
-                DataFormat::Alpaca => "data.train_on_inputs: true trains the prompt too".to_string(),
-                _ => "check which segments are labelled trainable".to_string(),
-            };
             advice.push(format!(
                 "an example has no trainable token when its answer lies past data.max_seq_len (now {}) or none \
-                 of it is trained: {masking}",
-                cfg.max_seq_len
+                 of it is trained: {}",
+                cfg.max_seq_len,
+                masking_advice(cfg, formats)
             ));
         }
         if self.skipped_bad_rows > 0 {
@@ -227,6 +220,24 @@ impl Prepared {
     }
 }
 
+/// Which setting decides the trained tokens of each of `formats`, for the data-loss warning;
+/// each named by its format when the sets mix several.
+fn masking_advice(cfg: &DataConfig, formats: &[DataFormat]) -> String {
+    let advice = |format: &DataFormat| match format {
+        DataFormat::Chat => {
+            format!("data.train_on (now {:?}) says which turns are trained", cfg.train_on).to_lowercase()
+        }
+        DataFormat::Alpaca => "data.train_on_inputs: true trains the prompt too".to_string(),
+        _ => "check which segments are labelled trainable".to_string(),
+    };
+    match formats {
+        [single] => advice(single),
+        several => {
+            several.iter().map(|f| format!("for {f} data, {}", advice(f))).collect::<Vec<_>>().join("; ")
+        }
+    }
+}
+
 /// How a prompt is put to the model, the way the run's training data put its examples: as a
 /// user message followed by the assistant header (chat), inside the alpaca prompt, or as it is.
 pub enum PromptFormat<'a> {
@@ -236,11 +247,14 @@ pub enum PromptFormat<'a> {
 }
 
 impl<'a> PromptFormat<'a> {
-    /// The prompt format of data prepared with `cfg` (and `chat`, for chat data).
+    /// The prompt format of data prepared with `cfg` (and `chat`, for chat data). When the
+    /// sets of a `data.train` list mix formats, the model learnt each of their prompts: a chat
+    /// set's template is preferred, then the alpaca prompt, over plain text.
     pub fn of_data(cfg: &'a DataConfig, chat: Option<&'a ChatFormat>) -> PromptFormat<'a> {
-        match (cfg.format, chat) {
-            (DataFormat::Chat, Some(chat)) => PromptFormat::Chat(chat),
-            (DataFormat::Alpaca, _) => PromptFormat::Alpaca(cfg),
+        let formats = train_formats(cfg);
+        match chat {
+            Some(chat) if formats.contains(&DataFormat::Chat) => PromptFormat::Chat(chat),
+            _ if formats.contains(&DataFormat::Alpaca) => PromptFormat::Alpaca(cfg),
             _ => PromptFormat::Text,
         }
     }
@@ -440,11 +454,16 @@ fn format_fields(format: DataFormat) -> &'static [&'static str] {
     }
 }
 
-/// The record layout a record's columns suggest (no renames): the first format whose main
-/// column it has, chats by either of their message columns; `None` when no format fits.
-pub fn detect_format(fields: &serde_json::Map<String, serde_json::Value>) -> Option<DataFormat> {
-    let has = |name: &str| fields.contains_key(name);
-    if chat::DEFAULT_MESSAGES_FIELDS.iter().any(|name| has(name)) {
+/// The record layout a record's columns suggest, after the renames of `columns`: the first
+/// format whose main column it has, chats by either of their message columns; `None` when no
+/// format fits.
+fn detect_format(record: &Record, columns: &BTreeMap<String, String>) -> Option<DataFormat> {
+    let has = |field: &str| record.get(columns.get(field).map(String::as_str).unwrap_or(field)).is_some();
+    let chat = match columns.contains_key("messages") {
+        true => has("messages"),
+        false => chat::DEFAULT_MESSAGES_FIELDS.iter().any(|name| has(name)),
+    };
+    if chat {
         return Some(DataFormat::Chat);
     }
     [DataFormat::Alpaca, DataFormat::InputOutput, DataFormat::Completion]
@@ -452,22 +471,87 @@ pub fn detect_format(fields: &serde_json::Map<String, serde_json::Value>) -> Opt
         .find(|format| has(format_fields(*format)[0]))
 }
 
-/// The record layout of a data file's first record, read as `train` reads the file: for a
-/// command given a data file but no config to name its format.
-pub fn detect_data_format(path: &Path) -> Result<DataFormat> {
-    let records = read_split(path, "train")?;
-    let first = records.first().ok_or_else(|| anyhow!("{} holds no records", path.display()))?;
-    detect_format(&first.fields).ok_or_else(|| {
-        let columns: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+/// The record layout of a data file's first readable record (`split` of a `save_to_disk`
+/// folder, columns renamed by `columns`): for data whose config names no format.
+pub fn detect_data_format(
+    path: &Path,
+    split: &str,
+    columns: &BTreeMap<String, String>,
+) -> Result<DataFormat> {
+    let rows = read_rows(path, split)?;
+    let Some(first) = rows.records.first() else {
+        match rows.bad.first() {
+            Some(reason) => {
+                bail!("{} holds no readable record to detect data.format from: {reason}", path.display())
+            }
+            None => bail!("{} holds no records", path.display()),
+        }
+    };
+    detect_format(first, columns).ok_or_else(|| {
+        let present: Vec<&str> = first.fields.keys().map(String::as_str).collect();
         anyhow!(
             "{} row {}: no known record layout in its columns ({}); expected `text`, \
-             `instruction`/`output`, `segments`, `messages` or `conversations` (rename columns \
-             with data.columns)",
+             `instruction`/`output`, `segments`, `messages` or `conversations`: set data.format, \
+             or rename columns with data.columns",
             first.file.display(),
             first.row,
-            columns.join(", ")
+            present.join(", ")
         )
     })
+}
+
+/// Gives `data.format`, when the loaded YAML named none, the layout the data has (see
+/// [`detect_data_format`]): of `data.train`, or for a `data.train` list of each set that names no
+/// format of its own (and of `data.validation`, which is read with `data.format`). Returns a
+/// line for the user per format detected. An explicit format is kept. Called right after a
+/// config is loaded, so that a run's saved config names the format and a resume reads the data
+/// the same way.
+pub fn resolve_format(cfg: &mut DataConfig) -> Result<Vec<String>> {
+    let mut said = Vec::new();
+    if !cfg.format_unset {
+        return Ok(said);
+    }
+    let DataConfig { train, validation, split, format, columns, format_unset, .. } = cfg;
+    let mut detect = |path: &Path, columns: &BTreeMap<String, String>, key: &str| {
+        let detected = detect_data_format(path, split, columns)
+            .with_context(|| format!("detecting {key} (the config names none)"))?;
+        said.push(format!("{key}: {detected} (detected from {}; set {key} to choose)", path.display()));
+        Ok::<_, anyhow::Error>(detected)
+    };
+    match train {
+        TrainData::Path(path) => *format = detect(path, columns, "data.format")?,
+        TrainData::Sets(sets) => {
+            for (i, set) in sets.iter_mut().enumerate().filter(|(_, set)| set.format.is_none()) {
+                let own = set.columns.as_ref().unwrap_or(columns);
+                set.format = Some(detect(&set.path, own, &format!("data.train[{i}].format"))?);
+            }
+            if let Some(validation) = validation {
+                *format = detect(validation, columns, "data.format")?;
+            }
+        }
+    }
+    *format_unset = false;
+    Ok(said)
+}
+
+/// The format a set of a `data.train` list is read with: its own, else `data.format`.
+fn set_format(set: &DataSet, cfg: &DataConfig) -> DataFormat {
+    set.format.unwrap_or(cfg.format)
+}
+
+/// The formats the training data is read with, each once, in the order of `data.train`.
+pub fn train_formats(cfg: &DataConfig) -> Vec<DataFormat> {
+    let mut formats = Vec::new();
+    let all = match &cfg.train {
+        TrainData::Path(_) => vec![cfg.format],
+        TrainData::Sets(sets) => sets.iter().map(|set| set_format(set, cfg)).collect(),
+    };
+    for format in all {
+        if !formats.contains(&format) {
+            formats.push(format);
+        }
+    }
+    formats
 }
 
 /// The columns a format reads in the user's files: its fields after renames, and for chats the
@@ -653,7 +737,7 @@ fn prepare_sets(
     let (mut train, mut val) = (Prepared::default(), cfg.val_split.map(|_| Prepared::default()));
     for (i, set) in sets.iter().enumerate() {
         let set_cfg = DataConfig {
-            format: set.format.unwrap_or(cfg.format),
+            format: set_format(set, cfg),
             columns: set.columns.clone().unwrap_or_else(|| cfg.columns.clone()),
             ..cfg.clone()
         };

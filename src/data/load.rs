@@ -3,7 +3,7 @@
 //! cache when the same inputs were prepared before.
 
 use super::cache;
-use super::format::{prepare_splits, ChatFormat, Prepared};
+use super::format::{prepare_splits, train_formats, ChatFormat, Prepared};
 use super::tokenizer::TextTokenizer;
 use crate::config::Config;
 use anyhow::{bail, Result};
@@ -119,8 +119,14 @@ pub fn load_data(cfg: &Config, model: &ModelFacts) -> Result<RunData> {
     };
     data.check_vocabulary(model.embedding_rows)?;
     data.check_positions(model.positions, cfg)?;
-    for (name, set) in data.sets() {
-        if let Some(warning) = set.loss_warning(name, &cfg.data) {
+    // A validation file is read with data.format; a held-out share has the training formats.
+    let train_formats = train_formats(&cfg.data);
+    let validation_formats = match cfg.data.validation {
+        Some(_) => vec![cfg.data.format],
+        None => train_formats.clone(),
+    };
+    for ((name, set), formats) in data.sets().zip([&train_formats, &validation_formats]) {
+        if let Some(warning) = set.loss_warning(name, &cfg.data, formats) {
             eprintln!("warning: {warning}");
         }
     }

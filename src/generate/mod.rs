@@ -6,7 +6,7 @@
 pub mod bulk;
 
 use crate::config::Config;
-use crate::data::format::{ChatFormat, PromptFormat};
+use crate::data::format::{resolve_format, ChatFormat, PromptFormat};
 use crate::data::TextTokenizer;
 use crate::lora::peft;
 use crate::model::{load_model, Decoder, KvCache, ModelSpec};
@@ -225,7 +225,12 @@ impl Generator {
                     dir.display()
                 )
             })?),
-            (None, Some(path)) => Some(Config::load(path, &[])?),
+            (None, Some(path)) => {
+                let mut cfg = Config::load(path, &[])?;
+                // The prompts take the format the run's data was detected in; unsaid here.
+                resolve_format(&mut cfg.data)?;
+                Some(cfg)
+            }
             (None, None) => None,
         };
         let adapter = opts.adapter.clone().or_else(|| opts.run.as_ref().map(|dir| dir.join("adapter")));

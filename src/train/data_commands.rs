@@ -3,6 +3,7 @@
 
 use super::run::load_run_data;
 use crate::config::Config;
+use crate::data::format::resolve_format;
 use crate::data::{export, preview, RunData};
 use crate::model::ModelSpec;
 use anyhow::{anyhow, Result};
@@ -17,19 +18,24 @@ pub enum Split {
     Validation,
 }
 
-/// The data of the config file with its overrides, checked against the model's vocabulary.
-fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData)> {
-    let cfg = Config::load(config, overrides)?;
+/// The data of the config file with its overrides, checked against the model's vocabulary,
+/// with a line per record layout detected for it.
+fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData, Vec<String>)> {
+    let mut cfg = Config::load(config, overrides)?;
+    let detected = resolve_format(&mut cfg.data)?;
     let spec = ModelSpec::from_dir(&cfg.model.path)?;
     let data = load_run_data(&cfg, &spec)?;
-    Ok((cfg, data))
+    Ok((cfg, data, detected))
 }
 
 /// `lorafit data preview`: the first `n` training examples with the trained tokens marked
 /// (coloured on a terminal), and the statistics of the set, as text for stdout.
 pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<String> {
-    let (cfg, data) = run_data(config, overrides)?;
+    let (cfg, data, detected) = run_data(config, overrides)?;
     let mut out = String::new();
+    for line in &detected {
+        writeln!(out, "{line}")?;
+    }
     if let Some(chat) = &data.chat {
         writeln!(out, "chat template: {}", chat.described)?;
     }
@@ -51,7 +57,7 @@ pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<
 /// `lorafit data export`: writes the examples of `split` as JSON Lines to `out` (notes about
 /// the data go to stderr) and returns the one-line summary.
 pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Split) -> Result<String> {
-    let (_, data) = run_data(config, overrides)?;
+    let (_, data, detected) = run_data(config, overrides)?;
     let examples = match split {
         Split::Train => &data.train,
         Split::Validation => data
@@ -59,6 +65,9 @@ pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Sp
             .as_ref()
             .ok_or_else(|| anyhow!("there is no validation data: set data.validation or data.val_split"))?,
     };
+    for line in &detected {
+        eprintln!("{line}");
+    }
     for note in &examples.notes {
         eprintln!("note: {note}");
     }

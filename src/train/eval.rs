@@ -4,7 +4,7 @@
 use super::run::load_run_data;
 use super::{evaluate, precision};
 use crate::config::Config;
-use crate::data::format::{detect_data_format, Prepared};
+use crate::data::format::{resolve_format, Prepared};
 use crate::data::Batch;
 use crate::lora::peft;
 use crate::model::load::{load_model_for, resolve_device};
@@ -34,12 +34,11 @@ pub fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, devic
 }
 
 /// The config of `eval --data FILE` without a config file: the data's format is detected from
-/// its first record, as `lorafit init` does, unless `--set data.format=...` names it.
+/// its first record, as `train` does, unless `--set data.format=...` names it.
 fn config_for_data(model: &Path, data: &Path, overrides: &[String]) -> Result<Config> {
     let mut cfg = Config::for_model_and_data(model, data, overrides)?;
-    if !overrides.iter().any(|set| set.trim_start().starts_with("data.format=")) {
-        cfg.data.format = detect_data_format(data)?;
-    }
+    // eval prints its report alone (scripts read it), so what was detected goes unsaid.
+    resolve_format(&mut cfg.data)?;
     Ok(cfg)
 }
 
@@ -48,7 +47,11 @@ fn config_for_data(model: &Path, data: &Path, overrides: &[String]) -> Result<Co
 pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
     let given_adapter = opts.adapter.as_ref().filter(|dir| dir.as_os_str() != "none");
     let cfg = match (&opts.config, &opts.data, given_adapter) {
-        (Some(config), _, _) => Config::load(config, &opts.overrides)?,
+        (Some(config), _, _) => {
+            let mut cfg = Config::load(config, &opts.overrides)?;
+            resolve_format(&mut cfg.data)?; // unsaid, as in config_for_data
+            cfg
+        }
         (None, Some(data), Some(adapter)) => {
             let model = peft::base_model_dir(adapter, opts.model.as_deref())?;
             config_for_data(&model, data, &opts.overrides)?

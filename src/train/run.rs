@@ -14,7 +14,7 @@ use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_sums, precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
-use crate::data::format::{Example, PromptFormat};
+use crate::data::format::{resolve_format, Example, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
 use crate::dist::{Backend, Group, Rendezvous};
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
@@ -78,8 +78,12 @@ pub struct RunSummary {
 /// process joins it first; its ranks but 0 report only errors.
 pub fn train_command(config: &Path, overrides: &[String], mut opts: RunOptions) -> Result<RunSummary> {
     let mut cfg = Config::load(config, overrides)?;
+    let detected = resolve_format(&mut cfg.data)?;
     if let Some(at) = Rendezvous::from_env()? {
         opts = join_group(&mut cfg, &at, opts)?;
+    }
+    for line in &detected {
+        say!(Console(opts.log_format), "{line}");
     }
     let config_stem = config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let overrides = overrides.to_vec();
@@ -549,8 +553,12 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
 /// the figures of the run's opening lines; nothing is written: no run directory, no data cache
 /// entry.
 pub fn dry_run_command(config: &Path, overrides: &[String], opts: RunOptions) -> Result<()> {
-    let cfg = Config::load(config, overrides)?;
+    let mut cfg = Config::load(config, overrides)?;
+    let detected = resolve_format(&mut cfg.data)?;
     let console = Console(opts.log_format);
+    for line in &detected {
+        say!(console, "{line}");
+    }
     let plan = prepare(&cfg, &opts, console)?;
     describe(&plan, None, console);
     Ok(())
