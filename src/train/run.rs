@@ -420,7 +420,7 @@ fn rank_share(batches: Vec<Batch>, group: Option<&Group>) -> Vec<Batch> {
 /// against the checkpoint's (refusing a change unless `anyway`) before restoring it; in a
 /// data-parallel run every rank then takes rank 0's adapter.
 fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
-    let settings = resume::settings(&plan.requested, &plan.data)?;
+    let settings = resume::settings(&plan.requested, &plan.data, plan.trainer.rank_world().1)?;
     if let Some((point, _)) = &plan.resume {
         let changes = resume::changes(&checkpoint::read_state(point)?.settings, &settings);
         resume::check(&changes, point, anyway)?;
