@@ -18,23 +18,20 @@ struct Trained {
 }
 
 /// `lorafit train` of the shipped default config for `steps` steps of micro-batch 2 in
-/// `dir/name`, logging every step, with `args` added.
-fn train_args(dir: &Path, name: &str, steps: usize, args: &[&str]) -> Vec<String> {
+/// `dir/name` (`None`: a generated name), logging every step, with `args` added.
+fn train_args(dir: &Path, name: Option<&str>, steps: usize, args: &[&str]) -> Vec<String> {
     let config = common::repo().join("configs/default.yaml");
     let mut all: Vec<String> =
         ["train", config.to_str().unwrap(), "--log-format", "json"].map(String::from).into();
     let max_steps = format!("train.max_steps={steps}");
     let out_dir = format!("output.dir={}", dir.display());
-    let run_name = format!("output.run_name={name}");
-    for set in [
-        &max_steps,
-        "train.micro_batch_size=2",
-        "train.log_every=1",
-        "output.sample_prompts=[]",
-        &out_dir,
-        &run_name,
-    ] {
+    for set in
+        [&max_steps, "train.micro_batch_size=2", "train.log_every=1", "output.sample_prompts=[]", &out_dir]
+    {
         all.extend(["--set".to_string(), set.to_string()]);
+    }
+    if let Some(name) = name {
+        all.extend(["--set".to_string(), format!("output.run_name={name}")]);
     }
     all.extend(args.iter().map(|a| a.to_string()));
     all
@@ -42,7 +39,7 @@ fn train_args(dir: &Path, name: &str, steps: usize, args: &[&str]) -> Vec<String
 
 /// Trains the shipped default config for 4 steps of 4 examples in `dir/name` with `args` added.
 fn train(dir: &Path, name: &str, args: &[&str]) -> Trained {
-    let all = train_args(dir, name, 4, args);
+    let all = train_args(dir, Some(name), 4, args);
     let out = common::lorafit(&common::repo(), &all.iter().map(String::as_str).collect::<Vec<_>>());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{name}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
@@ -171,13 +168,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A `--nproc-per-node 2` run in `dir/name`, of more steps than any test waits for, started in its own process group as
-/// a shell starts a foreground command; its stderr goes to `dir/name.stderr`.
-fn start_two_workers(dir: &Path, name: &str, extra: &[&str]) -> std::process::Child {
+/// A `--nproc-per-node 2` run in `dir`, of more steps than any test waits for, named `run_name`
+/// (`None`: a generated name), started in its own process group as a shell starts a foreground
+/// command; its stderr goes to `dir/<log>.stderr`.
+fn start_two_workers(dir: &Path, run_name: Option<&str>, log: &str, extra: &[&str]) -> std::process::Child {
     use std::os::unix::process::CommandExt;
-    let mut args = train_args(dir, name, 100_000, &["--set", "train.threads=1", "--nproc-per-node", "2"]);
+    let mut args = train_args(dir, run_name, 100_000, &["--set", "train.threads=1", "--nproc-per-node", "2"]);
     args.extend(extra.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
-    let stderr = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
+    let stderr = std::fs::File::create(dir.join(format!("{log}.stderr"))).unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
         .args(args)
         .current_dir(common::repo())
@@ -263,8 +261,12 @@ fn checkpoints(run: &Path) -> Vec<usize> {
 fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact() {
     let tmp = tempfile::tempdir().unwrap();
     let run = tmp.path().join("killed");
-    let mut launcher =
-        start_two_workers(tmp.path(), "killed", &["train.save_every=2", "train.dist_timeout=20"]);
+    let mut launcher = start_two_workers(
+        tmp.path(),
+        Some("killed"),
+        "killed",
+        &["train.save_every=2", "train.dist_timeout=20"],
+    );
     let workers = workers_of(launcher.id());
     wait_for(Duration::from_secs(300), "checkpoint", || run.join("step-2/trainer_state.json").exists());
     unsafe { libc::kill(workers[1], libc::SIGKILL) };
@@ -278,7 +280,7 @@ fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact(
     let checkpoint = run.join(format!("step-{last}"));
     // One more step on 1 worker, which takes the step's 2 micro-batches by accumulation.
     let mut args =
-        train_args(tmp.path(), "killed", last + 1, &["--set", "train.grad_accum_steps=2", "--resume"]);
+        train_args(tmp.path(), Some("killed"), last + 1, &["--set", "train.grad_accum_steps=2", "--resume"]);
     args.push(checkpoint.display().to_string());
     let out = common::lorafit(&common::repo(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
@@ -290,25 +292,34 @@ fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact(
 }
 
 /// Ctrl-C in the terminal of a `--nproc-per-node` run (SIGINT to its process group): every
-/// worker stops after the same step, rank 0 writes one checkpoint, no process is left.
+/// worker stops after the same step, rank 0 writes one checkpoint, no process is left. The run
+/// has a generated name, which every worker's message gives as rank 0 made it.
 #[test]
 fn ctrl_c_on_the_launcher_stops_every_worker_with_one_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = tmp.path().join("stopped");
-    let mut launcher = start_two_workers(tmp.path(), "stopped", &[]);
+    let mut launcher = start_two_workers(tmp.path(), None, "stopped", &[]);
     let workers = workers_of(launcher.id());
-    let metrics = run.join("metrics.jsonl");
+    // The one run directory (the data cache is a hidden one beside it).
+    let run = || {
+        let entries = std::fs::read_dir(tmp.path()).unwrap().flatten();
+        entries.map(|e| e.path()).find(|p| p.is_dir() && p.join("config.yaml").exists())
+    };
     wait_for(Duration::from_secs(300), "first step", || {
-        std::fs::read_to_string(&metrics).is_ok_and(|m| m.contains("train/loss"))
+        run().is_some_and(|r| {
+            std::fs::read_to_string(r.join("metrics.jsonl")).is_ok_and(|m| m.contains("train/loss"))
+        })
     });
     unsafe { libc::kill(-(launcher.id() as i32), libc::SIGINT) };
     let code = exit_code(&mut launcher, &workers, Duration::from_secs(120));
     let stderr = std::fs::read_to_string(tmp.path().join("stopped.stderr")).unwrap();
     assert_eq!(code, Some(130), "{stderr}");
+    let run = run().unwrap();
     let saved = checkpoints(&run);
     assert_eq!(saved.len(), 1, "{saved:?}: {stderr}");
-    assert!(stderr.contains(&format!("interrupted after step {}", saved[0])), "{stderr}");
-    assert!(run.join(format!("step-{}/trainer_state.json", saved[0])).exists());
+    let checkpoint = run.join(format!("step-{}", saved[0]));
+    assert!(checkpoint.join("trainer_state.json").exists());
+    let said = format!("interrupted after step {}; checkpoint {} saved", saved[0], checkpoint.display());
+    assert_eq!(stderr.matches(&said).count(), 2, "each worker names the checkpoint: {stderr}");
     assert!(workers.iter().all(|&pid| gone(pid)), "a worker is left: {stderr}");
 }
 
@@ -316,7 +327,7 @@ fn ctrl_c_on_the_launcher_stops_every_worker_with_one_checkpoint() {
 #[test]
 fn workers_end_with_a_killed_launcher() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut launcher = start_two_workers(tmp.path(), "orphans", &[]);
+    let mut launcher = start_two_workers(tmp.path(), Some("orphans"), "orphans", &[]);
     let workers = workers_of(launcher.id());
     launcher.kill().unwrap();
     launcher.wait().unwrap();
