@@ -17,20 +17,30 @@ struct Trained {
     adapter: BTreeMap<String, Vec<f32>>,
 }
 
+/// `lorafit train` of the shipped default config for `steps` steps of micro-batch 2 in
+/// `dir/name` (`None`: a generated name), logging every step, with `args` added.
+fn train_args(dir: &Path, name: Option<&str>, steps: usize, args: &[&str]) -> Vec<String> {
+    let config = common::repo().join("configs/default.yaml");
+    let mut all: Vec<String> =
+        ["train", config.to_str().unwrap(), "--log-format", "json"].map(String::from).into();
+    let max_steps = format!("train.max_steps={steps}");
+    let out_dir = format!("output.dir={}", dir.display());
+    for set in
+        [&max_steps, "train.micro_batch_size=2", "train.log_every=1", "output.sample_prompts=[]", &out_dir]
+    {
+        all.extend(["--set".to_string(), set.to_string()]);
+    }
+    if let Some(name) = name {
+        all.extend(["--set".to_string(), format!("output.run_name={name}")]);
+    }
+    all.extend(args.iter().map(|a| a.to_string()));
+    all
+}
+
 /// Trains the shipped default config for 4 steps of 4 examples in `dir/name` with `args` added.
 fn train(dir: &Path, name: &str, args: &[&str]) -> Trained {
-    let config = common::repo().join("configs/default.yaml");
-    let out_dir = format!("output.dir={}", dir.display());
-    let run_name = format!("output.run_name={name}");
-    let mut all = vec!["train", config.to_str().unwrap(), "--log-format", "json"];
-    for set in
-        ["train.max_steps=4", "train.micro_batch_size=2", "train.log_every=1", "output.sample_prompts=[]"]
-    {
-        all.extend(["--set", set]);
-    }
-    all.extend(["--set", &out_dir, "--set", &run_name]);
-    all.extend(args);
-    let out = common::lorafit(&common::repo(), &all);
+    let all = train_args(dir, Some(name), 4, args);
+    let out = common::lorafit(&common::repo(), &all.iter().map(String::as_str).collect::<Vec<_>>());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{name}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
     let records: Vec<serde_json::Value> =
@@ -65,19 +75,22 @@ fn assert_two_workers_equal_one(extra: &[&str]) {
         assert!((a - b).abs() <= TOLERANCE, "step {}: loss {a} with 1 process, {b} with 2 workers", step + 1);
     }
     assert!((one.eval_loss - two.eval_loss).abs() <= TOLERANCE, "{} vs {}", one.eval_loss, two.eval_loss);
-    assert_eq!(one.adapter.keys().collect::<Vec<_>>(), two.adapter.keys().collect::<Vec<_>>());
-    let mut worst = 0f64;
-    for (key, a) in &one.adapter {
-        let b = &two.adapter[key];
-        for (x, y) in a.iter().zip(b) {
-            worst = worst.max((x - y).abs() as f64);
-        }
-    }
-    assert!(worst <= TOLERANCE, "adapters differ by up to {worst}");
+    assert_same_adapter(&one, &two);
     // And training moved the adapter: an equality of two untouched adapters would prove nothing.
     let initial_b_zero =
         one.adapter.iter().filter(|(k, _)| k.contains("lora_B")).all(|(_, v)| v.iter().all(|&x| x == 0.0));
     assert!(!initial_b_zero, "the adapters were not trained");
+}
+
+fn assert_same_adapter(a: &Trained, b: &Trained) {
+    assert_eq!(a.adapter.keys().collect::<Vec<_>>(), b.adapter.keys().collect::<Vec<_>>());
+    let mut worst = 0f64;
+    for (key, x) in &a.adapter {
+        for (x, y) in x.iter().zip(&b.adapter[key]) {
+            worst = worst.max((x - y).abs() as f64);
+        }
+    }
+    assert!(worst <= TOLERANCE, "adapters differ by up to {worst}");
 }
 
 #[test]
@@ -112,4 +125,219 @@ fn a_rank_alone_gives_up_after_the_timeout_naming_itself() {
     assert!(message.contains("rank 0 of 2"), "{message}");
     assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
     assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none(), "a run directory was written");
+}
+
+/// `from`'s run (4 steps, a checkpoint after 2) resumed from `step-2` on the other number of
+/// workers, with the accumulation that keeps the step's examples, in a copy of its directory;
+/// steps 3 and 4 and the adapter must be the uninterrupted run's.
+fn assert_resumed_equals_uninterrupted(dir: &Path, from: &Trained, name: &str, resumed_args: &[&str]) {
+    let copy = format!("{name}-resumed");
+    copy_dir(&dir.join(name), &dir.join(&copy));
+    let checkpoint = dir.join(&copy).join("step-2");
+    let mut args = vec!["--set", "train.threads=1", "--set", "train.save_every=2", "--resume"];
+    args.push(checkpoint.to_str().unwrap());
+    args.extend(resumed_args);
+    let resumed = train(dir, &copy, &args);
+    assert_eq!(resumed.losses.len(), 2, "steps 3 and 4 only");
+    for (step, (a, b)) in from.losses[2..].iter().zip(&resumed.losses).enumerate() {
+        assert!((a - b).abs() <= TOLERANCE, "step {}: loss {a} uninterrupted, {b} resumed", step + 3);
+    }
+    assert!((from.eval_loss - resumed.eval_loss).abs() <= TOLERANCE);
+    assert_same_adapter(from, &resumed);
+}
+
+#[test]
+fn a_run_resumed_on_another_number_of_workers_equals_the_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = ["--set", "train.threads=1", "--set", "train.save_every=2"];
+    let two = train(tmp.path(), "two", &[&common[..], &["--nproc-per-node", "2"]].concat());
+    assert_resumed_equals_uninterrupted(tmp.path(), &two, "two", &["--set", "train.grad_accum_steps=2"]);
+    let one = train(tmp.path(), "one", &[&common[..], &["--set", "train.grad_accum_steps=2"]].concat());
+    assert_resumed_equals_uninterrupted(tmp.path(), &one, "one", &["--nproc-per-node", "2"]);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A `--nproc-per-node 2` run in `dir`, of more steps than any test waits for, named `run_name`
+/// (`None`: a generated name), started in its own process group as a shell starts a foreground
+/// command; its stderr goes to `dir/<log>.stderr`.
+fn start_two_workers(dir: &Path, run_name: Option<&str>, log: &str, extra: &[&str]) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut args = train_args(dir, run_name, 100_000, &["--set", "train.threads=1", "--nproc-per-node", "2"]);
+    args.extend(extra.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
+    let stderr = std::fs::File::create(dir.join(format!("{log}.stderr"))).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"))
+        .args(args)
+        .current_dir(common::repo())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .unwrap()
+}
+
+/// Waits up to `limit` for `condition`.
+fn wait_for(limit: Duration, what: &str, condition: impl Fn() -> bool) {
+    let started = Instant::now();
+    while !condition() {
+        assert!(started.elapsed() < limit, "no {what} after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The launcher's workers, by rank, once both have started (a child forked but not yet
+/// running lorafit has no RANK yet).
+fn workers_of(launcher: u32) -> Vec<i32> {
+    let rank_of = |pid: &i32| {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let rank = environ.split(|&b| b == 0).find_map(|v| v.strip_prefix(b"RANK="))?;
+        std::str::from_utf8(rank).ok()?.parse::<usize>().ok()
+    };
+    let ranked = || -> Option<Vec<i32>> {
+        let list = std::fs::read_to_string(format!("/proc/{launcher}/task/{launcher}/children")).ok()?;
+        let mut pids: Vec<(usize, i32)> = list
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .map(|p| Some((rank_of(&p)?, p)))
+            .collect::<Option<_>>()?;
+        pids.sort();
+        Some(pids.into_iter().map(|(_, pid)| pid).collect()).filter(|p: &Vec<i32>| p.len() == 2)
+    };
+    wait_for(Duration::from_secs(60), "two workers", || ranked().is_some());
+    ranked().unwrap()
+}
+
+/// Whether `pid` has ended (a zombie has too).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// The launcher's exit code, once it has ended within `limit` (else it and `workers` are killed).
+fn exit_code(launcher: &mut std::process::Child, workers: &[i32], limit: Duration) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = launcher.try_wait().unwrap() {
+            use std::os::unix::process::ExitStatusExt;
+            return status.code().or(status.signal().map(|s| 128 + s));
+        }
+        if started.elapsed() > limit {
+            for &pid in workers.iter().chain([&(launcher.id() as i32)]) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let _ = launcher.wait();
+            panic!("the launcher did not end within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Checkpoint directories of a run, by step.
+fn checkpoints(run: &Path) -> Vec<usize> {
+    let mut steps: Vec<usize> = std::fs::read_dir(run)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort();
+    steps
+}
+
+/// SIGKILL of one worker: the launcher ends the run at once, naming that rank, no worker is
+/// left, and the last checkpoint resumes.
+#[test]
+fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("killed");
+    let mut launcher = start_two_workers(
+        tmp.path(),
+        Some("killed"),
+        "killed",
+        &["train.save_every=2", "train.dist_timeout=20"],
+    );
+    let workers = workers_of(launcher.id());
+    wait_for(Duration::from_secs(300), "checkpoint", || run.join("step-2/trainer_state.json").exists());
+    unsafe { libc::kill(workers[1], libc::SIGKILL) };
+    let code = exit_code(&mut launcher, &workers, Duration::from_secs(60));
+    let stderr = std::fs::read_to_string(tmp.path().join("killed.stderr")).unwrap();
+    assert_eq!(code, Some(128 + libc::SIGKILL), "{stderr}");
+    assert!(stderr.contains(&format!("rank 1 (pid {}) was killed by signal 9", workers[1])), "{stderr}");
+    assert!(workers.iter().all(|&pid| gone(pid)), "a worker is left: {stderr}");
+
+    let last = *checkpoints(&run).last().expect("a checkpoint");
+    let checkpoint = run.join(format!("step-{last}"));
+    // One more step on 1 worker, which takes the step's 2 micro-batches by accumulation.
+    let mut args =
+        train_args(tmp.path(), Some("killed"), last + 1, &["--set", "train.grad_accum_steps=2", "--resume"]);
+    args.push(checkpoint.display().to_string());
+    let out = common::lorafit(&common::repo(), &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.status.success(),
+        "resuming {}: {}",
+        checkpoint.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ctrl-C in the terminal of a `--nproc-per-node` run (SIGINT to its process group): every
+/// worker stops after the same step, rank 0 writes one checkpoint, no process is left. The run
+/// has a generated name, which every worker's message gives as rank 0 made it.
+#[test]
+fn ctrl_c_on_the_launcher_stops_every_worker_with_one_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut launcher = start_two_workers(tmp.path(), None, "stopped", &[]);
+    let workers = workers_of(launcher.id());
+    // The one run directory (the data cache is a hidden one beside it).
+    let run = || {
+        let entries = std::fs::read_dir(tmp.path()).unwrap().flatten();
+        entries.map(|e| e.path()).find(|p| p.is_dir() && p.join("config.yaml").exists())
+    };
+    wait_for(Duration::from_secs(300), "first step", || {
+        run().is_some_and(|r| {
+            std::fs::read_to_string(r.join("metrics.jsonl")).is_ok_and(|m| m.contains("train/loss"))
+        })
+    });
+    unsafe { libc::kill(-(launcher.id() as i32), libc::SIGINT) };
+    let code = exit_code(&mut launcher, &workers, Duration::from_secs(120));
+    let stderr = std::fs::read_to_string(tmp.path().join("stopped.stderr")).unwrap();
+    assert_eq!(code, Some(130), "{stderr}");
+    let run = run().unwrap();
+    let saved = checkpoints(&run);
+    assert_eq!(saved.len(), 1, "{saved:?}: {stderr}");
+    let checkpoint = run.join(format!("step-{}", saved[0]));
+    assert!(checkpoint.join("trainer_state.json").exists());
+    let said = format!("interrupted after step {}; checkpoint {} saved", saved[0], checkpoint.display());
+    assert_eq!(stderr.matches(&said).count(), 2, "each worker names the checkpoint: {stderr}");
+    assert!(workers.iter().all(|&pid| gone(pid)), "a worker is left: {stderr}");
+}
+
+/// The launcher killed outright (SIGKILL, which it cannot pass on): its workers end with it.
+#[test]
+fn workers_end_with_a_killed_launcher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut launcher = start_two_workers(tmp.path(), Some("orphans"), "orphans", &[]);
+    let workers = workers_of(launcher.id());
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let ended = Instant::now();
+    while !workers.iter().all(|&pid| gone(pid)) && ended.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left: Vec<i32> = workers.iter().copied().filter(|&pid| !gone(pid)).collect();
+    for &pid in &left {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(left.is_empty(), "workers {left:?} outlived their launcher");
 }

@@ -29,7 +29,9 @@ pub fn launch_local(n: usize, args: &[String]) -> Result<i32> {
     .context("cannot install the Ctrl-C handler of the launcher")?;
     let mut workers: Vec<Child> = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        own_process_group_tied_to_launcher(&mut command);
+        let child = command
             .args(args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -50,10 +52,35 @@ pub fn launch_local(n: usize, args: &[String]) -> Result<i32> {
     Ok(supervise(&mut workers, &signals))
 }
 
-/// Waits for every worker, passing signals on and ending the rest after one fails.
+/// A worker gets Ctrl-C only through the launcher, once: a terminal sends it to its whole
+/// foreground process group, and a worker that saw it twice would quit without a checkpoint.
+/// And a worker dies with the launcher (kill -9 of it included), leaving no orphan behind.
+fn own_process_group_tied_to_launcher(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    command.process_group(0);
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid before the fork; the closure calls only async-signal-safe functions.
+        let launcher = unsafe { libc::getpid() };
+        unsafe {
+            command.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // The launcher died before the line above: nothing would signal this worker.
+                if libc::getppid() != launcher {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// Waits for every worker, passing signals on and ending the rest after one fails; the exit
+/// code is the first failure's, which is also named on stderr (the other workers then fail
+/// at their next exchange with the dead one, each saying only that a peer is gone).
 fn supervise(workers: &mut [Child], signals: &AtomicUsize) -> i32 {
     let mut codes: Vec<Option<i32>> = vec![None; workers.len()];
-    let (mut failed_at, mut forwarded) = (None::<Instant>, 0);
+    let (mut first_failure, mut failed_at, mut forwarded) = (None::<i32>, None::<Instant>, 0);
     while codes.iter().any(Option::is_none) {
         for (rank, child) in workers.iter_mut().enumerate() {
             if codes[rank].is_none() {
@@ -63,6 +90,13 @@ fn supervise(workers: &mut [Child], signals: &AtomicUsize) -> i32 {
                     codes[rank] = Some(code);
                     if code != 0 && failed_at.is_none() {
                         failed_at = Some(Instant::now());
+                        first_failure = Some(code);
+                        if forwarded == 0 {
+                            eprintln!(
+                                "lorafit: {}; stopping the other workers",
+                                ended(rank, child.id(), &status)
+                            );
+                        }
                     }
                 }
             }
@@ -84,8 +118,16 @@ fn supervise(workers: &mut [Child], signals: &AtomicUsize) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // The first failure, by rank; an interrupted run's 130 when every worker stopped so.
-    codes.iter().flatten().copied().find(|&c| c != 0).unwrap_or(0)
+    // An interrupted run's 130 when every worker stopped so.
+    first_failure.unwrap_or(0)
+}
+
+/// "rank 1 (pid 4242) was killed by signal 9", "rank 0 (pid 4241) exited with code 1".
+fn ended(rank: usize, pid: u32, status: &std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(code) => format!("rank {rank} (pid {pid}) exited with code {code}"),
+        None => format!("rank {rank} (pid {pid}) was killed by signal {}", signal_of(status)),
+    }
 }
 
 fn signal_of(status: &std::process::ExitStatus) -> i32 {

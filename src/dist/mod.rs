@@ -176,6 +176,19 @@ impl Group {
         self.check(rc)
     }
 
+    /// Rank `root`'s `bytes` on every rank (what the others pass is ignored).
+    pub fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
+        let len = Tensor::from_slice(&[bytes.len() as i64]);
+        self.broadcast(std::slice::from_ref(&len), root)?;
+        let shared = if self.rank == root {
+            Tensor::from_slice(bytes)
+        } else {
+            Tensor::zeros([len.int64_value(&[0])], (tch::Kind::Uint8, tch::Device::Cpu))
+        };
+        self.broadcast(std::slice::from_ref(&shared), root)?;
+        Vec::<u8>::try_from(&shared).context("reading broadcast bytes")
+    }
+
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: a live handle.

@@ -26,6 +26,7 @@ pub const FREE_TO_CHANGE: &[&str] = &[
     "train.early_stopping_patience",
     "train.on_nonfinite",
     "train.threads",
+    "train.dist_timeout",
     "data.train",
     "data.validation",
     "output.",
@@ -47,13 +48,21 @@ impl std::fmt::Display for Change {
     }
 }
 
+/// The setting that sizes a step in place of `train.grad_accum_steps`: a step takes as many
+/// micro-batches as accumulation steps times data-parallel workers, so a run may resume on
+/// another number of workers with the accumulation that keeps the product.
+const ACCUM: &str = "train.grad_accum_steps";
+const STEP_MICRO_BATCHES: &str = "train.grad_accum_steps × workers";
+
 /// The settings exact resumption depends on: every key of the config (as given, `auto`
-/// unresolved) except [`FREE_TO_CHANGE`], as compact JSON, and `data`, the identity of the
-/// prepared examples.
-pub fn settings(cfg: &Config, data: &RunData) -> Result<BTreeMap<String, String>> {
+/// unresolved) except [`FREE_TO_CHANGE`], as compact JSON, with the accumulation counted over
+/// the run's `workers` ([`STEP_MICRO_BATCHES`]), and `data`, the identity of the prepared
+/// examples.
+pub fn settings(cfg: &Config, data: &RunData, workers: usize) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     flatten("", &serde_json::to_value(cfg)?, &mut out);
-    out.retain(|key, _| !is_free(key));
+    out.retain(|key, _| !is_free(key) && key != ACCUM);
+    out.insert(STEP_MICRO_BATCHES.to_string(), (cfg.train.grad_accum_steps * workers).to_string());
     out.insert("data".to_string(), data_identity(data));
     Ok(out)
 }
@@ -99,6 +108,11 @@ fn data_identity(data: &RunData) -> String {
 pub fn changes(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) -> Vec<Change> {
     if old.is_empty() {
         return Vec::new();
+    }
+    // Checkpoints of single-process runs written before the step was counted over workers.
+    let mut old = old.clone();
+    if let Some(accum) = old.remove(ACCUM) {
+        old.entry(STEP_MICRO_BATCHES.to_string()).or_insert(accum);
     }
     let missing = || "(not set)".to_string();
     let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();

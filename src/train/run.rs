@@ -424,7 +424,7 @@ fn rank_share(batches: Vec<Batch>, group: Option<&Group>) -> Vec<Batch> {
 /// against the checkpoint's (refusing a change unless `anyway`) before restoring it; in a
 /// data-parallel run every rank then takes rank 0's adapter.
 fn restore(plan: &mut RunPlan, anyway: bool) -> Result<()> {
-    let settings = resume::settings(&plan.requested, &plan.data)?;
+    let settings = resume::settings(&plan.requested, &plan.data, plan.trainer.rank_world().1)?;
     if let Some((point, _)) = &plan.resume {
         let changes = resume::changes(&checkpoint::read_state(point)?.settings, &settings);
         resume::check(&changes, point, anyway)?;
@@ -500,13 +500,8 @@ fn longest_row(layout: RowLayout, lengths: &[usize]) -> usize {
 /// prepared data goes to the cache now that every check has passed.
 fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run> {
     if !plan.writes() {
-        // The other ranks of a data-parallel run write nothing; rank 0 has the run directory.
-        let dir = match &plan.resume {
-            Some((_, dir)) => dir.clone(),
-            None => {
-                plan.requested.output.dir.join(plan.requested.output.run_name.clone().unwrap_or_default())
-            }
-        };
+        // The other ranks of a data-parallel run write nothing; rank 0 names the run directory.
+        let dir = run_dir_of_rank_0(&plan, None)?;
         return Ok(Run { plan, dir, metrics: None, console });
     }
     let dir = match &plan.resume {
@@ -517,6 +512,7 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
         )?,
         None => create_run_dir(&plan.requested, opts, &mut plan.lock)?,
     };
+    let dir = run_dir_of_rank_0(&plan, Some(dir))?;
     // The lock is held: whatever staging files are here were left by killed processes.
     remove_staging(&dir)?;
     // `auto` stays `auto`, so the file runs (or resumes: adapter and optimizer state are fp32
@@ -547,6 +543,16 @@ fn create(mut plan: RunPlan, opts: &RunOptions, console: Console) -> Result<Run>
         }
     };
     Ok(Run { plan, dir, metrics, console })
+}
+
+/// The run directory rank 0 created (`dir` there), on every rank of a data-parallel run: a
+/// generated name holds the time, which the ranks would not agree on.
+fn run_dir_of_rank_0(plan: &RunPlan, dir: Option<PathBuf>) -> Result<PathBuf> {
+    let Some(group) = &plan.trainer.group else { return Ok(dir.unwrap_or_default()) };
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let ours = dir.map(PathBuf::into_os_string).unwrap_or_default();
+    let shared = group.broadcast_bytes(ours.as_bytes(), 0)?;
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(shared)))
 }
 
 /// `lorafit train CONFIG --dry-run`: the prepare phase alone (every check and all loading) and
