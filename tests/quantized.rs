@@ -4,7 +4,9 @@
 
 mod common;
 
+use common::peft_check::{peft_check, PeftJob};
 use lorafit::config::QuantFormat;
+use lorafit::lora::peft;
 use lorafit::model::quantized::{FrozenWeight, QuantizedWeight, Scales};
 use lorafit::model::{load_model, load_model_quantized};
 use serde_json::Value;
@@ -134,4 +136,65 @@ fn nf4_logits_equal_transformers_bitsandbytes() {
     );
     assert!(quantization_error > 1e-2, "the reference is not quantized (differs by {quantization_error})");
     assert!(diff <= 1e-4, "nf4 logits differ from transformers + bitsandbytes by {diff}");
+}
+
+/// `lorafit train` with `model.quantize: nf4` on stories260K writes a plain PEFT adapter: PEFT
+/// loads it onto the transformers + bitsandbytes NF4 base with the logits lorafit computes on
+/// its own NF4 base, and onto the unquantized base with lorafit's logits there (before and after
+/// `merge_and_unload()`).
+#[test]
+fn qlora_adapter_loads_in_peft_on_both_bases() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::stories260k(&assets);
+    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model: {{path: {}, quantize: nf4}}\n\
+             lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}}\n\
+             data: {{train: stories.jsonl, format: completion}}\n\
+             train: {{max_steps: 6, lr: 0.01, micro_batch_size: 2}}\n\
+             output: {{run_name: qlora}}\n",
+            base.display()
+        ),
+    );
+    let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
+    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
+    let adapter = tmp.path().join("checkpoints/qlora/adapter");
+    let ids: Vec<i64> = vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315];
+    let input = Tensor::from_slice(&ids).view([1, -1]);
+
+    let nf4 = Some((QuantFormat::Nf4, true));
+    let mut model = load_model_quantized(&base, Kind::Float, Device::Cpu, nf4).unwrap();
+    let base_logits = tch::no_grad(|| model.forward(&input, false));
+    peft::load(&adapter, &mut model, Device::Cpu).unwrap();
+    let ours = tch::no_grad(|| model.forward(&input, false)).squeeze_dim(0);
+    let effect = (&ours - base_logits.squeeze_dim(0)).abs().max().double_value(&[]);
+    assert!(effect > 1e-3, "the trained adapter barely changes the logits ({effect})");
+
+    let report_path = tmp.path().join("peft.json");
+    let report = bnb_check(
+        &python,
+        &[
+            "peft",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            &serde_json::to_string(&ids).unwrap(),
+            report_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(report["tensors_loaded"], 2 * 5 * 7, "PEFT did not load every adapter tensor as saved");
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(report["logits"].clone()).unwrap();
+    let diff = (&ours - Tensor::from_slice2(&theirs).to_kind(Kind::Float)).abs().max().double_value(&[]);
+    eprintln!("QLoRA logits vs PEFT on the bitsandbytes NF4 base: {diff:e} (adapter effect {effect})");
+    assert!(diff <= 1e-4, "QLoRA logits differ from PEFT + bitsandbytes by {diff}");
+
+    let mut dense = load_model(&base, Kind::Float, Device::Cpu).unwrap();
+    peft::load(&adapter, &mut dense, Device::Cpu).unwrap();
+    let logits = tch::no_grad(|| dense.forward(&input, false));
+    let job = PeftJob { name: "qlora-on-dense".into(), base, adapter, input_ids: input, logits, tol: 1e-4 };
+    assert_eq!(peft_check(&python, tmp.path(), &[job])[0]["tensors_checked"], 2 * 5 * 7);
 }
