@@ -198,3 +198,59 @@ fn qlora_adapter_loads_in_peft_on_both_bases() {
     let job = PeftJob { name: "qlora-on-dense".into(), base, adapter, input_ids: input, logits, tol: 1e-4 };
     assert_eq!(peft_check(&python, tmp.path(), &[job])[0]["tensors_checked"], 2 * 5 * 7);
 }
+
+/// stories260K's ids for the logits checks.
+const STORY_IDS: [i64; 16] = [1, 403, 407, 261, 378, 324, 266, 292, 270, 290, 363, 287, 341, 308, 269, 260];
+
+/// The fp32 logits `[seq, vocab]` of stories-sized `model` on [`STORY_IDS`].
+fn story_logits(model: &lorafit::model::Decoder) -> Tensor {
+    tch::no_grad(|| model.forward(&Tensor::from_slice(&STORY_IDS).view([1, -1]), false)).squeeze_dim(0)
+}
+
+/// The logits bnb_check.py wrote.
+fn logits_of(report: Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = serde_json::from_value(report).unwrap();
+    Tensor::from_slice2(&rows).to_kind(Kind::Float)
+}
+
+/// A checkpoint written by transformers' 4-bit save (NF4 with double-quantized scales, and FP4
+/// with plain fp32 scales) loads in lorafit as it is, with the logits transformers +
+/// bitsandbytes computed before saving it.
+#[test]
+fn transformers_4bit_checkpoint_loads_with_equal_logits() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let dir = common::stories260k(&assets);
+    let ids = serde_json::to_string(&STORY_IDS).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let unquantized = story_logits(&load_model(&dir, Kind::Float, Device::Cpu).unwrap());
+    for (format, double) in [("nf4", "1"), ("fp4", "0")] {
+        let saved = scratch.path().join(format);
+        let out = scratch.path().join(format!("{format}.json"));
+        let theirs = logits_of(bnb_check(
+            &python,
+            &[
+                "save",
+                dir.to_str().unwrap(),
+                format,
+                double,
+                &ids,
+                saved.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        ));
+        let mut model = load_model(&saved, Kind::Float, Device::Cpu).unwrap();
+        let layers = model.linear_layers_mut();
+        let quantized = layers.iter().filter(|(_, l)| matches!(l.weight, FrozenWeight::Quantized(_))).count();
+        assert_eq!(quantized, 5 * 7, "{format}: {quantized} linear layers loaded in 4 bits, not 35");
+        let diff = (story_logits(&model) - &theirs).abs().max().double_value(&[]);
+        let quantization_error = (&unquantized - &theirs).abs().max().double_value(&[]);
+        eprintln!("{format} checkpoint: logits vs transformers + bitsandbytes {diff:e}, vs unquantized {quantization_error}");
+        assert!(quantization_error > 1e-2, "{format}: the reference is not quantized ({quantization_error})");
+        assert!(
+            diff <= 1e-4,
+            "{format} checkpoint: logits differ from transformers + bitsandbytes by {diff}"
+        );
+    }
+}
