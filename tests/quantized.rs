@@ -76,6 +76,10 @@ fn codes_and_scales_equal_bitsandbytes() {
         let mut quantized =
             load_model_quantized(&dir, Kind::Float, Device::Cpu, Some((QuantFormat::Nf4, true))).unwrap();
         for ((site, d), (_, q)) in dense.linear_layers_mut().into_iter().zip(quantized.linear_layers_mut()) {
+            if site.path == "lm_head" {
+                assert!(matches!(q.weight, FrozenWeight::Dense(_)), "{label}: lm_head is quantized");
+                continue;
+            }
             let (FrozenWeight::Dense(w), FrozenWeight::Quantized(q)) = (&d.weight, &q.weight) else {
                 panic!("{label}: {} is not quantized at load", site.path);
             };
@@ -202,9 +206,12 @@ fn qlora_adapter_loads_in_peft_on_both_bases() {
 /// stories260K's ids for the logits checks.
 const STORY_IDS: [i64; 16] = [1, 403, 407, 261, 378, 324, 266, 292, 270, 290, 363, 287, 341, 308, 269, 260];
 
-/// The fp32 logits `[seq, vocab]` of stories-sized `model` on [`STORY_IDS`].
-fn story_logits(model: &lorafit::model::Decoder) -> Tensor {
-    tch::no_grad(|| model.forward(&Tensor::from_slice(&STORY_IDS).view([1, -1]), false)).squeeze_dim(0)
+/// Ids inside every fixture's vocabulary (256) too.
+const SMALL_IDS: [i64; 10] = [1, 45, 200, 17, 99, 255, 3, 128, 64, 7];
+
+/// The fp32 logits `[seq, vocab]` of `model` on `ids`.
+fn logits(model: &lorafit::model::Decoder, ids: &[i64]) -> Tensor {
+    tch::no_grad(|| model.forward(&Tensor::from_slice(ids).view([1, -1]), false)).squeeze_dim(0)
 }
 
 /// The logits bnb_check.py wrote.
@@ -224,7 +231,7 @@ fn transformers_4bit_checkpoint_loads_with_equal_logits() {
     let dir = common::stories260k(&assets);
     let ids = serde_json::to_string(&STORY_IDS).unwrap();
     let scratch = tempfile::tempdir().unwrap();
-    let unquantized = story_logits(&load_model(&dir, Kind::Float, Device::Cpu).unwrap());
+    let unquantized = logits(&load_model(&dir, Kind::Float, Device::Cpu).unwrap(), &STORY_IDS);
     for (format, double) in [("nf4", "1"), ("fp4", "0")] {
         let saved = scratch.path().join(format);
         let out = scratch.path().join(format!("{format}.json"));
@@ -244,7 +251,7 @@ fn transformers_4bit_checkpoint_loads_with_equal_logits() {
         let layers = model.linear_layers_mut();
         let quantized = layers.iter().filter(|(_, l)| matches!(l.weight, FrozenWeight::Quantized(_))).count();
         assert_eq!(quantized, 5 * 7, "{format}: {quantized} linear layers loaded in 4 bits, not 35");
-        let diff = (story_logits(&model) - &theirs).abs().max().double_value(&[]);
+        let diff = (logits(&model, &STORY_IDS) - &theirs).abs().max().double_value(&[]);
         let quantization_error = (&unquantized - &theirs).abs().max().double_value(&[]);
         eprintln!("{format} checkpoint: logits vs transformers + bitsandbytes {diff:e}, vs unquantized {quantization_error}");
         assert!(quantization_error > 1e-2, "{format}: the reference is not quantized ({quantization_error})");
@@ -253,4 +260,39 @@ fn transformers_4bit_checkpoint_loads_with_equal_logits() {
             "{format} checkpoint: logits differ from transformers + bitsandbytes by {diff}"
         );
     }
+}
+
+/// `lorafit quantize` writes a checkpoint that transformers + bitsandbytes load with
+/// `from_pretrained` as it is, computing lorafit's NF4 logits, which are also those of
+/// transformers + bitsandbytes quantizing the original at load (stories260K).
+#[test]
+fn quantize_writes_what_transformers_loads() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let ids = serde_json::to_string(&SMALL_IDS).unwrap();
+    let (label, dir) = ("stories", common::stories260k(&assets));
+    let out = scratch.path().join(label);
+    let run = common::lorafit(
+        scratch.path(),
+        &["quantize", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "nf4"],
+    );
+    assert!(run.status.success(), "{label}: quantize failed: {}", String::from_utf8_lossy(&run.stderr));
+    let nf4 = Some((QuantFormat::Nf4, true));
+    let ours = logits(&load_model_quantized(&dir, Kind::Float, Device::Cpu, nf4).unwrap(), &SMALL_IDS);
+    let reloaded = logits(&load_model(&out, Kind::Float, Device::Cpu).unwrap(), &SMALL_IDS);
+    assert!(reloaded.equal(&ours), "{label}: the written checkpoint does not reload to the same logits");
+    let report = scratch.path().join(format!("{label}.json"));
+    let loaded =
+        logits_of(bnb_check(&python, &["load", out.to_str().unwrap(), &ids, report.to_str().unwrap()]));
+    let quantized_there = logits_of(bnb_check(
+        &python,
+        &["logits", dir.to_str().unwrap(), &ids, "float32", report.to_str().unwrap()],
+    ));
+    let diff = (&ours - &loaded).abs().max().double_value(&[]);
+    let diff_there = (&ours - &quantized_there).abs().max().double_value(&[]);
+    eprintln!("{label}: lorafit quantize → transformers {diff:e}; quantized by bitsandbytes {diff_there:e}");
+    assert!(diff <= 1e-4, "{label}: transformers' logits on the written checkpoint differ by {diff}");
+    assert!(diff_there <= 1e-4, "{label}: transformers + bitsandbytes' NF4 logits differ by {diff_there}");
 }

@@ -270,7 +270,14 @@ impl Decoder {
         }
         let final_norm = Norm::load(&mut w, names.final_norm, h, &spec)?;
         let lm_head = match sites.get(sites.lm_head) {
-            Some(site) => Some(Linear::load(&mut w, site)?),
+            Some(site) => {
+                // bitsandbytes keeps the output head in the compute dtype, as transformers does.
+                let quantization = w.quantization();
+                w.set_quantization(None);
+                let head = Linear::load(&mut w, site);
+                w.set_quantization(quantization);
+                Some(head?)
+            }
             None => {
                 // Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
                 let copy = format!("{}.weight", sites.lm_head);

@@ -292,6 +292,50 @@ pub fn take_saved(w: &mut Weights, name: &str, shape: [i64; 2]) -> Result<Option
     }))))
 }
 
+impl QuantizedWeight {
+    /// The tensors transformers' 4-bit save writes for this weight under `name` (the names
+    /// [`take_saved`] reads), `dtype` being the torch name of the weight's original dtype.
+    pub fn saved_parts(&self, name: &str, dtype: &str) -> Vec<(String, Tensor)> {
+        let mut state = serde_json::json!({
+            "quant_type": self.format.name(), "blocksize": BLOCK, "dtype": dtype, "shape": self.shape,
+        });
+        let mut parts = vec![(name.to_string(), self.packed.shallow_clone())];
+        match &self.scales {
+            Scales::Plain(absmax) => parts.push((format!("{name}.absmax"), absmax.shallow_clone())),
+            Scales::Nested { codes, offset, nested_absmax, nested_code } => {
+                state["nested_blocksize"] = NESTED_BLOCK.into();
+                state["nested_dtype"] = "float32".into();
+                state["nested_offset"] = (*offset).into();
+                parts.push((format!("{name}.absmax"), codes.shallow_clone()));
+                parts.push((format!("{name}.nested_absmax"), nested_absmax.shallow_clone()));
+                parts.push((format!("{name}.nested_quant_map"), nested_code.shallow_clone()));
+            }
+        }
+        parts.push((format!("{name}.quant_map"), self.format.code()));
+        let state = Tensor::from_slice(state.to_string().as_bytes());
+        parts.push((format!("{name}.{}", state_suffix(self.format)), state));
+        parts
+    }
+}
+
+/// The `quantization_config` of config.json for a checkpoint of `format` weights, as
+/// transformers writes it with `BitsAndBytesConfig(load_in_4bit=True, ...)`.
+pub fn quantization_config(format: QuantFormat, nested: bool, compute_dtype: &str) -> serde_json::Value {
+    serde_json::json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "bnb_4bit_quant_type": format.name(),
+        "bnb_4bit_use_double_quant": nested,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+    })
+}
+
 /// Parses and checks the quant state `name`: the layout lorafit reads (blocks of 64, nested
 /// blocks of 256) and the shape config.json implies.
 fn saved_state(

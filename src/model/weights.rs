@@ -121,6 +121,11 @@ impl Weights {
         }
     }
 
+    /// The dtype tensor `name` is stored in, if the checkpoint holds it.
+    pub fn stored_kind(&self, name: &str) -> Option<Kind> {
+        self.tensors.get(self.key(name)).map(|s| s.kind)
+    }
+
     /// Whether [`Weights::take`] reads data (rather than checking headers only).
     pub fn reads_data(&self) -> bool {
         self.target.is_some()
