@@ -126,6 +126,22 @@ enum Command {
         #[arg(long, default_value = "same")]
         dtype: String,
     },
+    /// Write a model directory again with its linear weights in 4 bits (NF4 or FP4, blocks of 64,
+    /// bitsandbytes' layout): transformers + bitsandbytes and lorafit load it as it is.
+    Quantize {
+        /// The model directory.
+        #[arg(long)]
+        model: PathBuf,
+        /// The new model directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// nf4 or fp4.
+        #[arg(long, default_value = "nf4")]
+        format: String,
+        /// Keep the block scales in fp32 instead of quantizing them to 8 bits.
+        #[arg(long)]
+        no_double_quant: bool,
+    },
     /// Convert an adapter for another runtime: a llama.cpp LoRA GGUF (for llama-server, LM Studio,
     /// Ollama). Prints which runtimes load the adapter as it is.
     Export {
@@ -366,6 +382,21 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                     report.bytes as f64 / 1e6
                 )
             }),
+        Command::Quantize { model, out, format, no_double_quant } => {
+            serde_yaml::from_str::<lorafit::config::QuantFormat>(&format)
+                .map_err(|_| anyhow::anyhow!("--format {format}: expected nf4 or fp4"))
+                .and_then(|format| {
+                    lorafit::export::quantize::quantize_command(&model, &out, format, !no_double_quant)
+                })
+                .map(|r| {
+                    println!(
+                        "wrote {} with {} linear weights in 4 bits ({:.1} MB)",
+                        out.display(),
+                        r.quantized,
+                        r.bytes as f64 / 1e6
+                    )
+                })
+        }
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             data_commands::preview_command(&config, &overrides, n).map(|report| print!("{report}"))
         }

@@ -4,7 +4,9 @@
 
 mod common;
 
+use common::peft_check::{peft_check, PeftJob};
 use lorafit::config::QuantFormat;
+use lorafit::lora::peft;
 use lorafit::model::quantized::{FrozenWeight, QuantizedWeight, Scales};
 use lorafit::model::{load_model, load_model_quantized};
 use serde_json::Value;
@@ -74,6 +76,10 @@ fn codes_and_scales_equal_bitsandbytes() {
         let mut quantized =
             load_model_quantized(&dir, Kind::Float, Device::Cpu, Some((QuantFormat::Nf4, true))).unwrap();
         for ((site, d), (_, q)) in dense.linear_layers_mut().into_iter().zip(quantized.linear_layers_mut()) {
+            if site.path == "lm_head" {
+                assert!(matches!(q.weight, FrozenWeight::Dense(_)), "{label}: lm_head is quantized");
+                continue;
+            }
             let (FrozenWeight::Dense(w), FrozenWeight::Quantized(q)) = (&d.weight, &q.weight) else {
                 panic!("{label}: {} is not quantized at load", site.path);
             };
@@ -134,4 +140,159 @@ fn nf4_logits_equal_transformers_bitsandbytes() {
     );
     assert!(quantization_error > 1e-2, "the reference is not quantized (differs by {quantization_error})");
     assert!(diff <= 1e-4, "nf4 logits differ from transformers + bitsandbytes by {diff}");
+}
+
+/// `lorafit train` with `model.quantize: nf4` on stories260K writes a plain PEFT adapter: PEFT
+/// loads it onto the transformers + bitsandbytes NF4 base with the logits lorafit computes on
+/// its own NF4 base, and onto the unquantized base with lorafit's logits there (before and after
+/// `merge_and_unload()`).
+#[test]
+fn qlora_adapter_loads_in_peft_on_both_bases() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = common::stories260k(&assets);
+    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
+    common::write(
+        &tmp.path().join("run.yaml"),
+        &format!(
+            "model: {{path: {}, quantize: nf4}}\n\
+             lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}}\n\
+             data: {{train: stories.jsonl, format: completion}}\n\
+             train: {{max_steps: 6, lr: 0.01, micro_batch_size: 2}}\n\
+             output: {{run_name: qlora}}\n",
+            base.display()
+        ),
+    );
+    let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
+    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
+    let adapter = tmp.path().join("checkpoints/qlora/adapter");
+    let ids: Vec<i64> = vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315];
+    let input = Tensor::from_slice(&ids).view([1, -1]);
+
+    let nf4 = Some((QuantFormat::Nf4, true));
+    let mut model = load_model_quantized(&base, Kind::Float, Device::Cpu, nf4).unwrap();
+    let base_logits = tch::no_grad(|| model.forward(&input, false));
+    peft::load(&adapter, &mut model, Device::Cpu).unwrap();
+    let ours = tch::no_grad(|| model.forward(&input, false)).squeeze_dim(0);
+    let effect = (&ours - base_logits.squeeze_dim(0)).abs().max().double_value(&[]);
+    assert!(effect > 1e-3, "the trained adapter barely changes the logits ({effect})");
+
+    let report_path = tmp.path().join("peft.json");
+    let report = bnb_check(
+        &python,
+        &[
+            "peft",
+            base.to_str().unwrap(),
+            adapter.to_str().unwrap(),
+            &serde_json::to_string(&ids).unwrap(),
+            report_path.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(report["tensors_loaded"], 2 * 5 * 7, "PEFT did not load every adapter tensor as saved");
+    let theirs: Vec<Vec<f64>> = serde_json::from_value(report["logits"].clone()).unwrap();
+    let diff = (&ours - Tensor::from_slice2(&theirs).to_kind(Kind::Float)).abs().max().double_value(&[]);
+    eprintln!("QLoRA logits vs PEFT on the bitsandbytes NF4 base: {diff:e} (adapter effect {effect})");
+    assert!(diff <= 1e-4, "QLoRA logits differ from PEFT + bitsandbytes by {diff}");
+
+    let mut dense = load_model(&base, Kind::Float, Device::Cpu).unwrap();
+    peft::load(&adapter, &mut dense, Device::Cpu).unwrap();
+    let logits = tch::no_grad(|| dense.forward(&input, false));
+    let job = PeftJob { name: "qlora-on-dense".into(), base, adapter, input_ids: input, logits, tol: 1e-4 };
+    assert_eq!(peft_check(&python, tmp.path(), &[job])[0]["tensors_checked"], 2 * 5 * 7);
+}
+
+/// stories260K's ids for the logits checks.
+const STORY_IDS: [i64; 16] = [1, 403, 407, 261, 378, 324, 266, 292, 270, 290, 363, 287, 341, 308, 269, 260];
+
+/// Ids inside every fixture's vocabulary (256) too.
+const SMALL_IDS: [i64; 10] = [1, 45, 200, 17, 99, 255, 3, 128, 64, 7];
+
+/// The fp32 logits `[seq, vocab]` of `model` on `ids`.
+fn logits(model: &lorafit::model::Decoder, ids: &[i64]) -> Tensor {
+    tch::no_grad(|| model.forward(&Tensor::from_slice(ids).view([1, -1]), false)).squeeze_dim(0)
+}
+
+/// The logits bnb_check.py wrote.
+fn logits_of(report: Value) -> Tensor {
+    let rows: Vec<Vec<f64>> = serde_json::from_value(report).unwrap();
+    Tensor::from_slice2(&rows).to_kind(Kind::Float)
+}
+
+/// A checkpoint written by transformers' 4-bit save (NF4 with double-quantized scales, and FP4
+/// with plain fp32 scales) loads in lorafit as it is, with the logits transformers +
+/// bitsandbytes computed before saving it.
+#[test]
+fn transformers_4bit_checkpoint_loads_with_equal_logits() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let dir = common::stories260k(&assets);
+    let ids = serde_json::to_string(&STORY_IDS).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let unquantized = logits(&load_model(&dir, Kind::Float, Device::Cpu).unwrap(), &STORY_IDS);
+    for (format, double) in [("nf4", "1"), ("fp4", "0")] {
+        let saved = scratch.path().join(format);
+        let out = scratch.path().join(format!("{format}.json"));
+        let theirs = logits_of(bnb_check(
+            &python,
+            &[
+                "save",
+                dir.to_str().unwrap(),
+                format,
+                double,
+                &ids,
+                saved.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        ));
+        let mut model = load_model(&saved, Kind::Float, Device::Cpu).unwrap();
+        let layers = model.linear_layers_mut();
+        let quantized = layers.iter().filter(|(_, l)| matches!(l.weight, FrozenWeight::Quantized(_))).count();
+        assert_eq!(quantized, 5 * 7, "{format}: {quantized} linear layers loaded in 4 bits, not 35");
+        let diff = (logits(&model, &STORY_IDS) - &theirs).abs().max().double_value(&[]);
+        let quantization_error = (&unquantized - &theirs).abs().max().double_value(&[]);
+        eprintln!("{format} checkpoint: logits vs transformers + bitsandbytes {diff:e}, vs unquantized {quantization_error}");
+        assert!(quantization_error > 1e-2, "{format}: the reference is not quantized ({quantization_error})");
+        assert!(
+            diff <= 1e-4,
+            "{format} checkpoint: logits differ from transformers + bitsandbytes by {diff}"
+        );
+    }
+}
+
+/// `lorafit quantize` writes a checkpoint that transformers + bitsandbytes load with
+/// `from_pretrained` as it is, computing lorafit's NF4 logits, which are also those of
+/// transformers + bitsandbytes quantizing the original at load (stories260K).
+#[test]
+fn quantize_writes_what_transformers_loads() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let ids = serde_json::to_string(&SMALL_IDS).unwrap();
+    let (label, dir) = ("stories", common::stories260k(&assets));
+    let out = scratch.path().join(label);
+    let run = common::lorafit(
+        scratch.path(),
+        &["quantize", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "nf4"],
+    );
+    assert!(run.status.success(), "{label}: quantize failed: {}", String::from_utf8_lossy(&run.stderr));
+    let nf4 = Some((QuantFormat::Nf4, true));
+    let ours = logits(&load_model_quantized(&dir, Kind::Float, Device::Cpu, nf4).unwrap(), &SMALL_IDS);
+    let reloaded = logits(&load_model(&out, Kind::Float, Device::Cpu).unwrap(), &SMALL_IDS);
+    assert!(reloaded.equal(&ours), "{label}: the written checkpoint does not reload to the same logits");
+    let report = scratch.path().join(format!("{label}.json"));
+    let loaded =
+        logits_of(bnb_check(&python, &["load", out.to_str().unwrap(), &ids, report.to_str().unwrap()]));
+    let quantized_there = logits_of(bnb_check(
+        &python,
+        &["logits", dir.to_str().unwrap(), &ids, "float32", report.to_str().unwrap()],
+    ));
+    let diff = (&ours - &loaded).abs().max().double_value(&[]);
+    let diff_there = (&ours - &quantized_there).abs().max().double_value(&[]);
+    eprintln!("{label}: lorafit quantize → transformers {diff:e}; quantized by bitsandbytes {diff_there:e}");
+    assert!(diff <= 1e-4, "{label}: transformers' logits on the written checkpoint differ by {diff}");
+    assert!(diff_there <= 1e-4, "{label}: transformers + bitsandbytes' NF4 logits differ by {diff_there}");
 }

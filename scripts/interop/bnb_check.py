@@ -10,6 +10,20 @@ usage: bnb_check.py codes TENSORS.safetensors OUT.json
 usage: bnb_check.py logits MODEL_DIR IDS_JSON COMPUTE OUT.json
     Loads MODEL_DIR with transformers + bitsandbytes (4-bit NF4, double quantization, compute
     dtype COMPUTE: float32 or bfloat16) on CPU and writes the fp32 logits of the token ids.
+
+usage: bnb_check.py peft MODEL_DIR ADAPTER_DIR IDS_JSON OUT.json
+    The same NF4 model (fp32 compute) with the PEFT LoRA adapter ADAPTER_DIR loaded on it: writes
+    {"logits": ..., "tensors_loaded": N}, N the adapter tensors PEFT holds bit for bit as in the
+    file (the adapter needs lora dropout 0: the model runs in train mode, see `logits`).
+
+usage: bnb_check.py save MODEL_DIR QUANT_TYPE DOUBLE_QUANT IDS_JSON SAVE_DIR OUT.json
+    Loads MODEL_DIR with transformers + bitsandbytes (QUANT_TYPE nf4 or fp4, DOUBLE_QUANT 0 or 1,
+    fp32 compute) on CPU, saves it with `save_pretrained(SAVE_DIR)` (transformers' 4-bit
+    checkpoint) and writes the fp32 logits of the token ids.
+
+usage: bnb_check.py load MODEL_DIR IDS_JSON OUT.json
+    Loads the 4-bit checkpoint MODEL_DIR with `from_pretrained` as it is (its config.json's
+    quantization_config) on CPU and writes the fp32 logits of the token ids.
 """
 
 import json
@@ -45,32 +59,72 @@ def check_codes(tensors_path, out_path):
         json.dump(report, f)
 
 
-def logits(model_dir, ids_json, compute, out_path):
+def load_nf4(model_dir, dtype, quant_type="nf4", double_quant=True):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = getattr(torch, compute)
     config = BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=dtype,
     )
-    model = AutoModelForCausalLM.from_pretrained(
+    return AutoModelForCausalLM.from_pretrained(
         model_dir, quantization_config=config, dtype=dtype, device_map="cpu"
     )
+
+
+def run_logits(model, ids_json):
     # In eval mode on a CPU with AVX512-BF16, bitsandbytes repacks 4-bit weights for its own
     # gemm kernel, which refuses widths that are not multiples of its tile (stories260K's 32-wide
     # k/v projections); train mode keeps the dequantize + matmul path. The model has no dropout.
     model.train()
     ids = torch.tensor([json.loads(ids_json)])
     with torch.no_grad():
-        out = model(input_ids=ids).logits.float()[0]
+        return model(input_ids=ids).logits.float()[0].tolist()
+
+
+def logits(model_dir, ids_json, compute, out_path):
+    model = load_nf4(model_dir, getattr(torch, compute))
     with open(out_path, "w") as f:
-        json.dump(out.tolist(), f)
+        json.dump(run_logits(model, ids_json), f)
+
+
+def peft_logits(model_dir, adapter_dir, ids_json, out_path):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_nf4(model_dir, torch.float32), adapter_dir)
+    params = dict(model.named_parameters())
+    loaded = 0
+    for key, value in load_file(f"{adapter_dir}/adapter_model.safetensors").items():
+        mine = params.get(key.replace(".weight", ".default.weight"))
+        loaded += mine is not None and torch.equal(mine.detach().float(), value.float())
+    with open(out_path, "w") as f:
+        json.dump({"logits": run_logits(model, ids_json), "tensors_loaded": loaded}, f)
+
+
+def save(model_dir, quant_type, double_quant, ids_json, save_dir, out_path):
+    model = load_nf4(model_dir, torch.float32, quant_type, double_quant == "1")
+    model.save_pretrained(save_dir)
+    with open(out_path, "w") as f:
+        json.dump(run_logits(model, ids_json), f)
+
+
+def load_saved(model_dir, ids_json, out_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
+    with open(out_path, "w") as f:
+        json.dump(run_logits(model, ids_json), f)
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "codes":
         check_codes(*sys.argv[2:4])
+    elif sys.argv[1] == "save":
+        save(*sys.argv[2:8])
+    elif sys.argv[1] == "load":
+        load_saved(*sys.argv[2:5])
+    elif sys.argv[1] == "peft":
+        peft_logits(*sys.argv[2:6])
     else:
         logits(*sys.argv[2:6])

@@ -25,7 +25,7 @@ use tch::{Kind, Tensor};
 pub const DEFAULT_MAX_SHARD_BYTES: u64 = 2_000_000_000;
 
 /// Files copied from the model directory when present, besides the weights.
-const SIDE_FILES: &[&str] = &[
+pub(crate) const SIDE_FILES: &[&str] = &[
     "config.json",
     "generation_config.json",
     "tokenizer.json",
@@ -168,7 +168,7 @@ pub fn merge_with(
 }
 
 /// Refuses an output directory that holds anything: a merge never overwrites files.
-fn check_out_dir(out_dir: &Path) -> Result<()> {
+pub(crate) fn check_out_dir(out_dir: &Path) -> Result<()> {
     if !out_dir.exists() {
         return Ok(());
     }

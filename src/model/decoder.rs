@@ -11,7 +11,7 @@
 
 use super::attention::{attention_mask_offset, causal_attention};
 use super::names::ModuleNames;
-use super::quantized::{FrozenWeight, QuantizedWeight};
+use super::quantized::{self, FrozenWeight, QuantizedWeight};
 use super::rope::{apply_rope, rope_tables};
 use super::sites::{LinearSite, LinearSites, Role};
 use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind};
@@ -43,6 +43,16 @@ impl Linear {
     /// `w` asks for it.
     fn load(w: &mut Weights, site: &LinearSite) -> Result<Linear> {
         let (name, out, inp) = (&site.path, site.out_features, site.in_features);
+        let bias = |w: &mut Weights| match site.bias {
+            true => w.take(&format!("{name}.bias"), &[out]).map(Some),
+            false => Ok(None),
+        };
+        if let Some(weight) = quantized::take_saved(w, &format!("{name}.weight"), [out, inp])? {
+            if site.fan_in_fan_out {
+                bail!("`{name}.weight` is stored in 4 bits, which lorafit reads for [out, in] weights only");
+            }
+            return Ok(Linear { weight, bias: bias(w)?, adapter: None, fan_in_fan_out: false });
+        }
         let weight = if site.fan_in_fan_out {
             w.take(&format!("{name}.weight"), &[inp, out])?.tr().contiguous()
         } else {
@@ -54,8 +64,7 @@ impl Linear {
             }
             _ => FrozenWeight::Dense(weight),
         };
-        let bias = if site.bias { Some(w.take(&format!("{name}.bias"), &[out])?) } else { None };
-        Ok(Linear { weight, bias, adapter: None, fan_in_fan_out: site.fan_in_fan_out })
+        Ok(Linear { weight, bias: bias(w)?, adapter: None, fan_in_fan_out: site.fan_in_fan_out })
     }
 
     pub fn in_features(&self) -> i64 {
@@ -261,7 +270,14 @@ impl Decoder {
         }
         let final_norm = Norm::load(&mut w, names.final_norm, h, &spec)?;
         let lm_head = match sites.get(sites.lm_head) {
-            Some(site) => Some(Linear::load(&mut w, site)?),
+            Some(site) => {
+                // bitsandbytes keeps the output head in the compute dtype, as transformers does.
+                let quantization = w.quantization();
+                w.set_quantization(None);
+                let head = Linear::load(&mut w, site);
+                w.set_quantization(quantization);
+                Some(head?)
+            }
             None => {
                 // Some tied checkpoints still carry a copy of the embedding as lm_head.weight.
                 let copy = format!("{}.weight", sites.lm_head);

@@ -7,7 +7,9 @@
 //! A layer's weight is dequantized to the compute dtype when the layer runs and dropped after:
 //! memory holds the 4-bit codes plus one layer's dense copy.
 
+use super::Weights;
 use crate::config::QuantFormat;
+use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Values per 4-bit block (bitsandbytes' default `blocksize`).
@@ -216,6 +218,155 @@ impl FrozenWeight {
             FrozenWeight::Quantized(q) => vec![q.packed.shallow_clone(), q.absmax()],
         }
     }
+}
+
+/// The suffix of the quant state bitsandbytes saves beside a 4-bit weight, by format.
+fn state_suffix(format: QuantFormat) -> String {
+    format!("quant_state.bitsandbytes__{}", format.name())
+}
+
+/// bitsandbytes' quant state as transformers' 4-bit save writes it: JSON in a uint8 tensor.
+#[derive(serde::Deserialize)]
+struct SavedState {
+    quant_type: String,
+    blocksize: i64,
+    shape: Vec<i64>,
+    nested_blocksize: Option<i64>,
+    nested_offset: Option<f32>,
+}
+
+/// Takes the 4-bit weight `name` (`[out, in]`) of a checkpoint saved by transformers +
+/// bitsandbytes (packed uint8 `name`, with `name.absmax`, `name.quant_map`, `name.quant_state.*`
+/// and, when double-quantized, `name.nested_absmax` and `name.nested_quant_map`), or `None` when
+/// the checkpoint stores `name` unquantized. While `w` checks headers only, the parts are
+/// checked by name, dtype and shape and an empty placeholder is returned.
+pub fn take_saved(w: &mut Weights, name: &str, shape: [i64; 2]) -> Result<Option<FrozenWeight>> {
+    let Some(format) = [QuantFormat::Nf4, QuantFormat::Fp4]
+        .into_iter()
+        .find(|f| w.contains(&format!("{name}.{}", state_suffix(*f))))
+    else {
+        return Ok(None);
+    };
+    let state_name = format!("{name}.{}", state_suffix(format));
+    let state_bytes = w.take_stored(&state_name, Kind::Uint8, None)?;
+    let numel = shape[0] * shape[1];
+    let blocks = (numel + BLOCK - 1) / BLOCK;
+    let packed = w.take_stored(name, Kind::Uint8, Some(&[(numel + 1) / 2, 1]))?;
+    let nested = w.contains(&format!("{name}.nested_absmax"));
+    let part = |w: &mut Weights, part: &str, kind: Kind, len: i64| {
+        w.take_stored(&format!("{name}.{part}"), kind, Some(&[len]))
+    };
+    let absmax = part(w, "absmax", if nested { Kind::Uint8 } else { Kind::Float }, blocks)?;
+    let quant_map = part(w, "quant_map", Kind::Float, 16)?;
+    let nested_parts = if nested {
+        let nested_blocks = (blocks + NESTED_BLOCK - 1) / NESTED_BLOCK;
+        Some((
+            part(w, "nested_absmax", Kind::Float, nested_blocks)?,
+            part(w, "nested_quant_map", Kind::Float, 256)?,
+        ))
+    } else {
+        None
+    };
+    let Some((compute, device)) = w.target() else {
+        return Ok(Some(FrozenWeight::Dense(Tensor::empty([0], (Kind::Float, Device::Cpu)))));
+    };
+    let state = saved_state(&state_bytes, &state_name, format, shape, nested)?;
+    if !quant_map.equal(&format.code()) {
+        bail!("`{name}.quant_map` is not bitsandbytes' {} code; the checkpoint is damaged", format.name());
+    }
+    let scales = match nested_parts {
+        Some((nested_absmax, nested_code)) => Scales::Nested {
+            codes: absmax,
+            offset: state.nested_offset.unwrap_or(0.0),
+            nested_absmax,
+            nested_code,
+        },
+        None => Scales::Plain(absmax),
+    };
+    Ok(Some(FrozenWeight::Quantized(Box::new(QuantizedWeight {
+        format,
+        shape,
+        packed: packed.to_device(device),
+        scales: scales.moved_to(device),
+        compute,
+    }))))
+}
+
+impl QuantizedWeight {
+    /// The tensors transformers' 4-bit save writes for this weight under `name` (the names
+    /// [`take_saved`] reads), `dtype` being the torch name of the weight's original dtype.
+    pub fn saved_parts(&self, name: &str, dtype: &str) -> Vec<(String, Tensor)> {
+        let mut state = serde_json::json!({
+            "quant_type": self.format.name(), "blocksize": BLOCK, "dtype": dtype, "shape": self.shape,
+        });
+        let mut parts = vec![(name.to_string(), self.packed.shallow_clone())];
+        match &self.scales {
+            Scales::Plain(absmax) => parts.push((format!("{name}.absmax"), absmax.shallow_clone())),
+            Scales::Nested { codes, offset, nested_absmax, nested_code } => {
+                state["nested_blocksize"] = NESTED_BLOCK.into();
+                state["nested_dtype"] = "float32".into();
+                state["nested_offset"] = (*offset).into();
+                parts.push((format!("{name}.absmax"), codes.shallow_clone()));
+                parts.push((format!("{name}.nested_absmax"), nested_absmax.shallow_clone()));
+                parts.push((format!("{name}.nested_quant_map"), nested_code.shallow_clone()));
+            }
+        }
+        parts.push((format!("{name}.quant_map"), self.format.code()));
+        let state = Tensor::from_slice(state.to_string().as_bytes());
+        parts.push((format!("{name}.{}", state_suffix(self.format)), state));
+        parts
+    }
+}
+
+/// The `quantization_config` of config.json for a checkpoint of `format` weights, as
+/// transformers writes it with `BitsAndBytesConfig(load_in_4bit=True, ...)`.
+pub fn quantization_config(format: QuantFormat, nested: bool, compute_dtype: &str) -> serde_json::Value {
+    serde_json::json!({
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "bnb_4bit_quant_type": format.name(),
+        "bnb_4bit_use_double_quant": nested,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+    })
+}
+
+/// Parses and checks the quant state `name`: the layout lorafit reads (blocks of 64, nested
+/// blocks of 256) and the shape config.json implies.
+fn saved_state(
+    bytes: &Tensor,
+    name: &str,
+    format: QuantFormat,
+    shape: [i64; 2],
+    nested: bool,
+) -> Result<SavedState> {
+    let bytes = Vec::<u8>::try_from(bytes).context("reading a quant state")?;
+    let state: SavedState = serde_json::from_slice(&bytes).with_context(|| {
+        format!("`{name}` is not bitsandbytes' quant state (JSON); the checkpoint is damaged")
+    })?;
+    if state.quant_type != format.name() {
+        bail!("`{name}` says quant_type `{}`; its name says {}", state.quant_type, format.name());
+    }
+    if state.blocksize != BLOCK || (nested && state.nested_blocksize != Some(NESTED_BLOCK)) {
+        bail!(
+            "`{name}`: blocksize {} (nested {:?}); lorafit reads bitsandbytes' default blocks of {BLOCK} \
+             (nested {NESTED_BLOCK}): quantize the model again with the defaults, or load it unquantized",
+            state.blocksize,
+            state.nested_blocksize
+        );
+    }
+    if state.shape != shape {
+        bail!("`{name}`: shape {:?}, but config.json implies {shape:?}", state.shape);
+    }
+    if nested && state.nested_offset.is_none() {
+        bail!("`{name}` has double-quantized scales but no nested_offset; the checkpoint is damaged");
+    }
+    Ok(state)
 }
 
 /// 4-bit codes `[numel / 2, 1]` and fp32 absmax per block of [`BLOCK`] values: bitsandbytes'

@@ -113,13 +113,33 @@ impl Weights {
         self.optional_prefix.and_then(|p| name.strip_prefix(p))
     }
 
+    /// The name `name` is stored under.
+    fn key<'a>(&self, name: &'a str) -> &'a str {
+        match self.short_name(name) {
+            Some(short) if !self.tensors.contains_key(name) => short,
+            _ => name,
+        }
+    }
+
+    /// The dtype tensor `name` is stored in, if the checkpoint holds it.
+    pub fn stored_kind(&self, name: &str) -> Option<Kind> {
+        self.tensors.get(self.key(name)).map(|s| s.kind)
+    }
+
+    /// Whether [`Weights::take`] reads data (rather than checking headers only).
+    pub fn reads_data(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// The dtype floating tensors are converted to, and their device.
+    pub fn target(&self) -> Option<(Kind, Device)> {
+        self.target
+    }
+
     /// Takes tensor `name` out of the store, checking its dtype and shape before reading it.
     /// The tensor is frozen.
     pub fn take(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
-        let key = match self.short_name(name) {
-            Some(short) if !self.tensors.contains_key(name) => short,
-            _ => name,
-        };
+        let key = self.key(name);
         let stored = self
             .tensors
             .remove(key)
@@ -145,6 +165,31 @@ impl Weights {
             None => Tensor::empty([0], (stored.kind, Device::Cpu)),
         };
         Ok(tensor.set_requires_grad(false))
+    }
+
+    /// Takes tensor `name` as stored, on the CPU, after checking that it is stored as `kind`
+    /// with `shape` (any shape when `None`): the parts of a pre-quantized weight. An empty
+    /// placeholder while only the headers are checked.
+    pub fn take_stored(&mut self, name: &str, kind: Kind, shape: Option<&[i64]>) -> Result<Tensor> {
+        let key = self.key(name);
+        let stored = self.tensors.remove(key).ok_or_else(|| {
+            anyhow!("the model weights have no tensor `{name}`, which a pre-quantized weight needs")
+        })?;
+        let file = &self.files[stored.file];
+        if stored.kind != kind || shape.is_some_and(|s| s != stored.shape) {
+            bail!(
+                "tensor `{name}` in {} is {:?} of shape {:?}, but a bitsandbytes 4-bit checkpoint stores it \
+                 as {kind:?}{}; save the model again with transformers + bitsandbytes",
+                file.display(),
+                stored.kind,
+                stored.shape,
+                shape.map(|s| format!(" of shape {s:?}")).unwrap_or_default()
+            );
+        }
+        match self.target {
+            Some(_) => read(name, &stored, file, kind, Device::Cpu),
+            None => Ok(Tensor::empty([0], (kind, Device::Cpu))),
+        }
     }
 
     /// Names that were loaded but not taken: unexpected for a supported architecture.
