@@ -23,12 +23,27 @@ pub struct Preset {
     pub source: &'static str,
 }
 
-const UNSLOTH: &str = "Unsloth's notebooks for this family (r 16, alpha 16, every projection, lr 2e-4, \
-                       max_seq_length 2048)";
+/// A file of Unsloth's notebooks, by name.
+macro_rules! unsloth_notebook {
+    ($file:literal) => {
+        concat!("Unsloth's notebook https://github.com/unslothai/notebooks/blob/main/python_scripts/", $file)
+    };
+}
 
-/// One per supported family, plus SmolLM2 (a llama) as Hugging Face's course trains it.
+/// One per supported family, plus SmolLM2 (a llama) as Hugging Face's course trains it. Each
+/// `source` names the file its numbers are taken from; tests/fixtures/preset_sources.json holds
+/// the numbers read out of those files (scripts/fixtures/make_preset_sources.py), and a test
+/// holds the presets to them.
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "llama", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset {
+        name: "llama",
+        r: 16,
+        alpha: 16.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Llama3.1_(8B)-Alpaca.py"),
+    },
     Preset {
         name: "mistral",
         r: 16,
@@ -36,23 +51,64 @@ pub const PRESETS: &[Preset] = &[
         dropout: 0.0,
         lr: 2e-4,
         max_seq_len: 2048,
-        source: UNSLOTH,
+        source: unsloth_notebook!("Mistral_v0.3_(7B)-Conversational.py"),
     },
-    Preset { name: "qwen2", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
-    Preset { name: "qwen3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
-    Preset { name: "gemma2", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
-    Preset { name: "gemma3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
-    Preset { name: "phi3", r: 16, alpha: 16.0, dropout: 0.0, lr: 2e-4, max_seq_len: 2048, source: UNSLOTH },
+    Preset {
+        name: "qwen2",
+        r: 16,
+        alpha: 16.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Qwen2.5_(7B)-Alpaca.py"),
+    },
+    Preset {
+        name: "qwen3",
+        r: 32,
+        alpha: 32.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Qwen3_(14B).py"),
+    },
+    Preset {
+        name: "gemma2",
+        r: 16,
+        alpha: 16.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Gemma2_(9B)-Alpaca.py"),
+    },
+    Preset {
+        name: "gemma3",
+        r: 8,
+        alpha: 8.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Gemma3_(4B).py"),
+    },
+    Preset {
+        name: "phi3",
+        r: 16,
+        alpha: 16.0,
+        dropout: 0.0,
+        lr: 2e-4,
+        max_seq_len: 2048,
+        source: unsloth_notebook!("Phi_3.5_Mini-Conversational.py"),
+    },
     Preset {
         name: "gpt2",
         r: 8,
         alpha: 16.0,
-        dropout: 0.05,
+        dropout: 0.0,
         lr: 1e-4,
-        // GPT-2 has 1024 learned positions.
+        // The example's cutoff_len is 2048, but GPT-2 has 1024 learned positions.
         max_seq_len: 1024,
-        source: "LLaMA-Factory's LoRA examples (lora_rank 8, lora_target all, learning_rate 1e-4) \
-                 with PEFT's alpha = 2 r",
+        source: "LLaMA-Factory's example \
+                 https://github.com/hiyouga/LLaMA-Factory/blob/main/examples/train_lora/qwen3_lora_sft.yaml \
+                 (lora_alpha and lora_dropout at LLaMA-Factory's defaults, 2 r and 0)",
     },
     Preset {
         name: "smollm2",
@@ -61,8 +117,8 @@ pub const PRESETS: &[Preset] = &[
         dropout: 0.05,
         lr: 2e-4,
         max_seq_len: 1512,
-        source: "Hugging Face's smol-course, parameter-efficient fine-tuning of SmolLM2 (r 6, \
-                 alpha 8, all-linear, lr 2e-4, max_seq_length 1512)",
+        source: "Hugging Face's smol-course notebook \
+                 https://github.com/huggingface/smol-course/blob/main/v1/3_parameter_efficient_finetuning/notebooks/finetune_sft_peft.ipynb",
     },
 ];
 

@@ -76,6 +76,37 @@ fn an_existing_file_is_replaced_only_with_force() {
     Config::load(&out, &[]).unwrap();
 }
 
+/// The presets hold the numbers of the files they name, as scripts/fixtures/make_preset_sources.py
+/// read them out of those files.
+#[test]
+fn every_preset_has_the_values_of_the_file_its_source_names() {
+    let path = common::repo().join("tests/fixtures/preset_sources.json");
+    let sources: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let sources = sources.as_object().unwrap();
+    assert_eq!(sources.len(), PRESETS.len(), "a preset without a source, or a source without a preset");
+    for preset in PRESETS {
+        let source = &sources[preset.name];
+        let (repo, file) = (source["repo"].as_str().unwrap(), source["path"].as_str().unwrap());
+        assert!(
+            preset.source.contains(repo) && preset.source.contains(file),
+            "{}: the source should name {repo} {file}, not `{}`",
+            preset.name,
+            preset.source
+        );
+        let number = |key: &str| source[key].as_f64().unwrap();
+        // A model's learned positions bound the length where the source's is longer.
+        let length = source["position_limit"]
+            .as_f64()
+            .map_or(number("max_seq_len"), |limit| number("max_seq_len").min(limit));
+        assert_eq!(
+            (preset.r as f64, preset.alpha, preset.dropout, preset.lr, preset.max_seq_len as f64),
+            (number("r"), number("alpha"), number("dropout"), number("lr"), length),
+            "{}: (r, alpha, dropout, lr, max_seq_len) against {repo} {file}",
+            preset.name
+        );
+    }
+}
+
 #[test]
 fn every_preset_alone_writes_a_config_that_loads_with_its_values() {
     let dir = tempfile::tempdir().unwrap();
