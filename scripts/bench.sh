@@ -169,12 +169,12 @@ side_by_side() {  # "peft:RECIPE ..." label model precision warm-up steps [runne
 
 # The data-parallel comparison on `threads` cores, the runners' order alternating between rounds.
 dist_case() {  # model warm-up steps [runner arguments...]
-  local half=$(( threads > 1 ? threads / 2 : 1 )) i
+  local half=$(( threads > 1 ? threads / 2 : 1 )) i workers per_worker runner
   local runs=("1 $threads lorafit" "2 $half lorafit" "2 $half ddp:fp32" "1 $half lorafit")
   for ((i = 0; i < ${#runs[@]}; i++)); do
     local which=$(( flip == 1 ? ${#runs[@]} - 1 - i : i ))
     read -r workers per_worker runner <<< "${runs[which]}"
-    workers=$workers per_worker=$per_worker run_one "$runner" small-dist "$1" fp32 "$2" "$3" "${@:4}"
+    workers=$workers per_worker=$per_worker run_one "$runner" "$dist_on-dist" "$1" fp32 "$2" "$3" "${@:4}"
   done
   flip=$((1 - flip))
 }
