@@ -10,11 +10,20 @@
 //!
 //! `--checkpointing` turns on activation checkpointing (`train.gradient_checkpointing`).
 //!
+//! Data-parallel (`scripts/bench.sh dist`): launched by torchrun, e.g.
+//! `torchrun --standalone --nproc-per-node 2 --no-python train_speed --batches FILE ...`, each
+//! worker joins the group from the environment as `lorafit train` does and trains on its slice of
+//! every saved batch's rows (the global batch stays the saved one), the gradients summed across
+//! the workers each step. Rank 0 alone prints the JSON, which adds `workers` and allreduce_s /
+//! allreduce_share: the time inside the step's all-reduces (token counts, then the adapter
+//! gradients with the loss; waiting for the other worker included) per measured step, and its
+//! share of the measured step time.
+//!
 //! Training: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down; AdamW (lr 1e-4, no weight
 //! decay), gradient norm clipped at 1.0; step i trains on saved batch i (labels = inputs).
 //! `bf16-mixed` is what `lorafit train` does for that precision: frozen weights in bf16 and the
 //! blocks computed in bf16, with fp32 adapter weights, residual stream, norms and loss.
-//! Prints one JSON line: tokens_per_s (tokens of one step / median step time), median_step_s,
+//! Prints one JSON line: tokens_per_s (tokens of one global step / median step time), median_step_s,
 //! peak_rss_mb (VmHWM, the whole process including loading), first_loss (step 0, before any
 //! update), final_loss (the last step's), and the per-step times and losses of the measured steps.
 //!
@@ -35,6 +44,7 @@
 use anyhow::{bail, Context, Result};
 use lorafit::config::{Config, LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
 use lorafit::data::{Batch, EpochPlan, Example};
+use lorafit::dist::{Backend, Group, Rendezvous};
 use lorafit::files::write_atomic;
 use lorafit::lora;
 use lorafit::model::load::{load_model, weight_kind};
@@ -43,7 +53,8 @@ use lorafit::train::run::{collate, load_run_data, row_layout};
 use lorafit::train::Trainer;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tch::{Device, Kind, Tensor};
 
 const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -204,57 +215,105 @@ fn main() -> Result<()> {
         bail!("--steps must be at least 1");
     }
     let device = args.device;
+    let group = join_group(device)?;
+    let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
     tch::manual_seed(0);
     let total = args.warmup + args.steps;
-    let batches = match (&args.batches, &args.data, &args.examples_out) {
-        (Some(file), None, None) => saved_batches(file, total, device)?,
-        (None, Some(config), Some(out)) => real_data_batches(config, model_dir, out, total, device)?,
+    let (batches, global_batch) = match (&args.batches, &args.data, &args.examples_out) {
+        (Some(file), None, None) => saved_batches(file, total, rank, world, device)?,
+        (None, Some(_), Some(_)) if world > 1 => bail!("--data runs in one process only"),
+        (None, Some(config), Some(out)) => {
+            let batches = real_data_batches(config, model_dir, out, total, device)?;
+            let rows = batches[0].input_ids.size2()?.0;
+            (batches, rows)
+        }
         _ => bail!("give either --batches, or --data with --examples-out"),
     };
-    let (batch, seq) = batches[0].input_ids.size2()?;
+    let seq = batches[0].input_ids.size2()?.1;
 
     let (model, mut trainer) = adapted_model(model_dir, &args)?;
-
-    let (mut times, mut losses, mut first_loss) = (Vec::new(), Vec::new(), None);
-    let (mut label_tokens, mut real_tokens) = (0, 0);
-    for (step, b) in batches.iter().enumerate() {
-        let started = Instant::now();
-        // `step` reads the loss and gradient norm back, so the time covers all the work.
-        let stats = trainer.step(&model, std::slice::from_ref(b), None, LR)?;
-        let elapsed = started.elapsed().as_secs_f64();
-        // Step 0 runs before any update: the base model's loss, which PEFT's run must match.
-        first_loss.get_or_insert(stats.loss);
-        if step >= args.warmup {
-            times.push(elapsed);
-            losses.push(stats.loss);
-            label_tokens += stats.label_tokens;
-            real_tokens += stats.real_tokens;
-        }
+    trainer.group = group;
+    let m = measure(&model, &mut trainer, &batches, args.warmup)?;
+    // Every rank measured the same synchronised steps: rank 0 speaks for the run.
+    if rank != 0 {
+        return Ok(());
     }
-    let med = median(&times);
-    let precision = lorafit::train::precision::name(args.precision);
+    let med = median(&m.times);
+    let spent: f64 = m.times.iter().sum();
     let out = json!({
         "runner": "lorafit",
-        "precision": precision,
+        "precision": lorafit::train::precision::name(args.precision),
         "threads": args.threads,
+        "workers": world,
         "device": format!("{device:?}"),
-        "batch": batch,
+        "batch": global_batch,
         "seq": seq,
         "warmup": args.warmup,
         "steps": args.steps,
-        "tokens_per_s": (batch * seq) as f64 / med,
+        "tokens_per_s": (global_batch * seq) as f64 / med,
         "median_step_s": med,
         "peak_rss_mb": peak_rss_mb(),
-        "first_loss": first_loss,
-        "final_loss": losses.last().copied().unwrap_or(f64::NAN),
+        "first_loss": m.first_loss,
+        "final_loss": m.losses.last().copied().unwrap_or(f64::NAN),
         "checkpointing": args.checkpointing,
-        "label_tokens_per_s": label_tokens as f64 / times.iter().sum::<f64>(),
-        "real_tokens_per_s": real_tokens as f64 / times.iter().sum::<f64>(),
-        "step_s": times,
-        "losses": losses,
+        "label_tokens_per_s": m.label_tokens as f64 / spent,
+        "real_tokens_per_s": m.real_tokens as f64 / spent,
+        "allreduce_share": (world > 1).then(|| m.all_reduce.iter().sum::<f64>() / spent),
+        "step_s": m.times,
+        "allreduce_s": m.all_reduce,
+        "losses": m.losses,
     });
     println!("{out}");
     Ok(())
+}
+
+/// The data-parallel group the environment names (launched by torchrun or `lorafit train
+/// --nproc-per-node`, as `lorafit train` joins it), or `None` for a single process.
+fn join_group(device: Device) -> Result<Option<Arc<Group>>> {
+    let Some(at) = Rendezvous::from_env()? else { return Ok(None) };
+    let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+    let timeout = Duration::from_secs(TrainConfig::default().dist_timeout);
+    Ok(Some(Arc::new(Group::join(&at, backend, timeout)?)))
+}
+
+/// The measured steps of a run.
+struct Measured {
+    times: Vec<f64>,
+    losses: Vec<f64>,
+    /// Time inside the group's all-reduces (token counts, then gradients and loss) of each step.
+    all_reduce: Vec<f64>,
+    first_loss: Option<f64>,
+    label_tokens: i64,
+    real_tokens: i64,
+}
+
+/// One optimizer step per batch; the steps after the first `warmup` are measured.
+fn measure(model: &Decoder, trainer: &mut Trainer, batches: &[Batch], warmup: usize) -> Result<Measured> {
+    let mut m = Measured {
+        times: Vec::new(),
+        losses: Vec::new(),
+        all_reduce: Vec::new(),
+        first_loss: None,
+        label_tokens: 0,
+        real_tokens: 0,
+    };
+    let reduced = |t: &Trainer| t.group.as_ref().map_or(0.0, |g| g.all_reduce_time().as_secs_f64());
+    for (step, b) in batches.iter().enumerate() {
+        let (started, reduced_before) = (Instant::now(), reduced(trainer));
+        // `step` reads the loss and gradient norm back, so the time covers all the work.
+        let stats = trainer.step(model, std::slice::from_ref(b), None, LR)?;
+        let elapsed = started.elapsed().as_secs_f64();
+        // Step 0 runs before any update: the base model's loss, which PEFT's run must match.
+        m.first_loss.get_or_insert(stats.loss);
+        if step >= warmup {
+            m.times.push(elapsed);
+            m.all_reduce.push(reduced(trainer) - reduced_before);
+            m.losses.push(stats.loss);
+            m.label_tokens += stats.label_tokens;
+            m.real_tokens += stats.real_tokens;
+        }
+    }
+    Ok(m)
 }
 
 /// The frozen model on `args.device` with the benchmark's adapters, and their trainer.
@@ -282,8 +341,15 @@ fn adapted_model(model_dir: &Path, args: &Args) -> Result<(Decoder, Trainer)> {
 
 /// Saved `[count, batch, seq]` token blocks, each one micro-batch of equal-length rows with
 /// labels = ids (collate makes the first position of every row a non-target, as the shifted HF
-/// loss does).
-fn saved_batches(file: &Path, total: usize, device: Device) -> Result<Vec<Batch>> {
+/// loss does). Rank `rank` of `world` takes its slice of each block's rows, as a data-parallel
+/// run splits a step; also returns the rows of a whole block (the global batch).
+fn saved_batches(
+    file: &Path,
+    total: usize,
+    rank: usize,
+    world: usize,
+    device: Device,
+) -> Result<(Vec<Batch>, i64)> {
     let saved = Tensor::read_safetensors(file)?;
     let ids = saved
         .into_iter()
@@ -294,9 +360,15 @@ fn saved_batches(file: &Path, total: usize, device: Device) -> Result<Vec<Batch>
     if (count as usize) < total {
         bail!("{} holds {count} batches, {total} steps asked for", file.display());
     }
-    Ok((0..total as i64)
+    if batch % world as i64 != 0 {
+        bail!("{}: {batch} rows a batch do not split evenly over {world} workers", file.display());
+    }
+    let per_rank = batch / world as i64;
+    let rows = rank as i64 * per_rank..(rank as i64 + 1) * per_rank;
+    let batches = (0..total as i64)
         .map(|i| {
-            let rows: Vec<Example> = (0..batch)
+            let rows: Vec<Example> = rows
+                .clone()
                 .map(|r| {
                     let row = Vec::<i64>::try_from(&ids.get(i).get(r)).expect("int64 token ids");
                     Example { input_ids: row.clone(), labels: row }
@@ -305,7 +377,8 @@ fn saved_batches(file: &Path, total: usize, device: Device) -> Result<Vec<Batch>
             let refs: Vec<&Example> = rows.iter().collect();
             Batch::collate(&refs, 0, device)
         })
-        .collect())
+        .collect();
+    Ok((batches, batch))
 }
 
 /// The first `total` micro-batches `lorafit train` would build from `config`'s data for the model

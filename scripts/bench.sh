@@ -2,8 +2,8 @@
 # Side-by-side training speed and memory of lorafit and transformers + PEFT on the same machine,
 # model, data, LoRA (r 16, alpha 32, q/k/v/o/gate/up/down, no dropout) and AdamW:
 #
-#   scripts/bench.sh [tiny|small|medium|real|all|scale] [--steps N] [--warmup N] [--rounds N]
-#                    [--threads N]
+#   scripts/bench.sh [tiny|small|medium|real|all|scale|dist] [--steps N] [--warmup N] [--rounds N]
+#                    [--threads N] [--dist-on tiny|small|medium]
 #
 # PEFT runs each precision class its usual ways (scripts/bench/peft_train.py): fp32, and for
 # bf16-mixed the bf16 base with fp32 adapters under autocast (`bf16-base`) plus, on tiny and
@@ -26,6 +26,14 @@
 #   all     tiny, small, medium and real (sized to finish in under 20 minutes on a 2-core CPU)
 #   scale   the small model, batch 1 × seq 512, 1024 and 2048, with and without activation
 #           checkpointing, 1 warm-up + 2 measured steps
+#   dist    data-parallel: the small model in fp32 on the small case's batches (4 × 512, 1 warm-up
+#           + 3 measured steps), T = --threads cores split as lorafit 1 worker × T threads,
+#           lorafit 2 workers × T/2 threads (each takes half of every batch's rows), PyTorch DDP +
+#           PEFT 2 workers × T/2 (scripts/bench/ddp_train.py, gloo) and lorafit 1 worker × T/2
+#           (the baseline of the scaling efficiency); workers launched by the venv's torchrun.
+#           `--dist-on tiny` runs it on the tiny case's model and batches instead (a quick check).
+#           The table adds the speed-up, scaling efficiency, the share of a step lorafit spends
+#           in all-reduces, and how far each run's losses are from lorafit 1 × T/2's.
 # --steps / --warmup override the measured / warm-up steps of every case. --rounds repeats each
 # comparison (default 1). The runners of a comparison alternate their order (PEFT first, then
 # lorafit first for the next one) so that machine noise hits all. Threads default to the core
@@ -42,19 +50,21 @@ cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
 bench_dir="$cache/bench"
 assets=${LORAFIT_ASSETS:-$repo/../shared/assets}
 
-which=all steps="" warmup="" rounds=1 threads=$(nproc)
+which=all steps="" warmup="" rounds=1 threads=$(nproc) dist_on=small
 while [ $# -gt 0 ]; do
   case "$1" in
-    tiny|small|medium|real|all|scale) which=$1 ;;
+    tiny|small|medium|real|all|scale|dist) which=$1 ;;
     --steps) steps=${2:?--steps needs a number}; shift ;;
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --threads) threads=${2:?--threads needs a number}; shift ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    --dist-on) dist_on=${2:?--dist-on needs tiny, small or medium}; shift ;;
+    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
+case "$dist_on" in tiny|small|medium) ;; *) echo "bench: --dist-on $dist_on: expected tiny, small or medium" >&2; exit 2 ;; esac
 case "$which" in
   all) cases=(tiny small medium real) ;;
   *) cases=("$which") ;;
@@ -84,6 +94,7 @@ for case in "${cases[@]}"; do
   case "$case" in
     small|medium) to_build+=("$case") ;;
     real|scale) to_build+=(small) ;;
+    dist) [ "$dist_on" = tiny ] || to_build+=("$dist_on") ;;
   esac
 done
 if [ ${#to_build[@]} -gt 0 ]; then
@@ -107,19 +118,27 @@ fi
 # The roofline: this machine's fp32 and bf16 matmul throughput through libtorch (bounded time).
 echo "{\"gemm\": $("$lorafit_bin" --gemm --threads "$threads")}" >> "$results"
 
-# One run of one runner (`lorafit`, or `peft:RECIPE`); its JSON line goes into the results file
-# under the case's label.
+# One run of one runner (`lorafit`, `peft:RECIPE`, or `ddp:RECIPE`: PEFT under DDP); its JSON
+# line goes into the results file under the case's label. `workers` (default 1) processes of
+# `per_worker` threads each (default all of --threads); several go through torchrun.
 run_one() {  # runner label model precision warm-up steps [runner arguments...]
   local runner=$1 label=$2 model=$3 precision=$4 w=$5 n=$6 out
+  local workers=${workers:-1} per_worker=${per_worker:-$threads}
+  local launch=("$cache/venv-torch-2.13.0/bin/torchrun" --standalone --nproc-per-node "$workers")
   shift 6
-  say "$label $precision $runner ($w warm-up + $n measured steps)"
+  say "$label $precision $runner, $workers × $per_worker threads ($w warm-up + $n measured steps)"
   if [ "$runner" = lorafit ]; then
-    out=$("$lorafit_bin" --model "$model" --precision "$precision" \
-      --warmup "$w" --steps "$n" --threads "$threads" "$@")
+    if [ "$workers" -gt 1 ]; then launch+=(--no-python); else launch=(); fi
+    # torchrun's notes (OMP_NUM_THREADS) go to the side log.
+    out=$("${launch[@]}" "$lorafit_bin" --model "$model" --precision "$precision" \
+      --warmup "$w" --steps "$n" --threads "$per_worker" "$@" 2>>"$results.launch.log")
+  elif [ "${runner%%:*}" = ddp ]; then
+    out=$(PYTHONWARNINGS=ignore "${launch[@]}" scripts/bench/ddp_train.py --model "$model" \
+      --recipe "${runner#ddp:}" --warmup "$w" --steps "$n" --threads "$per_worker" "$@" 2>>"$results.peft.log")
   else
     # transformers prints load progress and deprecation notes on stderr: keep them out of the way.
     out=$("$py" -W ignore scripts/bench/peft_train.py --model "$model" --recipe "${runner#peft:}" \
-      --warmup "$w" --steps "$n" --threads "$threads" "$@" 2>>"$results.peft.log")
+      --warmup "$w" --steps "$n" --threads "$per_worker" "$@" 2>>"$results.peft.log")
   fi
   printf '{"size": "%s", "model": "%s", "result": %s}\n' "$label" "$model" "$out" >> "$results"
 }
@@ -145,6 +164,18 @@ side_by_side() {  # "peft:RECIPE ..." label model precision warm-up steps [runne
   else
     for runner in "${order[@]}"; do run_one "$runner" "$@"; done
   fi
+  flip=$((1 - flip))
+}
+
+# The data-parallel comparison on `threads` cores, the runners' order alternating between rounds.
+dist_case() {  # model warm-up steps [runner arguments...]
+  local half=$(( threads > 1 ? threads / 2 : 1 )) i workers per_worker runner
+  local runs=("1 $threads lorafit" "2 $half lorafit" "2 $half ddp:fp32" "1 $half lorafit")
+  for ((i = 0; i < ${#runs[@]}; i++)); do
+    local which=$(( flip == 1 ? ${#runs[@]} - 1 - i : i ))
+    read -r workers per_worker runner <<< "${runs[which]}"
+    workers=$workers per_worker=$per_worker run_one "$runner" "$dist_on-dist" "$1" fp32 "$2" "$3" "${@:4}"
+  done
   flip=$((1 - flip))
 }
 
@@ -204,6 +235,11 @@ for case in "${cases[@]}"; do
           side_by_side "$(recipes scale "$best")" "small-1x$seq-ckpt" "$bench_dir/small" "$best" "$w" "$n" \
             --batches "$file" --checkpointing
         done
+        ;;
+      dist)
+        read -r model vocab batch seq w n <<< "$(shape "$dist_on")"
+        w=${warmup:-$w} n=${steps:-$n}
+        dist_case "$model" "$w" "$n" --batches "$(batches_for "$vocab" "$batch" "$seq" $((w + n)))"
         ;;
     esac
   done

@@ -45,27 +45,38 @@ RECIPES = {
 }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--batches")
-    parser.add_argument("--examples")
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--recipe", choices=list(RECIPES), required=True)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    args = parser.parse_args()
+def parser():
+    """The command line; scripts/bench/ddp_train.py takes the same."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--batches")
+    p.add_argument("--examples")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--recipe", choices=list(RECIPES), required=True)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    return p
 
+
+def main():
+    args = parser().parse_args()
     import torch
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    steps = load_steps(args)
+    model, params, optimizer, autocast = build(args)
+    run = train(args, model, params, optimizer, autocast, steps)
+    print(json.dumps(result(args, steps, run)))
+
+
+def load_steps(args):
+    """(input_ids, attention_mask, labels) of every step, on `args.device`."""
+    from safetensors.torch import load_file
+
     total = args.warmup + args.steps
     if args.examples:
         steps = padded_batches(args.examples, args.micro_batch, total)
@@ -74,14 +85,22 @@ def main():
         if saved.shape[0] < total:
             raise SystemExit(f"{args.batches} holds {saved.shape[0]} batches, {total} steps asked for")
         steps = [(ids, None, ids) for ids in saved[:total]]  # no padding: no mask
+    # The batches go to the device before the clock starts, as lorafit's runner loads them.
+    return [tuple(t.to(args.device) if t is not None else None for t in step) for step in steps]
 
-    precision, base_dtype, bf16_autocast = RECIPES[args.recipe]
+
+def build(args):
+    """The recipe's model with PEFT's adapters, the adapter parameters, AdamW, and the recipe's
+    autocast (a context manager factory)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, base_dtype, bf16_autocast = RECIPES[args.recipe]
     # SDPA attention, transformers' default, named so a GPU run uses the fused kernels for sure.
     model = AutoModelForCausalLM.from_pretrained(
         args.model, dtype=getattr(torch, base_dtype), attn_implementation="sdpa"
     ).to(args.device)
-    # The batches go to the device before the clock starts, as lorafit's runner loads them.
-    steps = [tuple(t.to(args.device) if t is not None else None for t in step) for step in steps]
     if args.checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -97,6 +116,15 @@ def main():
             return torch.autocast(args.device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    return model, params, optimizer, autocast
+
+
+def train(args, model, params, optimizer, autocast, steps, logged_loss=lambda loss: loss.item()):
+    """One optimizer step per batch, the steps after the warm-up timed. `logged_loss` turns a
+    step's loss tensor into the figure a training loop logs (a data-parallel run averages it over
+    the workers). Returns the measured figures."""
+    import torch
+
     times, losses, first_loss = [], [], None
     label_tokens = real_tokens = 0
     for step, (ids, mask, labels) in enumerate(steps):
@@ -107,7 +135,7 @@ def main():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss.item()  # what a training loop logs every step
+        loss = logged_loss(loss.detach())  # what a training loop logs every step
         elapsed = time.perf_counter() - started
         if first_loss is None:
             first_loss = loss  # before any update: the base model's loss, equal on both sides
@@ -116,36 +144,47 @@ def main():
             losses.append(loss)
             label_tokens += int((labels[:, 1:] != -100).sum())
             real_tokens += int(mask.sum()) if mask is not None else ids.numel()
+    return {
+        "times": times,
+        "losses": losses,
+        "first_loss": first_loss,
+        "label_tokens": label_tokens,
+        "real_tokens": real_tokens,
+    }
 
-    median = statistics.median(times)
-    print(
-        json.dumps(
-            {
-                "runner": "peft",
-                "precision": precision,
-                "recipe": args.recipe,
-                "threads": args.threads,
-                "batch": int(steps[0][0].shape[0]),
-                "seq": int(steps[0][0].shape[1]),
-                "warmup": args.warmup,
-                "steps": args.steps,
-                "tokens_per_s": steps[0][0].numel() / median,
-                "median_step_s": median,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "device": args.device,
-                # The caching allocator's own peak, for reference beside the GPU check's nvidia-smi
-                # figure (which counts the CUDA context and the allocator's reserve too).
-                "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
-                "first_loss": first_loss,
-                "final_loss": losses[-1],
-                "checkpointing": args.checkpointing,
-                "label_tokens_per_s": label_tokens / sum(times),
-                "real_tokens_per_s": real_tokens / sum(times),
-                "step_s": times,
-                "losses": losses,
-            }
-        )
-    )
+
+def result(args, steps, run, workers=1):
+    """The JSON record of a run; `steps` are this process's batches, `workers` of them make a
+    step (their label and real tokens are already summed in `run`)."""
+    import torch
+
+    median = statistics.median(run["times"])
+    batch, seq = steps[0][0].shape
+    return {
+        "runner": "peft",
+        "precision": RECIPES[args.recipe][0],
+        "recipe": args.recipe,
+        "threads": args.threads,
+        "workers": workers,
+        "batch": int(batch) * workers,
+        "seq": int(seq),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "tokens_per_s": int(batch) * workers * int(seq) / median,
+        "median_step_s": median,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": args.device,
+        # The caching allocator's own peak, for reference beside the GPU check's nvidia-smi
+        # figure (which counts the CUDA context and the allocator's reserve too).
+        "peak_gpu_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None,
+        "first_loss": run["first_loss"],
+        "final_loss": run["losses"][-1],
+        "checkpointing": args.checkpointing,
+        "label_tokens_per_s": run["label_tokens"] / sum(run["times"]),
+        "real_tokens_per_s": run["real_tokens"] / sum(run["times"]),
+        "step_s": run["times"],
+        "losses": run["losses"],
+    }
 
 
 def padded_batches(path, micro_batch, total):

@@ -29,6 +29,13 @@ Norms, RoPE, activations, softmax and the loss are elementwise and left out. The
 cases (`real-*`) train on padded or packed rows of differing lengths, so their MFU is not shown;
 they are compared by useful tokens/s: label tokens (the tokens the loss is taken over) per second
 over all measured steps.
+
+A data-parallel case (`*-dist`: runs with differing workers × threads on the same batches) names
+each runner with its layout (`lorafit 2×1`; `ddp:fp32` is PyTorch DDP + PEFT) and adds: the
+speed-up of lorafit's multi-worker run over one worker with the same threads each, its scaling
+efficiency (speed-up / workers), its speed against one worker with all the threads and against
+DDP + PEFT with the same layout, the share of its step time spent in all-reduces (rank 0), and
+for every run the largest difference of its per-step losses from lorafit's single worker.
 """
 
 import argparse
@@ -54,6 +61,78 @@ def flops_per_token(config, seq):
     attention = 6 * layers * seq * heads * d
     adapters = 6 * RANK * layers * sum(i + o for i, o in projections)
     return 4 * n_mm + attention + adapters
+
+
+def runner_name(r):
+    """`lorafit`, `peft:RECIPE`, or `ddp:RECIPE` for PEFT under DDP (several workers)."""
+    if r["runner"] == "lorafit":
+        return "lorafit"
+    return f"{'ddp' if r.get('workers', 1) > 1 else 'peft'}:{r.get('recipe', 'fp32-autocast')}"
+
+
+def layout(r):
+    return f"{r.get('workers', 1)}×{r['threads']}"
+
+
+def name_layouts(runs):
+    """Where a case's runs differ in workers × threads (the data-parallel case), each runner's name
+    gets its layout, so that they are told apart: `lorafit 2×1`."""
+    sizes = {}
+    for (size, _, _), results in runs.items():
+        sizes.setdefault(size, set()).update(layout(r) for r in results)
+    named = {}
+    for (size, precision, runner), results in runs.items():
+        if len(sizes[size]) == 1:
+            named[(size, precision, runner)] = results
+            continue
+        for r in results:
+            named.setdefault((size, precision, f"{runner} {layout(r)}"), []).append(r)
+    return named
+
+
+def dist_rows(size, runs, summary):
+    """The data-parallel figures of a case whose lorafit runs include several workers (see the
+    module's notes); printed and added to the summary's `dist`."""
+    for precision in ["fp32", "bf16-mixed"]:
+        mine = {k[2]: v for k, v in runs.items() if k[:2] == (size, precision)}
+        multi = [name for name, rs in mine.items() if name.startswith("lorafit ") and rs[-1].get("workers", 1) > 1]
+        if not multi:
+            continue
+        name = multi[0]
+        last = mine[name][-1]
+        workers, threads = last["workers"], last["threads"]
+        speed = {n: statistics.median(r["tokens_per_s"] for r in rs) for n, rs in mine.items()}
+        base = f"lorafit 1×{threads}"
+        d = {"size": size, "precision": precision, "runner": name}
+        if base in speed:
+            d["speedup"] = speed[name] / speed[base]
+            d["scaling_efficiency"] = d["speedup"] / workers
+        if f"lorafit 1×{workers * threads}" in speed:
+            d["vs_one_worker_all_threads"] = speed[name] / speed[f"lorafit 1×{workers * threads}"]
+        ddp = [n for n in speed if n.startswith("ddp:") and n.endswith(f" {workers}×{threads}")]
+        if ddp:
+            d["vs_ddp"] = speed[name] / speed[ddp[0]]
+        d["allreduce_share"] = statistics.median(r["allreduce_share"] for r in mine[name])
+        if base in mine:
+            ref = mine[base][-1]["losses"]
+            d["max_loss_diff"] = {
+                n: max(abs(a - b) for a, b in zip(rs[-1]["losses"], ref)) for n, rs in mine.items()
+            }
+        summary.setdefault("dist", []).append(d)
+        figures = [
+            f"speed-up over {base} {d['speedup']:.2f}x (scaling efficiency {100 * d['scaling_efficiency']:.0f}%)"
+            if "speedup" in d
+            else None,
+            f"vs lorafit 1×{workers * threads} {d['vs_one_worker_all_threads']:.2f}x"
+            if "vs_one_worker_all_threads" in d
+            else None,
+            f"vs {ddp[0]} {d['vs_ddp']:.2f}x" if ddp else None,
+            f"all-reduce {100 * d['allreduce_share']:.1f}% of a step",
+        ]
+        print(f"{size} {precision} {name}: " + "; ".join(f for f in figures if f))
+        if "max_loss_diff" in d:
+            diffs = ", ".join(f"{n} {v:.1e}" for n, v in d["max_loss_diff"].items() if n != base)
+            print(f"{size} {precision} largest per-step loss difference from {base}: {diffs}")
 
 
 def main():
@@ -84,9 +163,9 @@ def main():
                             gemm[key] = max(gemm[key], g[key])
                 continue
             r = record["result"]
-            runner = r["runner"] if r["runner"] == "lorafit" else f"peft:{r.get('recipe', 'fp32-autocast')}"
-            runs.setdefault((record["size"], r["precision"], runner), []).append(r)
+            runs.setdefault((record["size"], r["precision"], runner_name(r)), []).append(r)
             models[record["size"]] = record["model"]
+    runs = name_layouts(runs)
 
     summary = {"cpu": cpu, "gemm": gemm, "runs": []}
     if cpu:
@@ -177,6 +256,8 @@ def main():
                     f"{ratio['step_time_ratio']:>7.2f}x "
                     f"{ratio['peak_rss_ratio']:>10.2f}x {ratio['first_loss_diff']:>+10.4f} {ratio['final_loss_diff']:>+10.4f}"
                 )
+    for size in sizes:
+        dist_rows(size, runs, summary)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -10,7 +10,8 @@ pub use launch::{launch_local, LOCAL_WORLD_SIZE};
 
 use anyhow::{bail, Context, Result};
 use std::ffi::{c_int, c_void, CStr, CString};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 use tch::Tensor;
 
 /// Where this process sits in a data-parallel run, and where the group meets.
@@ -103,6 +104,10 @@ pub struct Group {
     handle: *mut c_void,
     pub rank: usize,
     pub world: usize,
+    /// Nanoseconds spent inside [`Group::all_reduce_sum`] so far (waiting for the other ranks
+    /// included): what the benchmark reports as the all-reduce share of a step. Two clock reads
+    /// per collective, against milliseconds of network work.
+    all_reduce_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Group {
@@ -157,15 +162,23 @@ impl Group {
                 last_error()
             );
         }
-        Ok(Group { handle, rank: at.rank, world: at.world })
+        Ok(Group { handle, rank: at.rank, world: at.world, all_reduce_ns: AtomicU64::new(0) })
     }
 
     /// Sums `tensors` (one dtype and device) across the group in place, in one collective.
     pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
         let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let started = Instant::now();
         // SAFETY: the tensors outlive the call; the shim writes into their storage only.
         let rc = unsafe { ffi::all_reduce_sum(self.handle, ptrs.as_ptr(), ptrs.len()) };
+        let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.all_reduce_ns.fetch_add(spent, Ordering::Relaxed);
         self.check(rc)
+    }
+
+    /// The time spent inside [`Group::all_reduce_sum`] since the group was joined.
+    pub fn all_reduce_time(&self) -> Duration {
+        Duration::from_nanos(self.all_reduce_ns.load(Ordering::Relaxed))
     }
 
     /// Replaces `tensors` with rank `root`'s.
