@@ -236,6 +236,9 @@ fn to_yaml_round_trips_a_changed_config() {
         save_best: true,
         early_stopping_patience: Some(3),
         on_nonfinite: lorafit::config::OnNonFinite::Skip,
+        objective: lorafit::config::Objective::Ipo,
+        beta: 0.25,
+        label_smoothing: 0.0,
     };
     config.output = OutputConfig {
         dir: PathBuf::from("runs"),

@@ -355,8 +355,8 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let prep_secs = prep_started.elapsed().as_secs_f64();
     // Checked before the model and adapters are allocated.
     let lora_cfg = lora_config(&cfg)?;
-    let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
     let layout = row_layout(&cfg);
+    let lengths = unit_lengths(&data.train.examples, layout);
     let row_tokens = longest_row(layout, &lengths);
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
     let mut toggled = cfg.clone();
@@ -463,7 +463,9 @@ fn load_model_with_adapter(
 
 /// How the run lays examples into rows.
 pub fn row_layout(cfg: &Config) -> RowLayout {
-    if cfg.data.packing {
+    if cfg.train.objective.is_preference() {
+        RowLayout::Pairs
+    } else if cfg.data.packing {
         RowLayout::Packed(cfg.data.max_seq_len)
     } else {
         RowLayout::ByLength
@@ -485,14 +487,25 @@ pub fn collate(
         RowLayout::ByLength => {
             Batch::collate(&rows.into_iter().flatten().collect::<Vec<_>>(), pad_id, device)
         }
+        RowLayout::Pairs => {
+            let pairs: Vec<_> =
+                micro_batch.iter().flatten().map(|&i| (&examples[2 * i], &examples[2 * i + 1])).collect();
+            Batch::collate_pairs(&pairs, pad_id, device)
+        }
     }
+}
+
+/// The tokens of each unit the epoch plan orders: an example, or a pair's longer answer.
+fn unit_lengths(examples: &[Example], layout: RowLayout) -> Vec<usize> {
+    let unit = if layout == RowLayout::Pairs { 2 } else { 1 };
+    examples.chunks(unit).map(|u| u.iter().map(|e| e.input_ids.len()).max().unwrap_or(0)).collect()
 }
 
 /// The tokens of the longest row: the packed length, or the longest example.
 fn longest_row(layout: RowLayout, lengths: &[usize]) -> usize {
     match layout {
         RowLayout::Packed(n) => n,
-        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
+        RowLayout::ByLength | RowLayout::Pairs => lengths.iter().copied().max().unwrap_or(0),
     }
 }
 
@@ -636,6 +649,7 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
     let rows = match plan.layout {
         RowLayout::Packed(n) => format!("packed rows of up to {n} tokens"),
         RowLayout::ByLength => "examples (grouped by length)".to_string(),
+        RowLayout::Pairs => "preference pairs (grouped by length)".to_string(),
     };
     let (accum, micro) = (cfg.train.grad_accum_steps, cfg.train.micro_batch_size);
     let workers = match plan.trainer.rank_world().1 {

@@ -187,6 +187,8 @@ fn log_step(
         ("train/epoch", epochs_done),
     ];
     values.extend(stats.loss_scale.map(|scale| ("train/loss_scale", scale)));
+    // Preference objectives' metrics under TRL's names (`rewards/chosen`, ...).
+    values.extend(stats.pair_metrics.iter().copied());
     run.log(step, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
