@@ -2,7 +2,7 @@
 //! `lorafit train` trained for 2 DPO steps, and the same batch of pairs lorafit builds, the DPO
 //! (sigmoid and robust) and IPO losses, their gradients w.r.t. the adapter and the logged
 //! `rewards/*` and `logps/*` equal those of TRL's `DPOTrainer._compute_loss`
-//! (scripts/interop/dpo_check.py).
+//! (scripts/interop/dpo_check.py); so are the validation loss and metrics a run logs.
 
 mod common;
 
@@ -101,12 +101,12 @@ fn preference_losses_and_gradients_equal_trl() {
     let yaml = format!(
         "model: {{path: {}}}\n\
          lora: {{r: 4, alpha: 8, target_modules: all-linear}}\n\
-         data: {{train: {}, format: alpaca, packing: false, shuffle: false}}\n\
+         data: {{train: {pairs}, validation: {pairs}, format: alpaca, packing: false, shuffle: false}}\n\
          train: {{objective: dpo, max_steps: 2, lr: 0.01, micro_batch_size: 4, precision: fp32}}\n\
          output: {{dir: {}, run_name: pref}}\n",
         model.display(),
-        dir.join("pairs.jsonl").display(),
         dir.join("runs").display(),
+        pairs = dir.join("pairs.jsonl").display(),
     );
     common::write(&dir.join("run.yaml"), &yaml);
     let out = common::lorafit(dir, &["train", "run.yaml"]);
@@ -120,7 +120,7 @@ fn preference_losses_and_gradients_equal_trl() {
         ("ipo", PreferenceLoss { objective: Objective::Ipo, beta: 0.1, label_smoothing: 0.0 }),
     ];
     let jobs: Vec<Value> =
-        losses.iter().map(|(name, loss)| lorafit_job(&cfg, &adapter, *loss, name, 6, dir)).collect();
+        losses.iter().map(|(name, loss)| lorafit_job(&cfg, &adapter, *loss, name, 9, dir)).collect();
     common::write(&dir.join("jobs.json"), &serde_json::to_string(&jobs).unwrap());
 
     let script = common::repo().join("scripts/interop/dpo_check.py");
@@ -145,5 +145,23 @@ fn preference_losses_and_gradients_equal_trl() {
         for (metric, diff) in report["metric_diff"].as_object().unwrap() {
             assert!(diff.as_f64().unwrap() <= 1e-5, "{name}: {metric} differs from TRL's: {report}");
         }
+    }
+
+    // The run validated on the same 9 pairs after its last step, with the adapter compared here:
+    // its eval/loss and eval/rewards/* are TRL's DPO loss and metrics.
+    let metrics = std::fs::read_to_string(dir.join("runs/pref/metrics.jsonl")).unwrap();
+    let eval: Value = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|v| v.get("eval/loss").is_some())
+        .expect("metrics.jsonl has a validation line");
+    let dpo = &reports[0];
+    let close = |ours: &Value, theirs: &Value, what: &str| {
+        let (a, b) = (ours.as_f64().unwrap(), theirs.as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5, "{what}: lorafit validated {a}, TRL computes {b}");
+    };
+    close(&eval["eval/loss"], &dpo["trl_loss"], "eval/loss");
+    for metric in PAIR_METRICS {
+        close(&eval[format!("eval/{metric}").as_str()], &dpo["trl_metrics"][metric], metric);
     }
 }

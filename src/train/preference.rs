@@ -16,6 +16,7 @@ use crate::config::{Objective, TrainConfig};
 use crate::data::format::IGNORE;
 use crate::data::Batch;
 use crate::model::{without_adapters, Decoder};
+use indicatif::ProgressBar;
 use tch::{Kind, Reduction, Tensor};
 
 /// The metrics each pair contributes (summed over pairs, divided by the step's pairs), by the
@@ -27,6 +28,17 @@ pub const PAIR_METRICS: [&str; 6] = [
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+];
+
+/// [`PAIR_METRICS`] of the validation pairs, as TRL's evaluation names them (`eval_rewards/...`)
+/// in lorafit's `eval/` section.
+pub const EVAL_PAIR_METRICS: [&str; 6] = [
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
 ];
 
 /// The preference loss's settings.
@@ -57,6 +69,25 @@ impl PreferenceLoss {
             blocks.backward(model);
         }
         (loss.detach(), self.metrics(&logps.detach(), &reference))
+    }
+
+    /// Without gradients over `batches` of pairs: `[loss sum, pairs, PAIR_METRICS sums...]`,
+    /// advancing `bar` by one per batch.
+    pub fn evaluate_sums(&self, model: &Decoder, batches: &[Batch], bar: &ProgressBar) -> Vec<f64> {
+        let mut sums = vec![0.0; 2 + PAIR_METRICS.len()];
+        tch::no_grad(|| {
+            for batch in batches {
+                let (loss, metrics) = self.pair_loss(model, batch, None);
+                sums[0] += loss.double_value(&[]);
+                sums[1] += (batch.input_ids.size()[0] / 2) as f64;
+                for (i, sum) in sums[2..].iter_mut().enumerate() {
+                    *sum += metrics.double_value(&[i as i64]);
+                }
+                bar.inc(1);
+            }
+        });
+        bar.finish_and_clear();
+        sums
     }
 
     /// Each pair's loss (`[pairs]`).

@@ -9,6 +9,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::eval_batches;
 use super::memory::MemoryEstimate;
+use super::preference::EVAL_PAIR_METRICS;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_sums, precision, Trainer};
@@ -197,6 +198,22 @@ pub(super) struct RunPlan {
     lock: Option<DirLock>,
 }
 
+/// A validation pass: the mean loss, and a preference objective's metrics by name.
+pub struct Validation {
+    pub loss: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+impl Validation {
+    /// Its headline besides the loss: the reward accuracy of pairs, or the perplexity.
+    pub fn summary(&self) -> String {
+        match self.metrics.iter().find(|(name, _)| *name == "eval/rewards/accuracies") {
+            Some((_, accuracy)) => format!("reward accuracy {accuracy:.3}"),
+            None => format!("perplexity {:.2}", self.loss.exp()),
+        }
+    }
+}
+
 impl RunPlan {
     /// Which examples each step of `epoch` uses: with W data-parallel ranks, a step has W times
     /// the micro-batches of one process, the same sequence of examples whatever W.
@@ -213,18 +230,29 @@ impl RunPlan {
         )
     }
 
-    /// The validation loss (mean over every label token), this rank's share of the batches
-    /// summed with the others'; `None` without validation data.
-    pub fn validation_loss(&self, console: Console) -> Result<Option<f64>> {
+    /// The validation loss (mean over every label token, or for a preference objective over
+    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ...), this rank's
+    /// share of the batches summed with the others'; `None` without validation data.
+    pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        let (mut total, mut tokens) = evaluate_sums(&self.model, batches, &bar);
+        // [loss sum, units (label tokens or pairs), metric sums...]
+        let mut sums = match &self.trainer.preference {
+            Some(loss) => loss.evaluate_sums(&self.model, batches, &bar),
+            None => {
+                let (total, tokens) = evaluate_sums(&self.model, batches, &bar);
+                vec![total, tokens as f64]
+            }
+        };
         if let Some(group) = &self.trainer.group {
-            let sums = tch::Tensor::from_slice(&[total, tokens as f64]);
-            group.all_reduce_sum(std::slice::from_ref(&sums))?;
-            (total, tokens) = (sums.double_value(&[0]), sums.double_value(&[1]) as i64);
+            let summed = tch::Tensor::from_slice(&sums);
+            group.all_reduce_sum(std::slice::from_ref(&summed))?;
+            sums = Vec::<f64>::try_from(&summed)?;
         }
-        Ok(Some(total / tokens.max(1) as f64))
+        let units = sums[1].max(1.0);
+        let metrics =
+            EVAL_PAIR_METRICS.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
+        Ok(Some(Validation { loss: sums[0] / units, metrics }))
     }
 
     /// Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one.
@@ -366,7 +394,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
     let val_batches = (data.validation.as_ref())
-        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device))
+        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, layout))
         .map(|batches| rank_share(batches, opts.group.as_deref()));
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &cfg.train);
@@ -690,10 +718,11 @@ fn before_training(run: &Run) -> Result<Option<f64>> {
     if plan.resume.is_some() {
         return Ok(None);
     }
-    let val_loss_before = plan.validation_loss(console)?;
-    if let Some(loss) = val_loss_before {
-        say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
+    let validation = plan.validation_loss(console)?;
+    if let Some(v) = &validation {
+        say!(console, "  validation loss before training: {:.4} ({})", v.loss, v.summary());
     }
+    let val_loss_before = validation.map(|v| v.loss);
     if plan.writes() {
         plan.print_samples(console, "before")?;
     }
