@@ -991,7 +991,7 @@ fn nested_column_paths_pick_fields_of_arrow_structs_and_json_objects() {
 #[test]
 fn several_data_sets_mix_by_weight_each_with_its_own_format_and_columns() {
     use lorafit::config::Config;
-    use lorafit::data::format::{prepare, prepare_splits};
+    use lorafit::data::format::{prepare, prepare_splits, Examples};
     use lorafit::data::TextTokenizer;
     use lorafit::model::ModelSpec;
     let dir = tempfile::tempdir().unwrap();
@@ -1011,7 +1011,7 @@ fn several_data_sets_mix_by_weight_each_with_its_own_format_and_columns() {
     let cfg = Config::from_yaml_str(&yaml, "run.yaml", &[]).unwrap_or_else(|e| panic!("{e:#}"));
     let tok =
         TextTokenizer::from_model_dir(&model, &ModelSpec::from_dir(&model).unwrap().eos_token_ids).unwrap();
-    let (train, _) = prepare_splits(&cfg.data, cfg.train.seed, &tok, None).unwrap();
+    let (train, _) = prepare_splits(&cfg.data, cfg.train.seed, &tok, None, Examples::Single).unwrap();
     // Each set prepared on its own, as a one-set run reads it.
     let alone = |path: &Path, yaml_data: &str| {
         let yaml = format!(

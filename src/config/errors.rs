@@ -180,6 +180,7 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.on_bad_row" => &["error", "skip"],
         "data.too_long" => &["truncate", "skip", "error"],
         "train.on_nonfinite" => &["stop", "skip"],
+        "train.objective" => &["sft", "dpo", "ipo"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
         "train.precision" => &["auto", "fp32", "bf16-mixed", "fp16-mixed"],
         _ => return None,
@@ -365,8 +366,8 @@ pub(super) fn locate(yaml: &str, key: &str) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::config::{
-        DataFormat, LoraInit, LrScheduler, OnBadRow, OnNonFinite, Precision, TooLong, TrainOn, WeightDtype,
-        ALL_LINEAR, SECTIONS,
+        DataFormat, LoraInit, LrScheduler, Objective, OnBadRow, OnNonFinite, Precision, TooLong, TrainOn,
+        WeightDtype, ALL_LINEAR, SECTIONS,
     };
     use std::fmt;
 
@@ -441,6 +442,7 @@ mod tests {
         check::<OnBadRow>("data.on_bad_row");
         check::<TooLong>("data.too_long");
         check::<OnNonFinite>("train.on_nonfinite");
+        check::<Objective>("train.objective");
         check::<LrScheduler>("train.lr_scheduler");
         check::<Precision>("train.precision");
     }

@@ -519,6 +519,44 @@ pub struct TrainConfig {
     pub early_stopping_patience: Option<usize>,
     /// On a non-finite loss or gradient: stop the run, or skip the step.
     pub on_nonfinite: OnNonFinite,
+    /// What the run optimises: next-token loss, or a preference loss on chosen/rejected pairs.
+    pub objective: Objective,
+    /// Preference objectives: how strongly the adapter is held to the reference model (the
+    /// base with the adapters off); TRL's `beta` (IPO's τ).
+    pub beta: f64,
+    /// `dpo`: the assumed probability that a pair's preference is flipped, as TRL's robust DPO
+    /// (`loss_type: robust`) uses it; 0 is plain sigmoid DPO.
+    pub label_smoothing: f64,
+}
+
+/// The training objective (`train.objective`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// Supervised fine-tuning: mean next-token NLL over the trained tokens.
+    #[default]
+    Sft,
+    /// Direct preference optimisation (TRL's sigmoid loss, robust with `label_smoothing`).
+    Dpo,
+    /// Identity preference optimisation (TRL's `ipo`, log-ratios averaged per token).
+    Ipo,
+}
+
+impl Objective {
+    /// Whether the data are chosen/rejected pairs.
+    pub fn is_preference(self) -> bool {
+        self != Objective::Sft
+    }
+}
+
+impl fmt::Display for Objective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Objective::Sft => "sft",
+            Objective::Dpo => "dpo",
+            Objective::Ipo => "ipo",
+        })
+    }
 }
 
 /// What a non-finite loss or gradient does.
@@ -561,6 +599,9 @@ impl Default for TrainConfig {
             save_best: false,
             early_stopping_patience: None,
             on_nonfinite: OnNonFinite::default(),
+            objective: Objective::default(),
+            beta: 0.1,
+            label_smoothing: 0.0,
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use super::{
-    Config, DataConfig, DeviceName, LoraConfig, ModelConfig, OutputConfig, TargetModules, TrainConfig,
-    TrainData,
+    Config, DataConfig, DeviceName, LoraConfig, ModelConfig, Objective, OutputConfig, TargetModules,
+    TrainConfig, TrainData,
 };
 
 type Checked = std::result::Result<(), Invalid>;
@@ -21,6 +21,7 @@ impl Config {
         check_train_length(train, &mut found);
         check_optimizer(train, &mut found);
         check_runtime(train, &mut found);
+        check_objective(train, data, &mut found);
         found.add(check_output(output));
         found.0
     }
@@ -214,6 +215,48 @@ fn check_runtime(train: &TrainConfig, found: &mut Found) {
         if value == Some(0) {
             found.add(Err(Invalid::new(key, format!("`{key}` must be at least 1 (got 0), or null"))));
         }
+    }
+}
+
+/// A preference objective's settings, and the data layouts it does not take (yet).
+fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
+    if !train.objective.is_preference() {
+        return;
+    }
+    let objective = train.objective;
+    found.add(positive("train.beta", train.beta));
+    if !(0.0..0.5).contains(&train.label_smoothing) {
+        found.add(Err(Invalid::new(
+            "train.label_smoothing",
+            format!(
+                "`train.label_smoothing` must be at least 0 and below 0.5, got {}",
+                train.label_smoothing
+            ),
+        )));
+    } else if train.label_smoothing > 0.0 && objective != Objective::Dpo {
+        found.add(Err(Invalid::new(
+            "train.label_smoothing",
+            format!(
+                "`train.label_smoothing` applies to train.objective dpo only, not {objective}; set it to 0"
+            ),
+        )));
+    }
+    if data.packing {
+        found.add(Err(Invalid::new(
+            "data.packing",
+            format!(
+                "train.objective {objective} keeps each pair's chosen and rejected answers in rows of their \
+                 own; set data.packing: false"
+            ),
+        )));
+    }
+    if matches!(data.train, TrainData::Sets(_)) {
+        found.add(Err(Invalid::new(
+            "data.train",
+            format!(
+                "train.objective {objective} reads one preference data set: give data.train a single path"
+            ),
+        )));
     }
 }
 

@@ -41,6 +41,13 @@ impl Batch {
         Self::build(&rows, pad_id, device, false)
     }
 
+    /// Preference pairs `(chosen, rejected)`: the chosen rows first, then the rejected ones in
+    /// the same order, as TRL's DPOTrainer concatenates them.
+    pub fn collate_pairs(pairs: &[(&Example, &Example)], pad_id: i64, device: Device) -> Batch {
+        let rows: Vec<&Example> = pairs.iter().map(|p| p.0).chain(pairs.iter().map(|p| p.1)).collect();
+        Self::collate(&rows, pad_id, device)
+    }
+
     /// Rows of several examples each (see [`Packing`]), padded on the right to the longest row.
     pub fn pack(rows: &[Vec<&Example>], pad_id: i64, device: Device) -> Batch {
         Self::build(rows, pad_id, device, true)
@@ -103,6 +110,9 @@ pub enum RowLayout {
     Packed(usize),
     /// One example per row; rows of similar length batched together.
     ByLength,
+    /// Preference pairs (examples `2i`, `2i + 1`), batched by length as `ByLength`; a
+    /// micro-batch's chosen rows come first, its rejected rows after ([`Batch::collate_pairs`]).
+    Pairs,
 }
 
 /// Which examples each optimizer step of an epoch uses: a seeded shuffle laid out into rows,
@@ -144,7 +154,7 @@ impl EpochPlan {
                 }
                 rows.chunks(micro_batch_size).map(<[Row]>::to_vec).collect()
             }
-            RowLayout::ByLength => {
+            RowLayout::ByLength | RowLayout::Pairs => {
                 // Sort within windows of many batches, so batches hold similar lengths while the
                 // epoch stays shuffled; then shuffle the batches themselves.
                 let window = micro_batch_size * 64;

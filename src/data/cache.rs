@@ -75,6 +75,10 @@ pub fn key_for(cfg: &Config, eos_id: i64, chat_template: Option<&str>) -> Result
         .add_bytes(&cfg.train.seed.to_le_bytes())
         .add_bytes(&eos_id.to_le_bytes())
         .add_bytes(chat_template.unwrap_or("").as_bytes());
+    // Preference objectives read the same files as pairs; SFT keys stay as they were.
+    if cfg.train.objective.is_preference() {
+        key.add_bytes(b"pairs");
+    }
     key.add_path(&cfg.model.path.join("tokenizer.json"))?;
     for pattern in cfg.data.train.paths().into_iter().chain(cfg.data.validation.as_deref()) {
         for path in expand_paths(pattern)? {

@@ -206,7 +206,7 @@ impl Prepared {
     }
 
     /// Applies `data.on_bad_row` to a row that cannot be used; `reason` names its file and row.
-    fn bad_row(&mut self, policy: OnBadRow, reason: String) -> Result<()> {
+    pub(super) fn bad_row(&mut self, policy: OnBadRow, reason: String) -> Result<()> {
         match policy {
             OnBadRow::Error => bail!("{reason} (or set data.on_bad_row: skip to leave such rows out)"),
             OnBadRow::Skip => {
@@ -293,7 +293,7 @@ impl<'a> PromptFormat<'a> {
     }
 }
 
-fn alpaca_prompt(cfg: &DataConfig, instruction: &str, input: &str) -> String {
+pub(super) fn alpaca_prompt(cfg: &DataConfig, instruction: &str, input: &str) -> String {
     if input.trim().is_empty() {
         cfg.prompt_template_no_input
             .as_deref()
@@ -310,7 +310,7 @@ fn alpaca_prompt(cfg: &DataConfig, instruction: &str, input: &str) -> String {
 
 /// The column of `record` that holds lorafit's field `name` (after `data.columns` renames); a
 /// dotted path (`prompt.text`) names a field of a nested object ([`Record::get`]).
-fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
+pub(super) fn column<'a>(cfg: &'a DataConfig, name: &'a str) -> &'a str {
     cfg.columns.get(name).map(String::as_str).unwrap_or(name)
 }
 
@@ -381,7 +381,7 @@ pub fn segments(record: &Record, cfg: &DataConfig, chat: Option<&ChatFormat>) ->
 
 /// How an example's rendered text becomes token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Encoding {
+pub(super) enum Encoding {
     /// With the tokenizer's special tokens (BOS), then a trained EOS so the model learns to stop.
     Text,
     /// Exactly as transformers' `apply_chat_template(tokenize=True)`: without special tokens, as
@@ -395,7 +395,11 @@ enum Encoding {
 /// SentencePiece tokenizers start every encoded text with `▁`, and merges across a segment
 /// border would be missed. Tokens with no text of their own (BOS added by the post-processor)
 /// are not trained.
-fn tokenize_all(tok: &TextTokenizer, all: &[Segments], encoding: Encoding) -> Result<Vec<Example>> {
+pub(super) fn tokenize_all(
+    tok: &TextTokenizer,
+    all: &[Segments],
+    encoding: Encoding,
+) -> Result<Vec<Example>> {
     let texts: Vec<String> = all.iter().map(|segs| segs.iter().map(|(t, _)| t.as_str()).collect()).collect();
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let encoded = tok.encode_batch(&refs, encoding == Encoding::Text)?;
@@ -437,11 +441,45 @@ pub fn prepare(
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
 ) -> Result<Prepared> {
+    prepare_as(path, cfg, tok, chat, Examples::Single)
+}
+
+/// What the examples of a data set are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Examples {
+    /// Each stands alone (supervised fine-tuning).
+    Single,
+    /// Preference pairs, chosen then rejected ([`preference`](super::preference)).
+    Pairs,
+}
+
+impl Examples {
+    /// How many consecutive examples make one unit that is held out or kept whole.
+    fn unit(self) -> usize {
+        match self {
+            Examples::Single => 1,
+            Examples::Pairs => 2,
+        }
+    }
+}
+
+/// [`prepare`] for single examples or preference pairs.
+fn prepare_as(
+    path: &Path,
+    cfg: &DataConfig,
+    tok: &TextTokenizer,
+    chat: Option<&ChatFormat>,
+    examples: Examples,
+) -> Result<Prepared> {
     let mut rows = Rows::default();
     for file in expand_paths(path)? {
         rows.extend(read_rows(&file, &cfg.split)?);
     }
-    prepare_records(&rows, cfg, tok, chat).with_context(|| format!("preparing {}", path.display()))
+    match examples {
+        Examples::Single => prepare_records(&rows, cfg, tok, chat),
+        Examples::Pairs => super::preference::prepare_pairs(&rows, cfg, tok, chat),
+    }
+    .with_context(|| format!("preparing {}", path.display()))
 }
 
 /// The fields each format reads, by lorafit's name for them (before `data.columns` renames).
@@ -465,6 +503,13 @@ fn detect_format(record: &Record, columns: &BTreeMap<String, String>) -> Option<
     };
     if chat {
         return Some(DataFormat::Chat);
+    }
+    // Preference pairs: message lists are chats; strings plain text, as TRL reads them.
+    if super::preference::is_pair(record) {
+        let lists = super::preference::PAIR_COLUMNS
+            .iter()
+            .any(|(c, _)| record.get(c).is_some_and(|v| !v.is_string()));
+        return Some(if lists { DataFormat::Chat } else { DataFormat::Completion });
     }
     [DataFormat::Alpaca, DataFormat::InputOutput, DataFormat::Completion]
         .into_iter()
@@ -608,10 +653,9 @@ fn check_columns(records: &[Record], cfg: &DataConfig) -> Result<Option<String>>
     for (chosen, rejected) in PREFERENCE_PAIRS {
         if [chosen, rejected].iter().all(|c| present.contains(c) && !is_used(c)) {
             bail!(
-                "{file} holds preference pairs (columns `{chosen}` and `{rejected}`): they are for preference \
-                 training such as DPO, which lorafit does not do yet; as data.format {} it would train on the \
-                 conversation without either answer. Use supervised data, or keep only the preferred answer \
-                 in the format's own columns",
+                "{file} holds preference pairs (columns `{chosen}` and `{rejected}`): set train.objective: dpo \
+                 (or ipo) to train on them; supervised training (train.objective: sft) as data.format {} \
+                 would train on the conversation without either answer, or on the rejected answers too",
                 cfg.format
             );
         }
@@ -705,13 +749,14 @@ pub fn prepare_splits(
     seed: u64,
     tok: &TextTokenizer,
     chat: Option<&ChatFormat>,
+    examples: Examples,
 ) -> Result<(Prepared, Option<Prepared>)> {
     let (train, held_out) = match &cfg.train {
         TrainData::Path(path) => {
-            let train = prepare(path, cfg, tok, chat)?;
+            let train = prepare_as(path, cfg, tok, chat, examples)?;
             match cfg.val_split {
                 Some(share) => {
-                    let (train, val) = hold_out(train, share, seed)?;
+                    let (train, val) = hold_out(train, share, seed, examples.unit())?;
                     (train, Some(val))
                 }
                 None => (train, None),
@@ -720,7 +765,7 @@ pub fn prepare_splits(
         TrainData::Sets(sets) => prepare_sets(sets, cfg, seed, tok, chat)?,
     };
     match &cfg.validation {
-        Some(path) => Ok((train, Some(prepare(path, cfg, tok, chat)?))),
+        Some(path) => Ok((train, Some(prepare_as(path, cfg, tok, chat, examples)?))),
         None => Ok((train, held_out)),
     }
 }
@@ -744,7 +789,7 @@ fn prepare_sets(
         let mut prepared = prepare(&set.path, &set_cfg, tok, chat)
             .with_context(|| format!("data.train[{i}] ({})", set.path.display()))?;
         if let (Some(share), Some(val)) = (cfg.val_split, val.as_mut()) {
-            let (kept, held) = hold_out(prepared, share, seed)?;
+            let (kept, held) = hold_out(prepared, share, seed, 1)?;
             prepared = kept;
             val.absorb(held);
         }
@@ -777,20 +822,21 @@ fn weighted(examples: Vec<Example>, weight: f64, seed: u64) -> Vec<Example> {
     out
 }
 
-/// Holds a seeded `share` of the examples out of `train` for validation.
-fn hold_out(mut train: Prepared, share: f64, seed: u64) -> Result<(Prepared, Prepared)> {
-    let mut order: Vec<usize> = (0..train.examples.len()).collect();
+/// Holds a seeded `share` of the examples out of `train` for validation, in units of `unit`
+/// consecutive examples (2 keeps a preference pair together).
+fn hold_out(mut train: Prepared, share: f64, seed: u64, unit: usize) -> Result<(Prepared, Prepared)> {
+    let units = train.examples.len() / unit;
+    let mut order: Vec<usize> = (0..units).collect();
     order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0x5EED_5A11));
-    let n_val = ((train.examples.len() as f64 * share).round() as usize)
-        .clamp(1, train.examples.len().saturating_sub(1));
-    if train.examples.len() < 2 {
+    let n_val = ((units as f64 * share).round() as usize).clamp(1, units.saturating_sub(1));
+    if units < 2 {
         bail!("data.val_split needs at least 2 training examples");
     }
     let held: std::collections::HashSet<usize> = order[..n_val].iter().copied().collect();
     let examples = std::mem::take(&mut train.examples);
     let (mut val, mut kept) = (Vec::new(), Vec::new());
     for (i, ex) in examples.into_iter().enumerate() {
-        if held.contains(&i) {
+        if held.contains(&(i / unit)) {
             val.push(ex);
         } else {
             kept.push(ex);

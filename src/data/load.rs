@@ -3,7 +3,7 @@
 //! cache when the same inputs were prepared before.
 
 use super::cache;
-use super::format::{prepare_splits, train_formats, ChatFormat, Prepared};
+use super::format::{prepare_splits, train_formats, ChatFormat, Examples, Prepared};
 use super::tokenizer::TextTokenizer;
 use crate::config::Config;
 use anyhow::{bail, Result};
@@ -113,7 +113,10 @@ pub fn load_data(cfg: &Config, model: &ModelFacts) -> Result<RunData> {
             RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry }
         }
         None => {
-            let (train, validation) = prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref())?;
+            let examples =
+                if cfg.train.objective.is_preference() { Examples::Pairs } else { Examples::Single };
+            let (train, validation) =
+                prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref(), examples)?;
             RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry }
         }
     };

@@ -10,6 +10,7 @@ pub mod chat;
 pub mod export;
 pub mod format;
 pub mod load;
+pub mod preference;
 pub mod preview;
 pub mod source;
 pub mod tokenizer;

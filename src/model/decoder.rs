@@ -28,6 +28,27 @@ pub trait LinearAdapter: Send {
     fn add_to(&self, base: &Tensor, x: &Tensor, train: bool) -> Tensor;
 }
 
+thread_local! {
+    /// Set while [`without_adapters`] runs: every [`Linear`] then computes its frozen layer
+    /// alone, as PEFT's `disable_adapter()` context does.
+    static ADAPTERS_OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every adapter switched off: the base model, as preference objectives use it
+/// for the reference log-probabilities (no second copy of the model needed).
+pub fn without_adapters<T>(f: impl FnOnce() -> T) -> T {
+    /// Switches the adapters back on when `f` returns or panics.
+    struct On;
+    impl Drop for On {
+        fn drop(&mut self) {
+            ADAPTERS_OFF.with(|off| off.set(false));
+        }
+    }
+    ADAPTERS_OFF.with(|off| off.set(true));
+    let _on = On;
+    f()
+}
+
 /// A frozen linear layer `y = x Wᵀ (+ b)` with an optional trainable adapter beside it.
 pub struct Linear {
     /// `[out, in]`, whatever the checkpoint's storage order.
@@ -81,8 +102,8 @@ impl Linear {
         let weight = self.weight.dense();
         let base = x.to_kind(weight.kind()).linear(&weight, self.bias.as_ref()).to_kind(x.kind());
         match &self.adapter {
-            Some(adapter) => adapter.add_to(&base, x, train),
-            None => base,
+            Some(adapter) if !ADAPTERS_OFF.with(|off| off.get()) => adapter.add_to(&base, x, train),
+            _ => base,
         }
     }
 }

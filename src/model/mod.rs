@@ -13,7 +13,7 @@ pub mod sites;
 pub mod spec;
 pub mod weights;
 
-pub use decoder::{Decoder, KvCache, Linear, LinearAdapter, TokenPositions};
+pub use decoder::{without_adapters, Decoder, KvCache, Linear, LinearAdapter, TokenPositions};
 pub use load::{load_model, load_model_quantized};
 pub use sites::{LinearSite, LinearSites};
 pub use spec::ModelSpec;

@@ -1,11 +1,11 @@
 //! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
 //! logs it.
 
-use super::run::load_run_data;
+use super::run::{load_run_data, row_layout};
 use super::{evaluate, precision};
 use crate::config::Config;
 use crate::data::format::{resolve_format, Prepared};
-use crate::data::Batch;
+use crate::data::{Batch, RowLayout};
 use crate::lora::peft;
 use crate::model::load::{load_model_for, resolve_device};
 use crate::model::ModelSpec;
@@ -25,8 +25,22 @@ pub struct EvalOptions {
     pub overrides: Vec<String>,
 }
 
-/// Micro-batches of `examples`, in order, for evaluation.
-pub fn eval_batches(data: &Prepared, micro_batch_size: usize, pad_id: i64, device: Device) -> Vec<Batch> {
+/// Micro-batches of `examples`, in order, for evaluation; with [`RowLayout::Pairs`], of
+/// `micro_batch_size` pairs each, chosen rows first as in training.
+pub fn eval_batches(
+    data: &Prepared,
+    micro_batch_size: usize,
+    pad_id: i64,
+    device: Device,
+    layout: RowLayout,
+) -> Vec<Batch> {
+    if layout == RowLayout::Pairs {
+        let pairs: Vec<_> = data.examples.chunks_exact(2).map(|p| (&p[0], &p[1])).collect();
+        return pairs
+            .chunks(micro_batch_size)
+            .map(|chunk| Batch::collate_pairs(chunk, pad_id, device))
+            .collect();
+    }
     data.examples
         .chunks(micro_batch_size)
         .map(|chunk| Batch::collate(&chunk.iter().collect::<Vec<_>>(), pad_id, device))
@@ -99,6 +113,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
     if let Some(dir) = adapter {
         peft::load(dir, &mut model, device)?;
     }
-    let batches = eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device);
+    let batches =
+        eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, row_layout(cfg));
     Ok(evaluate(&model, &batches))
 }

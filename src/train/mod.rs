@@ -12,6 +12,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod optim;
 pub mod precision;
+pub mod preference;
 pub mod resume;
 pub mod run;
 pub mod scaler;
@@ -26,6 +27,7 @@ use crate::model::Decoder;
 use activations::Activations;
 use anyhow::Result;
 use optim::AdamW;
+use preference::{PreferenceLoss, PAIR_METRICS};
 use scaler::{LossScaler, GRAD_SCALER_DEFAULTS};
 use std::sync::Arc;
 use tch::{Kind, Reduction, Tensor};
@@ -133,6 +135,8 @@ pub struct StepStats {
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
+    /// Preference objectives: [`PAIR_METRICS`] by name, averaged over the step's pairs.
+    pub pair_metrics: Vec<(&'static str, f64)>,
 }
 
 /// The adapter parameters with their optimizer (and, for fp16-mixed, the loss scaler), and the
@@ -143,13 +147,15 @@ pub struct Trainer {
     pub scaler: Option<LossScaler>,
     max_grad_norm: Option<f64>,
     checkpointing: bool,
+    /// The loss of a preference objective; `None` for SFT.
+    preference: Option<PreferenceLoss>,
     /// The other ranks of a data-parallel run: each step's token counts and gradients are
     /// summed across them.
     pub group: Option<Arc<Group>>,
 }
 
-/// The label, real and padded tokens of a step's micro-batches.
-type TokenCounts = [i64; 3];
+/// The loss units (label tokens or pairs), label, real and padded tokens of a step's micro-batches.
+type TokenCounts = [i64; 4];
 
 impl Trainer {
     /// `cfg.precision` is the resolved one: fp16-mixed gets a loss scaler.
@@ -164,6 +170,7 @@ impl Trainer {
             scaler,
             max_grad_norm: cfg.max_grad_norm,
             checkpointing: cfg.gradient_checkpointing,
+            preference: cfg.objective.is_preference().then(|| PreferenceLoss::of(cfg)),
             group: None,
         }
     }
@@ -185,33 +192,43 @@ impl Trainer {
         micro_batches: &[Batch],
         seeds: Option<&[i64]>,
         loss_scale: f64,
-    ) -> Result<(Tensor, TokenCounts)> {
+    ) -> Result<(Tensor, TokenCounts, Tensor)> {
         let counts = self.step_token_counts(micro_batches)?;
         let device = self.params.first().map_or(tch::Device::Cpu, |p| p.device());
         let mut step_loss = Tensor::zeros([], (Kind::Float, device));
+        let mut metrics = Tensor::zeros([PAIR_METRICS.len() as i64], (Kind::Float, device));
         let scale = 1.0 / counts[0].max(1) as f64;
         let backward = Backward { scale: scale * loss_scale, checkpointing: self.checkpointing };
         for (i, batch) in micro_batches.iter().enumerate() {
             if let Some(seed) = seeds.and_then(|s| s.get(i)) {
                 tch::manual_seed(*seed);
             }
-            step_loss = &step_loss + micro_batch_loss(model, batch, backward) * scale;
+            let (loss, batch_metrics) = micro_batch_loss(model, batch, backward, self.preference.as_ref());
+            step_loss = &step_loss + loss * scale;
+            if let Some(m) = batch_metrics {
+                metrics += m * scale;
+            }
         }
-        Ok((step_loss, counts))
+        Ok((step_loss, counts, metrics))
     }
 
-    /// The token counts of the step: this process's micro-batches, summed across the group.
+    /// The counts of the step: this process's micro-batches, summed across the group. The first
+    /// is what the step loss is a mean over: label tokens, or pairs for a preference objective.
     fn step_token_counts(&self, micro_batches: &[Batch]) -> Result<TokenCounts> {
-        let mut counts = [0i64; 3];
+        let mut counts = [0i64; 4];
         for b in micro_batches {
-            counts[0] += b.label_tokens;
-            counts[1] += b.real_tokens;
-            counts[2] += b.padded_tokens;
+            counts[0] += match self.preference {
+                Some(_) => b.input_ids.size()[0] / 2,
+                None => b.label_tokens,
+            };
+            counts[1] += b.label_tokens;
+            counts[2] += b.real_tokens;
+            counts[3] += b.padded_tokens;
         }
         let Some(group) = &self.group else { return Ok(counts) };
         let summed = Tensor::from_slice(&counts);
         group.all_reduce_sum(std::slice::from_ref(&summed))?;
-        Ok([0, 1, 2].map(|i| summed.int64_value(&[i])))
+        Ok([0, 1, 2, 3].map(|i| summed.int64_value(&[i])))
     }
 
     /// One full optimizer step: accumulate, sum across the group, unscale (fp16-mixed), clip,
@@ -226,12 +243,28 @@ impl Trainer {
         lr: f64,
     ) -> Result<StepStats> {
         let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
-        let (loss, counts) = self.accumulate(model, micro_batches, seeds, loss_scale.unwrap_or(1.0))?;
+        let (loss, counts, metrics) =
+            self.accumulate(model, micro_batches, seeds, loss_scale.unwrap_or(1.0))?;
         let loss = reduce_gradients(&self.params, loss, self.group.as_deref())?;
         let found_inf = self.scaler.as_ref().map(|s| s.unscale(&self.params));
         let norm = optim::grad_norm(&self.params);
-        let read = Tensor::stack(&[loss.to_device(norm.device()), norm.shallow_clone()], 0);
+        let read = Tensor::cat(
+            &[
+                loss.to_device(norm.device()).reshape([1]),
+                norm.reshape([1]),
+                metrics.to_device(norm.device()),
+            ],
+            0,
+        );
         let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
+        let pair_metrics = match self.preference {
+            Some(_) => PAIR_METRICS
+                .iter()
+                .enumerate()
+                .map(|(i, &name)| (name, read.double_value(&[i as i64 + 2])))
+                .collect(),
+            None => Vec::new(),
+        };
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             if let Some(max) = self.max_grad_norm {
@@ -243,7 +276,7 @@ impl Trainer {
             scaler.update(&found_inf);
         }
         optim::zero_grads(&self.params);
-        let [label_tokens, real_tokens, padded_tokens] = counts;
+        let [_, label_tokens, real_tokens, padded_tokens] = counts;
         Ok(StepStats {
             loss,
             grad_norm,
@@ -253,14 +286,26 @@ impl Trainer {
             label_tokens,
             real_tokens,
             padded_tokens,
+            pair_metrics,
         })
     }
 }
 
 /// The training objective: the summed loss of one micro-batch, its gradient (of `scale · loss`)
-/// accumulated into the adapters. Other objectives (preference losses) plug in here.
-fn micro_batch_loss(model: &Decoder, batch: &Batch, backward: Backward) -> Tensor {
-    token_loss(model, batch, Some(backward))
+/// accumulated into the adapters; with a preference objective, the sums of its pair metrics.
+fn micro_batch_loss(
+    model: &Decoder,
+    batch: &Batch,
+    backward: Backward,
+    preference: Option<&PreferenceLoss>,
+) -> (Tensor, Option<Tensor>) {
+    match preference {
+        Some(p) => {
+            let (loss, metrics) = p.pair_loss(model, batch, Some(backward));
+            (loss, Some(metrics))
+        }
+        None => (token_loss(model, batch, Some(backward)), None),
+    }
 }
 
 /// Called once a step's gradients are accumulated, before clipping and the update: in a

@@ -9,6 +9,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::eval_batches;
 use super::memory::MemoryEstimate;
+use super::preference::EVAL_PAIR_METRICS;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_sums, precision, Trainer};
@@ -197,6 +198,22 @@ pub(super) struct RunPlan {
     lock: Option<DirLock>,
 }
 
+/// A validation pass: the mean loss, and a preference objective's metrics by name.
+pub struct Validation {
+    pub loss: f64,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+impl Validation {
+    /// Its headline besides the loss: the reward accuracy of pairs, or the perplexity.
+    pub fn summary(&self) -> String {
+        match self.metrics.iter().find(|(name, _)| *name == "eval/rewards/accuracies") {
+            Some((_, accuracy)) => format!("reward accuracy {accuracy:.3}"),
+            None => format!("perplexity {:.2}", self.loss.exp()),
+        }
+    }
+}
+
 impl RunPlan {
     /// Which examples each step of `epoch` uses: with W data-parallel ranks, a step has W times
     /// the micro-batches of one process, the same sequence of examples whatever W.
@@ -213,18 +230,29 @@ impl RunPlan {
         )
     }
 
-    /// The validation loss (mean over every label token), this rank's share of the batches
-    /// summed with the others'; `None` without validation data.
-    pub fn validation_loss(&self, console: Console) -> Result<Option<f64>> {
+    /// The validation loss (mean over every label token, or for a preference objective over
+    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ...), this rank's
+    /// share of the batches summed with the others'; `None` without validation data.
+    pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        let (mut total, mut tokens) = evaluate_sums(&self.model, batches, &bar);
+        // [loss sum, units (label tokens or pairs), metric sums...]
+        let mut sums = match &self.trainer.preference {
+            Some(loss) => loss.evaluate_sums(&self.model, batches, &bar),
+            None => {
+                let (total, tokens) = evaluate_sums(&self.model, batches, &bar);
+                vec![total, tokens as f64]
+            }
+        };
         if let Some(group) = &self.trainer.group {
-            let sums = tch::Tensor::from_slice(&[total, tokens as f64]);
-            group.all_reduce_sum(std::slice::from_ref(&sums))?;
-            (total, tokens) = (sums.double_value(&[0]), sums.double_value(&[1]) as i64);
+            let summed = tch::Tensor::from_slice(&sums);
+            group.all_reduce_sum(std::slice::from_ref(&summed))?;
+            sums = Vec::<f64>::try_from(&summed)?;
         }
-        Ok(Some(total / tokens.max(1) as f64))
+        let units = sums[1].max(1.0);
+        let metrics =
+            EVAL_PAIR_METRICS.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
+        Ok(Some(Validation { loss: sums[0] / units, metrics }))
     }
 
     /// Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one.
@@ -355,8 +383,8 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let prep_secs = prep_started.elapsed().as_secs_f64();
     // Checked before the model and adapters are allocated.
     let lora_cfg = lora_config(&cfg)?;
-    let lengths: Vec<usize> = data.train.examples.iter().map(|e| e.input_ids.len()).collect();
     let layout = row_layout(&cfg);
+    let lengths = unit_lengths(&data.train.examples, layout);
     let row_tokens = longest_row(layout, &lengths);
     let memory = MemoryEstimate::of(&cfg, &spec, &lora_cfg, row_tokens)?;
     let mut toggled = cfg.clone();
@@ -366,7 +394,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
     let val_batches = (data.validation.as_ref())
-        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device))
+        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, layout))
         .map(|batches| rank_share(batches, opts.group.as_deref()));
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &cfg.train);
@@ -463,7 +491,9 @@ fn load_model_with_adapter(
 
 /// How the run lays examples into rows.
 pub fn row_layout(cfg: &Config) -> RowLayout {
-    if cfg.data.packing {
+    if cfg.train.objective.is_preference() {
+        RowLayout::Pairs
+    } else if cfg.data.packing {
         RowLayout::Packed(cfg.data.max_seq_len)
     } else {
         RowLayout::ByLength
@@ -485,14 +515,25 @@ pub fn collate(
         RowLayout::ByLength => {
             Batch::collate(&rows.into_iter().flatten().collect::<Vec<_>>(), pad_id, device)
         }
+        RowLayout::Pairs => {
+            let pairs: Vec<_> =
+                micro_batch.iter().flatten().map(|&i| (&examples[2 * i], &examples[2 * i + 1])).collect();
+            Batch::collate_pairs(&pairs, pad_id, device)
+        }
     }
+}
+
+/// The tokens of each unit the epoch plan orders: an example, or a pair's longer answer.
+fn unit_lengths(examples: &[Example], layout: RowLayout) -> Vec<usize> {
+    let unit = if layout == RowLayout::Pairs { 2 } else { 1 };
+    examples.chunks(unit).map(|u| u.iter().map(|e| e.input_ids.len()).max().unwrap_or(0)).collect()
 }
 
 /// The tokens of the longest row: the packed length, or the longest example.
 fn longest_row(layout: RowLayout, lengths: &[usize]) -> usize {
     match layout {
         RowLayout::Packed(n) => n,
-        RowLayout::ByLength => lengths.iter().copied().max().unwrap_or(0),
+        RowLayout::ByLength | RowLayout::Pairs => lengths.iter().copied().max().unwrap_or(0),
     }
 }
 
@@ -636,6 +677,7 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
     let rows = match plan.layout {
         RowLayout::Packed(n) => format!("packed rows of up to {n} tokens"),
         RowLayout::ByLength => "examples (grouped by length)".to_string(),
+        RowLayout::Pairs => "preference pairs (grouped by length)".to_string(),
     };
     let (accum, micro) = (cfg.train.grad_accum_steps, cfg.train.micro_batch_size);
     let workers = match plan.trainer.rank_world().1 {
@@ -676,10 +718,11 @@ fn before_training(run: &Run) -> Result<Option<f64>> {
     if plan.resume.is_some() {
         return Ok(None);
     }
-    let val_loss_before = plan.validation_loss(console)?;
-    if let Some(loss) = val_loss_before {
-        say!(console, "  validation loss before training: {loss:.4} (perplexity {:.2})", loss.exp());
+    let validation = plan.validation_loss(console)?;
+    if let Some(v) = &validation {
+        say!(console, "  validation loss before training: {:.4} ({})", v.loss, v.summary());
     }
+    let val_loss_before = validation.map(|v| v.loss);
     if plan.writes() {
         plan.print_samples(console, "before")?;
     }

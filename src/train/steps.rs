@@ -187,6 +187,8 @@ fn log_step(
         ("train/epoch", epochs_done),
     ];
     values.extend(stats.loss_scale.map(|scale| ("train/loss_scale", scale)));
+    // Preference objectives' metrics under TRL's names (`rewards/chosen`, ...).
+    values.extend(stats.pair_metrics.iter().copied());
     run.log(step, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
@@ -213,17 +215,23 @@ fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<
     if !due {
         return Ok(None);
     }
-    let Some(loss) = progress.bar.suspend(|| plan.validation_loss(run.console))? else {
+    let Some(validation) = progress.bar.suspend(|| plan.validation_loss(run.console))? else {
         return Ok(None);
     };
+    let loss = validation.loss;
     let best = plan.state.best_eval_loss.map_or(loss, |best| best.min(loss));
-    let values = [("eval/loss", loss), ("eval/perplexity", loss.exp()), ("eval/best_loss", best)];
+    let mut values = vec![("eval/loss", loss), ("eval/perplexity", loss.exp()), ("eval/best_loss", best)];
+    if !validation.metrics.is_empty() {
+        // A preference loss has no perplexity; its `eval/rewards/accuracies`, ... instead.
+        values.remove(1);
+        values.extend(validation.metrics.iter().copied());
+    }
     run.log(step, &values)?;
     run.console.record("eval", step, &values);
     let console = run.console;
     progress
         .bar
-        .suspend(|| say!(console, "  eval at step {step}: loss {loss:.4} (perplexity {:.2})", loss.exp()));
+        .suspend(|| say!(console, "  eval at step {step}: loss {loss:.4} ({})", validation.summary()));
     Ok(Some(loss))
 }
 
