@@ -287,14 +287,16 @@ fn preference_and_kto_rows_are_refused_for_supervised_training() {
 #[test]
 fn column_renames_must_name_real_columns_and_ignored_columns_are_noted() {
     let rows = "{\"question\": \"Who?\", \"answer\": \"Me.\", \"id\": 7, \"category\": \"qa\"}\n";
-    // A rename of a column no row has.
-    let p = project(rows, "columns: {instruction: prompt, output: answer}");
-    let out = common::lorafit(p.path(), &["data", "preview", "run.yaml"]);
-    let err = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("`prompt`") && err.contains("question"), "{err}");
+    // A rename of a column no row has, with the format named and left to be detected.
+    for format in ["format: alpaca, ", ""] {
+        let p = project(rows, &format!("{format}columns: {{instruction: prompt, output: answer}}"));
+        let out = common::lorafit(p.path(), &["data", "preview", "run.yaml"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("`prompt`") && err.contains("question"), "{format}: {err}");
+    }
     // A rename of a field the format does not read.
-    let p = project(rows, "columns: {query: question}");
+    let p = project(rows, "format: alpaca, columns: {query: question}");
     let err = stderr_of(&common::lorafit(p.path(), &["data", "preview", "run.yaml"]));
     assert!(err.contains("`query`") && err.contains("instruction, input, output"), "{err}");
     // Correct renames: the columns left over are named once.

@@ -19,21 +19,7 @@ fn trained_adapter_loads_in_peft_with_equal_logits() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let base = common::stories260k(&assets);
-    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
-    common::write(
-        &tmp.path().join("run.yaml"),
-        &format!(
-            "model: {{path: {}}}\n\
-             lora: {{r: 4, alpha: 8, target_modules: all-linear}}\n\
-             data: {{train: stories.jsonl, format: completion}}\n\
-             train: {{max_steps: 6, lr: 0.01, micro_batch_size: 2}}\n\
-             output: {{run_name: interop}}\n",
-            base.display()
-        ),
-    );
-    let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
-    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
-    let adapter = tmp.path().join("checkpoints/interop/adapter");
+    let adapter = common::train_stories_adapter(tmp.path(), &base, "", "", "interop");
 
     let config: Value =
         serde_json::from_str(&std::fs::read_to_string(adapter.join(peft::CONFIG_FILE)).unwrap()).unwrap();

@@ -153,21 +153,7 @@ fn qlora_adapter_loads_in_peft_on_both_bases() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let base = common::stories260k(&assets);
-    common::write(&tmp.path().join("stories.jsonl"), common::STORY_ROWS);
-    common::write(
-        &tmp.path().join("run.yaml"),
-        &format!(
-            "model: {{path: {}, quantize: nf4}}\n\
-             lora: {{r: 4, alpha: 8, dropout: 0.0, target_modules: all-linear}}\n\
-             data: {{train: stories.jsonl, format: completion}}\n\
-             train: {{max_steps: 6, lr: 0.01, micro_batch_size: 2}}\n\
-             output: {{run_name: qlora}}\n",
-            base.display()
-        ),
-    );
-    let out = common::lorafit(tmp.path(), &["train", "run.yaml"]);
-    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
-    let adapter = tmp.path().join("checkpoints/qlora/adapter");
+    let adapter = common::train_stories_adapter(tmp.path(), &base, "quantize: nf4", "dropout: 0.0", "qlora");
     let ids: Vec<i64> = vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315];
     let input = Tensor::from_slice(&ids).view([1, -1]);
 

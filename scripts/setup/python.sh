@@ -4,9 +4,10 @@
 #   ${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}/venv-torch-2.13.0
 #
 # holding exactly the packages pinned in scripts/setup/python_requirements.txt (torch 2.13.0,
-# transformers, peft, safetensors, tokenizers, numpy, tensorboard). torch comes from PyPI with its
-# CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB when scripts/setup/libtorch.sh
-# has already put the 527 MB torch wheel in the cache's wheels/ folder) and keeps a 5 GB venv.
+# transformers, peft, safetensors, tokenizers, numpy, tensorboard, pyarrow, bitsandbytes, trl).
+# torch comes from PyPI with its CUDA libraries, so the first run downloads about 2.8 GB (2.3 GB
+# when scripts/setup/libtorch.sh has already put the 527 MB torch wheel in the cache's wheels/
+# folder) and keeps a 5 GB venv.
 #
 # Idempotent: the venv records the sha256 of the pinned lines of the requirements file it was built
 # from (comments and blank lines left out, so editing a comment rebuilds nothing), and when that
@@ -25,7 +26,7 @@ python=${LORAFIT_PYTHON:-python3}
 
 case "${1:-}" in
   "") ;;
-  -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
   *) echo "setup/python.sh: unknown argument '$1' (expected none)" >&2; exit 2 ;;
 esac
 
@@ -104,7 +105,7 @@ rm -rf "$wheels"
 # Scripts in bin/ name their interpreter by absolute path; point them at the final location.
 { grep -rlI --null -F "$build" "$build/bin" "$build/pyvenv.cfg" || true; } | xargs -0 -r sed -i "s|$build|$venv|g"
 
-"$build/bin/python" -c 'import torch, transformers, peft, safetensors, tokenizers, numpy, tensorboard, pyarrow' ||
+"$build/bin/python" -c 'import torch, transformers, peft, safetensors, tokenizers, numpy, tensorboard, pyarrow, bitsandbytes, trl' ||
   { say "the new venv cannot import its packages; leaving the old state unchanged"; exit 1; }
 
 echo "$want" > "$build/$stamp_name"

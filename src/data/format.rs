@@ -534,12 +534,21 @@ pub fn detect_data_format(
     };
     detect_format(first, columns).ok_or_else(|| {
         let present: Vec<&str> = first.fields.keys().map(String::as_str).collect();
+        // A rename whose column the record lacks is the likely cause: name it first.
+        let missing: Vec<String> = columns
+            .iter()
+            .filter(|(_, column)| first.get(column).is_none())
+            .map(|(field, column)| {
+                format!("data.columns renames `{column}` to {field}, but the record has no `{column}`; ")
+            })
+            .collect();
         anyhow!(
-            "{} row {}: no known record layout in its columns ({}); expected `text`, \
+            "{} row {}: {}no known record layout in its columns ({}); expected `text`, \
              `instruction`/`output`, `segments`, `messages` or `conversations`: set data.format, \
              or rename columns with data.columns",
             first.file.display(),
             first.row,
+            missing.concat(),
             present.join(", ")
         )
     })

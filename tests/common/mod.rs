@@ -125,6 +125,37 @@ pub const FAMILIES: &[&str] = &[
     "gpt2-noprefix",
 ];
 
+/// Trains 6 steps of LoRA (r 4, alpha 8, every linear layer) on [`STORY_ROWS`] in `dir`, with
+/// the config's `model:` and `lora:` given as YAML flow mappings' inner text beside the defaults
+/// (`model_extra` e.g. `quantize: nf4`, `lora_extra` e.g. `dropout: 0.0`); returns the adapter
+/// directory of run `run_name`.
+pub fn train_stories_adapter(
+    dir: &Path,
+    base: &Path,
+    model_extra: &str,
+    lora_extra: &str,
+    run_name: &str,
+) -> PathBuf {
+    let extra = |s: &str| if s.is_empty() { String::new() } else { format!(", {s}") };
+    write(&dir.join("stories.jsonl"), STORY_ROWS);
+    write(
+        &dir.join("run.yaml"),
+        &format!(
+            "model: {{path: {}{}}}\n\
+             lora: {{r: 4, alpha: 8, target_modules: all-linear{}}}\n\
+             data: {{train: stories.jsonl, format: completion}}\n\
+             train: {{max_steps: 6, lr: 0.01, micro_batch_size: 2}}\n\
+             output: {{run_name: {run_name}}}\n",
+            base.display(),
+            extra(model_extra),
+            extra(lora_extra),
+        ),
+    );
+    let out = lorafit(dir, &["train", "run.yaml"]);
+    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
+    dir.join("checkpoints").join(run_name).join("adapter")
+}
+
 /// The directory of a model fixture.
 pub fn fixture(family: &str) -> PathBuf {
     repo().join("tests/fixtures/models").join(family)
