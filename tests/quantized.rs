@@ -341,3 +341,50 @@ fn quantize_writes_what_transformers_loads() {
     assert!(diff <= 1e-4, "{label}: transformers' logits on the written checkpoint differ by {diff}");
     assert!(diff_there <= 1e-4, "{label}: transformers + bitsandbytes' NF4 logits differ by {diff_there}");
 }
+
+/// `lorafit merge` of the Llama 3 fixture's adapter onto the fixture written in NF4 by `lorafit
+/// quantize`: a dense model (no `quantization_config`, no 4-bit tensors) whose logits are those
+/// of the adapter on the NF4 base as lorafit runs it (checked against transformers +
+/// bitsandbytes above), not those of the unquantized merge, with a warning that says so.
+#[test]
+fn merge_onto_a_quantized_base_dequantizes_and_warns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = common::fixture("llama3");
+    let adapter = dir.join("adapter");
+    let (base, merged) = (scratch.path().join("nf4"), scratch.path().join("merged"));
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let run = common::lorafit(scratch.path(), &["quantize", "--model", &path(&dir), "--out", &path(&base)]);
+    assert!(run.status.success(), "quantize failed: {}", String::from_utf8_lossy(&run.stderr));
+    let run = common::lorafit(
+        scratch.path(),
+        &["merge", "--model", &path(&base), "--adapter", &path(&adapter), "--out", &path(&merged)],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "merge failed: {stderr}");
+    assert!(
+        stderr.contains("carry the quantization error"),
+        "no warning about the quantization error: {stderr}"
+    );
+
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert!(
+        config.get("quantization_config").is_none(),
+        "the merged config still says the weights are 4-bit"
+    );
+    let mut model = load_model(&merged, Kind::Float, Device::Cpu).unwrap();
+    for (site, layer) in model.linear_layers_mut() {
+        assert!(matches!(layer.weight, FrozenWeight::Dense(_)), "{} is still in 4 bits", site.path);
+    }
+    let ours = logits(&model, &SMALL_IDS);
+
+    let mut nf4 = load_model(&base, Kind::Float, Device::Cpu).unwrap();
+    peft::load(&adapter, &mut nf4, Device::Cpu).unwrap();
+    let diff = (&ours - logits(&nf4, &SMALL_IDS)).abs().max().double_value(&[]);
+    let mut dense = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
+    peft::load(&adapter, &mut dense, Device::Cpu).unwrap();
+    let quantization_error = (&ours - logits(&dense, &SMALL_IDS)).abs().max().double_value(&[]);
+    eprintln!("merged onto NF4: vs the adapter on the NF4 base {diff:e}; vs on the unquantized base {quantization_error}");
+    assert!(diff <= 1e-5, "the merged model's logits differ from the adapter on the NF4 base by {diff}");
+    assert!(quantization_error > 1e-2, "the merge did not use the NF4 weights ({quantization_error})");
+}

@@ -231,6 +231,8 @@ struct SavedState {
     quant_type: String,
     blocksize: i64,
     shape: Vec<i64>,
+    /// The torch name of the dtype the weight was quantized from.
+    dtype: Option<String>,
     nested_blocksize: Option<i64>,
     nested_offset: Option<f32>,
 }
@@ -290,6 +292,42 @@ pub fn take_saved(w: &mut Weights, name: &str, shape: [i64; 2]) -> Result<Option
         scales: scales.moved_to(device),
         compute,
     }))))
+}
+
+/// The 4-bit weight whose quant state tensor is `state_name`, and the parts stored beside it.
+pub struct SavedWeight {
+    /// The packed codes' tensor name.
+    pub name: String,
+    /// `[out, in]`, from the quant state.
+    pub shape: [i64; 2],
+    /// The torch name of the dtype the weight was quantized from (`float32` when not recorded).
+    pub dtype: String,
+    /// The tensor names of its scales, code and quant state.
+    pub parts: Vec<String>,
+}
+
+/// The 4-bit weight `state_name` (`NAME.quant_state.bitsandbytes__nf4` or `__fp4`) describes,
+/// from the quant state's JSON `bytes`; `None` when `state_name` is not a quant state.
+pub fn saved_weight(state_name: &str, bytes: &[u8]) -> Result<Option<SavedWeight>> {
+    let Some(name) = [QuantFormat::Nf4, QuantFormat::Fp4]
+        .into_iter()
+        .find_map(|f| state_name.strip_suffix(&format!(".{}", state_suffix(f))))
+    else {
+        return Ok(None);
+    };
+    let state: SavedState = serde_json::from_slice(bytes).with_context(|| {
+        format!("`{state_name}` is not bitsandbytes' quant state (JSON); the checkpoint is damaged")
+    })?;
+    let [rows, cols] = state.shape[..] else {
+        bail!("`{state_name}`: shape {:?}; a 4-bit linear weight is [out, in]", state.shape);
+    };
+    let parts = ["absmax", "quant_map", "nested_absmax", "nested_quant_map"]
+        .iter()
+        .map(|part| format!("{name}.{part}"))
+        .chain([state_name.to_string()])
+        .collect();
+    let dtype = state.dtype.unwrap_or_else(|| "float32".into());
+    Ok(Some(SavedWeight { name: name.to_string(), shape: [rows, cols], dtype, parts }))
 }
 
 impl QuantizedWeight {
