@@ -5,10 +5,11 @@
 mod common;
 
 use common::peft_check::{peft_check, PeftJob};
-use lorafit::config::QuantFormat;
+use lorafit::config::{Config, QuantFormat, TargetModules};
 use lorafit::lora::peft;
 use lorafit::model::quantized::{FrozenWeight, QuantizedWeight, Scales};
-use lorafit::model::{load_model, load_model_quantized};
+use lorafit::model::{load_model, load_model_quantized, ModelSpec};
+use lorafit::train::memory::MemoryEstimate;
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
@@ -387,4 +388,51 @@ fn merge_onto_a_quantized_base_dequantizes_and_warns() {
     eprintln!("merged onto NF4: vs the adapter on the NF4 base {diff:e}; vs on the unquantized base {quantization_error}");
     assert!(diff <= 1e-5, "the merged model's logits differ from the adapter on the NF4 base by {diff}");
     assert!(quantization_error > 1e-2, "the merge did not use the NF4 weights ({quantization_error})");
+}
+
+/// The 4-bit sizes `lorafit inspect` and the run's memory estimate give are the bytes a model
+/// loaded with `model.quantize` holds (its 4-bit parts are bitsandbytes' bit for bit, see
+/// above): stories260K and the Llama 3 fixture, double-quantized scales or not.
+#[test]
+fn quantized_sizes_in_inspect_and_memory_estimate() {
+    let Some(assets) = common::assets() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    common::write(&scratch.path().join("train.jsonl"), common::STORY_ROWS);
+    for dir in [common::stories260k(&assets), common::fixture("llama3")] {
+        let spec = ModelSpec::from_dir(&dir).unwrap();
+        let held = |kind: Kind, nested: bool| {
+            let mut model =
+                load_model_quantized(&dir, kind, Device::Cpu, Some((QuantFormat::Nf4, nested))).unwrap();
+            let (mut bytes, mut dense) = (0, spec.parameter_count());
+            for (_, layer) in model.linear_layers_mut() {
+                if let FrozenWeight::Quantized(q) = &layer.weight {
+                    bytes += q.bytes();
+                    dense -= q.shape[0] * q.shape[1];
+                }
+            }
+            (bytes + dense * kind.elt_size_in_bytes() as i64) as u64
+        };
+        for nested in [true, false] {
+            let yaml = format!(
+                "model: {{path: {}, quantize: nf4, double_quant: {nested}, dtype: fp32}}\n\
+                 data: {{train: train.jsonl}}\ntrain: {{precision: fp32}}\n",
+                dir.display()
+            );
+            let cfg =
+                Config::from_yaml_str(&yaml, &scratch.path().join("run.yaml").display().to_string(), &[])
+                    .unwrap();
+            let estimate = MemoryEstimate::of(&cfg, &spec, &cfg.lora, 64).unwrap();
+            assert_eq!(
+                estimate.weights,
+                held(Kind::Float, nested),
+                "{}: estimate, double_quant {nested}",
+                dir.display()
+            );
+        }
+        let report = lorafit::inspect::inspect(&dir, &TargetModules::AllLinear, 8).unwrap();
+        let want = format!("{} with model.quantize", lorafit::inspect::size(held(Kind::BFloat16, true)));
+        assert!(report.contains(&want), "{}: inspect does not say `{want}`:\n{report}", dir.display());
+    }
 }

@@ -7,7 +7,7 @@
 //! A layer's weight is dequantized to the compute dtype when the layer runs and dropped after:
 //! memory holds the 4-bit codes plus one layer's dense copy.
 
-use super::Weights;
+use super::{LinearSite, LinearSites, Weights};
 use crate::config::QuantFormat;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -181,6 +181,36 @@ impl Scales {
             },
         }
     }
+}
+
+/// The linear layers a quantized load stores in 4 bits: all but the output head, which stays in
+/// the compute dtype as bitsandbytes keeps it.
+pub fn quantized_sites(sites: &LinearSites) -> impl Iterator<Item = &LinearSite> {
+    sites.sites.iter().filter(|site| site.path != sites.lm_head)
+}
+
+/// The bytes a 4-bit `[out, in]` weight holds, as [`QuantizedWeight::bytes`] counts them: the
+/// packed codes, and fp32 scales, or when `nested` 8-bit scales with their fp32 absmax, code
+/// and offset.
+pub fn quantized_bytes(shape: [i64; 2], nested: bool) -> u64 {
+    let numel = (shape[0] * shape[1]) as u64;
+    let blocks = numel.div_ceil(BLOCK as u64);
+    let scales = match nested {
+        true => blocks + blocks.div_ceil(NESTED_BLOCK as u64) * 4 + 256 * 4 + 4,
+        false => blocks * 4,
+    };
+    numel.div_ceil(2) + scales
+}
+
+/// The bytes of all frozen weights of a model whose parameters number `parameters`, held in
+/// `kind` but for the linear layers of `sites` in 4 bits.
+pub fn model_bytes(parameters: u64, kind: Kind, sites: &LinearSites, nested: bool) -> u64 {
+    let (mut four_bit, mut dense) = (0u64, parameters);
+    for site in quantized_sites(sites) {
+        four_bit += quantized_bytes([site.out_features, site.in_features], nested);
+        dense -= (site.out_features * site.in_features) as u64;
+    }
+    four_bit + dense * kind.elt_size_in_bytes() as u64
 }
 
 /// A frozen linear weight as a layer holds it: dense, or 4-bit and dequantized when used.
