@@ -310,7 +310,8 @@ fn transformers_4bit_checkpoint_loads_with_equal_logits() {
 
 /// `lorafit quantize` writes a checkpoint that transformers + bitsandbytes load with
 /// `from_pretrained` as it is, computing lorafit's NF4 logits, which are also those of
-/// transformers + bitsandbytes quantizing the original at load (stories260K).
+/// transformers + bitsandbytes quantizing the original at load (stories260K and the Llama 3
+/// fixture).
 #[test]
 fn quantize_writes_what_transformers_loads() {
     let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
@@ -318,29 +319,43 @@ fn quantize_writes_what_transformers_loads() {
     };
     let scratch = tempfile::tempdir().unwrap();
     let ids = serde_json::to_string(&SMALL_IDS).unwrap();
-    let (label, dir) = ("stories", common::stories260k(&assets));
-    let out = scratch.path().join(label);
-    let run = common::lorafit(
-        scratch.path(),
-        &["quantize", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", "nf4"],
-    );
-    assert!(run.status.success(), "{label}: quantize failed: {}", String::from_utf8_lossy(&run.stderr));
-    let nf4 = Some((QuantFormat::Nf4, true));
-    let ours = logits(&load_model_quantized(&dir, Kind::Float, Device::Cpu, nf4).unwrap(), &SMALL_IDS);
-    let reloaded = logits(&load_model(&out, Kind::Float, Device::Cpu).unwrap(), &SMALL_IDS);
-    assert!(reloaded.equal(&ours), "{label}: the written checkpoint does not reload to the same logits");
-    let report = scratch.path().join(format!("{label}.json"));
-    let loaded =
-        logits_of(bnb_check(&python, &["load", out.to_str().unwrap(), &ids, report.to_str().unwrap()]));
-    let quantized_there = logits_of(bnb_check(
-        &python,
-        &["logits", dir.to_str().unwrap(), &ids, "float32", report.to_str().unwrap()],
-    ));
-    let diff = (&ours - &loaded).abs().max().double_value(&[]);
-    let diff_there = (&ours - &quantized_there).abs().max().double_value(&[]);
-    eprintln!("{label}: lorafit quantize → transformers {diff:e}; quantized by bitsandbytes {diff_there:e}");
-    assert!(diff <= 1e-4, "{label}: transformers' logits on the written checkpoint differ by {diff}");
-    assert!(diff_there <= 1e-4, "{label}: transformers + bitsandbytes' NF4 logits differ by {diff_there}");
+    for (label, dir) in [("stories", common::stories260k(&assets)), ("llama3", common::fixture("llama3"))] {
+        let out = scratch.path().join(label);
+        let run = common::lorafit(
+            scratch.path(),
+            &[
+                "quantize",
+                "--model",
+                dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--format",
+                "nf4",
+            ],
+        );
+        assert!(run.status.success(), "{label}: quantize failed: {}", String::from_utf8_lossy(&run.stderr));
+        let nf4 = Some((QuantFormat::Nf4, true));
+        let ours = logits(&load_model_quantized(&dir, Kind::Float, Device::Cpu, nf4).unwrap(), &SMALL_IDS);
+        let reloaded = logits(&load_model(&out, Kind::Float, Device::Cpu).unwrap(), &SMALL_IDS);
+        assert!(reloaded.equal(&ours), "{label}: the written checkpoint does not reload to the same logits");
+        let report = scratch.path().join(format!("{label}.json"));
+        let loaded =
+            logits_of(bnb_check(&python, &["load", out.to_str().unwrap(), &ids, report.to_str().unwrap()]));
+        let quantized_there = logits_of(bnb_check(
+            &python,
+            &["logits", dir.to_str().unwrap(), &ids, "float32", report.to_str().unwrap()],
+        ));
+        let diff = (&ours - &loaded).abs().max().double_value(&[]);
+        let diff_there = (&ours - &quantized_there).abs().max().double_value(&[]);
+        eprintln!(
+            "{label}: lorafit quantize → transformers {diff:e}; quantized by bitsandbytes {diff_there:e}"
+        );
+        assert!(diff <= 1e-4, "{label}: transformers' logits on the written checkpoint differ by {diff}");
+        assert!(
+            diff_there <= 1e-4,
+            "{label}: transformers + bitsandbytes' NF4 logits differ by {diff_there}"
+        );
+    }
 }
 
 /// `lorafit merge` of the Llama 3 fixture's adapter onto the fixture written in NF4 by `lorafit
