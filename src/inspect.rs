@@ -3,11 +3,13 @@
 
 use crate::config::{LoraConfig, TargetModules};
 use crate::lora::select_targets;
+use crate::model::quantized::{model_bytes, quantized_sites};
 use crate::model::spec::AttentionSpan;
 use crate::model::{LinearSites, ModelSpec};
 use anyhow::Result;
 use std::fmt::Write;
 use std::path::Path;
+use tch::Kind;
 
 /// The report as text, from config.json (and the weight files' headers, for their dtype).
 /// `targets`/`r` choose the adapter whose size is estimated.
@@ -21,6 +23,16 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
     writeln!(out, "family: {:?} (model_type {})", s.family, s.model_type)?;
     writeln!(out, "parameters: {count} ({:.2}M)", count as f64 / 1e6)?;
     writeln!(out, "stored dtype: {stored}")?;
+    let params = count as u64;
+    writeln!(
+        out,
+        "weights: {} in fp32, {} in bf16; {} with model.quantize (nf4 or fp4, double_quant): \
+         {} linear modules in 4 bits, the rest in bf16",
+        size(params * 4),
+        size(params * 2),
+        size(model_bytes(params, Kind::BFloat16, &sites, true)),
+        quantized_sites(&sites).count()
+    )?;
     writeln!(out, "tied embeddings: {}", if s.tie_word_embeddings { "yes" } else { "no" })?;
     writeln!(
         out,
@@ -58,6 +70,15 @@ pub fn inspect(dir: &Path, targets: &TargetModules, r: usize) -> Result<String> 
         100.0 * trainable as f64 / count as f64
     )?;
     Ok(out)
+}
+
+/// `bytes` in kB, MB or GB, whichever reads best.
+pub fn size(bytes: u64) -> String {
+    match bytes as f64 {
+        b if b < 1e6 => format!("{:.1} kB", b / 1e3),
+        b if b < 1e9 => format!("{:.1} MB", b / 1e6),
+        b => format!("{:.2} GB", b / 1e9),
+    }
 }
 
 /// The dtypes the weight files hold, read from the safetensors headers; `none` for a directory

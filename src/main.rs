@@ -373,6 +373,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
             .and_then(|dtype| lorafit::export::merge::merge_command(model.as_deref(), &adapter, &out, dtype))
             .map(|report| {
+                if let Some(warning) = report.warning() {
+                    eprintln!("warning: {warning}");
+                }
                 println!(
                     "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",
                     report.tensors_merged,

@@ -7,6 +7,13 @@ usage: bnb_check.py codes TENSORS.safetensors OUT.json
     bitsandbytes.functional.quantize_4bit(input, blocksize=64, quant_type, compress_statistics=True)
     runs on each input; OUT lists, per NAME, the parts that are not bit-identical.
 
+usage: bnb_check.py dequant TENSORS.safetensors OUT.json
+    TENSORS holds, for each weight NAME, `NAME.input` (the dense fp32 weight) and `NAME.ours`
+    (lorafit's dequantization of its NF4 quantization). quantize_4bit(input) is dequantized by
+    bitsandbytes' native CPU kernel and by its generic one (see `use_exact_dequantize`); OUT has,
+    per NAME, {"exact_equal": bool, "native_equal": bool, "native_max_diff": float}, comparing
+    each with `NAME.ours`.
+
 usage: bnb_check.py logits MODEL_DIR IDS_JSON COMPUTE OUT.json
     Loads MODEL_DIR with transformers + bitsandbytes (4-bit NF4, double quantization, compute
     dtype COMPUTE: float32 or bfloat16) on CPU and writes the fp32 logits of the token ids.
@@ -59,9 +66,55 @@ def check_codes(tensors_path, out_path):
         json.dump(report, f)
 
 
+def exact_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+    """bitsandbytes' own generic dequantization (backends/default), which reads the blocks
+    `quantize_4bit` writes: value i of the flattened weight is scaled by block i // blocksize."""
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    code = _get_4bit_code(quant_type, A.device)
+    return _dequantize_4bit_compute(A.view(torch.uint8).reshape(-1), absmax.float(), code, blocksize, shape, dtype)
+
+
+def use_exact_dequantize():
+    """Runs 4-bit layers on CPU with `exact_dequantize_4bit`.
+
+    bitsandbytes 0.50.2's native CPU kernel (cdequantize_blockwise_cpu_*) scales row r, column c
+    by block r * (n // 64) + c // 64 when the row length n is a multiple of 16 but not of 64: a
+    32-wide row (the Llama 3 fixture's hidden size) takes block 0 for every row, and an 80-wide
+    row the wrong block from row 1 on. Rows that are whole blocks, the hidden sizes of real models,
+    dequantize right, and so do the CUDA kernels; the `dequant` command checks all of this."""
+    import bitsandbytes  # noqa: F401 (registers its kernels first, so that this one replaces them)
+
+    torch.library.register_kernel("bitsandbytes::dequantize_4bit", "cpu", exact_dequantize_4bit)
+
+
+def check_dequant(tensors_path, out_path):
+    import bitsandbytes.functional as F
+
+    tensors = load_file(tensors_path)
+    report = {}
+    for name in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        packed, state = F.quantize_4bit(
+            tensors[f"{name}.input"], blocksize=64, quant_type="nf4", compress_statistics=True
+        )
+        absmax = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        exact = exact_dequantize_4bit(packed, absmax, 64, "nf4", state.shape, torch.float32)
+        native = F.dequantize_4bit(packed, state)
+        ours = tensors[f"{name}.ours"]
+        report[name] = {
+            "exact_equal": torch.equal(exact, ours),
+            "native_equal": torch.equal(native, ours),
+            "native_max_diff": (native - ours).abs().max().item(),
+        }
+    with open(out_path, "w") as f:
+        json.dump(report, f)
+
+
 def load_nf4(model_dir, dtype, quant_type="nf4", double_quant=True):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    use_exact_dequantize()
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
@@ -112,6 +165,7 @@ def save(model_dir, quant_type, double_quant, ids_json, save_dir, out_path):
 def load_saved(model_dir, ids_json, out_path):
     from transformers import AutoModelForCausalLM
 
+    use_exact_dequantize()
     model = AutoModelForCausalLM.from_pretrained(model_dir, device_map="cpu")
     with open(out_path, "w") as f:
         json.dump(run_logits(model, ids_json), f)
@@ -120,6 +174,8 @@ def load_saved(model_dir, ids_json, out_path):
 if __name__ == "__main__":
     if sys.argv[1] == "codes":
         check_codes(*sys.argv[2:4])
+    elif sys.argv[1] == "dequant":
+        check_dequant(*sys.argv[2:4])
     elif sys.argv[1] == "save":
         save(*sys.argv[2:8])
     elif sys.argv[1] == "load":

@@ -8,17 +8,23 @@
 //! and GPT-2 keeps or omits its `transformer.` prefix. config.json, generation_config.json and
 //! the tokenizer files are copied beside the weights; everything is written under a temporary
 //! name and renamed into place once complete.
+//!
+//! A base saved in 4 bits by transformers + bitsandbytes is merged as PEFT users do with
+//! `merge_and_unload()` on a dense copy: each 4-bit weight is dequantized to fp32, the update
+//! added, and the sum cast once; the output is a dense model (no `quantization_config`) whose
+//! weights carry the quantization error, which [`MergeReport::warning`] says.
 
 use crate::files::{publish_dir, read_safetensors, read_safetensors_header};
 use crate::lora::{self, peft};
-use crate::model::{LinearSite, LinearSites, ModelSpec};
+use crate::model::quantized::{saved_weight, take_saved, FrozenWeight};
+use crate::model::{LinearSite, LinearSites, ModelSpec, Weights};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The largest output shard [`merge`] writes (a single tensor larger than this gets a shard of
 /// its own).
@@ -106,6 +112,22 @@ pub struct MergeReport {
     pub bytes: u64,
     /// Number of safetensors files (1: `model.safetensors`, otherwise sharded with an index).
     pub shards: usize,
+    /// Weights the base stores in 4 bits, written dequantized.
+    pub dequantized: usize,
+}
+
+impl MergeReport {
+    /// What a user must know when the base was quantized, as PEFT warns when merging into 4 bits.
+    pub fn warning(&self) -> Option<String> {
+        (self.dequantized > 0).then(|| {
+            format!(
+                "the base model stores {} weights in 4 bits: they were dequantized before the adapter \
+                 was added, so the merged weights carry the quantization error; merge into the \
+                 unquantized model for weights without it",
+                self.dequantized
+            )
+        })
+    }
 }
 
 /// `lorafit merge`: [`merge`], with the base model the adapter names when `model_dir` is `None`.
@@ -140,7 +162,9 @@ pub fn merge_with(
         format!("the adapter in {} does not fit the model in {}", adapter_dir.display(), model_dir.display())
     })?;
     let shards = plan_shards(&source, dtype, max_shard_bytes.max(1))?;
-    let mut report = MergeReport { tensors_merged: deltas.len(), bytes: 0, shards: shards.len() };
+    let dequantized = source.tensors.iter().filter(|t| t.four_bit).count();
+    let mut report =
+        MergeReport { tensors_merged: deltas.len(), bytes: 0, shards: shards.len(), dequantized };
     publish_dir(out_dir, |tmp| {
         let count = shards.len();
         let mut weight_map = BTreeMap::new();
@@ -161,7 +185,7 @@ pub fn merge_with(
             let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
             std::fs::write(tmp.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index)?)?;
         }
-        copy_side_files(model_dir, tmp, dtype)
+        copy_side_files(model_dir, tmp, dtype, dequantized > 0)
     })
     .with_context(|| format!("writing the merged model to {}", out_dir.display()))?;
     Ok(report)
@@ -196,6 +220,8 @@ struct StoredTensor {
     /// Absolute byte offset of the data in its file.
     start: u64,
     len: u64,
+    /// Stored in 4 bits: `dtype` and `shape` are those of the dense weight it stands for.
+    four_bit: bool,
 }
 
 /// The input checkpoint's tensors (headers only), in file order and by offset within a file.
@@ -204,6 +230,8 @@ struct Source {
     files: Vec<File>,
     tensors: Vec<StoredTensor>,
     by_name: HashMap<String, usize>,
+    /// Reads and dequantizes the 4-bit weights, when there are any.
+    four_bit: Option<Weights>,
 }
 
 impl Source {
@@ -218,13 +246,59 @@ impl Source {
             tensors.extend(found);
             files.push(file);
         }
-        let mut by_name = HashMap::new();
-        for (i, t) in tensors.iter().enumerate() {
-            if by_name.insert(t.name.clone(), i).is_some() {
+        let mut source = Source { paths, files, tensors, by_name: HashMap::new(), four_bit: None };
+        source.index(dir)?;
+        if source.fold_four_bit()? {
+            source.four_bit = Some(Weights::open(dir, Kind::Float, Device::Cpu)?);
+            source.index(dir)?;
+        }
+        Ok(source)
+    }
+
+    fn index(&mut self, dir: &Path) -> Result<()> {
+        self.by_name.clear();
+        for (i, t) in self.tensors.iter().enumerate() {
+            if self.by_name.insert(t.name.clone(), i).is_some() {
                 bail!("tensor `{}` is stored twice in {}", t.name, dir.display());
             }
         }
-        Ok(Source { paths, files, tensors, by_name })
+        Ok(())
+    }
+
+    /// Lists each 4-bit weight (transformers + bitsandbytes' save) as the dense weight it stands
+    /// for, and drops its scales, code and quant state from the listing. Whether there were any.
+    fn fold_four_bit(&mut self) -> Result<bool> {
+        let mut parts = std::collections::HashSet::new();
+        for i in 0..self.tensors.len() {
+            if !self.tensors[i].name.contains(".quant_state.bitsandbytes__") {
+                continue;
+            }
+            let bytes = self.read(i)?;
+            let Some(saved) = saved_weight(&self.tensors[i].name, &bytes)? else { continue };
+            let dtype = match saved.dtype.as_str() {
+                "bfloat16" => "BF16",
+                "float16" => "F16",
+                _ => "F32",
+            };
+            let Some(&w) = self.by_name.get(&saved.name) else {
+                bail!("`{}` has a quant state but no packed weight `{}`", self.tensors[i].name, saved.name);
+            };
+            let t = &mut self.tensors[w];
+            (t.dtype, t.shape, t.four_bit) = (dtype.to_string(), saved.shape.to_vec(), true);
+            parts.extend(saved.parts);
+        }
+        self.tensors.retain(|t| !parts.contains(&t.name));
+        Ok(!parts.is_empty())
+    }
+
+    /// The fp32 dense weight the 4-bit tensor `i` stands for.
+    fn dequantized(&mut self, i: usize) -> Result<Tensor> {
+        let t = &self.tensors[i];
+        let weights = self.four_bit.as_mut().ok_or_else(|| anyhow!("`{}` is not in 4 bits", t.name))?;
+        match take_saved(weights, &t.name, [t.shape[0], t.shape[1]])? {
+            Some(FrozenWeight::Quantized(q)) => Ok(q.dequantize()),
+            _ => bail!("`{}` is not a bitsandbytes 4-bit weight", t.name),
+        }
     }
 
     fn get(&self, name: &str) -> Option<&StoredTensor> {
@@ -261,6 +335,7 @@ fn read_header(file: &mut File, path: &Path, index: usize) -> Result<Vec<StoredT
             file: index,
             start: header.data_start + begin,
             len: end - begin,
+            four_bit: false,
         });
     }
     Ok(out)
@@ -496,17 +571,24 @@ fn write_shard(
 /// The bytes of one output tensor: the stored bytes when nothing changes, otherwise the
 /// (merged and) converted tensor.
 fn output_bytes(source: &mut Source, p: &Planned, deltas: &BTreeMap<String, Delta>) -> Result<Vec<u8>> {
-    let raw = source.read(p.tensor)?;
+    let stored = if source.tensors[p.tensor].four_bit {
+        source.dequantized(p.tensor)?
+    } else {
+        let raw = source.read(p.tensor)?;
+        let t = &source.tensors[p.tensor];
+        if !deltas.contains_key(&t.name) && p.dtype == t.dtype {
+            return Ok(raw);
+        }
+        let Some(kind_in) = float_kind(&t.dtype) else {
+            bail!("tensor `{}` is stored as {}, which cannot be converted to {}", t.name, t.dtype, p.dtype);
+        };
+        Tensor::f_from_data_size(&raw, &t.shape, kind_in)?
+    };
     let t = &source.tensors[p.tensor];
     let delta = deltas.get(&t.name);
-    if delta.is_none() && p.dtype == t.dtype {
-        return Ok(raw);
-    }
-    let (Some(kind_in), Some(kind_out)) = (float_kind(&t.dtype), float_kind(&p.dtype)) else {
-        bail!("tensor `{}` is stored as {}, which cannot be converted to {}", t.name, t.dtype, p.dtype);
+    let Some(kind_out) = float_kind(&p.dtype) else {
+        bail!("tensor `{}` cannot be converted to {}", t.name, p.dtype);
     };
-    let stored = Tensor::f_from_data_size(&raw, &t.shape, kind_in)?;
-    drop(raw);
     let merged = match delta {
         Some(d) => stored.to_kind(Kind::Float) + d.weight_update(),
         None => stored.to_kind(Kind::Float),
@@ -531,9 +613,9 @@ pub(crate) fn all_finite(t: &Tensor) -> bool {
     t.numel() == 0 || t.isfinite().all().int64_value(&[]) != 0
 }
 
-/// Copies config.json (with its dtype updated when the merge changes it), generation config and
-/// tokenizer files into `out`.
-fn copy_side_files(model_dir: &Path, out: &Path, dtype: MergeDtype) -> Result<()> {
+/// Copies config.json (with its dtype updated when the merge changes it, and without its
+/// `quantization_config` when `dequantized`), generation config and tokenizer files into `out`.
+fn copy_side_files(model_dir: &Path, out: &Path, dtype: MergeDtype, dequantized: bool) -> Result<()> {
     for name in SIDE_FILES {
         let from = model_dir.join(name);
         if !from.is_file() {
@@ -541,24 +623,8 @@ fn copy_side_files(model_dir: &Path, out: &Path, dtype: MergeDtype) -> Result<()
         }
         let to = out.join(name);
         match (*name, dtype.config_name()) {
-            ("config.json", Some(dtype_name)) => {
-                let text = std::fs::read_to_string(&from)
-                    .with_context(|| format!("cannot read {}", from.display()))?;
-                let mut config: Value = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not valid JSON", from.display()))?;
-                let map = config
-                    .as_object_mut()
-                    .ok_or_else(|| anyhow!("{} must be a JSON object", from.display()))?;
-                let mut updated = false;
-                for key in ["torch_dtype", "dtype"] {
-                    if let Some(v) = map.get_mut(key) {
-                        *v = json!(dtype_name);
-                        updated = true;
-                    }
-                }
-                if !updated {
-                    map.insert("torch_dtype".into(), json!(dtype_name));
-                }
+            ("config.json", dtype_name) if dtype_name.is_some() || dequantized => {
+                let config = rewritten_config(&from, dtype_name, dequantized)?;
                 std::fs::write(&to, serde_json::to_vec_pretty(&config)?)
                     .with_context(|| format!("cannot write {}", to.display()))?;
             }
@@ -569,6 +635,31 @@ fn copy_side_files(model_dir: &Path, out: &Path, dtype: MergeDtype) -> Result<()
         }
     }
     Ok(())
+}
+
+/// config.json `from` with its dtype set to `dtype_name` when given, and without its
+/// `quantization_config` when the weights were `dequantized`.
+fn rewritten_config(from: &Path, dtype_name: Option<&str>, dequantized: bool) -> Result<Value> {
+    let text = std::fs::read_to_string(from).with_context(|| format!("cannot read {}", from.display()))?;
+    let mut config: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", from.display()))?;
+    let map = config.as_object_mut().ok_or_else(|| anyhow!("{} must be a JSON object", from.display()))?;
+    if dequantized {
+        map.remove("quantization_config");
+    }
+    if let Some(dtype_name) = dtype_name {
+        let mut updated = false;
+        for key in ["torch_dtype", "dtype"] {
+            if let Some(v) = map.get_mut(key) {
+                *v = json!(dtype_name);
+                updated = true;
+            }
+        }
+        if !updated {
+            map.insert("torch_dtype".into(), json!(dtype_name));
+        }
+    }
+    Ok(config)
 }
 
 #[cfg(test)]

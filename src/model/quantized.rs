@@ -7,7 +7,7 @@
 //! A layer's weight is dequantized to the compute dtype when the layer runs and dropped after:
 //! memory holds the 4-bit codes plus one layer's dense copy.
 
-use super::Weights;
+use super::{LinearSite, LinearSites, Weights};
 use crate::config::QuantFormat;
 use anyhow::{bail, Context, Result};
 use tch::{Device, Kind, Tensor};
@@ -183,6 +183,36 @@ impl Scales {
     }
 }
 
+/// The linear layers a quantized load stores in 4 bits: all but the output head, which stays in
+/// the compute dtype as bitsandbytes keeps it.
+pub fn quantized_sites(sites: &LinearSites) -> impl Iterator<Item = &LinearSite> {
+    sites.sites.iter().filter(|site| site.path != sites.lm_head)
+}
+
+/// The bytes a 4-bit `[out, in]` weight holds, as [`QuantizedWeight::bytes`] counts them: the
+/// packed codes, and fp32 scales, or when `nested` 8-bit scales with their fp32 absmax, code
+/// and offset.
+pub fn quantized_bytes(shape: [i64; 2], nested: bool) -> u64 {
+    let numel = (shape[0] * shape[1]) as u64;
+    let blocks = numel.div_ceil(BLOCK as u64);
+    let scales = match nested {
+        true => blocks + blocks.div_ceil(NESTED_BLOCK as u64) * 4 + 256 * 4 + 4,
+        false => blocks * 4,
+    };
+    numel.div_ceil(2) + scales
+}
+
+/// The bytes of all frozen weights of a model whose parameters number `parameters`, held in
+/// `kind` but for the linear layers of `sites` in 4 bits.
+pub fn model_bytes(parameters: u64, kind: Kind, sites: &LinearSites, nested: bool) -> u64 {
+    let (mut four_bit, mut dense) = (0u64, parameters);
+    for site in quantized_sites(sites) {
+        four_bit += quantized_bytes([site.out_features, site.in_features], nested);
+        dense -= (site.out_features * site.in_features) as u64;
+    }
+    four_bit + dense * kind.elt_size_in_bytes() as u64
+}
+
 /// A frozen linear weight as a layer holds it: dense, or 4-bit and dequantized when used.
 pub enum FrozenWeight {
     Dense(Tensor),
@@ -231,6 +261,8 @@ struct SavedState {
     quant_type: String,
     blocksize: i64,
     shape: Vec<i64>,
+    /// The torch name of the dtype the weight was quantized from.
+    dtype: Option<String>,
     nested_blocksize: Option<i64>,
     nested_offset: Option<f32>,
 }
@@ -290,6 +322,42 @@ pub fn take_saved(w: &mut Weights, name: &str, shape: [i64; 2]) -> Result<Option
         scales: scales.moved_to(device),
         compute,
     }))))
+}
+
+/// The 4-bit weight whose quant state tensor is `state_name`, and the parts stored beside it.
+pub struct SavedWeight {
+    /// The packed codes' tensor name.
+    pub name: String,
+    /// `[out, in]`, from the quant state.
+    pub shape: [i64; 2],
+    /// The torch name of the dtype the weight was quantized from (`float32` when not recorded).
+    pub dtype: String,
+    /// The tensor names of its scales, code and quant state.
+    pub parts: Vec<String>,
+}
+
+/// The 4-bit weight `state_name` (`NAME.quant_state.bitsandbytes__nf4` or `__fp4`) describes,
+/// from the quant state's JSON `bytes`; `None` when `state_name` is not a quant state.
+pub fn saved_weight(state_name: &str, bytes: &[u8]) -> Result<Option<SavedWeight>> {
+    let Some(name) = [QuantFormat::Nf4, QuantFormat::Fp4]
+        .into_iter()
+        .find_map(|f| state_name.strip_suffix(&format!(".{}", state_suffix(f))))
+    else {
+        return Ok(None);
+    };
+    let state: SavedState = serde_json::from_slice(bytes).with_context(|| {
+        format!("`{state_name}` is not bitsandbytes' quant state (JSON); the checkpoint is damaged")
+    })?;
+    let [rows, cols] = state.shape[..] else {
+        bail!("`{state_name}`: shape {:?}; a 4-bit linear weight is [out, in]", state.shape);
+    };
+    let parts = ["absmax", "quant_map", "nested_absmax", "nested_quant_map"]
+        .iter()
+        .map(|part| format!("{name}.{part}"))
+        .chain([state_name.to_string()])
+        .collect();
+    let dtype = state.dtype.unwrap_or_else(|| "float32".into());
+    Ok(Some(SavedWeight { name: name.to_string(), shape: [rows, cols], dtype, parts }))
 }
 
 impl QuantizedWeight {

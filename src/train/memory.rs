@@ -5,6 +5,7 @@
 use crate::config::{Config, LoraConfig};
 use crate::lora::select_targets;
 use crate::model::load::{activation_kind, weight_kind};
+use crate::model::quantized::model_bytes;
 use crate::model::{LinearSites, ModelSpec};
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
@@ -20,7 +21,8 @@ const RUNTIME_BYTES: u64 = 180 << 20;
 /// Estimated bytes, by what holds them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryEstimate {
-    /// The frozen base weights at the dtype they are held in.
+    /// The frozen base weights at the dtype they are held in (the linear layers in 4 bits with
+    /// `model.quantize`).
     pub weights: u64,
     /// Adapter parameters (fp32) and their gradients.
     pub adapters: u64,
@@ -48,7 +50,7 @@ impl MemoryEstimate {
             adapter_params += r * (site.in_features + site.out_features) as u64;
             adapter_activations += (site.in_features as u64 + r) * 4;
         }
-        let weight_bytes = bytes(weight_kind(cfg.model.dtype, cfg.train.precision));
+        let weight_kind = weight_kind(cfg.model.dtype, cfg.train.precision);
         let act = bytes(activation_kind(cfg.train.precision));
         let (h, f) = (spec.hidden_size as u64, spec.intermediate_size as u64);
         let (q, kv) = ((spec.num_heads * spec.head_dim) as u64, (spec.num_kv_heads * spec.head_dim) as u64);
@@ -66,8 +68,12 @@ impl MemoryEstimate {
             layers * block + adapter_activations
         };
         let logits = (super::LOGITS_PER_CHUNK as u64) * 4 * 3; // logits, softmax, their gradient
+        let count = spec.parameter_count() as u64;
         Ok(MemoryEstimate {
-            weights: spec.parameter_count() as u64 * weight_bytes,
+            weights: match cfg.model.quantize {
+                Some(_) => model_bytes(count, weight_kind, &sites, cfg.model.double_quant),
+                None => count * bytes(weight_kind),
+            },
             adapters: adapter_params * 4 * 2,
             optimizer: adapter_params * 4 * 2,
             activations: tokens * kept_per_token + logits.min(tokens * spec.vocab_size as u64 * 4 * 3),
