@@ -13,7 +13,7 @@ use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
 use lorafit::train::interrupt::{stop_on_signal, Interrupted};
 use lorafit::train::memory::MEMORY_SETTINGS;
 use lorafit::train::run::{dry_run_command, train_command, LogFormat, RunOptions};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Fine-tune causal language models with LoRA adapters and write adapters that Hugging Face PEFT,
@@ -368,37 +368,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
                 lorafit::export::gguf::export_command(&adapter, &format, model.as_deref(), &out, dtype, force)
             })
             .map(|report| print!("{report}")),
-        Command::Merge { model, adapter, out, dtype } => dtype
-            .parse::<MergeDtype>()
-            .map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))
-            .and_then(|dtype| lorafit::export::merge::merge_command(model.as_deref(), &adapter, &out, dtype))
-            .map(|report| {
-                if let Some(warning) = report.warning() {
-                    eprintln!("warning: {warning}");
-                }
-                println!(
-                    "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",
-                    report.tensors_merged,
-                    out.display(),
-                    report.shards,
-                    if report.shards == 1 { "" } else { "s" },
-                    report.bytes as f64 / 1e6
-                )
-            }),
+        Command::Merge { model, adapter, out, dtype } => merge(model.as_deref(), &adapter, &out, &dtype),
         Command::Quantize { model, out, format, no_double_quant } => {
-            serde_yaml::from_str::<lorafit::config::QuantFormat>(&format)
-                .map_err(|_| anyhow::anyhow!("--format {format}: expected nf4 or fp4"))
-                .and_then(|format| {
-                    lorafit::export::quantize::quantize_command(&model, &out, format, !no_double_quant)
-                })
-                .map(|r| {
-                    println!(
-                        "wrote {} with {} linear weights in 4 bits ({:.1} MB)",
-                        out.display(),
-                        r.quantized,
-                        r.bytes as f64 / 1e6
-                    )
-                })
+            quantize(&model, &out, &format, !no_double_quant)
         }
         Command::Data(DataCommand::Preview { config, overrides, n }) => {
             data_commands::preview_command(&config, &overrides, n).map(|report| print!("{report}"))
@@ -416,6 +388,38 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             .and_then(|targets| inspect(&model, &targets, r))
             .map(|report| print!("{report}")),
     }
+}
+
+/// `lorafit merge`: merges and says what it wrote (and, onto a 4-bit base, what that costs).
+fn merge(model: Option<&Path>, adapter: &Path, out: &Path, dtype: &str) -> anyhow::Result<()> {
+    let dtype = dtype.parse::<MergeDtype>().map_err(|e| anyhow::anyhow!("--dtype {dtype}: {e}"))?;
+    let report = lorafit::export::merge::merge_command(model, adapter, out, dtype)?;
+    if let Some(warning) = report.warning() {
+        eprintln!("warning: {warning}");
+    }
+    println!(
+        "merged {} adapted weights into {} ({} shard{}, {:.1} MB)",
+        report.tensors_merged,
+        out.display(),
+        report.shards,
+        if report.shards == 1 { "" } else { "s" },
+        report.bytes as f64 / 1e6
+    );
+    Ok(())
+}
+
+/// `lorafit quantize`: writes the 4-bit checkpoint and says what it holds.
+fn quantize(model: &Path, out: &Path, format: &str, double_quant: bool) -> anyhow::Result<()> {
+    let format = serde_yaml::from_str::<lorafit::config::QuantFormat>(format)
+        .map_err(|_| anyhow::anyhow!("--format {format}: expected nf4 or fp4"))?;
+    let report = lorafit::export::quantize::quantize_command(model, out, format, double_quant)?;
+    println!(
+        "wrote {} with {} linear weights in 4 bits ({:.1} MB)",
+        out.display(),
+        report.quantized,
+        report.bytes as f64 / 1e6
+    );
+    Ok(())
 }
 
 impl From<LogFormatArg> for LogFormat {
