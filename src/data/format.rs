@@ -718,24 +718,10 @@ pub fn prepare_records(
             .into_iter()
             .zip(origins)
     {
-        if ex.input_ids.len() > cfg.max_seq_len {
-            match cfg.too_long {
-                TooLong::Truncate => {
-                    ex.input_ids.truncate(cfg.max_seq_len);
-                    ex.labels.truncate(cfg.max_seq_len);
-                    out.truncated += 1;
-                }
-                TooLong::Skip => {
-                    out.skipped_too_long += 1;
-                    continue;
-                }
-                TooLong::Error => bail!(
-                    "{origin}: the example has {} tokens, more than data.max_seq_len {}; raise max_seq_len or \
-                     set data.too_long: truncate or skip",
-                    ex.input_ids.len(),
-                    cfg.max_seq_len
-                ),
-            }
+        let length = ex.input_ids.len();
+        let what = || format!("{origin}: the example has {length} tokens");
+        if !fit_to_max_len(std::slice::from_mut(&mut ex), cfg, &mut out, what)? {
+            continue;
         }
         // The first label never counts (nothing predicts it), so a row needs one after it.
         if ex.labels.iter().skip(1).all(|&l| l == IGNORE) {
@@ -776,6 +762,40 @@ pub fn prepare_splits(
     match &cfg.validation {
         Some(path) => Ok((train, Some(prepare_as(path, cfg, tok, chat, examples)?))),
         None => Ok((train, held_out)),
+    }
+}
+
+/// Applies `data.too_long` to one unit of examples kept or dropped together (an example, or a
+/// preference pair) whose longest member is over `data.max_seq_len`: cuts every member, or
+/// counts the unit as skipped (`Ok(false)`), or refuses with `what()` ("FILE:ROW: the example
+/// has N tokens"). `Ok(true)`: keep the unit.
+pub(super) fn fit_to_max_len(
+    unit: &mut [Example],
+    cfg: &DataConfig,
+    out: &mut Prepared,
+    what: impl FnOnce() -> String,
+) -> Result<bool> {
+    if unit.iter().all(|ex| ex.input_ids.len() <= cfg.max_seq_len) {
+        return Ok(true);
+    }
+    match cfg.too_long {
+        TooLong::Truncate => {
+            for ex in unit {
+                ex.input_ids.truncate(cfg.max_seq_len);
+                ex.labels.truncate(cfg.max_seq_len);
+            }
+            out.truncated += 1;
+            Ok(true)
+        }
+        TooLong::Skip => {
+            out.skipped_too_long += 1;
+            Ok(false)
+        }
+        TooLong::Error => bail!(
+            "{}, more than data.max_seq_len {}; raise max_seq_len or set data.too_long: truncate or skip",
+            what(),
+            cfg.max_seq_len
+        ),
     }
 }
 

@@ -14,10 +14,12 @@
 //! `[chosen 0, rejected 0, chosen 1, rejected 1, ...]`; a pair is kept, cut or left out whole.
 
 use super::chat;
-use super::format::{alpaca_prompt, column, tokenize_all, ChatFormat, Encoding, Prepared, Segments, IGNORE};
+use super::format::{
+    alpaca_prompt, column, fit_to_max_len, tokenize_all, ChatFormat, Encoding, Prepared, Segments, IGNORE,
+};
 use super::source::{Record, Rows};
 use super::tokenizer::TextTokenizer;
-use crate::config::{DataConfig, DataFormat, TooLong};
+use crate::config::{DataConfig, DataFormat};
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 
@@ -194,25 +196,9 @@ pub fn prepare_pairs(
     for (pair, origin) in examples.chunks(2).zip(origins) {
         let mut pair = pair.to_vec();
         let longest = pair.iter().map(|e| e.input_ids.len()).max().unwrap_or(0);
-        if longest > cfg.max_seq_len {
-            match cfg.too_long {
-                TooLong::Truncate => {
-                    for ex in &mut pair {
-                        ex.input_ids.truncate(cfg.max_seq_len);
-                        ex.labels.truncate(cfg.max_seq_len);
-                    }
-                    out.truncated += 1;
-                }
-                TooLong::Skip => {
-                    out.skipped_too_long += 1;
-                    continue;
-                }
-                TooLong::Error => bail!(
-                    "{origin}: the pair has an answer of {longest} tokens with its prompt, more than data.max_seq_len \
-                     {}; raise max_seq_len or set data.too_long: truncate or skip",
-                    cfg.max_seq_len
-                ),
-            }
+        let what = || format!("{origin}: the pair has an answer of {longest} tokens with its prompt");
+        if !fit_to_max_len(&mut pair, cfg, &mut out, what)? {
+            continue;
         }
         if pair.iter().any(|ex| ex.labels.iter().skip(1).all(|&l| l == IGNORE)) {
             out.dropped_no_labels += 1;
