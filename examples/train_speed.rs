@@ -271,7 +271,7 @@ fn main() -> Result<()> {
 /// --nproc-per-node`, as `lorafit train` joins it), or `None` for a single process.
 fn join_group(device: Device) -> Result<Option<Arc<Group>>> {
     let Some(at) = Rendezvous::from_env()? else { return Ok(None) };
-    let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+    let backend = Backend::for_device(device);
     let timeout = Duration::from_secs(TrainConfig::default().dist_timeout);
     Ok(Some(Arc::new(Group::join(&at, backend, timeout)?)))
 }

@@ -91,6 +91,15 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend for tensors on `device`: NCCL on a CUDA GPU, Gloo on the CPU.
+    pub fn for_device(device: tch::Device) -> Backend {
+        if device.is_cuda() {
+            Backend::Nccl
+        } else {
+            Backend::Gloo
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Backend::Gloo => "gloo",

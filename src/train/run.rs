@@ -94,13 +94,11 @@ pub fn train_command(config: &Path, overrides: &[String], mut opts: RunOptions) 
 /// Joins the data-parallel run `at` describes: Gloo on the CPU, NCCL with each rank on the GPU
 /// of its local rank.
 fn join_group(cfg: &mut Config, at: &Rendezvous, opts: RunOptions) -> Result<RunOptions> {
-    let backend = match resolve_device(&cfg.train.device)? {
-        Device::Cuda(_) => {
-            cfg.train.device = format!("cuda:{}", at.local_rank);
-            Backend::Nccl
-        }
-        _ => Backend::Gloo,
-    };
+    let backend = Backend::for_device(resolve_device(&cfg.train.device)?);
+    if backend == Backend::Nccl {
+        // Each rank on the GPU of its local rank.
+        cfg.train.device = format!("cuda:{}", at.local_rank);
+    }
     let group = Group::join(at, backend, Duration::from_secs(cfg.train.dist_timeout))?;
     let log_format = if at.rank == 0 { opts.log_format } else { LogFormat::Quiet };
     Ok(RunOptions { group: Some(Arc::new(group)), local_workers: at.local_world, log_format, ..opts })
