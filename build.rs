@@ -1,6 +1,7 @@
 // Bakes the libtorch library directory into every binary, test and example as an rpath, so
-// `cargo run` and `cargo test` work without LD_LIBRARY_PATH; compiles the data-parallel shim
-// (src/dist/shim.cpp) against the same libtorch.
+// `cargo run` and `cargo test` work without LD_LIBRARY_PATH; compiles the C++ parts against the
+// same libtorch: the host memory allocator (src/host_memory.cpp) and the data-parallel shim
+// (src/dist/shim.cpp).
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -14,8 +15,32 @@ fn main() {
     if cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    build_host_memory(Path::new(&lib));
     build_dist_shim(Path::new(&lib), cuda);
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// A C++17 build against libtorch's headers, as libtorch itself was compiled.
+fn libtorch_cpp(lib: &Path) -> cc::Build {
+    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .flag("-std=c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .warnings(false)
+        .extra_warnings(false);
+    build
+}
+
+/// The caching allocator of large CPU tensors (see src/host_memory.rs).
+fn build_host_memory(lib: &Path) {
+    println!("cargo:rerun-if-changed=src/host_memory.cpp");
+    libtorch_cpp(lib).file("src/host_memory.cpp").compile("lorafit_host_memory");
 }
 
 /// Compiles the c10d shim when gloo's headers are there (scripts/setup/gloo.sh installs them);
@@ -38,19 +63,8 @@ fn build_dist_shim(lib: &Path, cuda: bool) {
         return;
     };
     println!("cargo:rerun-if-changed={}", gloo.join("gloo").display());
-    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .file("src/dist/shim.cpp")
-        .flag("-std=c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .define("USE_C10D_GLOO", None)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .include(&gloo)
-        .warnings(false)
-        .extra_warnings(false);
+    let mut build = libtorch_cpp(lib);
+    build.file("src/dist/shim.cpp").define("USE_C10D_GLOO", None).include(&gloo);
     // NCCL only when the libtorch has CUDA and NCCL's and CUDA's headers are found.
     if let Some(dirs) = cuda.then(|| nccl_includes(lib)).flatten() {
         build.define("LORAFIT_NCCL", None).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
@@ -59,8 +73,6 @@ fn build_dist_shim(lib: &Path, cuda: bool) {
         }
     }
     build.compile("lorafit_dist");
-    println!("cargo:rustc-link-lib=dylib=torch_cpu");
-    println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=lorafit_dist");
 }
 
