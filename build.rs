@@ -1,6 +1,6 @@
 // Bakes the libtorch library directory into every binary, test and example as an rpath, so
 // `cargo run` and `cargo test` work without LD_LIBRARY_PATH; compiles the data-parallel shim
-// (src/dist/shim.cpp) against the same libtorch.
+// (src/dist/shim.cpp) and the 4-bit kernels (src/model/quant_kernels.cpp) against the same libtorch.
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -14,8 +14,33 @@ fn main() {
     if cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    build_quant_kernels(Path::new(&lib));
     build_dist_shim(Path::new(&lib), cuda);
     println!("cargo:rerun-if-changed=build.rs");
+}
+
+/// Compiles the 4-bit dequantization kernel and linear layer. OpenMP as libtorch's own
+/// (`at::parallel_for` is inline and uses it; libgomp.so.1 is the one libtorch loads). No
+/// floating-point contraction: the kernel must round as libtorch's separate multiply and add do.
+fn build_quant_kernels(lib: &Path) {
+    println!("cargo:rerun-if-changed=src/model/quant_kernels.cpp");
+    let include = lib.parent().expect("libtorch lib dir has a parent").join("include");
+    cc::Build::new()
+        .cpp(true)
+        .file("src/model/quant_kernels.cpp")
+        .flag("-std=c++17")
+        .flag("-fopenmp")
+        .flag("-ffp-contract=off")
+        .opt_level(3)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .warnings(false)
+        .extra_warnings(false)
+        .compile("lorafit_quant");
+    println!("cargo:rustc-link-lib=dylib=gomp");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }
 
 /// Compiles the c10d shim when gloo's headers are there (scripts/setup/gloo.sh installs them);
