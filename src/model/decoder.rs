@@ -98,9 +98,12 @@ impl Linear {
 
     /// `x Wᵀ (+ b)` plus the adapter's term, in `x`'s kind.
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        // A quantized weight is dequantized here and dropped with this call's graph.
-        let weight = self.weight.dense();
-        let base = x.to_kind(weight.kind()).linear(&weight, self.bias.as_ref()).to_kind(x.kind());
+        let base = match &self.weight {
+            FrozenWeight::Dense(weight) => x.to_kind(weight.kind()).linear(weight, self.bias.as_ref()),
+            // Dequantized here and again in the backward pass: autograd keeps no dense copy.
+            FrozenWeight::Quantized(q) => q.linear(&x.to_kind(q.compute), self.bias.as_ref()),
+        }
+        .to_kind(x.kind());
         match &self.adapter {
             Some(adapter) if !ADAPTERS_OFF.with(|off| off.get()) => adapter.add_to(&base, x, train),
             _ => base,

@@ -4,8 +4,10 @@
 //! `quantize_4bit(w, blocksize=64, compress_statistics=True)` on CPU, so that codes and scales
 //! are bit-identical to what PEFT + bitsandbytes users train on and save.
 //!
-//! A layer's weight is dequantized to the compute dtype when the layer runs and dropped after:
-//! memory holds the 4-bit codes plus one layer's dense copy.
+//! A layer's weight is dequantized to the compute dtype when the layer runs, and again when the
+//! backward pass reaches it (src/model/quant_kernels.cpp: a CPU kernel and an autograd node that
+//! keeps only the 4-bit weight): memory holds the 4-bit codes plus one layer's dense copy, with
+//! or without activation checkpointing.
 
 use super::{LinearSite, LinearSites, Weights};
 use crate::config::QuantFormat;
@@ -122,38 +124,47 @@ impl QuantizedWeight {
         }
     }
 
-    /// The fp32 scale of every block.
-    pub fn absmax(&self) -> Tensor {
-        match &self.scales {
-            Scales::Plain(absmax) => absmax.shallow_clone(),
-            Scales::Nested { codes, offset, nested_absmax, nested_code } => {
-                let n = codes.numel() as i64;
-                let values = nested_code.index_select(0, &codes.to_kind(Kind::Int64));
-                let blocks = nested_absmax.repeat_interleave_self_int(NESTED_BLOCK, 0, None).narrow(0, 0, n);
-                values * blocks + f64::from(*offset)
-            }
-        }
+    /// The dense weight `[out, in]` in the compute dtype: `code[q] · absmax[block]` in fp32, cast
+    /// once, as bitsandbytes' `dequantize_4bit`. On the CPU a C++ kernel, elsewhere libtorch ops.
+    pub fn dequantize(&self) -> Tensor {
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, 0) }))
     }
 
-    /// The dense weight `[out, in]` in the compute dtype: `code[q] · absmax[block]` in fp32, cast
-    /// once, as bitsandbytes' `dequantize_4bit`.
-    pub fn dequantize(&self) -> Tensor {
-        let n = self.shape[0] * self.shape[1];
-        let code = self.format.code().to_device(self.packed.device());
-        // One lookup per byte: row b of `pairs` holds the values of its high and low nibble.
-        let bytes = Tensor::arange(256, (Kind::Int64, self.packed.device()));
-        let pairs = Tensor::stack(
-            &[
-                code.index_select(0, &bytes.bitwise_right_shift_tensor_scalar(4)),
-                code.index_select(0, &bytes.bitwise_and(15)),
-            ],
-            1,
-        );
-        let values = pairs.index_select(0, &self.packed.view([-1]).to_kind(Kind::Int64)).view([-1]);
-        let blocks = (n + BLOCK - 1) / BLOCK;
-        let padded = values.constant_pad_nd([0, blocks * BLOCK - values.size()[0]]);
-        let scaled = padded.view([blocks, BLOCK]) * self.absmax().view([blocks, 1]);
-        scaled.view([-1]).narrow(0, 0, n).view(self.shape).to_kind(self.compute)
+    /// [`Self::dequantize`] with libtorch ops on every device: what the CPU kernel is checked and
+    /// measured against.
+    pub fn dequantize_with_ops(&self) -> Tensor {
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, 1) }))
+    }
+
+    /// `x Wᵀ (+ bias)`, `x` in the compute dtype, differentiable in `x` and `bias`. The weight is
+    /// dequantized for the forward pass and again for the backward pass, so autograd keeps no
+    /// dense copy of it between the two.
+    pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
+        let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_linear(q, x.as_ptr().cast(), bias) }))
+    }
+
+    /// Calls `f` with this weight as the C++ side reads it.
+    fn with_c<T>(&self, f: impl FnOnce(&ffi::Quant) -> T) -> T {
+        let code = self.format.code();
+        let ptr = |t: &Tensor| t.as_ptr().cast::<std::ffi::c_void>();
+        let (absmax, nested_absmax, nested_code, offset) = match &self.scales {
+            Scales::Plain(absmax) => (ptr(absmax), std::ptr::null(), std::ptr::null(), 0.0),
+            Scales::Nested { codes, offset, nested_absmax, nested_code } => {
+                (ptr(codes), ptr(nested_absmax), ptr(nested_code), *offset)
+            }
+        };
+        f(&ffi::Quant {
+            packed: ptr(&self.packed),
+            absmax,
+            nested_absmax,
+            nested_code,
+            code: ptr(&code),
+            offset,
+            rows: self.shape[0],
+            cols: self.shape[1],
+            compute: ffi::scalar_type(self.compute),
+        })
     }
 
     /// Bytes held: the codes and the scales.
@@ -232,8 +243,8 @@ impl FrozenWeight {
         }
     }
 
-    /// The dense weight to multiply with: the tensor itself, or a fresh dequantized copy that
-    /// lives as long as the caller keeps it.
+    /// The dense weight: the tensor itself, or a fresh dequantized copy that lives as long as
+    /// the caller keeps it.
     pub fn dense(&self) -> Tensor {
         match self {
             FrozenWeight::Dense(w) => w.shallow_clone(),
@@ -245,7 +256,16 @@ impl FrozenWeight {
     pub fn tensors(&self) -> Vec<Tensor> {
         match self {
             FrozenWeight::Dense(w) => vec![w.shallow_clone()],
-            FrozenWeight::Quantized(q) => vec![q.packed.shallow_clone(), q.absmax()],
+            FrozenWeight::Quantized(q) => {
+                let mut held = vec![q.packed.shallow_clone()];
+                match &q.scales {
+                    Scales::Plain(absmax) => held.push(absmax.shallow_clone()),
+                    Scales::Nested { codes, nested_absmax, .. } => {
+                        held.extend([codes.shallow_clone(), nested_absmax.shallow_clone()])
+                    }
+                }
+                held
+            }
         }
     }
 }
@@ -519,4 +539,54 @@ pub fn dynamic_map() -> Tensor {
     data.sort_by(f64::total_cmp);
     let values: Vec<f32> = data.into_iter().map(|v| v as f32).collect();
     Tensor::from_slice(&values)
+}
+
+/// src/model/quant_kernels.cpp, compiled by build.rs.
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use tch::{Kind, Tensor};
+
+    /// A 4-bit weight: `at::Tensor*` handles (the nested parts null without double
+    /// quantization), borrowed for the call.
+    #[repr(C)]
+    pub struct Quant {
+        pub packed: *const c_void,
+        pub absmax: *const c_void,
+        pub nested_absmax: *const c_void,
+        pub nested_code: *const c_void,
+        pub code: *const c_void,
+        pub offset: f32,
+        pub rows: i64,
+        pub cols: i64,
+        pub compute: c_int,
+    }
+
+    extern "C" {
+        pub fn lorafit_quant_dequantize(q: *const Quant, ops: c_int) -> *mut c_void;
+        pub fn lorafit_quant_linear(q: *const Quant, x: *const c_void, bias: *const c_void) -> *mut c_void;
+        fn lorafit_quant_last_error() -> *const c_char;
+    }
+
+    /// c10's `ScalarType` number of a compute dtype (the model's float dtypes).
+    pub fn scalar_type(kind: Kind) -> c_int {
+        match kind {
+            Kind::Half => 5,
+            Kind::Float => 6,
+            Kind::Double => 7,
+            Kind::BFloat16 => 15,
+            other => panic!("4-bit weights dequantize to a float dtype, not {other:?}"),
+        }
+    }
+
+    /// The tensor a call returned. A null handle is a libtorch failure: it panics as tch does on
+    /// one (`torch_errors::catch` turns that into an error naming what ran out).
+    pub fn tensor(handle: *mut c_void) -> Tensor {
+        if handle.is_null() {
+            let message =
+                unsafe { CStr::from_ptr(lorafit_quant_last_error()) }.to_string_lossy().into_owned();
+            panic!("called `Result::unwrap()` on an `Err` value: {:?}", tch::TchError::Torch(message));
+        }
+        // SAFETY: a handle the C++ side allocated with `new at::Tensor`, owned from here on.
+        unsafe { Tensor::from_ptr(handle.cast()) }
+    }
 }
