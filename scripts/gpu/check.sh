@@ -104,7 +104,7 @@ done
 say "(c) lorafit train under torchrun: a one-worker $([ "$mode" = cuda ] && echo NCCL || echo Gloo) group"
 nccl_rc=0
 NCCL_DEBUG=INFO "$py" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
-  "$lorafit" train configs/default.yaml --set train.device="$mode" --set train.max_steps=20 \
+  "$lorafit" train configs/default.yaml --set train.device="$mode" --set train.max_steps=20 --set train.log_every=1 \
   --set output.dir="$work/group" --set output.run_name="$mode" > "$out/group.log" 2>&1 || nccl_rc=$?
 [ "$nccl_rc" = 0 ] || tail -20 "$out/group.log" >&2
 
