@@ -112,7 +112,8 @@ for binary in "$CARGO_TARGET_DIR/release/lorafit" "$CARGO_TARGET_DIR/release/exa
 done
 if [ -n "$pins" ]; then
   # The NCCL process group is linked in (its constructor comes from libtorch_cuda.so).
-  nm -D "$build/lorafit" | grep -q ProcessGroupNCCL || { say "NCCL was not compiled in"; exit 1; }
+  # (grep -c reads to the end: grep -q would stop nm with SIGPIPE, failing the pipeline.)
+  nm -D "$build/lorafit" | grep -c ProcessGroupNCCL > /dev/null || { say "NCCL was not compiled in"; exit 1; }
   say "NCCL compiled in (headers from $headers)"
 fi
 say "built in $build: $(cd "$build" && du -ch lorafit train_speed cuda_tests | tail -1 | cut -f1) in all; lorafit needs:"
