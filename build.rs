@@ -91,9 +91,11 @@ fn build_dist_shim(lib: &Path, cuda: bool) {
     println!("cargo:rustc-cfg=lorafit_dist");
 }
 
-/// The include directories NCCL's process group needs beside libtorch's: nccl.h, and CUDA's
-/// `crt/host_config.h` and `nv/target`, from LORAFIT_NCCL_INCLUDE (colon-separated) or the
-/// `nvidia/*/include` directories of the Python environment the CUDA libtorch came from.
+/// The include directories NCCL's process group needs beside libtorch's: nccl.h, the CUDA
+/// runtime's (with `crt/host_config.h` and `nv/target`), and cuBLAS's, cuSPARSE's and cuSOLVER's,
+/// which ATen's CUDA context includes; from LORAFIT_NCCL_INCLUDE (colon-separated;
+/// scripts/gpu/build_cuda.sh sets it) or the `nvidia/*/include` directories of the Python
+/// environment the CUDA libtorch came from.
 fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
     let dirs: Vec<PathBuf> = match std::env::var_os("LORAFIT_NCCL_INCLUDE") {
         Some(list) => std::env::split_paths(&list).collect(),
@@ -107,7 +109,8 @@ fn nccl_includes(lib: &Path) -> Option<Vec<PathBuf>> {
         }
     };
     let has = |file: &str| dirs.iter().any(|d| d.join(file).exists());
-    if has("nccl.h") && has("crt/host_config.h") && has("nv/target") {
+    let needed = ["nccl.h", "crt/host_config.h", "nv/target", "cublas_v2.h", "cusparse.h", "cusolverDn.h"];
+    if needed.iter().all(|file| has(file)) {
         return Some(dirs);
     }
     println!("cargo:warning=CUDA libtorch without NCCL/CUDA headers: NCCL not compiled in (set LORAFIT_NCCL_INCLUDE)");

@@ -43,12 +43,17 @@ fn train(dir: &Path, name: &str, args: &[&str]) -> Trained {
     let out = common::lorafit(&common::repo(), &all.iter().map(String::as_str).collect::<Vec<_>>());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{name}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    trained(&dir.join(name), &stdout)
+}
+
+/// The losses rank 0 logged (`stdout`, JSON lines) and the adapter it wrote in `run`.
+fn trained(run: &Path, stdout: &str) -> Trained {
     let records: Vec<serde_json::Value> =
         stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     let losses = records.iter().filter(|r| r["event"] == "train").map(|r| r["train/loss"].as_f64().unwrap());
     let eval_loss =
         records.iter().rev().find(|r| r["event"] == "eval").map(|r| r["eval/loss"].as_f64().unwrap());
-    let bytes = std::fs::read(dir.join(name).join("adapter/adapter_model.safetensors")).unwrap();
+    let bytes = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
     let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let adapter = tensors
         .tensors()
@@ -80,6 +85,108 @@ fn assert_two_workers_equal_one(extra: &[&str]) {
     let initial_b_zero =
         one.adapter.iter().filter(|(k, _)| k.contains("lora_B")).all(|(_, v)| v.iter().all(|&x| x == 0.0));
     assert!(!initial_b_zero, "the adapters were not trained");
+}
+
+/// The single process with accumulation 2 against the two ranks `commands` start (rank 0
+/// first; each gets the training arguments of a run named `name` in `dir`).
+fn assert_ranks_equal_one_process(dir: &Path, name: &str, commands: Vec<std::process::Command>) {
+    let one = train(dir, "one", &["--set", "train.threads=1", "--set", "train.grad_accum_steps=2"]);
+    let args = train_args(dir, Some(name), 4, &["--set", "train.threads=1"]);
+    let children: Vec<_> = commands
+        .into_iter()
+        .map(|mut c| {
+            let c = c.args(&args).current_dir(common::repo()).stdout(std::process::Stdio::piped());
+            c.stderr(std::process::Stdio::piped()).spawn().unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for (rank, out) in outputs.iter().enumerate() {
+        assert!(out.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let two = trained(&dir.join(name), &String::from_utf8_lossy(&outputs[0].stdout));
+    assert_eq!(one.losses.len(), 4);
+    assert_eq!(one.losses.len(), two.losses.len());
+    for (step, (a, b)) in one.losses.iter().zip(&two.losses).enumerate() {
+        assert!((a - b).abs() <= TOLERANCE, "step {}: loss {a} with 1 process, {b} with {name}", step + 1);
+    }
+    assert_same_adapter(&one, &two);
+}
+
+/// A free port on 127.0.0.1 (nothing listens on it once this returns).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Two "machines" on loopback: two torchrun invocations (`--nnodes 2`, one worker each, node
+/// ranks 0 and 1; torchrun's agent on node 0 hosts the store) equal one process with
+/// accumulation 2.
+#[test]
+fn torchrun_on_two_nodes_equals_one_process_with_accumulation() {
+    let Some(python) = common::python() else { return };
+    let torchrun = python.with_file_name("torchrun");
+    assert!(torchrun.exists(), "no torchrun beside {}", python.display());
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let nodes = (0..2)
+        .map(|node| {
+            let mut c = std::process::Command::new(&torchrun);
+            c.args(["--nnodes", "2", "--node-rank", &node.to_string(), "--nproc-per-node", "1"]);
+            c.args(["--master-addr", "127.0.0.1", "--master-port", &port, "--no-python"]);
+            c.arg(env!("CARGO_BIN_EXE_lorafit"));
+            c
+        })
+        .collect();
+    assert_ranks_equal_one_process(tmp.path(), "torchrun", nodes);
+}
+
+/// Two tasks as srun starts them (its environment, without srun): the Slurm variables give the
+/// ranks, and the node list where rank 0 runs.
+#[test]
+fn slurm_tasks_equal_one_process_with_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let tasks = (0..2)
+        .map(|task: usize| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_lorafit"));
+            c.env("SLURM_PROCID", task.to_string()).env("SLURM_LOCALID", task.to_string());
+            c.env("SLURM_NTASKS", "2").env("SLURM_NTASKS_PER_NODE", "2").env("SLURM_NODELIST", "localhost");
+            c.env("MASTER_PORT", &port).env_remove("MASTER_ADDR");
+            c
+        })
+        .collect();
+    assert_ranks_equal_one_process(tmp.path(), "slurm", tasks);
+}
+
+/// Slurm's variables map to the rendezvous: ranks, tasks per node ("2(x3)"), rank 0's host from
+/// the step's node list, MASTER_ADDR over it, and the launch node without a list.
+#[test]
+fn slurm_environment_maps_to_the_rendezvous() {
+    use lorafit::dist::Rendezvous;
+    let with = |pairs: &[(&str, &str)]| {
+        let vars: BTreeMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Rendezvous::from_vars(|name| vars.get(name).cloned()).unwrap().unwrap()
+    };
+    let slurm = [
+        ("SLURM_PROCID", "5"),
+        ("SLURM_NTASKS", "6"),
+        ("SLURM_LOCALID", "1"),
+        ("SLURM_NTASKS_PER_NODE", "2(x3)"),
+    ];
+    let list =
+        |l: &'static str| [&slurm[..], &[("SLURM_NODELIST", "x[1-9]"), ("SLURM_STEP_NODELIST", l)]].concat();
+    let at = with(&list("gpu[03-05,9],cpu1"));
+    assert_eq!((at.rank, at.world, at.local_rank, at.local_world), (5, 6, 1, 2));
+    assert_eq!((at.master_addr.as_str(), at.master_port, at.agent_store), ("gpu03", 29500, false));
+    assert_eq!(with(&list("n7,n8")).master_addr, "n7");
+    assert_eq!(with(&list("solo")).master_addr, "solo");
+    assert_eq!(with(&[&slurm[..], &[("SLURM_NODELIST", "a[10-11]")]].concat()).master_addr, "a10");
+    let set = with(&[&list("n7"), &[("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")][..]].concat());
+    assert_eq!((set.master_addr.as_str(), set.master_port), ("10.0.0.1", 1234));
+    assert_eq!(
+        with(&[&slurm[..], &[("SLURM_LAUNCH_NODE_IPADDR", "10.0.0.9")]].concat()).master_addr,
+        "10.0.0.9"
+    );
 }
 
 fn assert_same_adapter(a: &Trained, b: &Trained) {
@@ -275,12 +382,16 @@ fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact(
     assert_eq!(code, Some(128 + libc::SIGKILL), "{stderr}");
     assert!(stderr.contains(&format!("rank 1 (pid {}) was killed by signal 9", workers[1])), "{stderr}");
     assert!(workers.iter().all(|&pid| gone(pid)), "a worker is left: {stderr}");
+    assert_last_checkpoint_resumes(tmp.path(), "killed");
+}
 
+/// The last checkpoint of the run `dir/name` trains one more step on 1 worker, which takes the
+/// step's 2 micro-batches by accumulation.
+fn assert_last_checkpoint_resumes(dir: &Path, name: &str) {
+    let run = dir.join(name);
     let last = *checkpoints(&run).last().expect("a checkpoint");
     let checkpoint = run.join(format!("step-{last}"));
-    // One more step on 1 worker, which takes the step's 2 micro-batches by accumulation.
-    let mut args =
-        train_args(tmp.path(), Some("killed"), last + 1, &["--set", "train.grad_accum_steps=2", "--resume"]);
+    let mut args = train_args(dir, Some(name), last + 1, &["--set", "train.grad_accum_steps=2", "--resume"]);
     args.push(checkpoint.display().to_string());
     let out = common::lorafit(&common::repo(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(
@@ -289,6 +400,42 @@ fn a_killed_worker_ends_the_run_naming_its_rank_with_the_last_checkpoint_intact(
         checkpoint.display(),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A hung worker (SIGSTOP, which it cannot catch): the other one gives up within
+/// `train.dist_timeout` (and a few seconds to ask the store), naming the rank it waited for; the
+/// launcher kills the stopped worker at once; no process is left and the last checkpoint
+/// resumes.
+#[test]
+fn a_hung_worker_ends_the_run_within_the_timeout_naming_its_rank() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("hung");
+    let timeout = 5;
+    let settings = ["train.save_every=2".to_string(), format!("train.dist_timeout={timeout}")];
+    let mut launcher = start_two_workers(
+        tmp.path(),
+        Some("hung"),
+        "hung",
+        &settings.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let workers = workers_of(launcher.id());
+    wait_for(Duration::from_secs(300), "checkpoint", || run.join("step-2/trainer_state.json").exists());
+    unsafe { libc::kill(workers[1], libc::SIGSTOP) };
+    let stopped = Instant::now();
+    let code = exit_code(&mut launcher, &workers, Duration::from_secs(120));
+    let took = stopped.elapsed();
+    let stderr = std::fs::read_to_string(tmp.path().join("hung.stderr")).unwrap();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("rank 0 of 2: all-reduce: "), "{stderr}");
+    assert!(stderr.contains("waited for rank 1 (at exchange "), "{stderr}");
+    assert!(stderr.contains(&format!("rank 1 (pid {}) is stopped; killing it", workers[1])), "{stderr}");
+    // The timeout, the store's answer, and at most a step of rank 0's before it waits.
+    assert!(
+        took < Duration::from_secs(timeout + 15),
+        "the run ended {took:?} after the worker hung: {stderr}"
+    );
+    assert!(workers.iter().all(|&pid| gone(pid)), "a worker is left: {stderr}");
+    assert_last_checkpoint_resumes(tmp.path(), "hung");
 }
 
 /// Ctrl-C in the terminal of a `--nproc-per-node` run (SIGINT to its process group): every

@@ -7,10 +7,11 @@
 # tch's releases each pair with one PyTorch release (tch 0.24 ↔ 2.11, 0.25 ↔ 2.12, 0.26 ↔ 2.13, the
 # default build). The source tree is the same: the script copies the tracked sources into
 # target/cuda-<torch>/src, pins tch and torch-sys to the matching release there and builds it
-# against the headers and libraries of PyPI's torch wheel for that release (CUDA 13). The CUDA
-# runtime, cuBLAS, cuDNN, NCCL... are not downloaded: they are needed only where the binary runs,
-# and the GPU machine's torch brings them. So the link allows symbols those libraries would
-# provide to stay unresolved here.
+# against the headers and libraries of PyPI's torch wheel for that release (CUDA 13). The libraries
+# of the CUDA runtime, cuBLAS, cuDNN, NCCL... are not kept: they are needed only where the binary
+# runs, and the GPU machine's torch brings them. So the link allows symbols those libraries would
+# provide to stay unresolved here. Their headers, which NCCL's process group compiles against,
+# come from the wheels of the versions that torch requires (pinned in cuda_requirements.txt).
 #
 # Output in target/cuda-<torch>/, stripped (together about 50 MB, under what a GPU check may take
 # along): lorafit; train_speed, the bench's runner; cuda_tests, the tests that need a GPU
@@ -18,14 +19,15 @@
 #   LD_LIBRARY_PATH=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 # as scripts/gpu/check.sh does.
 # Downloads the torch wheel once (about 530 MB, hash-checked) and keeps a 930 MB libtorch in the
-# user cache; a second run rebuilds only what changed.
+# user cache, and the header wheels once (about 970 MB, of which 24 MB of headers are kept); a
+# second run rebuilds only what changed.
 set -euo pipefail
 
 torch=2.11
 while [ $# -gt 0 ]; do
   case "$1" in
     --torch) torch=${2:?--torch needs a version}; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu/build_cuda.sh: unknown argument '$1' (expected --torch 2.11|2.12|2.13)" >&2; exit 2 ;;
   esac
 done
@@ -61,6 +63,30 @@ if [ "$(cat "$libtorch/build-version" 2>/dev/null)" != "$torch.0" ]; then
   mv "$tmp/torch" "$libtorch"
 fi
 
+# 1b. The headers NCCL's process group compiles against (NCCL, CUDA runtime, cuBLAS, cuSPARSE,
+# cuSOLVER), from the wheels of the versions this torch requires (cuda_requirements.txt). Only
+# their include/ directories are kept (24 MB of about 970 MB). Without pinned headers for this
+# release lorafit builds without NCCL (data-parallel training on the CPU only).
+pins=$(grep " # headers for torch==$torch.0\$" "$here/cuda_requirements.txt" || true)
+headers="$cache/cuda-headers-$torch.0"
+if [ -z "$pins" ]; then
+  say "no NCCL headers pinned for torch $torch.0 in cuda_requirements.txt: building without NCCL"
+elif [ "$(cat "$headers/pins" 2>/dev/null)" != "$pins" ]; then
+  say "downloading the NCCL and CUDA header wheels (about 970 MB, hash-checked; headers kept)"
+  tmp=$(mktemp -d "$cache/.cuda-headers.XXXXXX")
+  trap 'rm -rf "$tmp"' EXIT
+  # Their wheels are tagged manylinux 2014 to 2_28: pip download matches --platform exactly.
+  python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.11 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_18_x86_64 --platform manylinux_2_17_x86_64 \
+    --require-hashes -r <(echo "$pins") -d "$tmp/wheels"
+  for wheel in "$tmp"/wheels/*.whl; do unzip -q -o "$wheel" 'nvidia/*/include/*' -d "$tmp/headers"; done
+  echo "$pins" > "$tmp/headers/pins"
+  rm -rf "$headers"
+  mv "$tmp/headers" "$headers"
+fi
+[ -n "$pins" ] && export LORAFIT_NCCL_INCLUDE="$headers/nvidia/nccl/include:$headers/nvidia/cu13/include"
+
 # 2. The sources (tracked, and new files git does not ignore) with tch pinned to the release that
 # pairs with that PyTorch.
 build="$repo/target/cuda-$torch"
@@ -84,5 +110,11 @@ for binary in "$CARGO_TARGET_DIR/release/lorafit" "$CARGO_TARGET_DIR/release/exa
   [ "$name" = cuda ] && name=cuda_tests
   strip -o "$build/$name" "$binary"
 done
+if [ -n "$pins" ]; then
+  # The NCCL process group is linked in (its constructor comes from libtorch_cuda.so).
+  # (grep -c reads to the end: grep -q would stop nm with SIGPIPE, failing the pipeline.)
+  nm -D "$build/lorafit" | grep -c ProcessGroupNCCL > /dev/null || { say "NCCL was not compiled in"; exit 1; }
+  say "NCCL compiled in (headers from $headers)"
+fi
 say "built in $build: $(cd "$build" && du -ch lorafit train_speed cuda_tests | tail -1 | cut -f1) in all; lorafit needs:"
 readelf -d "$build/lorafit" | grep NEEDED | sed 's/.*\[/  /; s/\]//' >&2

@@ -7,11 +7,13 @@
 #   (a) the CUDA build's own checks (the CUDA test binary: fp16 loss scaling on the GPU, which
 #       attention path runs, CUDA against CPU numerics)
 #   (b) the shipped default run on the GPU and on the CPU, losses compared
-#   (c) the small (SmolLM2-135M shape) and medium (Qwen2.5-0.5B shape) random models at batch
+#   (c) lorafit train under torchrun as a one-worker NCCL group (one GPU: NCCL refuses two ranks
+#       on one), its losses against (b)'s on the GPU
+#   (d) the small (SmolLM2-135M shape) and medium (Qwen2.5-0.5B shape) random models at batch
 #       8 × 1024 in bf16-mixed, lorafit and transformers + PEFT (SDPA attention, bf16 base, fp32
 #       adapters) alternating on the same saved batches; tokens/s, peak GPU memory (nvidia-smi,
 #       the same way for both) and MFU against this GPU's measured bf16 matmul rate
-#   (d) summary.json in --out (default $OUT, else target/gpu-check)
+#   (e) summary.json in --out (default $OUT, else target/gpu-check)
 #
 # --cpu rehearses the whole script on a CPU with tiny sizes (the default model, batch 2 × 128)
 # against the default build (target/release), so the one GPU run is spent measuring.
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     --cpu) mode=cpu; bin=target/release ;;
     --bin) bin=${2:?--bin needs a directory}; shift ;;
     --out) out=${2:?--out needs a directory}; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu/check.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
@@ -96,7 +98,17 @@ for device in "$mode" cpu; do
   [ "$mode" = cpu ] && break   # --cpu: one run stands for both
 done
 
-# (c) small and medium, lorafit and PEFT alternating on the same batches.
+# (c) NCCL: lorafit train as a one-worker group under torchrun (NCCL refuses two ranks on one
+# GPU), the default run's first steps; NCCL_DEBUG=INFO prints NCCL's version line. --cpu
+# rehearses it as a one-worker Gloo group.
+say "(c) lorafit train under torchrun: a one-worker $([ "$mode" = cuda ] && echo NCCL || echo Gloo) group"
+nccl_rc=0
+NCCL_DEBUG=INFO "$py" -m torch.distributed.run --standalone --nproc-per-node 1 --no-python \
+  "$lorafit" train configs/default.yaml --set train.device="$mode" --set train.max_steps=20 --set train.log_every=1 \
+  --set output.dir="$work/group" --set output.run_name="$mode" > "$out/group.log" 2>&1 || nccl_rc=$?
+[ "$nccl_rc" = 0 ] || tail -20 "$out/group.log" >&2
+
+# (d) small and medium, lorafit and PEFT alternating on the same batches.
 if [ "$mode" = cuda ]; then
   cases="small medium" batch=8 seq=1024 w=2 n=5
 else
@@ -110,7 +122,7 @@ for c in $cases; do
   batches="$work/batches-$c.safetensors"
   "$py" scripts/bench/make_batches.py --vocab "$vocab" --batch "$batch" --seq "$seq" --count $((w + n)) --out "$batches"
   for runner in peft lorafit; do
-    say "(c) $c bf16-mixed $runner"
+    say "(d) $c bf16-mixed $runner"
     if [ "$runner" = peft ]; then
       peak_gpu_mb "$work/peak" "$py" -W ignore scripts/bench/peft_train.py --model "$model" --device "$mode" \
         --recipe bf16-base --warmup "$w" --steps "$n" --batches "$batches" \
@@ -124,8 +136,9 @@ for c in $cases; do
   done
 done
 
-# (d) The summary.
+# (e) The summary.
 "$py" scripts/gpu/summary.py --facts "$work/facts.json" --default "$work/default" \
-  --bench "$out/bench.jsonl" --tests "$out/cuda_tests.log" --seconds $(( $(date +%s) - started )) \
+  --bench "$out/bench.jsonl" --tests "$out/cuda_tests.log" \
+  --group "$work/group/$mode" --group-log "$out/group.log" --group-rc "$nccl_rc" --seconds $(( $(date +%s) - started )) \
   > "$out/summary.json"
 cat "$out/summary.json"

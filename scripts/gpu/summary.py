@@ -2,12 +2,14 @@
 """The JSON summary of scripts/gpu/check.sh (standard library only).
 
     python3 scripts/gpu/summary.py --facts F.json --default DIR --bench B.jsonl --tests LOG \
-        [--seconds N]
+        --group RUN --group-log LOG --group-rc N [--seconds N]
 
 - tests: the CUDA test binary's result line (passed, failed, ignored) and whether it ran at all;
 - default: the logged training losses of the default run on each device (DIR/<device>/
   metrics.jsonl) and, when both CUDA and CPU ran, the largest relative difference, against the
   bf16 tolerance (1e-2): fp32 on both, but reductions run in a different order on the GPU;
+- group_run: the one-worker NCCL group run under torchrun (RUN, its log and exit code): NCCL's
+  version line, and its losses against the default run's on the same device;
 - bench: per case, lorafit and PEFT tokens/s, peak GPU memory and MFU (model FLOPs per token, as
   scripts/bench/table.py counts them, × tokens/s / the measured bf16 matmul rate), and the
   lorafit/PEFT ratios.
@@ -49,6 +51,25 @@ def default_losses(root):
     return out
 
 
+def group_run(run, log, rc, default):
+    """The one-worker group run (NCCL on the GPU): whether it ran, NCCL's version line, and its
+    losses against the default run's on the same device for the same steps."""
+    path = os.path.join(run, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path) if line.strip()] if os.path.exists(path) else []
+    losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    text = open(log).read() if os.path.exists(log) else ""
+    version = re.search(r"NCCL version [^\n]*", text)
+    out = {"exit_code": rc, "steps": len(losses), "nccl_version": version[0] if version else None}
+    alone = default["losses"].get(os.path.basename(run), {})
+    steps = sorted(set(losses) & set(alone))
+    if steps:
+        worst = max(abs(losses[s] - alone[s]) / max(abs(alone[s]), 1e-8) for s in steps)
+        out.update(max_relative_difference_from_default=worst, within=worst <= LOSS_TOLERANCE)
+    if rc != 0:
+        out["tail"] = text[-2000:]
+    return out
+
+
 def bench(path, bf16_tflops):
     cases = {}
     for line in open(path) if os.path.exists(path) else []:
@@ -82,16 +103,19 @@ def bench(path, bf16_tflops):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for flag in ("--facts", "--default", "--bench", "--tests"):
+    for flag in ("--facts", "--default", "--bench", "--tests", "--group", "--group-log"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--group-rc", type=int, required=True)
     parser.add_argument("--seconds", type=int)
     args = parser.parse_args()
     facts = json.load(open(args.facts))
+    default = default_losses(args.default)
     summary = {
         **facts,
         "seconds": args.seconds,
         "tests": test_result(args.tests),
-        "default_run": default_losses(args.default),
+        "default_run": default,
+        "group_run": group_run(args.group, args.group_log, args.group_rc, default),
         "bench": bench(args.bench, facts["matmul"]["bf16_tflops"]),
     }
     json.dump(summary, sys.stdout, indent=1)

@@ -115,6 +115,8 @@ fn supervise(workers: &mut [Child], signals: &AtomicUsize) -> i32 {
         }
         if failed_at.is_some_and(|t| t.elapsed() > GRACE) {
             kill_all(workers);
+        } else if failed_at.is_some() {
+            kill_stopped(workers);
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -141,6 +143,28 @@ fn kill_all(workers: &mut [Child]) {
             let _ = child.kill();
         }
     }
+}
+
+/// Once the run has failed, a stopped worker (SIGSTOP, or suspended by a debugger) cannot end on
+/// its own: it is killed at once, named, rather than after the grace period.
+fn kill_stopped(workers: &mut [Child]) {
+    for (rank, child) in workers.iter_mut().enumerate() {
+        if matches!(child.try_wait(), Ok(None)) && is_stopped(child.id()) {
+            eprintln!("lorafit: rank {rank} (pid {}) is stopped; killing it", child.id());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether the process is in the stopped state ('T' or 't' in /proc/PID/stat).
+fn is_stopped(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the command name, which is in parentheses and may hold any character.
+    stat.rsplit(')')
+        .next()
+        .and_then(|rest| rest.trim_start().chars().next())
+        .is_some_and(|c| c == 'T' || c == 't')
 }
 
 /// A port on 127.0.0.1 nothing listens on now (the OS picks it); rank 0's store binds it a

@@ -28,6 +28,12 @@ pub struct Rendezvous {
     pub agent_store: bool,
 }
 
+/// The store key prefix of each rank's progress mark (the rank is appended).
+const MARK_KEY: &str = "reached/";
+
+/// How long a failed exchange waits at most for the store to say which ranks it waited for.
+const DIAGNOSIS_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The port Slurm runs meet on when MASTER_PORT is not set (torchrun's default too).
 const DEFAULT_PORT: u16 = 29500;
 
@@ -35,8 +41,9 @@ impl Rendezvous {
     /// The rendezvous the environment describes: torchrun's (and `--nproc-per-node`'s) `RANK`,
     /// `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`,
     /// `TORCHELASTIC_USE_AGENT_STORE`; else Slurm's `SLURM_PROCID`, `SLURM_NTASKS`,
-    /// `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE` with MASTER_ADDR defaulting to the node srun was
-    /// launched from. `None`: a single process.
+    /// `SLURM_LOCALID`, `SLURM_NTASKS_PER_NODE` with MASTER_ADDR defaulting to the first node of
+    /// `SLURM_STEP_NODELIST` or `SLURM_NODELIST` (where rank 0 runs), else the node srun was
+    /// launched from. `None`: a single process (a world of one outside torchrun).
     pub fn from_env() -> Result<Option<Rendezvous>> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -61,11 +68,17 @@ impl Rendezvous {
                 .and_then(|v| v.split('(').next().and_then(|n| n.trim().parse().ok()))
                 .unwrap_or(world);
             let rank = number("SLURM_PROCID")?.unwrap_or(0);
-            (rank, world, number("SLURM_LOCALID")?.unwrap_or(0), per_node, var("SLURM_LAUNCH_NODE_IPADDR"))
+            // Rank 0 runs on the first node of the step.
+            let first_node = var("SLURM_STEP_NODELIST").or_else(|| var("SLURM_NODELIST"));
+            let rank0_host =
+                first_node.and_then(|list| first_slurm_host(&list)).or(var("SLURM_LAUNCH_NODE_IPADDR"));
+            (rank, world, number("SLURM_LOCALID")?.unwrap_or(0), per_node, rank0_host)
         } else {
             return Ok(None);
         };
-        if world <= 1 {
+        // Under torchrun even one process joins its group of one, as a PyTorch script does
+        // (with NCCL, the one-GPU check of that path); a single Slurm task trains alone.
+        if world == 0 || (world == 1 && !torchrun) {
             return Ok(None);
         }
         if rank >= world || local_rank >= local_world.max(1) {
@@ -81,6 +94,17 @@ impl Rendezvous {
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         Ok(Some(Rendezvous { rank, world, local_rank, local_world, master_addr, master_port, agent_store }))
     }
+}
+
+/// The first host of a Slurm node list: "gpu[03-05,9],cpu1" gives "gpu03".
+fn first_slurm_host(list: &str) -> Option<String> {
+    let list = list.trim();
+    let (name, rest) = list.split_at(list.find([',', '[']).unwrap_or(list.len()));
+    let host = match rest.strip_prefix('[') {
+        Some(ranges) => format!("{name}{}", ranges.split([',', '-', ']']).next()?),
+        None => name.to_string(),
+    };
+    (!host.is_empty()).then_some(host)
 }
 
 /// The collective operations of this lorafit build.
@@ -113,6 +137,14 @@ pub struct Group {
     handle: *mut c_void,
     pub rank: usize,
     pub world: usize,
+    /// NCCL's GPU, where tensors from elsewhere are staged for a collective; `None` on Gloo.
+    staging: Option<tch::Device>,
+    /// Where the group met: a failed exchange reads the ranks' progress from its store.
+    at: Rendezvous,
+    /// The exchanges (collectives) this rank has entered, marked in the store as it enters each.
+    exchanges: AtomicU64,
+    /// How long a failed exchange's diagnosis waits for the store.
+    diagnosis_timeout: Duration,
     /// Nanoseconds spent inside [`Group::all_reduce_sum`] so far (waiting for the other ranks
     /// included): what the benchmark reports as the all-reduce share of a step. Two clock reads
     /// per collective, against milliseconds of network work.
@@ -171,18 +203,49 @@ impl Group {
                 last_error()
             );
         }
-        Ok(Group { handle, rank: at.rank, world: at.world, all_reduce_ns: AtomicU64::new(0) })
+        let staging = (backend == Backend::Nccl).then_some(tch::Device::Cuda(at.local_rank));
+        Ok(Group {
+            handle,
+            rank: at.rank,
+            world: at.world,
+            staging,
+            at: at.clone(),
+            exchanges: AtomicU64::new(0),
+            diagnosis_timeout: timeout.min(DIAGNOSIS_TIMEOUT),
+            all_reduce_ns: AtomicU64::new(0),
+        })
     }
 
     /// Sums `tensors` (one dtype and device) across the group in place, in one collective.
     pub fn all_reduce_sum(&self, tensors: &[Tensor]) -> Result<()> {
-        let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let exchange = self.enter();
         let started = Instant::now();
-        // SAFETY: the tensors outlive the call; the shim writes into their storage only.
-        let rc = unsafe { ffi::all_reduce_sum(self.handle, ptrs.as_ptr(), ptrs.len()) };
+        let rc = self.staged(tensors, |ptrs| {
+            // SAFETY: the tensors outlive the call; the shim writes into their storage only.
+            unsafe { ffi::all_reduce_sum(self.handle, ptrs.as_ptr(), ptrs.len()) }
+        });
         let spent = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.all_reduce_ns.fetch_add(spent, Ordering::Relaxed);
-        self.check(rc)
+        self.check(rc, exchange)
+    }
+
+    /// Runs the collective `op` on `tensors`' storage. NCCL works only on its GPU: tensors
+    /// elsewhere (the CPU's token counts, stop flag, run directory name) are copied there for
+    /// the collective and back.
+    fn staged(&self, tensors: &[Tensor], op: impl FnOnce(&[*mut c_void]) -> c_int) -> c_int {
+        let away = |t: &Tensor| self.staging.is_some_and(|device| t.device() != device);
+        let moved: Vec<Tensor> = match self.staging {
+            Some(device) if tensors.iter().any(away) => tensors.iter().map(|t| t.to_device(device)).collect(),
+            _ => tensors.iter().map(Tensor::shallow_clone).collect(),
+        };
+        let ptrs: Vec<*mut c_void> = moved.iter().map(|t| t.as_ptr() as *mut c_void).collect();
+        let rc = op(&ptrs);
+        if rc == 0 {
+            for (t, m) in tensors.iter().zip(&moved).filter(|(t, _)| away(t)) {
+                t.shallow_clone().copy_(m);
+            }
+        }
+        rc
     }
 
     /// The time spent inside [`Group::all_reduce_sum`] since the group was joined.
@@ -192,10 +255,12 @@ impl Group {
 
     /// Replaces `tensors` with rank `root`'s.
     pub fn broadcast(&self, tensors: &[Tensor], root: usize) -> Result<()> {
-        let ptrs: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-        // SAFETY: as in all_reduce_sum.
-        let rc = unsafe { ffi::broadcast(self.handle, ptrs.as_ptr(), ptrs.len(), root as c_int) };
-        self.check(rc)
+        let exchange = self.enter();
+        let rc = self.staged(tensors, |ptrs| {
+            // SAFETY: as in all_reduce_sum.
+            unsafe { ffi::broadcast(self.handle, ptrs.as_ptr(), ptrs.len(), root as c_int) }
+        });
+        self.check(rc, exchange)
     }
 
     /// Rank `root`'s `bytes` on every rank (what the others pass is ignored).
@@ -213,20 +278,68 @@ impl Group {
 
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<()> {
+        let exchange = self.enter();
         // SAFETY: a live handle.
         let rc = unsafe { ffi::barrier(self.handle) };
-        self.check(rc)
+        self.check(rc, exchange)
     }
 
-    fn check(&self, rc: c_int) -> Result<()> {
+    /// Marks in the store that this rank enters its next exchange, and returns its number. A
+    /// mark that fails is left out: the exchange itself then fails and says why.
+    fn enter(&self) -> u64 {
+        let exchange = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
+        let key = CString::new(format!("{MARK_KEY}{}", self.rank)).expect("no NUL");
+        // SAFETY: a live handle; the key lives across the call.
+        unsafe { ffi::mark(self.handle, key.as_ptr(), exchange as i64) };
+        exchange
+    }
+
+    /// The error of a failed exchange, naming the ranks it waited for.
+    fn check(&self, rc: c_int, exchange: u64) -> Result<()> {
         if rc == 0 {
             return Ok(());
         }
-        bail!(
-            "rank {} of {}: {} (another rank has probably failed or stopped; its own message says why)",
-            self.rank,
-            self.world,
-            last_error()
+        let error = last_error();
+        bail!("rank {} of {}: {error}; {}", self.rank, self.world, self.waited_for(exchange))
+    }
+
+    /// Which ranks never entered `exchange`, from the marks in the store, read through a new
+    /// connection that gives up after a few seconds (the store lives in rank 0 unless a
+    /// launcher hosts it).
+    fn waited_for(&self, exchange: u64) -> String {
+        let mut marks = vec![0i64; self.world];
+        let addr = CString::new(self.at.master_addr.as_str()).expect("checked when joining");
+        let key = CString::new(MARK_KEY).expect("no NUL");
+        let timeout_ms = i64::try_from(self.diagnosis_timeout.as_millis()).unwrap_or(i64::MAX);
+        // SAFETY: the strings and `marks` (world entries) live across the call.
+        let rc = unsafe {
+            let port = self.at.master_port as c_int;
+            ffi::read_marks(
+                addr.as_ptr(),
+                port,
+                key.as_ptr(),
+                self.world as c_int,
+                timeout_ms,
+                marks.as_mut_ptr(),
+            )
+        };
+        let store = format!("the store at {}:{}", self.at.master_addr, self.at.master_port);
+        if rc != 0 {
+            let host = if self.at.agent_store { "the launcher" } else { "rank 0" };
+            return format!("{store} does not answer either ({host} hosts it: it has probably hung or died)");
+        }
+        let behind: Vec<String> = (marks.iter().enumerate())
+            .filter(|&(rank, &mark)| rank != self.rank && mark < exchange as i64)
+            .map(|(rank, &mark)| format!("rank {rank} (at exchange {mark})"))
+            .collect();
+        if behind.is_empty() {
+            return format!(
+                "every rank entered exchange {exchange}: another rank has probably failed in it; its own message says why"
+            );
+        }
+        format!(
+            "waited for {} to enter exchange {exchange}: it has hung, stopped or died",
+            behind.join(" and ")
         )
     }
 }
@@ -282,6 +395,17 @@ mod ffi {
         pub fn all_reduce_sum(handle: *mut c_void, tensors: *const *mut c_void, n: usize) -> c_int;
         #[link_name = "lorafit_dist_broadcast"]
         pub fn broadcast(handle: *mut c_void, tensors: *const *mut c_void, n: usize, root: c_int) -> c_int;
+        #[link_name = "lorafit_dist_mark"]
+        pub fn mark(handle: *mut c_void, key: *const c_char, exchange: i64) -> c_int;
+        #[link_name = "lorafit_dist_read_marks"]
+        pub fn read_marks(
+            addr: *const c_char,
+            port: c_int,
+            key_prefix: *const c_char,
+            world: c_int,
+            timeout_ms: i64,
+            exchanges: *mut i64,
+        ) -> c_int;
         #[link_name = "lorafit_dist_barrier"]
         pub fn barrier(handle: *mut c_void) -> c_int;
         #[link_name = "lorafit_dist_destroy"]
@@ -324,6 +448,19 @@ mod ffi {
         -1
     }
     pub unsafe fn barrier(_: *mut c_void) -> c_int {
+        -1
+    }
+    pub unsafe fn mark(_: *mut c_void, _: *const c_char, _: i64) -> c_int {
+        -1
+    }
+    pub unsafe fn read_marks(
+        _: *const c_char,
+        _: c_int,
+        _: *const c_char,
+        _: c_int,
+        _: i64,
+        _: *mut i64,
+    ) -> c_int {
         -1
     }
     pub unsafe fn destroy(_: *mut c_void) {}

@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -96,6 +97,10 @@ void* lorafit_dist_init(int rank, int world, const char* addr, int port, int age
       g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
 #ifdef LORAFIT_NCCL
     } else if (name == "nccl") {
+      // Blocking waits make a peer that hangs past the timeout an exception from Work::wait,
+      // reported like Gloo's, instead of the watchdog aborting the process (a user's own
+      // setting stays).
+      setenv("TORCH_NCCL_BLOCKING_WAIT", "1", 0);
       auto options = c10d::ProcessGroupNCCL::Options::create();
       options->timeout = timeout;
       g->backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
@@ -137,6 +142,34 @@ int lorafit_dist_broadcast(void* handle, at::Tensor** tensors, size_t n, int roo
       c10d::BroadcastOptions opts;
       opts.rootRank = root;
       wait(g->backend->broadcast(one, opts));
+    }
+  });
+}
+
+// Records in the store that this rank has entered its exchange number `exchange` (one key per
+// rank), so that when an exchange times out the others can tell which rank never came.
+int lorafit_dist_mark(void* handle, const char* key, int64_t exchange) {
+  return guarded("marking progress", [&] {
+    std::string value = std::to_string(exchange);
+    static_cast<Group*>(handle)->store->set(key, std::vector<uint8_t>(value.begin(), value.end()));
+  });
+}
+
+// Reads the marks of ranks 0..world-1 (`key_prefix` + rank) into `exchanges` (0: none yet)
+// through a new connection to the store at addr:port that gives up after `timeout_ms`: the
+// group's own connection may be stuck, and the store itself may live in the rank that hangs.
+int lorafit_dist_read_marks(const char* addr, int port, const char* key_prefix,
+                            int world, int64_t timeout_ms, int64_t* exchanges) {
+  return guarded("reading the ranks' progress", [&] {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<std::uint16_t>(port);
+    opts.isServer = false;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(addr), opts);
+    c10d::PrefixStore store("lorafit", tcp);
+    for (int rank = 0; rank < world; ++rank) {
+      exchanges[rank] = store.add(std::string(key_prefix) + std::to_string(rank), 0);
     }
   });
 }
