@@ -239,6 +239,8 @@ fn to_yaml_round_trips_a_changed_config() {
         objective: lorafit::config::Objective::Ipo,
         beta: 0.25,
         label_smoothing: 0.0,
+        desirable_weight: 1.5,
+        undesirable_weight: 0.75,
     };
     config.output = OutputConfig {
         dir: PathBuf::from("runs"),
