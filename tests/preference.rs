@@ -1,8 +1,10 @@
 //! Preference objectives as TRL computes them: on the shipped default model with an adapter
 //! `lorafit train` trained for 2 DPO steps, and the same batch of pairs lorafit builds, the DPO
 //! (sigmoid and robust) and IPO losses, their gradients w.r.t. the adapter and the logged
-//! `rewards/*` and `logps/*` equal those of TRL's `DPOTrainer._compute_loss`
-//! (scripts/interop/dpo_check.py); so are the validation loss and metrics a run logs.
+//! `rewards/*` and `logps/*` equal those of TRL's `DPOTrainer._compute_loss`; the ORPO loss and
+//! metrics those of `ORPOTrainer.get_batch_loss_metrics`, the KTO ones those of
+//! `KTOTrainer._compute_loss` (scripts/interop/dpo_check.py); so are the validation loss and
+//! metrics a run logs.
 
 mod common;
 
@@ -55,7 +57,7 @@ fn lorafit_job(
     for t in &adapters.trainables {
         let _ = t.tensor.shallow_clone().set_requires_grad(true);
     }
-    let mean = 1.0 / pairs as f64;
+    let mean = 1.0 / loss.units(&batch) as f64;
     let (sum, metrics) = loss.pair_loss(&model, &batch, Some(Backward { scale: mean, checkpointing: false }));
     let grads: Vec<(String, tch::Tensor)> =
         adapters.trainables.iter().map(|t| (t.peft_key.clone(), t.tensor.grad())).collect();
@@ -73,18 +75,22 @@ fn lorafit_job(
             json!({"input_ids": ids, "labels": labels})
         })
         .collect();
-    let metrics: serde_json::Map<String, Value> = PAIR_METRICS
+    let metrics: serde_json::Map<String, Value> = loss
+        .metric_names()
         .iter()
         .enumerate()
         .map(|(i, m)| (m.to_string(), json!(metrics.double_value(&[i as i64]) * mean)))
         .collect();
     let loss_type = match (loss.objective, loss.label_smoothing > 0.0) {
         (Objective::Ipo, _) => "ipo",
+        (Objective::Orpo, _) => "orpo",
+        (Objective::Kto, _) => "kto",
         (_, true) => "robust",
         _ => "sigmoid",
     };
     json!({
         "name": name, "loss_type": loss_type, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
+        "desirable_weight": loss.desirable_weight, "undesirable_weight": loss.undesirable_weight,
         "rows": rows, "loss": sum.double_value(&[]) * mean, "metrics": metrics, "grads": grads_file,
     })
 }
@@ -114,10 +120,20 @@ fn preference_losses_and_gradients_equal_trl() {
     let adapter = dir.join("runs/pref/adapter");
     let cfg = Config::load(&dir.join("run.yaml"), &[]).unwrap();
 
+    let loss = |objective, beta, label_smoothing, weights: [f64; 2]| PreferenceLoss {
+        objective,
+        beta,
+        label_smoothing,
+        desirable_weight: weights[0],
+        undesirable_weight: weights[1],
+    };
+    // Settings away from the defaults, so that a setting left out shows.
     let losses = [
-        ("dpo", PreferenceLoss { objective: Objective::Dpo, beta: 0.1, label_smoothing: 0.0 }),
-        ("robust", PreferenceLoss { objective: Objective::Dpo, beta: 0.5, label_smoothing: 0.2 }),
-        ("ipo", PreferenceLoss { objective: Objective::Ipo, beta: 0.1, label_smoothing: 0.0 }),
+        ("dpo", loss(Objective::Dpo, 0.1, 0.0, [1.0, 1.0])),
+        ("robust", loss(Objective::Dpo, 0.5, 0.2, [1.0, 1.0])),
+        ("ipo", loss(Objective::Ipo, 0.1, 0.0, [1.0, 1.0])),
+        ("orpo", loss(Objective::Orpo, 0.7, 0.0, [1.0, 1.0])),
+        ("kto", loss(Objective::Kto, 0.3, 0.0, [1.5, 0.6])),
     ];
     let jobs: Vec<Value> =
         losses.iter().map(|(name, loss)| lorafit_job(&cfg, &adapter, *loss, name, 9, dir)).collect();

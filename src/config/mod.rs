@@ -527,6 +527,10 @@ pub struct TrainConfig {
     /// `dpo`: the assumed probability that a pair's preference is flipped, as TRL's robust DPO
     /// (`loss_type: robust`) uses it; 0 is plain sigmoid DPO.
     pub label_smoothing: f64,
+    /// `kto`: the weight of the desirable (chosen) answers' losses (TRL's `desirable_weight`).
+    pub desirable_weight: f64,
+    /// `kto`: the weight of the undesirable (rejected) answers' losses.
+    pub undesirable_weight: f64,
 }
 
 /// The training objective (`train.objective`).
@@ -540,6 +544,12 @@ pub enum Objective {
     Dpo,
     /// Identity preference optimisation (TRL's `ipo`, log-ratios averaged per token).
     Ipo,
+    /// Odds ratio preference optimisation (TRL's ORPOTrainer): reference-free, NLL on the
+    /// chosen answers plus the odds ratio of length-averaged log-probabilities.
+    Orpo,
+    /// Kahneman-Tversky optimisation (TRL's KTOTrainer): answers labelled desirable or not,
+    /// each against a batch KL estimate.
+    Kto,
 }
 
 impl Objective {
@@ -555,6 +565,8 @@ impl fmt::Display for Objective {
             Objective::Sft => "sft",
             Objective::Dpo => "dpo",
             Objective::Ipo => "ipo",
+            Objective::Orpo => "orpo",
+            Objective::Kto => "kto",
         })
     }
 }
@@ -602,6 +614,8 @@ impl Default for TrainConfig {
             objective: Objective::default(),
             beta: 0.1,
             label_smoothing: 0.0,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
         }
     }
 }

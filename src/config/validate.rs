@@ -225,6 +225,8 @@ fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
     }
     let objective = train.objective;
     found.add(positive("train.beta", train.beta));
+    found.add(positive("train.desirable_weight", train.desirable_weight));
+    found.add(positive("train.undesirable_weight", train.undesirable_weight));
     if !(0.0..0.5).contains(&train.label_smoothing) {
         found.add(Err(Invalid::new(
             "train.label_smoothing",

@@ -31,6 +31,10 @@ pub struct Batch {
     pub real_tokens: i64,
     /// Tokens including padding.
     pub padded_tokens: i64,
+    /// Each row's real tokens, and the untrained tokens at its start (its prompt, for rows of
+    /// one example).
+    pub lengths: Vec<i64>,
+    pub prompt_lengths: Vec<i64>,
 }
 
 impl Batch {
@@ -76,6 +80,13 @@ impl Batch {
             ids.extend(std::iter::repeat_n(pad_id, pad));
             labels.extend(std::iter::repeat_n(IGNORE, pad));
         }
+        let prompt_lengths = rows
+            .iter()
+            .map(|row| {
+                let labels = row.first().map_or(&[][..], |e| &e.labels[1..]);
+                1 + labels.iter().take_while(|&&l| l == IGNORE).count() as i64
+            })
+            .collect();
         let (mut target_positions, mut target_ids) = (Vec::new(), Vec::new());
         for (flat, &label) in labels.iter().enumerate() {
             // Position `flat - 1` predicts this label; a row's first label is always IGNORE.
@@ -96,7 +107,34 @@ impl Batch {
             packing: packed.then(|| Packing::from_segments(segments, device)),
             real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
+            lengths: rows.iter().map(|r| row_len(r) as i64).collect(),
+            prompt_lengths,
         }
+    }
+
+    /// KTO's mismatched rows, as TRL builds them for its KL estimate: each row's prompt with the
+    /// previous row's answer (the first row takes the last one's), the answers as targets. For
+    /// rows of one example each. Padded with token 0, which causal attention keeps out of every
+    /// real token's view.
+    pub fn mismatched(&self) -> Batch {
+        let host = |t: &Tensor| Vec::<Vec<i64>>::try_from(t).expect("batch ids are int64 [rows, seq]");
+        let (ids, labels) = (host(&self.input_ids), host(&self.labels));
+        let n = ids.len();
+        let examples: Vec<Example> = (0..n)
+            .map(|i| {
+                let j = (i + n - 1) % n;
+                let (p, pj, lj) = (
+                    self.prompt_lengths[i] as usize,
+                    self.prompt_lengths[j] as usize,
+                    self.lengths[j] as usize,
+                );
+                let mut e = Example { input_ids: ids[i][..p].to_vec(), labels: vec![IGNORE; p] };
+                e.input_ids.extend_from_slice(&ids[j][pj..lj]);
+                e.labels.extend_from_slice(&labels[j][pj..lj]);
+                e
+            })
+            .collect();
+        Self::collate(&examples.iter().collect::<Vec<_>>(), 0, self.input_ids.device())
     }
 }
 

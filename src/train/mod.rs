@@ -27,7 +27,7 @@ use crate::model::Decoder;
 use activations::Activations;
 use anyhow::Result;
 use optim::AdamW;
-use preference::{PreferenceLoss, PAIR_METRICS};
+use preference::PreferenceLoss;
 use scaler::{LossScaler, GRAD_SCALER_DEFAULTS};
 use std::sync::Arc;
 use tch::{Kind, Reduction, Tensor};
@@ -135,7 +135,7 @@ pub struct StepStats {
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
-    /// Preference objectives: [`PAIR_METRICS`] by name, averaged over the step's pairs.
+    /// Preference objectives: their metrics by name, averaged over the step's pairs (KTO: rows).
     pub pair_metrics: Vec<(&'static str, f64)>,
 }
 
@@ -196,7 +196,8 @@ impl Trainer {
         let counts = self.step_token_counts(micro_batches)?;
         let device = self.params.first().map_or(tch::Device::Cpu, |p| p.device());
         let mut step_loss = Tensor::zeros([], (Kind::Float, device));
-        let mut metrics = Tensor::zeros([PAIR_METRICS.len() as i64], (Kind::Float, device));
+        let names = self.preference.map_or(0, |p| p.metric_names().len());
+        let mut metrics = Tensor::zeros([names as i64], (Kind::Float, device));
         let scale = 1.0 / counts[0].max(1) as f64;
         let backward = Backward { scale: scale * loss_scale, checkpointing: self.checkpointing };
         for (i, batch) in micro_batches.iter().enumerate() {
@@ -217,8 +218,8 @@ impl Trainer {
     fn step_token_counts(&self, micro_batches: &[Batch]) -> Result<TokenCounts> {
         let mut counts = [0i64; 4];
         for b in micro_batches {
-            counts[0] += match self.preference {
-                Some(_) => b.input_ids.size()[0] / 2,
+            counts[0] += match &self.preference {
+                Some(p) => p.units(b),
                 None => b.label_tokens,
             };
             counts[1] += b.label_tokens;
@@ -258,7 +259,8 @@ impl Trainer {
         );
         let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
         let pair_metrics = match self.preference {
-            Some(_) => PAIR_METRICS
+            Some(p) => p
+                .metric_names()
                 .iter()
                 .enumerate()
                 .map(|(i, &name)| (name, read.double_value(&[i as i64 + 2])))

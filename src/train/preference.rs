@@ -1,14 +1,23 @@
-//! Preference losses on chosen/rejected pairs, with TRL's DPOTrainer semantics: a micro-batch
-//! holds its pairs' chosen rows first and their rejected rows after (as TRL concatenates them);
-//! each row's log-probability is the sum over its answer tokens; the reference is the same
-//! model with the adapters off, computed without gradients once per micro-batch.
+//! Preference losses on chosen/rejected pairs, with TRL's semantics: a micro-batch holds its
+//! pairs' chosen rows first and their rejected rows after (as TRL concatenates them); each row's
+//! log-probability is the sum over its answer tokens; the reference is the same model with the
+//! adapters off, computed without gradients once per micro-batch.
 //!
 //! With `d = (logπ(c) − logπ_ref(c)) − (logπ(r) − logπ_ref(r))`:
 //! * dpo (TRL `sigmoid`): `−log σ(β d)`; with label smoothing ε, TRL's `robust`:
 //!   `((1 − ε)(−log σ(β d)) + ε log σ(−β d)) / (1 − 2ε)`;
-//! * ipo: `(d_avg − 1/(2β))²`, the log-ratios divided by each answer's token count.
+//! * ipo: `(d_avg − 1/(2β))²`, the log-ratios divided by each answer's token count;
+//! * orpo (TRL's ORPOTrainer, no reference): with `a` each answer's log-probability divided by
+//!   its token count, `NLL − β log σ(log odds(c) − log odds(r))`, `log odds = a − log(1 − eᵃ)`,
+//!   and NLL the mean next-token loss over every token of the micro-batch's chosen rows, prompt
+//!   included (as TRL computes it);
+//! * kto (TRL's KTOTrainer): each row alone, chosen rows desirable and rejected ones not (TRL
+//!   unpairs such data the same way): `w_d (1 − σ(β (r − z)))` or `w_u (1 − σ(β (z − r)))`, with
+//!   `r = logπ − logπ_ref` of the row and `z` the KL estimate: the mean of `r` over the
+//!   micro-batch's mismatched rows (each prompt with the previous row's answer), clamped at 0,
+//!   without gradient.
 //!
-//! Rewards are `β (logπ − logπ_ref)` of each answer, as TRL logs them.
+//! Rewards are `β (logπ − logπ_ref)` of each answer (orpo: `β a`), as TRL logs them.
 
 use super::activations::Activations;
 use super::Backward;
@@ -41,45 +50,133 @@ pub const EVAL_PAIR_METRICS: [&str; 6] = [
     "eval/logps/rejected",
 ];
 
+/// ORPO's metrics: [`PAIR_METRICS`] and the odds-ratio terms TRL's ORPOTrainer logs.
+const ORPO_METRICS: [&str; 9] = [
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "nll_loss",
+    "log_odds_ratio",
+    "log_odds_chosen",
+];
+
+/// KTO's metrics, as TRL's KTOTrainer logs them: means over the micro-batch's desirable
+/// (`chosen`) or undesirable (`rejected`) rows, and the KL estimate.
+const KTO_METRICS: [&str; 6] =
+    ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"];
+
+/// [`ORPO_METRICS`] and [`KTO_METRICS`] of the validation data.
+const EVAL_ORPO_METRICS: [&str; 9] = [
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/accuracies",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/nll_loss",
+    "eval/log_odds_ratio",
+    "eval/log_odds_chosen",
+];
+const EVAL_KTO_METRICS: [&str; 6] = [
+    "eval/rewards/chosen",
+    "eval/rewards/rejected",
+    "eval/rewards/margins",
+    "eval/logps/chosen",
+    "eval/logps/rejected",
+    "eval/kl",
+];
+
 /// The preference loss's settings.
 #[derive(Debug, Clone, Copy)]
 pub struct PreferenceLoss {
     pub objective: Objective,
     pub beta: f64,
     pub label_smoothing: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+}
+
+/// One forward pass's per-row sums of answer log-probabilities (`[rows]`, fp32) and answer
+/// token counts, with ORPO's NLL over the chosen rows when asked for.
+struct RowLogps<'a> {
+    logps: Tensor,
+    tokens: Tensor,
+    nll: Option<Tensor>,
+    blocks: Activations<'a>,
 }
 
 impl PreferenceLoss {
     pub fn of(cfg: &TrainConfig) -> PreferenceLoss {
-        PreferenceLoss { objective: cfg.objective, beta: cfg.beta, label_smoothing: cfg.label_smoothing }
+        PreferenceLoss {
+            objective: cfg.objective,
+            beta: cfg.beta,
+            label_smoothing: cfg.label_smoothing,
+            desirable_weight: cfg.desirable_weight,
+            undesirable_weight: cfg.undesirable_weight,
+        }
     }
 
-    /// The summed loss over the pairs of `batch` (fp32 scalar, detached) and the sums of
-    /// [`PAIR_METRICS`] (`[6]`), accumulating the gradient of `scale · loss` when `backward` is
-    /// given.
+    /// The names of the metrics [`Self::pair_loss`] sums, as TRL logs them.
+    pub fn metric_names(&self) -> &'static [&'static str] {
+        match self.objective {
+            Objective::Orpo => &ORPO_METRICS,
+            Objective::Kto => &KTO_METRICS,
+            _ => &PAIR_METRICS,
+        }
+    }
+
+    /// [`Self::metric_names`] of the validation data, in lorafit's `eval/` section.
+    pub fn eval_metric_names(&self) -> &'static [&'static str] {
+        match self.objective {
+            Objective::Orpo => &EVAL_ORPO_METRICS,
+            Objective::Kto => &EVAL_KTO_METRICS,
+            _ => &EVAL_PAIR_METRICS,
+        }
+    }
+
+    /// What the loss is a mean over in `batch`: its pairs, or for KTO (each answer alone, as
+    /// TRL averages it) its rows.
+    pub fn units(&self, batch: &Batch) -> i64 {
+        let rows = batch.input_ids.size()[0];
+        if self.objective == Objective::Kto {
+            rows
+        } else {
+            rows / 2
+        }
+    }
+
+    /// The loss summed over the units of `batch` (fp32 scalar, detached) and the sums of
+    /// [`Self::metric_names`] over them, accumulating the gradient of `scale · loss` when
+    /// `backward` is given.
     pub fn pair_loss(&self, model: &Decoder, batch: &Batch, backward: Option<Backward>) -> (Tensor, Tensor) {
-        let reference = tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false).0));
+        let orpo = self.objective == Objective::Orpo;
+        let reference = (!orpo).then(|| {
+            tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false, false).logps))
+        });
+        let kl = (self.objective == Objective::Kto).then(|| kl_estimate(model, &batch.mismatched()));
         let train = backward.is_some();
         let checkpointing = backward.is_some_and(|b| b.checkpointing);
-        let (logps, tokens, blocks) = row_logps(model, batch, train, checkpointing);
-        let per_pair = self.per_pair_loss(&logps, &reference, &tokens);
-        let loss = per_pair.sum(Kind::Float);
+        let rows = row_logps(model, batch, train, checkpointing, orpo);
+        let (loss, metrics) = self.losses(&rows, reference.as_ref(), kl.as_ref());
         if let Some(b) = backward {
             (&loss * b.scale).backward();
-            blocks.backward(model);
+            rows.blocks.backward(model);
         }
-        (loss.detach(), self.metrics(&logps.detach(), &reference))
+        (loss.detach(), metrics)
     }
 
-    /// Without gradients over `batches` of pairs: `[loss sum, pairs, PAIR_METRICS sums...]`,
-    /// advancing `bar` by one per batch.
+    /// Without gradients over `batches`: `[loss sum, units, metric sums...]`, advancing `bar` by
+    /// one per batch.
     pub fn evaluate_sums(&self, model: &Decoder, batches: &[Batch], bar: &ProgressBar) -> Vec<f64> {
-        let mut sums = vec![0.0; 2 + PAIR_METRICS.len()];
+        let mut sums = vec![0.0; 2 + self.metric_names().len()];
         tch::no_grad(|| {
             for batch in batches {
                 let (loss, metrics) = self.pair_loss(model, batch, None);
                 sums[0] += loss.double_value(&[]);
-                sums[1] += (batch.input_ids.size()[0] / 2) as f64;
+                sums[1] += self.units(batch) as f64;
                 for (i, sum) in sums[2..].iter_mut().enumerate() {
                     *sum += metrics.double_value(&[i as i64]);
                 }
@@ -90,7 +187,44 @@ impl PreferenceLoss {
         sums
     }
 
-    /// Each pair's loss (`[pairs]`).
+    /// The summed loss (with its graph) and the metric sums (detached) of one micro-batch.
+    fn losses(&self, rows: &RowLogps, reference: Option<&Tensor>, kl: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (logps, tokens) = (&rows.logps, &rows.tokens);
+        let detached = logps.detach();
+        let sums =
+            |ts: Vec<Tensor>| Tensor::stack(&ts.iter().map(|t| t.sum(Kind::Float)).collect::<Vec<_>>(), 0);
+        match (self.objective, reference, kl, &rows.nll) {
+            (Objective::Orpo, _, _, Some(nll)) => {
+                let averages = logps / tokens.clamp_min(1.0);
+                let [c, r] = halves(&averages);
+                let log_odds = (&c - &r) - (log1mexp(&c) - log1mexp(&r));
+                let ratio = log_odds.log_sigmoid();
+                let pairs = c.size()[0] as f64;
+                let loss = nll * pairs - (&ratio * self.beta).sum(Kind::Float);
+                let [ac, ar] = halves(&averages.detach());
+                let mut metrics = pair_metrics(&(&averages.detach() * self.beta), &ac, &ar);
+                metrics.extend([nll.detach() * pairs, ratio.detach(), log_odds.detach()]);
+                (loss, sums(metrics))
+            }
+            (Objective::Kto, Some(reference), Some(kl), _) => {
+                let ratios = logps - reference;
+                let [c, r] = halves(&ratios);
+                let chosen = (-((c - kl) * self.beta).sigmoid() + 1.0) * self.desirable_weight;
+                let rejected = (-((kl - r) * self.beta).sigmoid() + 1.0) * self.undesirable_weight;
+                let loss = chosen.sum(Kind::Float) + rejected.sum(Kind::Float);
+                (loss, kto_metrics(&(ratios.detach() * self.beta), &detached, kl))
+            }
+            (_, Some(reference), _, _) => {
+                let per_pair = self.per_pair_loss(logps, reference, tokens);
+                let [lc, lr] = halves(&detached);
+                let metrics = pair_metrics(&((&detached - reference) * self.beta), &lc, &lr);
+                (per_pair.sum(Kind::Float), sums(metrics))
+            }
+            _ => unreachable!("pair_loss computes what {} needs", self.objective),
+        }
+    }
+
+    /// Each pair's DPO or IPO loss (`[pairs]`).
     pub fn per_pair_loss(&self, logps: &Tensor, reference: &Tensor, tokens: &Tensor) -> Tensor {
         let ratios = logps - reference;
         match self.objective {
@@ -108,15 +242,42 @@ impl PreferenceLoss {
             }
         }
     }
+}
 
-    /// Sums over pairs of [`PAIR_METRICS`].
-    fn metrics(&self, logps: &Tensor, reference: &Tensor) -> Tensor {
-        let rewards = (logps - reference) * self.beta;
-        let ([rc, rr], [lc, lr]) = (halves(&rewards), halves(logps));
-        let wins = rc.gt_tensor(&rr).to_kind(Kind::Float);
-        let margin = &rc - &rr;
-        Tensor::stack(&[rc, rr, wins, margin, lc, lr].map(|t| t.sum(Kind::Float)), 0)
-    }
+/// Per pair, [`PAIR_METRICS`] from the rows' rewards and log-probabilities (chosen, rejected).
+fn pair_metrics(rewards: &Tensor, chosen_logps: &Tensor, rejected_logps: &Tensor) -> Vec<Tensor> {
+    let [rc, rr] = halves(rewards);
+    let wins = rc.gt_tensor(&rr).to_kind(Kind::Float);
+    let margin = &rc - &rr;
+    vec![rc, rr, wins, margin, chosen_logps.shallow_clone(), rejected_logps.shallow_clone()]
+}
+
+/// [`KTO_METRICS`] of a micro-batch, as TRL computes them for it, times its rows (so that the
+/// step's mean over rows weighs micro-batches as TRL's mean over them does at equal sizes).
+fn kto_metrics(rewards: &Tensor, logps: &Tensor, kl: &Tensor) -> Tensor {
+    let rows = rewards.size()[0] as f64;
+    let ([rc, rr], [lc, lr]) = (halves(rewards), halves(logps));
+    let [rc, rr, lc, lr] = [rc, rr, lc, lr].map(|t| t.mean(Kind::Float));
+    let margin = &rc - &rr;
+    Tensor::stack(&[rc, rr, margin, lc, lr, kl.shallow_clone()], 0) * rows
+}
+
+/// KTO's KL estimate on the mismatched rows: the mean of `logπ − logπ_ref` over them, clamped at
+/// 0, without gradient.
+fn kl_estimate(model: &Decoder, mismatched: &Batch) -> Tensor {
+    tch::no_grad(|| {
+        let policy = row_logps(model, mismatched, false, false, false).logps;
+        let reference = without_adapters(|| row_logps(model, mismatched, false, false, false).logps);
+        (policy - reference).mean(Kind::Float).clamp_min(0.0)
+    })
+}
+
+/// `log(1 − eˣ)` for `x < 0`, as TRL's `log1mexp` computes it (two forms, each stable on its side
+/// of `−ln 2`).
+fn log1mexp(x: &Tensor) -> Tensor {
+    let near = (-x.expm1()).log();
+    let far = (-x.exp()).log1p();
+    far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
 }
 
 /// The chosen (first) and rejected (second) halves of a per-row tensor.
@@ -125,24 +286,36 @@ fn halves(t: &Tensor) -> [Tensor; 2] {
     [t.narrow(0, 0, pairs), t.narrow(0, pairs, pairs)]
 }
 
-/// Each row's summed log-probability of its target tokens (`[rows]`, fp32), its target count
-/// (`[rows]`, fp32), and the blocks' activations for the backward pass.
+/// Each row's summed log-probability of its target tokens and its target count, the blocks'
+/// activations for the backward pass, and with `chosen_nll` ORPO's NLL: the mean next-token loss
+/// over every real token of the chosen (first half of the) rows.
 fn row_logps<'a>(
     model: &Decoder,
     batch: &'a Batch,
     train: bool,
     checkpointing: bool,
-) -> (Tensor, Tensor, Activations<'a>) {
+    chosen_nll: bool,
+) -> RowLogps<'a> {
     let blocks = Activations::forward(model, batch, train, checkpointing);
     let hidden = model.final_norm(&blocks.output);
     let width = *hidden.size().last().expect("hidden states have a width");
+    let hidden = hidden.reshape([-1, width]);
     let [rows, seq] = [0, 1].map(|i| batch.input_ids.size()[i]);
-    let logits = model.logits(&hidden.reshape([-1, width]).index_select(0, &batch.target_positions), train);
+    let logits = model.logits(&hidden.index_select(0, &batch.target_positions), train);
     let token_logps =
         -logits.cross_entropy_loss(&batch.target_ids, None::<Tensor>, Reduction::None, IGNORE, 0.0);
     let row = batch.target_positions.divide_scalar_mode(seq, "floor");
     let zeros = Tensor::zeros([rows], (Kind::Float, token_logps.device()));
     let logps = zeros.index_add(0, &row, &token_logps);
     let tokens = zeros.index_add(0, &row, &token_logps.ones_like());
-    (logps, tokens, blocks)
+    let nll = chosen_nll.then(|| {
+        let positions: Vec<i64> = (0..rows / 2)
+            .flat_map(|r| (0..batch.lengths[r as usize] - 1).map(move |p| r * seq + p))
+            .collect();
+        let positions = Tensor::from_slice(&positions).to_device(hidden.device());
+        let targets = batch.input_ids.reshape([-1]).index_select(0, &(&positions + 1));
+        let logits = model.logits(&hidden.index_select(0, &positions), train);
+        logits.cross_entropy_loss(&targets, None::<Tensor>, Reduction::Mean, IGNORE, 0.0)
+    });
+    RowLogps { logps, tokens, nll, blocks }
 }

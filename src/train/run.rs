@@ -9,7 +9,6 @@
 use super::checkpoint::{self, TrainerState};
 use super::eval::eval_batches;
 use super::memory::MemoryEstimate;
-use super::preference::EVAL_PAIR_METRICS;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_sums, precision, Trainer};
@@ -229,7 +228,7 @@ impl RunPlan {
     }
 
     /// The validation loss (mean over every label token, or for a preference objective over
-    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ...), this rank's
+    /// every pair (KTO: row), with its objective's metric means named `eval/rewards/chosen`, ...), this rank's
     /// share of the batches summed with the others'; `None` without validation data.
     pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
@@ -248,8 +247,8 @@ impl RunPlan {
             sums = Vec::<f64>::try_from(&summed)?;
         }
         let units = sums[1].max(1.0);
-        let metrics =
-            EVAL_PAIR_METRICS.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
+        let names = self.trainer.preference.map_or(&[][..], |p| p.eval_metric_names());
+        let metrics = names.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
         Ok(Some(Validation { loss: sums[0] / units, metrics }))
     }
 
