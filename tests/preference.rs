@@ -151,6 +151,16 @@ fn preference_losses_and_gradients_equal_trl() {
         close(&eval[format!("eval/{metric}").as_str()], &dpo["trl_metrics"][metric], metric);
     }
 
+    // `lorafit eval` of the config and adapter reports the same, under TRL's evaluation names.
+    let out = common::lorafit(dir, &["eval", "run.yaml", "--adapter", adapter.to_str().unwrap()]);
+    assert!(out.status.success(), "eval failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout.lines().find_map(|l| serde_json::from_str(l).ok()).expect("eval prints JSON");
+    assert_eq!(report["pairs"], 9, "{stdout}");
+    close(&report["eval_loss"], &dpo["trl_loss"], "lorafit eval's eval_loss");
+    for metric in PAIR_METRICS {
+        close(&report[format!("eval_{metric}").as_str()], &dpo["trl_metrics"][metric], metric);
+    }
 }
 
 /// Each pair of `examples` (chosen, rejected, laid end to end) as TRL's DPO collator takes it:

@@ -7,12 +7,11 @@
 //! its checkpoint (`step-N/`) and the trainer state saved after it all say N.
 
 use super::checkpoint::{self, TrainerState};
-use super::eval::eval_batches;
+use super::eval::{eval_batches, validation_sums, Validation};
 use super::memory::MemoryEstimate;
-use super::preference::EVAL_PAIR_METRICS;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
-use super::{evaluate_sums, precision, Trainer};
+use super::{precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{resolve_format, Example, PromptFormat};
@@ -196,22 +195,6 @@ pub(super) struct RunPlan {
     lock: Option<DirLock>,
 }
 
-/// A validation pass: the mean loss, and a preference objective's metrics by name.
-pub struct Validation {
-    pub loss: f64,
-    pub metrics: Vec<(&'static str, f64)>,
-}
-
-impl Validation {
-    /// Its headline besides the loss: the reward accuracy of pairs, or the perplexity.
-    pub fn summary(&self) -> String {
-        match self.metrics.iter().find(|(name, _)| *name == "eval/rewards/accuracies") {
-            Some((_, accuracy)) => format!("reward accuracy {accuracy:.3}"),
-            None => format!("perplexity {:.2}", self.loss.exp()),
-        }
-    }
-}
-
 impl RunPlan {
     /// Which examples each step of `epoch` uses: with W data-parallel ranks, a step has W times
     /// the micro-batches of one process, the same sequence of examples whatever W.
@@ -229,28 +212,18 @@ impl RunPlan {
     }
 
     /// The validation loss (mean over every label token, or for a preference objective over
-    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ...), this rank's
+    /// every pair, with its metrics' means named `eval/rewards/chosen`, ...), this rank's
     /// share of the batches summed with the others'; `None` without validation data.
     pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        // [loss sum, units (label tokens or pairs), metric sums...]
-        let mut sums = match &self.trainer.preference {
-            Some(loss) => loss.evaluate_sums(&self.model, batches, &bar),
-            None => {
-                let (total, tokens) = evaluate_sums(&self.model, batches, &bar);
-                vec![total, tokens as f64]
-            }
-        };
+        let mut sums = validation_sums(&self.model, batches, self.trainer.preference.as_ref(), &bar);
         if let Some(group) = &self.trainer.group {
             let summed = tch::Tensor::from_slice(&sums);
             group.all_reduce_sum(std::slice::from_ref(&summed))?;
             sums = Vec::<f64>::try_from(&summed)?;
         }
-        let units = sums[1].max(1.0);
-        let metrics =
-            EVAL_PAIR_METRICS.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
-        Ok(Some(Validation { loss: sums[0] / units, metrics }))
+        Ok(Some(Validation::from_sums(&sums)))
     }
 
     /// Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one.
