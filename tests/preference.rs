@@ -263,3 +263,65 @@ fn three_dpo_steps_give_trl_dpo_trainers_adapter() {
     // The check sees a real difference: TRL with twice the beta ends elsewhere.
     assert!(num(other, "max_abs_diff") > 1e-3, "a different beta is not told apart: {other}");
 }
+
+/// `data preview` shows each pair's chosen and rejected answer after its prompt, only the answers
+/// marked as trained; `data export` writes a line per pair with the prompt and both examples.
+#[test]
+fn preview_and_export_show_pairs_with_the_prompt_masked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_pairs(&dir.join("pairs.jsonl"), 3);
+    let yaml = format!(
+        "model: {{path: {}}}\ndata: {{train: pairs.jsonl, format: alpaca, packing: false}}\ntrain: {{objective: dpo}}\n",
+        common::repo().join("data/default-model").display()
+    );
+    common::write(&dir.join("run.yaml"), &yaml);
+    let rows: Vec<Value> = std::fs::read_to_string(dir.join("pairs.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let text = |v: &Value| v.as_str().unwrap().to_string();
+
+    let out = common::lorafit(dir, &["data", "preview", "run.yaml", "-n", "2"]);
+    assert!(out.status.success(), "preview failed: {}", String::from_utf8_lossy(&out.stderr));
+    let shown = String::from_utf8_lossy(&out.stdout);
+    for (i, row) in rows.iter().take(2).enumerate() {
+        for answer in ["chosen", "rejected"] {
+            let heading = format!("── pair {}, {answer} (", i + 1);
+            let at = shown.find(&heading).unwrap_or_else(|| panic!("no {heading:?} in:\n{shown}"));
+            let body = shown[at..].lines().skip(1).take_while(|l| !l.starts_with("──")).collect::<Vec<_>>();
+            let body = body.join("\n");
+            let prompt_end = body.find("[[").unwrap_or_else(|| panic!("nothing trained in {body}"));
+            assert!(body[..prompt_end].contains(&text(&row["prompt"])), "the prompt is untrained: {body}");
+            assert!(body[prompt_end + 2..].starts_with(&text(&row[answer])), "{answer} is trained: {body}");
+            assert_eq!(body.matches("[[").count(), 1, "one trained stretch, the answer: {body}");
+        }
+    }
+
+    let out = common::lorafit(dir, &["data", "export", "run.yaml", "--out", "pairs-out.jsonl"]);
+    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = std::fs::read_to_string(dir.join("pairs-out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), rows.len(), "a line per pair");
+    for (line, row) in lines.iter().zip(&rows) {
+        let prompt = text(&line["prompt"]);
+        assert!(prompt.contains(&text(&row["prompt"])), "{line}");
+        for answer in ["chosen", "rejected"] {
+            let ex = &line[answer];
+            let ids = ex["input_ids"].as_array().unwrap();
+            let untrained = ex["labels"].as_array().unwrap().iter().take_while(|l| **l == -100).count();
+            assert_eq!(ids.len(), ex["labels"].as_array().unwrap().len(), "{ex}");
+            assert!(
+                untrained > 0 && untrained < ids.len(),
+                "{answer}: the prompt masked, the answer not: {ex}"
+            );
+            let whole = text(&ex["text"]);
+            assert!(whole.starts_with(&prompt), "{answer} starts with the prompt: {ex}");
+            assert!(whole[prompt.len()..].starts_with(&text(&row[answer])), "{answer} follows it: {ex}");
+        }
+    }
+}
