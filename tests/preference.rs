@@ -151,15 +151,24 @@ fn preference_losses_and_gradients_equal_trl() {
         close(&eval[format!("eval/{metric}").as_str()], &dpo["trl_metrics"][metric], metric);
     }
 
-    // `lorafit eval` of the config and adapter reports the same, under TRL's evaluation names.
+    assert_eval_command_reports(dir, &adapter, dpo);
+}
+
+/// `lorafit eval` of the config in `dir` and `adapter` reports TRL's loss and metrics of `trl`
+/// (a dpo_check.py report) under TRL's evaluation names.
+fn assert_eval_command_reports(dir: &Path, adapter: &Path, trl: &Value) {
+    let close = |ours: &Value, theirs: &Value, what: &str| {
+        let (a, b) = (ours.as_f64().unwrap(), theirs.as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5, "{what}: lorafit eval reports {a}, TRL computes {b}");
+    };
     let out = common::lorafit(dir, &["eval", "run.yaml", "--adapter", adapter.to_str().unwrap()]);
     assert!(out.status.success(), "eval failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report: Value = stdout.lines().find_map(|l| serde_json::from_str(l).ok()).expect("eval prints JSON");
     assert_eq!(report["pairs"], 9, "{stdout}");
-    close(&report["eval_loss"], &dpo["trl_loss"], "lorafit eval's eval_loss");
+    close(&report["eval_loss"], &trl["trl_loss"], "eval_loss");
     for metric in PAIR_METRICS {
-        close(&report[format!("eval_{metric}").as_str()], &dpo["trl_metrics"][metric], metric);
+        close(&report[format!("eval_{metric}").as_str()], &trl["trl_metrics"][metric], metric);
     }
 }
 
@@ -174,6 +183,29 @@ fn trl_pair(examples: &[lorafit::data::format::Example], pair: usize) -> Value {
         "chosen_ids": chosen.input_ids[prompt_len..],
         "rejected_ids": rejected.input_ids[prompt_len..],
     })
+}
+
+/// The pairs of the first `n` steps of `cfg`'s run, in the order lorafit takes them, as TRL's
+/// DPO collator takes them.
+fn trl_steps(cfg: &Config, n: usize) -> Vec<Vec<Value>> {
+    let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
+    let examples = load_run_data(cfg, &spec).unwrap().train.examples;
+    let lengths: Vec<usize> =
+        examples.chunks(2).map(|p| p[0].input_ids.len().max(p[1].input_ids.len())).collect();
+    let t = &cfg.train;
+    let plan = EpochPlan::new(
+        &lengths,
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        RowLayout::Pairs,
+        cfg.data.shuffle,
+        t.seed,
+        0,
+    );
+    plan.steps[..n]
+        .iter()
+        .map(|step| step.iter().flatten().flatten().map(|&i| trl_pair(&examples, i)).collect())
+        .collect()
 }
 
 /// 3 DPO steps of lorafit give the adapter TRL's DPOTrainer gives with the same optimizer,
@@ -214,17 +246,8 @@ fn three_dpo_steps_give_trl_dpo_trainers_adapter() {
         assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
     }
 
-    // The pairs of each step, in the order lorafit took them.
     let cfg = Config::load(&dir.join("run.yaml"), &[]).unwrap();
-    let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
-    let examples = load_run_data(&cfg, &spec).unwrap().train.examples;
-    let lengths: Vec<usize> =
-        examples.chunks(2).map(|p| p[0].input_ids.len().max(p[1].input_ids.len())).collect();
-    let plan = EpochPlan::new(&lengths, 4, 1, RowLayout::Pairs, false, cfg.train.seed, 0);
-    let steps: Vec<Vec<Value>> = plan.steps[..3]
-        .iter()
-        .map(|step| step.iter().flatten().flatten().map(|&i| trl_pair(&examples, i)).collect())
-        .collect();
+    let steps = trl_steps(&cfg, 3);
     let t = &cfg.train;
     let job = json!({
         "steps": steps, "lr": t.lr, "weight_decay": t.weight_decay, "adam_beta1": t.adam_beta1,
@@ -324,4 +347,47 @@ fn preview_and_export_show_pairs_with_the_prompt_masked() {
             assert!(whole[prompt.len()..].starts_with(&text(&row[answer])), "{answer} follows it: {ex}");
         }
     }
+}
+
+/// `train.precompute_ref` trains the very adapter a reference pass per step trains, validates
+/// the same, and a run resumed from its checkpoint (computing them again) ends where it would
+/// have ended.
+#[test]
+fn precomputed_reference_gives_the_same_adapter_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_pairs(&dir.join("pairs.jsonl"), 12);
+    let yaml = format!(
+        "model: {{path: {}}}\n\
+         lora: {{r: 4, alpha: 8, dropout: 0.1}}\n\
+         data: {{train: pairs.jsonl, validation: pairs.jsonl, format: alpaca, packing: false}}\n\
+         train: {{objective: dpo, max_steps: 4, save_every: 2, micro_batch_size: 2, lr: 0.01, precision: fp32, \
+         threads: 1}}\n\
+         output: {{dir: runs, sample_prompts: []}}\n",
+        common::repo().join("data/default-model").display()
+    );
+    common::write(&dir.join("run.yaml"), &yaml);
+    let train = |args: &[&str]| {
+        let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let eval = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .rfind(|r| r["event"] == "eval");
+        eval.expect("a validation at the end")
+    };
+    let adapter = |name: &str| {
+        std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    let per_step = train(&["--set", "output.run_name=per-step"]);
+    let ahead = train(&["--set", "output.run_name=ahead", "--set", "train.precompute_ref=true"]);
+    assert!(adapter("per-step") == adapter("ahead"), "precompute_ref changed the adapter");
+    for metric in ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"] {
+        assert_eq!(per_step[metric], ahead[metric], "{metric}");
+    }
+    let finished = adapter("ahead");
+    let step_2 = dir.join("runs/ahead/step-2");
+    train(&["--set", "train.precompute_ref=true", "--resume", step_2.to_str().unwrap()]);
+    assert!(adapter("ahead") == finished, "the resumed run ends elsewhere");
 }

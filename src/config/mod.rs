@@ -527,6 +527,9 @@ pub struct TrainConfig {
     /// `dpo`: the assumed probability that a pair's preference is flipped, as TRL's robust DPO
     /// (`loss_type: robust`) uses it; 0 is plain sigmoid DPO.
     pub label_smoothing: f64,
+    /// Preference objectives: compute the reference log-probabilities of every training and
+    /// validation pair once before training, instead of a reference pass per micro-batch.
+    pub precompute_ref: bool,
 }
 
 /// The training objective (`train.objective`).
@@ -602,6 +605,7 @@ impl Default for TrainConfig {
             objective: Objective::default(),
             beta: 0.1,
             label_smoothing: 0.0,
+            precompute_ref: false,
         }
     }
 }

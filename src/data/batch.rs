@@ -31,6 +31,9 @@ pub struct Batch {
     pub real_tokens: i64,
     /// Tokens including padding.
     pub padded_tokens: i64,
+    /// Each row's reference log-probability (`[rows]`) when computed ahead (preference
+    /// objectives with `train.precompute_ref`); `None`: computed with the batch.
+    pub reference_logps: Option<Tensor>,
 }
 
 impl Batch {
@@ -96,6 +99,7 @@ impl Batch {
             packing: packed.then(|| Packing::from_segments(segments, device)),
             real_tokens: rows.iter().map(row_len).sum::<usize>() as i64,
             padded_tokens: shape[0] * shape[1],
+            reference_logps: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Preference losses on chosen/rejected pairs, with TRL's DPOTrainer semantics: a micro-batch
 //! holds its pairs' chosen rows first and their rejected rows after (as TRL concatenates them);
 //! each row's log-probability is the sum over its answer tokens; the reference is the same
-//! model with the adapters off, computed without gradients once per micro-batch.
+//! model with the adapters off, computed without gradients once per micro-batch (or ahead for
+//! the whole data set with `train.precompute_ref`, then carried by each batch).
 //!
 //! With `d = (logπ(c) − logπ_ref(c)) − (logπ(r) − logπ_ref(r))`:
 //! * dpo (TRL `sigmoid`): `−log σ(β d)`; with label smoothing ε, TRL's `robust`:
@@ -58,7 +59,10 @@ impl PreferenceLoss {
     /// [`PAIR_METRICS`] (`[6]`), accumulating the gradient of `scale · loss` when `backward` is
     /// given.
     pub fn pair_loss(&self, model: &Decoder, batch: &Batch, backward: Option<Backward>) -> (Tensor, Tensor) {
-        let reference = tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false).0));
+        let reference = batch
+            .reference_logps
+            .as_ref()
+            .map_or_else(|| reference_logps(model, batch), Tensor::shallow_clone);
         let train = backward.is_some();
         let checkpointing = backward.is_some_and(|b| b.checkpointing);
         let (logps, tokens, blocks) = row_logps(model, batch, train, checkpointing);
@@ -117,6 +121,12 @@ impl PreferenceLoss {
         let margin = &rc - &rr;
         Tensor::stack(&[rc, rr, wins, margin, lc, lr].map(|t| t.sum(Kind::Float)), 0)
     }
+}
+
+/// Each row's summed log-probability under the reference: the model with its adapters off,
+/// without gradients (`[rows]`, fp32).
+pub fn reference_logps(model: &Decoder, batch: &Batch) -> Tensor {
+    tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false).0))
 }
 
 /// The chosen (first) and rejected (second) halves of a per-row tensor.
