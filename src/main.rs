@@ -358,7 +358,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Eval { config, model, data, adapter, overrides } => {
             eval_command(&EvalOptions { config, model, data, adapter, overrides })
-                .map(|(loss, tokens)| print!("{}", eval_report(loss, tokens)))
+                .map(|v| print!("{}", eval_report(&v)))
         }
         Command::Generate(args) => generate_command(&args.into(), &mut std::io::stdout()),
         Command::Export { adapter, format, model, out, dtype, force } => dtype

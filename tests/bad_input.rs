@@ -121,6 +121,7 @@ const CASES: &[Case] = &[
     ("chat messages a string", "", &[("data.jsonl", b"{\"messages\": \"hi\"}\n")], none, CHAT_TRAIN, &["data.jsonl:1", "messages"]),
     ("chat tool call arguments broken", "", &[("data.jsonl", b"{\"conversations\": [{\"from\": \"human\", \"value\": \"x\"}, {\"from\": \"function_call\", \"value\": \"{broken\"}]}\n")], none, CHAT_TRAIN, &["data.jsonl:1"]),
     ("preference pairs", "", &[("data.jsonl", b"{\"chosen\": \"a\", \"rejected\": \"b\"}\n")], none, TRAIN, &["data.jsonl", "chosen"]),
+    ("precompute_ref without pairs", "", &[], none, &["train", "run.yaml", "--set", "train.precompute_ref=true"], &["train.precompute_ref", "sft"]),
     // Adapters: --init-from, eval, merge and export.
     ("init_from missing", "lora:\n  init_from: nosuch\n", &[], none, FIXTURE_TRAIN, &["nosuch"]),
     ("init_from config garbage", "lora:\n  init_from: adapter\n", &[("adapter/adapter_config.json", b"{\"r\": 8,")], copy_adapter, FIXTURE_TRAIN, &["adapter/adapter_config.json"]),

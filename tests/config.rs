@@ -151,7 +151,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 4 + 11 + 16 + 31 + 4);
+    assert_eq!(schema.len(), 5 + 4 + 11 + 16 + 32 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
@@ -241,6 +241,7 @@ fn to_yaml_round_trips_a_changed_config() {
         label_smoothing: 0.0,
         desirable_weight: 1.5,
         undesirable_weight: 0.75,
+        precompute_ref: true,
     };
     config.output = OutputConfig {
         dir: PathBuf::from("runs"),

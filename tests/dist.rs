@@ -488,3 +488,49 @@ fn workers_end_with_a_killed_launcher() {
     }
     assert!(left.is_empty(), "workers {left:?} outlived their launcher");
 }
+
+/// A DPO run's training metrics (`rewards/*`, `logps/*`) and validation metrics are those of
+/// every rank's pairs, not rank 0's: 2 workers log what 1 process with accumulation 2 logs.
+#[test]
+fn two_workers_log_the_preference_metrics_of_every_pair() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    common::write_pairs(&dir.join("pairs.jsonl"), 8);
+    let yaml = format!(
+        "model: {{path: {}}}\n\
+         lora: {{r: 4, alpha: 8, dropout: 0.0}}\n\
+         data: {{train: {pairs}, validation: {pairs}, format: alpaca, packing: false, shuffle: false}}\n\
+         train: {{objective: dpo, max_steps: 2, micro_batch_size: 2, lr: 0.01, precision: fp32, threads: 1, log_every: 1}}\n\
+         output: {{dir: {}, sample_prompts: []}}\n",
+        common::repo().join("data/default-model").display(),
+        dir.join("runs").display(),
+        pairs = dir.join("pairs.jsonl").display(),
+    );
+    common::write(&dir.join("dpo.yaml"), &yaml);
+    let records = |name: &str, args: &[&str]| -> Vec<serde_json::Value> {
+        let run_name = format!("output.run_name={name}");
+        let all = [&["train", "dpo.yaml", "--log-format", "json", "--set", &run_name as &str], args].concat();
+        let out = common::lorafit(dir, &all);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{name}: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+        stdout.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    };
+    let one = records("one", &["--set", "train.grad_accum_steps=2"]);
+    let two = records("two", &["--nproc-per-node", "2"]);
+    let metric_names =
+        ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"];
+    let eval_names = ["eval/loss", "eval/rewards/chosen", "eval/rewards/accuracies", "eval/logps/rejected"];
+    let pick = |records: &[serde_json::Value], event: &str, names: &[&str]| -> Vec<f64> {
+        let of_event = records.iter().filter(|r| r["event"] == event);
+        of_event
+            .flat_map(|r| names.iter().map(|n| r[*n].as_f64().expect("a logged metric")).collect::<Vec<_>>())
+            .collect()
+    };
+    for (event, names) in [("train", &metric_names[..]), ("eval", &eval_names[..])] {
+        let (a, b) = (pick(&one, event, names), pick(&two, event, names));
+        assert!(!a.is_empty() && a.len() == b.len(), "{event}: {a:?} vs {b:?}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= TOLERANCE, "{event}: 1 process logs {a:?}, 2 workers {b:?}");
+        }
+    }
+}

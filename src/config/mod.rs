@@ -531,6 +531,9 @@ pub struct TrainConfig {
     pub desirable_weight: f64,
     /// `kto`: the weight of the undesirable (rejected) answers' losses.
     pub undesirable_weight: f64,
+    /// Preference objectives: compute the reference log-probabilities of every training and
+    /// validation pair once before training, instead of a reference pass per micro-batch.
+    pub precompute_ref: bool,
 }
 
 /// The training objective (`train.objective`).
@@ -616,6 +619,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
+            precompute_ref: false,
         }
     }
 }

@@ -221,6 +221,16 @@ fn check_runtime(train: &TrainConfig, found: &mut Found) {
 /// A preference objective's settings, and the data layouts it does not take (yet).
 fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
     if !train.objective.is_preference() {
+        if train.precompute_ref {
+            found.add(Err(Invalid::new(
+                "train.precompute_ref",
+                format!(
+                    "`train.precompute_ref` precomputes a preference objective's reference log-probabilities; \
+                     train.objective is {}: set it to false",
+                    train.objective
+                ),
+            )));
+        }
         return;
     }
     let objective = train.objective;

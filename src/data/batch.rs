@@ -35,6 +35,9 @@ pub struct Batch {
     /// one example).
     pub lengths: Vec<i64>,
     pub prompt_lengths: Vec<i64>,
+    /// Each row's reference log-probability (`[rows]`) when computed ahead (preference
+    /// objectives with `train.precompute_ref`); `None`: computed with the batch.
+    pub reference_logps: Option<Tensor>,
 }
 
 impl Batch {
@@ -109,6 +112,7 @@ impl Batch {
             padded_tokens: shape[0] * shape[1],
             lengths: rows.iter().map(|r| row_len(r) as i64).collect(),
             prompt_lengths,
+            reference_logps: None,
         }
     }
 

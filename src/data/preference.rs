@@ -15,7 +15,8 @@
 
 use super::chat;
 use super::format::{
-    alpaca_prompt, column, fit_to_max_len, tokenize_all, ChatFormat, Encoding, Prepared, Segments, IGNORE,
+    alpaca_prompt, column, fit_to_max_len, tokenize_all, ChatFormat, Encoding, Example, Prepared, Segments,
+    IGNORE,
 };
 use super::source::{Record, Rows};
 use super::tokenizer::TextTokenizer;
@@ -210,6 +211,16 @@ pub fn prepare_pairs(
         bail!("no usable preference pair: {} (with max_seq_len {})", out.report(), cfg.max_seq_len);
     }
     Ok(out)
+}
+
+/// The pairs of `examples` laid end to end as [`prepare_pairs`] lays them: (chosen, rejected).
+pub fn pairs_of(examples: &[Example]) -> impl Iterator<Item = (&Example, &Example)> {
+    examples.chunks_exact(2).map(|p| (&p[0], &p[1]))
+}
+
+/// The tokens of a pair's prompt: those before its first trained token (shared by both answers).
+pub fn prompt_len(answer: &Example) -> usize {
+    answer.labels.iter().skip(1).position(|&l| l != IGNORE).map_or(answer.labels.len(), |i| i + 1)
 }
 
 /// Whether the first record holds a preference pair (for detecting `data.format`).

@@ -1,9 +1,10 @@
-//! `lorafit data preview CONFIG`: the first examples as the model will see them, with the
-//! trained tokens marked, plus token counts and a length histogram, to check masking before
+//! `lorafit data preview CONFIG`: the first examples (or preference pairs) as the model will see
+//! them, with the trained tokens marked, plus token counts and a length histogram, to check masking before
 //! spending compute.
 
 use super::batch::{EpochPlan, RowLayout};
 use super::format::{Example, Prepared, IGNORE};
+use super::preference::pairs_of;
 use super::tokenizer::TextTokenizer;
 use anyhow::Result;
 use std::fmt::Write;
@@ -40,7 +41,8 @@ pub fn marked_text(example: &Example, tok: &TextTokenizer, marks: &Marks) -> Res
     Ok(out)
 }
 
-/// The report: `n` examples, then statistics of the whole set.
+/// The report: `n` examples (with `pairs`, `n` preference pairs: the chosen and the rejected
+/// answer each after the prompt), then statistics of the whole set.
 pub fn preview(
     data: &Prepared,
     tok: &TextTokenizer,
@@ -48,11 +50,23 @@ pub fn preview(
     max_seq_len: usize,
     micro_batch_size: usize,
     marks: &Marks,
+    pairs: bool,
 ) -> Result<String> {
     let mut out = String::new();
-    for (i, ex) in data.examples.iter().take(n).enumerate() {
+    let shown: Vec<(String, &Example)> = if pairs {
+        pairs_of(&data.examples)
+            .take(n)
+            .enumerate()
+            .flat_map(|(i, (c, r))| {
+                [(format!("pair {}, chosen", i + 1), c), (format!("pair {}, rejected", i + 1), r)]
+            })
+            .collect()
+    } else {
+        data.examples.iter().take(n).enumerate().map(|(i, ex)| (format!("example {}", i + 1), ex)).collect()
+    };
+    for (name, ex) in shown {
         let trained = ex.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();
-        writeln!(out, "── example {} ({} tokens, {trained} trained) ──", i + 1, ex.input_ids.len())?;
+        writeln!(out, "── {name} ({} tokens, {trained} trained) ──", ex.input_ids.len())?;
         writeln!(out, "{}", marked_text(ex, tok, marks)?)?;
     }
     let lengths: Vec<usize> = data.examples.iter().map(|e| e.input_ids.len()).collect();
@@ -75,7 +89,8 @@ pub fn preview(
         ),
         ("one example per row in random batches", random_batches_share(&lengths, micro_batch_size)),
     ];
-    for (name, share) in shares {
+    // Pairs are never packed.
+    for (name, share) in shares.into_iter().skip(pairs as usize) {
         writeln!(out, "real-token share with {name}: {:.1}%", 100.0 * share)?;
     }
     writeln!(out, "length histogram:")?;

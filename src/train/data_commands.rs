@@ -28,7 +28,7 @@ fn run_data(config: &Path, overrides: &[String]) -> Result<(Config, RunData, Vec
     Ok((cfg, data, detected))
 }
 
-/// `lorafit data preview`: the first `n` training examples with the trained tokens marked
+/// `lorafit data preview`: the first `n` training examples (or preference pairs) with the trained tokens marked
 /// (coloured on a terminal), and the statistics of the set, as text for stdout.
 pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<String> {
     let (cfg, data, detected) = run_data(config, overrides)?;
@@ -50,14 +50,15 @@ pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<
         cfg.data.max_seq_len,
         cfg.train.micro_batch_size,
         marks,
+        cfg.train.objective.is_preference(),
     )?;
     Ok(out)
 }
 
-/// `lorafit data export`: writes the examples of `split` as JSON Lines to `out` (notes about
+/// `lorafit data export`: writes the examples (or preference pairs) of `split` as JSON Lines to `out` (notes about
 /// the data go to stderr) and returns the one-line summary.
 pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Split) -> Result<String> {
-    let (_, data, detected) = run_data(config, overrides)?;
+    let (cfg, data, detected) = run_data(config, overrides)?;
     let examples = match split {
         Split::Train => &data.train,
         Split::Validation => data
@@ -71,6 +72,8 @@ pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Sp
     for note in &examples.notes {
         eprintln!("note: {note}");
     }
-    let n = export::write_jsonl(examples, &data.tokenizer, out)?;
-    Ok(format!("wrote {n} examples to {} ({})", out.display(), examples.report()))
+    let pairs = cfg.train.objective.is_preference();
+    let n = export::write_jsonl(examples, &data.tokenizer, pairs, out)?;
+    let what = if pairs { "preference pairs" } else { "examples" };
+    Ok(format!("wrote {n} {what} to {} ({})", out.display(), examples.report()))
 }

@@ -1,8 +1,9 @@
 //! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
-//! logs it.
+//! logs it (for a preference objective, the pair loss and TRL's `eval_rewards/*` metrics).
 
+use super::preference::PreferenceLoss;
 use super::run::{load_run_data, row_layout};
-use super::{evaluate, precision};
+use super::{evaluate_sums, precision};
 use crate::config::Config;
 use crate::data::format::{resolve_format, Prepared};
 use crate::data::{Batch, RowLayout};
@@ -10,8 +11,68 @@ use crate::lora::peft;
 use crate::model::load::{load_model_for, resolve_device};
 use crate::model::ModelSpec;
 use anyhow::{bail, Result};
+use indicatif::ProgressBar;
 use std::path::{Path, PathBuf};
 use tch::Device;
+
+/// A validation pass: the mean loss over its units (label tokens, or pairs for a preference
+/// objective, answers for KTO), their count, and a preference objective's metrics by name
+/// (`eval/rewards/...`).
+pub struct Validation {
+    pub loss: f64,
+    pub units: f64,
+    /// What the units are: "label_tokens", "pairs" or "answers".
+    pub unit_name: &'static str,
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+impl Validation {
+    /// The pass of `sums` as [`validation_sums`] gives them (summed over ranks), with the
+    /// metrics of the `preference` objective where there is one.
+    pub fn from_sums(sums: &[f64], preference: Option<&PreferenceLoss>) -> Validation {
+        let units = sums[1];
+        let mean = |sum: f64| sum / units.max(1.0);
+        let names = preference.map_or(&[][..], |p| p.eval_metric_names());
+        let metrics = names.iter().zip(&sums[2..]).map(|(&name, &sum)| (name, mean(sum))).collect();
+        let unit_name = preference.map_or("label_tokens", |p| p.unit_name());
+        Validation { loss: mean(sums[0]), units, unit_name, metrics }
+    }
+
+    fn is_pairs(&self) -> bool {
+        !self.metrics.is_empty()
+    }
+
+    /// Its headline besides the loss: the reward accuracy of pairs (the reward margin for KTO,
+    /// which has no accuracy), or the perplexity of a token loss.
+    pub fn summary(&self) -> String {
+        let metric = |wanted: &str| self.metrics.iter().find(|(name, _)| *name == wanted).map(|(_, v)| *v);
+        if let Some(accuracy) = metric("eval/rewards/accuracies") {
+            format!("reward accuracy {accuracy:.3}")
+        } else if let Some(margin) = metric("eval/rewards/margins") {
+            format!("reward margin {margin:.3}")
+        } else {
+            format!("perplexity {:.2}", self.loss.exp())
+        }
+    }
+}
+
+/// Without gradients over `batches`: `[loss sum, units, metric sums...]`, the units being label
+/// tokens, or pairs with a `preference` loss (whose metric sums follow); what data-parallel
+/// ranks add up.
+pub fn validation_sums(
+    model: &crate::model::Decoder,
+    batches: &[Batch],
+    preference: Option<&PreferenceLoss>,
+    bar: &ProgressBar,
+) -> Vec<f64> {
+    match preference {
+        Some(loss) => loss.evaluate_sums(model, batches, bar),
+        None => {
+            let (total, tokens) = evaluate_sums(model, batches, bar);
+            vec![total, tokens as f64]
+        }
+    }
+}
 
 /// What `lorafit eval` is asked for: a config file, or a model and a data file.
 #[derive(Debug, Clone, Default)]
@@ -56,9 +117,8 @@ fn config_for_data(model: &Path, data: &Path, overrides: &[String]) -> Result<Co
     Ok(cfg)
 }
 
-/// `lorafit eval`: [`eval`] of the config and adapter `opts` give. Returns (mean token loss,
-/// label tokens).
-pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
+/// `lorafit eval`: [`eval`] of the config and adapter `opts` give.
+pub fn eval_command(opts: &EvalOptions) -> Result<Validation> {
     let given_adapter = opts.adapter.as_ref().filter(|dir| dir.as_os_str() != "none");
     let cfg = match (&opts.config, &opts.data, given_adapter) {
         (Some(config), _, _) => {
@@ -89,15 +149,25 @@ pub fn eval_command(opts: &EvalOptions) -> Result<(f64, i64)> {
     eval(&cfg, adapter.as_deref())
 }
 
-/// The report `lorafit eval` prints: a line for people, then one JSON object for scripts.
-pub fn eval_report(loss: f64, tokens: i64) -> String {
+/// The report `lorafit eval` prints: a line for people, then one JSON object for scripts (for
+/// pairs, the metrics under TRL's evaluation names: `eval_loss`, `eval_rewards/chosen`, ...).
+pub fn eval_report(v: &Validation) -> String {
+    let loss = v.loss;
+    if v.is_pairs() {
+        let mut json = serde_json::json!({"eval_loss": loss, v.unit_name: v.units as i64});
+        for (name, value) in &v.metrics {
+            json[name.replacen("eval/", "eval_", 1)] = (*value).into();
+        }
+        return format!("eval loss {loss:.6} {} over {} {}\n{json}\n", v.summary(), v.units, v.unit_name);
+    }
+    let tokens = v.units as i64;
     let json = serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens});
     format!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens\n{json}\n", loss.exp())
 }
 
 /// `lorafit eval`: the validation loss of the base model with `adapter` (none: the base
-/// alone), computed exactly as during training. Returns (mean token loss, label tokens).
-pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
+/// alone), computed exactly as during training, with a preference objective's metrics.
+pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<Validation> {
     let device = resolve_device(&cfg.train.device)?;
     let (resolved, _) = precision::resolve(cfg, device);
     let cfg = &resolved;
@@ -115,5 +185,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<(f64, i64)> {
     }
     let batches =
         eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, row_layout(cfg));
-    Ok(evaluate(&model, &batches))
+    let preference = cfg.train.objective.is_preference().then(|| PreferenceLoss::of(&cfg.train));
+    let sums = validation_sums(&model, &batches, preference.as_ref(), &ProgressBar::hidden());
+    Ok(Validation::from_sums(&sums, preference.as_ref()))
 }

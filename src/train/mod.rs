@@ -246,18 +246,13 @@ impl Trainer {
         let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
         let (loss, counts, metrics) =
             self.accumulate(model, micro_batches, seeds, loss_scale.unwrap_or(1.0))?;
-        let loss = reduce_gradients(&self.params, loss, self.group.as_deref())?;
+        // The step loss and the pair metrics' shares, summed over the ranks with the gradients.
+        let sums = Tensor::cat(&[loss.reshape([1]), metrics], 0);
+        let sums = reduce_gradients(&self.params, sums, self.group.as_deref())?;
         let found_inf = self.scaler.as_ref().map(|s| s.unscale(&self.params));
         let norm = optim::grad_norm(&self.params);
-        let read = Tensor::cat(
-            &[
-                loss.to_device(norm.device()).reshape([1]),
-                norm.reshape([1]),
-                metrics.to_device(norm.device()),
-            ],
-            0,
-        );
-        let (loss, grad_norm) = (read.double_value(&[0]), read.double_value(&[1]));
+        let read = Tensor::cat(&[norm.reshape([1]), sums.to_device(norm.device()).to_kind(Kind::Double)], 0);
+        let (grad_norm, loss) = (read.double_value(&[0]), read.double_value(&[1]));
         let pair_metrics = match self.preference {
             Some(p) => p
                 .metric_names()
@@ -311,14 +306,15 @@ fn micro_batch_loss(
 }
 
 /// Called once a step's gradients are accumulated, before clipping and the update: in a
-/// data-parallel run, sums the adapter gradients and the step loss across the group in one
-/// collective (the loss rides along in the gradients' dtype and device). Returns the step loss.
-fn reduce_gradients(params: &[Tensor], loss: Tensor, group: Option<&Group>) -> Result<Tensor> {
-    let Some(group) = group else { return Ok(loss) };
+/// data-parallel run, sums the adapter gradients and `sums` (the step loss, then the pair
+/// metrics' shares: every rank's, not only this one's) across the group in one collective
+/// (`sums` rides along in the gradients' dtype and device). Returns the summed `sums`.
+fn reduce_gradients(params: &[Tensor], sums: Tensor, group: Option<&Group>) -> Result<Tensor> {
+    let Some(group) = group else { return Ok(sums) };
     let mut tensors: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
     let like = tensors.first().map_or((Kind::Float, tch::Device::Cpu), |g| (g.kind(), g.device()));
-    let loss = loss.to_device(like.1).to_kind(like.0).reshape([1]);
-    tensors.push(loss.shallow_clone());
+    let sums = sums.to_device(like.1).to_kind(like.0);
+    tensors.push(sums.shallow_clone());
     group.all_reduce_sum(&tensors)?;
-    Ok(loss.reshape([]))
+    Ok(sums)
 }

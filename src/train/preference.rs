@@ -1,7 +1,8 @@
 //! Preference losses on chosen/rejected pairs, with TRL's semantics: a micro-batch holds its
 //! pairs' chosen rows first and their rejected rows after (as TRL concatenates them); each row's
 //! log-probability is the sum over its answer tokens; the reference is the same model with the
-//! adapters off, computed without gradients once per micro-batch.
+//! adapters off, computed without gradients once per micro-batch (or ahead for the whole data set
+//! with `train.precompute_ref`, then carried by each batch).
 //!
 //! With `d = (logπ(c) − logπ_ref(c)) − (logπ(r) − logπ_ref(r))`:
 //! * dpo (TRL `sigmoid`): `−log σ(β d)`; with label smoothing ε, TRL's `robust`:
@@ -119,6 +120,12 @@ impl PreferenceLoss {
         }
     }
 
+    /// Whether the objective compares against a reference (the model with its adapters off):
+    /// all but ORPO.
+    pub fn uses_reference(&self) -> bool {
+        self.objective != Objective::Orpo
+    }
+
     /// The names of the metrics [`Self::pair_loss`] sums, as TRL logs them.
     pub fn metric_names(&self) -> &'static [&'static str] {
         match self.objective {
@@ -148,15 +155,27 @@ impl PreferenceLoss {
         }
     }
 
+    /// What [`Self::units`] counts, as reports name it: "pairs", or "answers" for KTO.
+    pub fn unit_name(&self) -> &'static str {
+        if self.objective == Objective::Kto {
+            "answers"
+        } else {
+            "pairs"
+        }
+    }
+
     /// The loss summed over the units of `batch` (fp32 scalar, detached) and the sums of
     /// [`Self::metric_names`] over them, accumulating the gradient of `scale · loss` when
     /// `backward` is given.
     pub fn pair_loss(&self, model: &Decoder, batch: &Batch, backward: Option<Backward>) -> (Tensor, Tensor) {
-        let orpo = self.objective == Objective::Orpo;
-        let reference = (!orpo).then(|| {
-            tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false, false).logps))
+        let reference = self.uses_reference().then(|| {
+            batch
+                .reference_logps
+                .as_ref()
+                .map_or_else(|| reference_logps(model, batch), Tensor::shallow_clone)
         });
         let kl = (self.objective == Objective::Kto).then(|| kl_estimate(model, &batch.mismatched()));
+        let orpo = self.objective == Objective::Orpo;
         let train = backward.is_some();
         let checkpointing = backward.is_some_and(|b| b.checkpointing);
         let rows = row_logps(model, batch, train, checkpointing, orpo);
@@ -278,6 +297,12 @@ fn log1mexp(x: &Tensor) -> Tensor {
     let near = (-x.expm1()).log();
     let far = (-x.exp()).log1p();
     far.where_self(&x.lt(-std::f64::consts::LN_2), &near)
+}
+
+/// Each row's summed log-probability under the reference: the model with its adapters off,
+/// without gradients (`[rows]`, fp32).
+pub fn reference_logps(model: &Decoder, batch: &Batch) -> Tensor {
+    tch::no_grad(|| without_adapters(|| row_logps(model, batch, false, false, false).logps))
 }
 
 /// The chosen (first) and rejected (second) halves of a per-row tensor.

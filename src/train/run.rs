@@ -7,11 +7,12 @@
 //! its checkpoint (`step-N/`) and the trainer state saved after it all say N.
 
 use super::checkpoint::{self, TrainerState};
-use super::eval::eval_batches;
+use super::eval::{eval_batches, validation_sums, Validation};
 use super::memory::MemoryEstimate;
+use super::preference::reference_logps;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
-use super::{evaluate_sums, precision, Trainer};
+use super::{precision, Trainer};
 use crate::config::{Config, LoraConfig};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{resolve_format, Example, PromptFormat};
@@ -184,6 +185,8 @@ pub(super) struct RunPlan {
     /// Tokens that end a generated sample.
     stop_tokens: Vec<i64>,
     pub val_batches: Option<Vec<Batch>>,
+    /// With `train.precompute_ref`: each training example's reference log-probability.
+    reference: Option<tch::Tensor>,
     pub trainer: Trainer,
     /// Where training stands: the start, or the checkpoint resumed from.
     pub state: TrainerState,
@@ -193,22 +196,6 @@ pub(super) struct RunPlan {
     changes: Vec<Change>,
     /// The run directory's lock, once taken: early for a directory that already exists.
     lock: Option<DirLock>,
-}
-
-/// A validation pass: the mean loss, and a preference objective's metrics by name.
-pub struct Validation {
-    pub loss: f64,
-    pub metrics: Vec<(&'static str, f64)>,
-}
-
-impl Validation {
-    /// Its headline besides the loss: the reward accuracy of pairs, or the perplexity.
-    pub fn summary(&self) -> String {
-        match self.metrics.iter().find(|(name, _)| *name == "eval/rewards/accuracies") {
-            Some((_, accuracy)) => format!("reward accuracy {accuracy:.3}"),
-            None => format!("perplexity {:.2}", self.loss.exp()),
-        }
-    }
 }
 
 impl RunPlan {
@@ -233,23 +220,53 @@ impl RunPlan {
     pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        // [loss sum, units (label tokens or pairs), metric sums...]
-        let mut sums = match &self.trainer.preference {
-            Some(loss) => loss.evaluate_sums(&self.model, batches, &bar),
-            None => {
-                let (total, tokens) = evaluate_sums(&self.model, batches, &bar);
-                vec![total, tokens as f64]
-            }
-        };
+        let mut sums = validation_sums(&self.model, batches, self.trainer.preference.as_ref(), &bar);
         if let Some(group) = &self.trainer.group {
             let summed = tch::Tensor::from_slice(&sums);
             group.all_reduce_sum(std::slice::from_ref(&summed))?;
             sums = Vec::<f64>::try_from(&summed)?;
         }
-        let units = sums[1].max(1.0);
-        let names = self.trainer.preference.map_or(&[][..], |p| p.eval_metric_names());
-        let metrics = names.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
-        Ok(Some(Validation { loss: sums[0] / units, metrics }))
+        Ok(Some(Validation::from_sums(&sums, self.trainer.preference.as_ref())))
+    }
+
+    /// The tensors of one training micro-batch, with its pairs' precomputed reference
+    /// log-probabilities when there are.
+    pub fn batch(&self, micro_batch: &MicroBatch) -> Batch {
+        let (examples, pad_id) = (&self.data.train.examples, self.data.tokenizer.eos_id);
+        let mut batch = collate(examples, micro_batch, self.layout, pad_id, self.device);
+        if let Some(reference) = &self.reference {
+            batch.reference_logps = Some(reference.index_select(0, &pair_rows(micro_batch, self.device)));
+        }
+        batch
+    }
+
+    /// `train.precompute_ref`: the reference log-probabilities of every training example, computed
+    /// once with the micro-batches of the first epoch (so that a one-epoch run uses the very values
+    /// a reference pass per step computes), and of every validation batch.
+    fn precompute_reference(&mut self, console: Console) {
+        if !(self.cfg.train.precompute_ref && self.trainer.preference.is_some_and(|p| p.uses_reference())) {
+            return;
+        }
+        let micro_batches: Vec<MicroBatch> = self.epoch_plan(0).steps.into_iter().flatten().collect();
+        let validation = self.val_batches.as_ref().map_or(0, Vec::len);
+        let bar = progress_bar(
+            (micro_batches.len() + validation) as u64,
+            console.shows_progress(),
+            "reference batch",
+        );
+        let examples = self.data.train.examples.len() as i64;
+        let mut reference = tch::Tensor::zeros([examples], (tch::Kind::Float, self.device));
+        for micro_batch in &micro_batches {
+            let logps = reference_logps(&self.model, &self.batch(micro_batch));
+            reference = reference.index_copy(0, &pair_rows(micro_batch, self.device), &logps);
+            bar.inc(1);
+        }
+        for batch in self.val_batches.iter_mut().flatten() {
+            batch.reference_logps = Some(reference_logps(&self.model, batch));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        self.reference = Some(reference);
     }
 
     /// Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one.
@@ -417,6 +434,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         memory_warning,
         stop_tokens,
         val_batches,
+        reference: None,
         trainer,
         resume,
         changes: Vec::new(),
@@ -428,6 +446,8 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         None => (0..plan.cfg.train.epochs).map(|e| plan.epoch_plan(e).steps.len()).sum(),
     };
     restore(&mut plan, opts.resume_anyway)?;
+    // After restoring: a resumed run computes them again, as they were.
+    plan.precompute_reference(console);
     Ok(plan)
 }
 
@@ -518,6 +538,14 @@ pub fn collate(
             Batch::collate_pairs(&pairs, pad_id, device)
         }
     }
+}
+
+/// The example indices of the rows of a micro-batch of pairs, in [`Batch::collate_pairs`]'s
+/// order: the chosen answers (examples `2p`), then the rejected ones (`2p + 1`).
+fn pair_rows(micro_batch: &MicroBatch, device: Device) -> tch::Tensor {
+    let pairs: Vec<i64> = micro_batch.iter().flatten().map(|&p| p as i64).collect();
+    let rows: Vec<i64> = pairs.iter().map(|p| 2 * p).chain(pairs.iter().map(|p| 2 * p + 1)).collect();
+    tch::Tensor::from_slice(&rows).to_device(device)
 }
 
 /// The tokens of each unit the epoch plan orders: an example, or a pair's longer answer.
@@ -762,11 +790,12 @@ fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Resul
         if state.skipped_steps > 0 { format!(", {} non-finite steps skipped", state.skipped_steps) } else { String::new() }
     );
     if let (Some(before), Some(after)) = (val_loss_before, trained.last_val_loss) {
-        let (ppl_before, ppl_after) = (before.exp(), after.exp());
-        say!(
-            console,
-            "  validation loss {before:.4} → {after:.4} (perplexity {ppl_before:.2} → {ppl_after:.2})"
-        );
+        // A pair loss has no perplexity.
+        let perplexity = match plan.trainer.preference {
+            Some(_) => String::new(),
+            None => format!(" (perplexity {:.2} → {:.2})", before.exp(), after.exp()),
+        };
+        say!(console, "  validation loss {before:.4} → {after:.4}{perplexity}");
     }
     plan.print_samples(console, "after")?;
     say!(console, "  adapter (PEFT format): {}", adapter_dir.display());

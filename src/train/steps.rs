@@ -5,7 +5,7 @@
 use super::checkpoint;
 use super::interrupt::Interrupted;
 use super::memory::MEMORY_SETTINGS;
-use super::run::{collate, Run};
+use super::run::Run;
 use super::{schedule, StepStats};
 use crate::config::OnNonFinite;
 use crate::data::batch::MicroBatch;
@@ -101,11 +101,7 @@ fn take_step(run: &mut Run, step: usize, micro_batches: &[MicroBatch]) -> Result
     let share = micro_batches.len() / world;
     let mine = rank * share..(rank + 1) * share;
     let seeds: Vec<i64> = mine.clone().map(|i| dropout_seed(train.seed, step, i)).collect();
-    let (examples, pad_id) = (&plan.data.train.examples, plan.data.tokenizer.eos_id);
-    let batches: Vec<Batch> = micro_batches[mine]
-        .iter()
-        .map(|mb| collate(examples, mb, plan.layout, pad_id, plan.device))
-        .collect();
+    let batches: Vec<Batch> = micro_batches[mine].iter().map(|mb| plan.batch(mb)).collect();
     let lr = schedule::learning_rate(
         train.lr_scheduler,
         train.lr,

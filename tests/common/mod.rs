@@ -172,3 +172,18 @@ pub fn global_rng_turn() -> std::sync::MutexGuard<'static, ()> {
     static GLOBAL_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
     GLOBAL_RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// Pairs from the default data: each question's answer chosen, the next question's answer rejected.
+pub fn write_pairs(path: &Path, n: usize) {
+    let text = std::fs::read_to_string(repo().join("data/default/train.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> =
+        text.lines().take(n + 1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let pairs: Vec<String> = rows
+        .windows(2)
+        .map(|w| {
+            serde_json::json!({"prompt": w[0]["instruction"], "chosen": w[0]["output"], "rejected": w[1]["output"]})
+                .to_string()
+        })
+        .collect();
+    write(path, &(pairs.join("\n") + "\n"));
+}
