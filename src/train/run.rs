@@ -7,13 +7,14 @@
 //! its checkpoint (`step-N/`) and the trainer state saved after it all say N.
 
 use super::checkpoint::{self, TrainerState};
+use super::distill::{Distiller, EVAL_DISTILL_METRICS};
 use super::eval::eval_batches;
 use super::memory::MemoryEstimate;
 use super::preference::EVAL_PAIR_METRICS;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{evaluate_sums, precision, Trainer};
-use crate::config::{Config, LoraConfig};
+use crate::config::{Config, LoraConfig, Objective};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{resolve_format, Example, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
@@ -203,11 +204,14 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// Its headline besides the loss: the reward accuracy of pairs, or the perplexity.
+    /// Its headline besides the loss: the reward accuracy of pairs, the divergence from a
+    /// teacher, or the perplexity.
     pub fn summary(&self) -> String {
-        match self.metrics.iter().find(|(name, _)| *name == "eval/rewards/accuracies") {
-            Some((_, accuracy)) => format!("reward accuracy {accuracy:.3}"),
-            None => format!("perplexity {:.2}", self.loss.exp()),
+        let metric = |wanted: &str| self.metrics.iter().find(|(name, _)| *name == wanted).map(|m| m.1);
+        match (metric("eval/rewards/accuracies"), metric("eval/kl")) {
+            (Some(accuracy), _) => format!("reward accuracy {accuracy:.3}"),
+            (None, Some(kl)) => format!("divergence from the teacher {kl:.4}"),
+            (None, None) => format!("perplexity {:.2}", self.loss.exp()),
         }
     }
 }
@@ -229,17 +233,19 @@ impl RunPlan {
     }
 
     /// The validation loss (mean over every label token, or for a preference objective over
-    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ...), this rank's
+    /// every pair, with its [`EVAL_PAIR_METRICS`] means named `eval/rewards/chosen`, ..., or
+    /// distillation's [`EVAL_DISTILL_METRICS`]), this rank's
     /// share of the batches summed with the others'; `None` without validation data.
     pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
         // [loss sum, units (label tokens or pairs), metric sums...]
-        let mut sums = match &self.trainer.preference {
-            Some(loss) => loss.evaluate_sums(&self.model, batches, &bar),
-            None => {
+        let (mut sums, names) = match (&self.trainer.preference, &self.trainer.distill) {
+            (Some(loss), _) => (loss.evaluate_sums(&self.model, batches, &bar), &EVAL_PAIR_METRICS[..]),
+            (None, Some(d)) => (d.evaluate_sums(&self.model, batches, &bar), &EVAL_DISTILL_METRICS[..]),
+            (None, None) => {
                 let (total, tokens) = evaluate_sums(&self.model, batches, &bar);
-                vec![total, tokens as f64]
+                (vec![total, tokens as f64], &[][..])
             }
         };
         if let Some(group) = &self.trainer.group {
@@ -248,8 +254,7 @@ impl RunPlan {
             sums = Vec::<f64>::try_from(&summed)?;
         }
         let units = sums[1].max(1.0);
-        let metrics =
-            EVAL_PAIR_METRICS.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
+        let metrics = names.iter().zip(&sums[2..]).map(|(&name, sum)| (name, sum / units)).collect();
         Ok(Some(Validation { loss: sums[0] / units, metrics }))
     }
 
@@ -397,6 +402,9 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &cfg.train);
     trainer.group = opts.group.clone();
+    if cfg.train.objective == Objective::Distill {
+        trainer.distill_from(Distiller::load(&cfg, &spec, &data.tokenizer, device)?);
+    }
     let mut plan = RunPlan {
         lengths,
         layout,
