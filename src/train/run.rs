@@ -771,11 +771,12 @@ fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Resul
         if state.skipped_steps > 0 { format!(", {} non-finite steps skipped", state.skipped_steps) } else { String::new() }
     );
     if let (Some(before), Some(after)) = (val_loss_before, trained.last_val_loss) {
-        let (ppl_before, ppl_after) = (before.exp(), after.exp());
-        say!(
-            console,
-            "  validation loss {before:.4} → {after:.4} (perplexity {ppl_before:.2} → {ppl_after:.2})"
-        );
+        // Only the SFT loss is a token NLL, whose exponential is a perplexity.
+        let perplexity = match plan.cfg.train.objective {
+            Objective::Sft => format!(" (perplexity {:.2} → {:.2})", before.exp(), after.exp()),
+            _ => String::new(),
+        };
+        say!(console, "  validation loss {before:.4} → {after:.4}{perplexity}");
     }
     plan.print_samples(console, "after")?;
     say!(console, "  adapter (PEFT format): {}", adapter_dir.display());
