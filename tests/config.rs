@@ -151,7 +151,7 @@ fn reference_yaml_documents_every_key() {
     let mut documented = BTreeSet::new();
     dotted_keys(&reference, "", &mut documented);
     // The list items of target_modules are values, not keys; both sides are mappings only.
-    assert_eq!(schema.len(), 5 + 4 + 11 + 16 + 32 + 4);
+    assert_eq!(schema.len(), 6 + 4 + 11 + 16 + 32 + 5 + 4);
     let missing: Vec<_> = schema.difference(&documented).collect();
     assert!(missing.is_empty(), "keys missing from reference.yaml: {missing:?}");
     let extra: Vec<_> = documented.difference(&schema).collect();
@@ -386,7 +386,10 @@ fn unknown_section_suggests_the_closest() {
         &["run.yaml:5:1", "unknown section `trian`", "did you mean `train`?"],
     );
     let yaml = format!("{BASE}qqqqqq: 1\n");
-    assert_contains(&error(&yaml, &[]), &["unknown section `qqqqqq`", "model, lora, data, train, output"]);
+    assert_contains(
+        &error(&yaml, &[]),
+        &["unknown section `qqqqqq`", "model, lora, data, train, distill, output"],
+    );
 }
 
 #[test]
@@ -651,6 +654,30 @@ fn out_of_range_values_are_refused_with_key_and_range() {
     config.train.adam_eps = -1.0;
     let message = format!("{:#}", config.validate().unwrap_err());
     assert_contains(&message, &["`train.adam_eps` must be a finite number > 0, got -1"]);
+}
+
+#[test]
+fn distillation_settings_are_checked() {
+    let distill = "train.objective=distill";
+    let cases: &[(&[&str], &str)] = &[
+        (&[distill], "train.objective distill needs `distill.teacher`"),
+        (&["distill.teacher=t"], "`distill.teacher` (t) is only used by train.objective distill, not sft"),
+        (
+            &[distill, "distill.teacher=t", "distill.temperature=0"],
+            "`distill.temperature` must be a finite number > 0",
+        ),
+        (&[distill, "distill.teacher=t", "distill.alpha=1.5"], "`distill.alpha` must be in [0, 1]"),
+        (
+            &[distill, "distill.teacher=t", "distill.loss=jsd", "distill.jsd_beta=1"],
+            "`distill.jsd_beta` must be above 0",
+        ),
+    ];
+    for (sets, expected) in cases {
+        assert_contains(&error(BASE, sets), &[expected]);
+    }
+    let config = parse(BASE, &[distill, "distill.teacher=t", "distill.alpha=1", "distill.loss=reverse_kl"]);
+    assert_eq!(config.distill.teacher, Some(PathBuf::from("t")));
+    assert_eq!(config.distill.loss, lorafit::config::Divergence::ReverseKl);
 }
 
 #[test]

@@ -180,7 +180,8 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.on_bad_row" => &["error", "skip"],
         "data.too_long" => &["truncate", "skip", "error"],
         "train.on_nonfinite" => &["stop", "skip"],
-        "train.objective" => &["sft", "dpo", "ipo"],
+        "train.objective" => &["sft", "dpo", "ipo", "distill"],
+        "distill.loss" => &["forward_kl", "reverse_kl", "jsd"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
         "train.precision" => &["auto", "fp32", "bf16-mixed", "fp16-mixed"],
         _ => return None,
@@ -366,8 +367,8 @@ pub(super) fn locate(yaml: &str, key: &str) -> Option<(usize, usize)> {
 mod tests {
     use super::*;
     use crate::config::{
-        DataFormat, LoraInit, LrScheduler, Objective, OnBadRow, OnNonFinite, Precision, TooLong, TrainOn,
-        WeightDtype, ALL_LINEAR, SECTIONS,
+        DataFormat, Divergence, LoraInit, LrScheduler, Objective, OnBadRow, OnNonFinite, Precision, TooLong,
+        TrainOn, WeightDtype, ALL_LINEAR, SECTIONS,
     };
     use std::fmt;
 
@@ -443,6 +444,7 @@ mod tests {
         check::<TooLong>("data.too_long");
         check::<OnNonFinite>("train.on_nonfinite");
         check::<Objective>("train.objective");
+        check::<Divergence>("distill.loss");
         check::<LrScheduler>("train.lr_scheduler");
         check::<Precision>("train.precision");
     }

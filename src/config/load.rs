@@ -10,7 +10,10 @@ use super::errors::{
     explain, join_key, locate_or_section, report, split_path, strip_location, value_kind, Origin, Problem,
 };
 use super::overrides::{apply_override, keys_overlap, parse_override};
-use super::{Config, DataConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, TrainData, SECTIONS};
+use super::{
+    Config, DataConfig, DistillConfig, LoraConfig, ModelConfig, OutputConfig, TrainConfig, TrainData,
+    SECTIONS,
+};
 
 impl Config {
     /// The default configuration with the two required paths filled in.
@@ -24,6 +27,7 @@ impl Config {
             lora: LoraConfig::default(),
             data,
             train: TrainConfig::default(),
+            distill: DistillConfig::default(),
             output: OutputConfig::default(),
         }
     }

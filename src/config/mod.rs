@@ -52,6 +52,8 @@ pub struct Config {
     #[serde(default)]
     pub train: TrainConfig,
     #[serde(default)]
+    pub distill: DistillConfig,
+    #[serde(default)]
     pub output: OutputConfig,
 }
 
@@ -553,12 +555,14 @@ pub enum Objective {
     /// Kahneman-Tversky optimisation (TRL's KTOTrainer): answers labelled desirable or not,
     /// each against a batch KL estimate.
     Kto,
+    /// Distillation from the teacher of the `distill` section, on the SFT data.
+    Distill,
 }
 
 impl Objective {
     /// Whether the data are chosen/rejected pairs.
     pub fn is_preference(self) -> bool {
-        self != Objective::Sft
+        matches!(self, Objective::Dpo | Objective::Ipo | Objective::Orpo | Objective::Kto)
     }
 }
 
@@ -570,8 +574,51 @@ impl fmt::Display for Objective {
             Objective::Ipo => "ipo",
             Objective::Orpo => "orpo",
             Objective::Kto => "kto",
+            Objective::Distill => "distill",
         })
     }
+}
+
+/// Distillation (`train.objective: distill`): per label token,
+/// `alpha · CE + (1 − alpha) · T² · D(teacher_T ‖ student_T)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// The teacher's model directory, a path as `model.path` takes one; required by the objective.
+    #[serde(serialize_with = "serialize_opt_path")]
+    pub teacher: Option<PathBuf>,
+    /// The temperature T both distributions are softened by.
+    pub temperature: f64,
+    /// The weight of the hard-label cross-entropy.
+    pub alpha: f64,
+    pub loss: Divergence,
+    /// `jsd`: the teacher's weight in the mixture the two distributions are compared with.
+    pub jsd_beta: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            teacher: None,
+            temperature: 1.0,
+            alpha: 0.5,
+            loss: Divergence::default(),
+            jsd_beta: 0.5,
+        }
+    }
+}
+
+/// How the student's distribution is compared with the teacher's (`distill.loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Divergence {
+    /// KL(teacher ‖ student), as torchtune's knowledge-distillation recipe.
+    #[default]
+    ForwardKl,
+    /// KL(student ‖ teacher).
+    ReverseKl,
+    /// Generalised Jensen-Shannon with the teacher's weight `jsd_beta` (TRL's GKD).
+    Jsd,
 }
 
 /// What a non-finite loss or gradient does.
@@ -807,7 +854,7 @@ fn serialize_opt_path<S: Serializer>(path: &Option<PathBuf>, serializer: S) -> R
     }
 }
 
-const SECTIONS: [&str; 5] = ["model", "lora", "data", "train", "output"];
+const SECTIONS: [&str; 6] = ["model", "lora", "data", "train", "distill", "output"];
 
 #[cfg(test)]
 mod tests {

@@ -4,8 +4,8 @@
 use std::path::Path;
 
 use super::{
-    Config, DataConfig, DeviceName, LoraConfig, ModelConfig, Objective, OutputConfig, TargetModules,
-    TrainConfig, TrainData,
+    Config, DataConfig, DeviceName, DistillConfig, Divergence, LoraConfig, ModelConfig, Objective,
+    OutputConfig, TargetModules, TrainConfig, TrainData,
 };
 
 type Checked = std::result::Result<(), Invalid>;
@@ -13,7 +13,7 @@ type Checked = std::result::Result<(), Invalid>;
 impl Config {
     /// Every refused value, section by section in file order.
     pub(super) fn check(&self) -> Vec<Invalid> {
-        let Config { model, lora, data, train, output } = self;
+        let Config { model, lora, data, train, distill, output } = self;
         let mut found = Found::default();
         found.add(check_model(model));
         check_lora(lora, &mut found);
@@ -22,6 +22,7 @@ impl Config {
         check_optimizer(train, &mut found);
         check_runtime(train, &mut found);
         check_objective(train, data, &mut found);
+        check_distill(train.objective, distill, &mut found);
         found.add(check_output(output));
         found.0
     }
@@ -267,6 +268,49 @@ fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
             "data.train",
             format!(
                 "train.objective {objective} reads one preference data set: give data.train a single path"
+            ),
+        )));
+    }
+}
+
+/// The `distill` section: a teacher exactly when the objective distills, and its numbers in range.
+fn check_distill(objective: Objective, distill: &DistillConfig, found: &mut Found) {
+    let distilling = objective == Objective::Distill;
+    match &distill.teacher {
+        None if distilling => found.add(Err(Invalid::new(
+            "distill.teacher",
+            "train.objective distill needs `distill.teacher`: the model directory of the teacher, \
+             e.g. `distill: {teacher: models/teacher}`"
+                .to_string(),
+        ))),
+        Some(teacher) if !distilling => found.add(Err(Invalid::new(
+            "distill.teacher",
+            format!(
+                "`distill.teacher` ({}) is only used by train.objective distill, not {objective}; \
+                 set train.objective: distill or remove the teacher",
+                teacher.display()
+            ),
+        ))),
+        _ => {}
+    }
+    if !distilling {
+        return;
+    }
+    found.add(positive("distill.temperature", distill.temperature));
+    if !(0.0..=1.0).contains(&distill.alpha) {
+        found.add(Err(Invalid::new(
+            "distill.alpha",
+            format!("`distill.alpha` must be in [0, 1] (1: cross-entropy only), got {}", distill.alpha),
+        )));
+    }
+    let open = distill.jsd_beta > 0.0 && distill.jsd_beta < 1.0;
+    if distill.loss == Divergence::Jsd && !open {
+        found.add(Err(Invalid::new(
+            "distill.jsd_beta",
+            format!(
+                "`distill.jsd_beta` must be above 0 and below 1, got {} (at 0 or 1 the divergence is \
+                 a KL: use distill.loss forward_kl or reverse_kl)",
+                distill.jsd_beta
             ),
         )));
     }

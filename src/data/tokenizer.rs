@@ -71,6 +71,11 @@ impl TextTokenizer {
         Ok(TextTokenizer { inner, eos_id })
     }
 
+    /// Every token with its id, added tokens included.
+    pub fn vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.inner.get_vocab(true)
+    }
+
     /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor adds (BOS).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
         let encoding =

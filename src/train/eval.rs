@@ -1,6 +1,7 @@
 //! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
 //! logs it (for a preference objective, the pair loss and TRL's `eval_rewards/*` metrics).
 
+use super::distill::{Distiller, EVAL_DISTILL_METRICS};
 use super::preference::PreferenceLoss;
 use super::run::{load_run_data, row_layout};
 use super::{evaluate_sums, precision};
@@ -27,47 +28,60 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// The pass of `sums` as [`validation_sums`] gives them (summed over ranks), with the
-    /// metrics of the `preference` objective where there is one.
-    pub fn from_sums(sums: &[f64], preference: Option<&PreferenceLoss>) -> Validation {
+    /// The pass of `sums` as [`validation_sums`] gives them (summed over ranks) for `loss`.
+    pub fn from_sums(sums: &[f64], loss: EvalLoss<'_>) -> Validation {
         let units = sums[1];
         let mean = |sum: f64| sum / units.max(1.0);
-        let names = preference.map_or(&[][..], |p| p.eval_metric_names());
+        let (names, unit_name) = match loss {
+            EvalLoss::Tokens => (&[][..], "label_tokens"),
+            EvalLoss::Preference(p) => (p.eval_metric_names(), p.unit_name()),
+            EvalLoss::Distill(_) => (&EVAL_DISTILL_METRICS[..], "label_tokens"),
+        };
         let metrics = names.iter().zip(&sums[2..]).map(|(&name, &sum)| (name, mean(sum))).collect();
-        let unit_name = preference.map_or("label_tokens", |p| p.unit_name());
         Validation { loss: mean(sums[0]), units, unit_name, metrics }
     }
 
     fn is_pairs(&self) -> bool {
-        !self.metrics.is_empty()
+        self.unit_name != "label_tokens"
     }
 
     /// Its headline besides the loss: the reward accuracy of pairs (the reward margin for KTO,
-    /// which has no accuracy), or the perplexity of a token loss.
+    /// which has no accuracy), the divergence from a teacher, or the perplexity of a token loss.
     pub fn summary(&self) -> String {
         let metric = |wanted: &str| self.metrics.iter().find(|(name, _)| *name == wanted).map(|(_, v)| *v);
         if let Some(accuracy) = metric("eval/rewards/accuracies") {
             format!("reward accuracy {accuracy:.3}")
         } else if let Some(margin) = metric("eval/rewards/margins") {
             format!("reward margin {margin:.3}")
+        } else if let Some(kl) = metric("eval/kl") {
+            format!("divergence from the teacher {kl:.4}")
         } else {
             format!("perplexity {:.2}", self.loss.exp())
         }
     }
 }
 
+/// What a validation pass computes: the token loss, or a preference or distillation objective's
+/// loss with its metrics.
+#[derive(Clone, Copy)]
+pub enum EvalLoss<'a> {
+    Tokens,
+    Preference(&'a PreferenceLoss),
+    Distill(&'a Distiller),
+}
+
 /// Without gradients over `batches`: `[loss sum, units, metric sums...]`, the units being label
-/// tokens, or pairs with a `preference` loss (whose metric sums follow); what data-parallel
-/// ranks add up.
+/// tokens, or pairs (KTO: answers) with a preference loss; what data-parallel ranks add up.
 pub fn validation_sums(
     model: &crate::model::Decoder,
     batches: &[Batch],
-    preference: Option<&PreferenceLoss>,
+    loss: EvalLoss<'_>,
     bar: &ProgressBar,
 ) -> Vec<f64> {
-    match preference {
-        Some(loss) => loss.evaluate_sums(model, batches, bar),
-        None => {
+    match loss {
+        EvalLoss::Preference(p) => p.evaluate_sums(model, batches, bar),
+        EvalLoss::Distill(d) => d.evaluate_sums(model, batches, bar),
+        EvalLoss::Tokens => {
             let (total, tokens) = evaluate_sums(model, batches, bar);
             vec![total, tokens as f64]
         }
@@ -186,6 +200,7 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<Validation> {
     let batches =
         eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, row_layout(cfg));
     let preference = cfg.train.objective.is_preference().then(|| PreferenceLoss::of(&cfg.train));
-    let sums = validation_sums(&model, &batches, preference.as_ref(), &ProgressBar::hidden());
-    Ok(Validation::from_sums(&sums, preference.as_ref()))
+    let loss = preference.as_ref().map_or(EvalLoss::Tokens, EvalLoss::Preference);
+    let sums = validation_sums(&model, &batches, loss, &ProgressBar::hidden());
+    Ok(Validation::from_sums(&sums, loss))
 }

@@ -7,6 +7,7 @@
 pub mod activations;
 pub mod checkpoint;
 pub mod data_commands;
+pub mod distill;
 pub mod eval;
 pub mod interrupt;
 pub mod memory;
@@ -26,6 +27,7 @@ use crate::dist::Group;
 use crate::model::Decoder;
 use activations::Activations;
 use anyhow::Result;
+use distill::{Distiller, DISTILL_METRICS};
 use optim::AdamW;
 use preference::PreferenceLoss;
 use scaler::{LossScaler, GRAD_SCALER_DEFAULTS};
@@ -63,6 +65,22 @@ pub fn token_loss_in_chunks(
     backward: Option<Backward>,
     rows_per_chunk: i64,
 ) -> Tensor {
+    head_loss_in_chunks(model, batch, backward, rows_per_chunk, |logits, start| {
+        let ids = batch.target_ids.narrow(0, start, logits.size()[0]);
+        logits.cross_entropy_loss(&ids, None::<Tensor>, Reduction::Sum, IGNORE, 0.0)
+    })
+}
+
+/// The sum over chunks of `chunk_loss(logits, start)`, where `logits` (fp32) are those of the
+/// `rows_per_chunk` target positions from the `start`-th on, with the gradient of `scale · loss`
+/// accumulated into the adapters when `backward` is given (see [`token_loss`]).
+pub(crate) fn head_loss_in_chunks(
+    model: &Decoder,
+    batch: &Batch,
+    backward: Option<Backward>,
+    rows_per_chunk: i64,
+    mut chunk_loss: impl FnMut(&Tensor, i64) -> Tensor,
+) -> Tensor {
     let train = backward.is_some();
     let blocks = Activations::forward(model, batch, train, backward.is_some_and(|b| b.checkpointing));
     let hidden = model.final_norm(&blocks.output);
@@ -75,8 +93,7 @@ pub fn token_loss_in_chunks(
         let rows = rows_per_chunk.min(targets - start);
         let positions = batch.target_positions.narrow(0, start, rows);
         let logits = model.logits(&head_input.index_select(0, &positions), train);
-        let ids = batch.target_ids.narrow(0, start, rows);
-        let loss = logits.cross_entropy_loss(&ids, None::<Tensor>, Reduction::Sum, IGNORE, 0.0);
+        let loss = chunk_loss(&logits, start);
         if let Some(b) = backward {
             (&loss * b.scale).backward();
         }
@@ -135,8 +152,10 @@ pub struct StepStats {
     pub label_tokens: i64,
     pub real_tokens: i64,
     pub padded_tokens: i64,
-    /// Preference objectives: their metrics by name, averaged over the step's pairs (KTO: rows).
-    pub pair_metrics: Vec<(&'static str, f64)>,
+    /// The objective's metrics by name, averaged over the step's loss units: the preference
+    /// objective's (per pair; KTO: per answer) or [`DISTILL_METRICS`] (per label token); none for
+    /// SFT.
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 /// The adapter parameters with their optimizer (and, for fp16-mixed, the loss scaler), and the
@@ -149,6 +168,8 @@ pub struct Trainer {
     checkpointing: bool,
     /// The loss of a preference objective; `None` for SFT.
     preference: Option<PreferenceLoss>,
+    /// The teacher and loss of distillation; `None` for the other objectives.
+    distill: Option<Distiller>,
     /// The other ranks of a data-parallel run: each step's token counts and gradients are
     /// summed across them.
     pub group: Option<Arc<Group>>,
@@ -171,7 +192,31 @@ impl Trainer {
             max_grad_norm: cfg.max_grad_norm,
             checkpointing: cfg.gradient_checkpointing,
             preference: cfg.objective.is_preference().then(|| PreferenceLoss::of(cfg)),
+            distill: None,
             group: None,
+        }
+    }
+
+    /// Distills from `distiller`'s teacher instead of the SFT loss.
+    pub fn distill_from(&mut self, distiller: Distiller) {
+        self.distill = Some(distiller);
+    }
+
+    /// The names of the metrics each step reports besides the loss.
+    fn metric_names(&self) -> &'static [&'static str] {
+        match (&self.preference, &self.distill) {
+            (Some(p), _) => p.metric_names(),
+            (None, Some(_)) => &DISTILL_METRICS,
+            (None, None) => &[],
+        }
+    }
+
+    /// What validation computes for this trainer's objective.
+    pub fn eval_loss(&self) -> eval::EvalLoss<'_> {
+        match (&self.preference, &self.distill) {
+            (Some(p), _) => eval::EvalLoss::Preference(p),
+            (None, Some(d)) => eval::EvalLoss::Distill(d),
+            (None, None) => eval::EvalLoss::Tokens,
         }
     }
 
@@ -196,15 +241,14 @@ impl Trainer {
         let counts = self.step_token_counts(micro_batches)?;
         let device = self.params.first().map_or(tch::Device::Cpu, |p| p.device());
         let mut step_loss = Tensor::zeros([], (Kind::Float, device));
-        let names = self.preference.map_or(0, |p| p.metric_names().len());
-        let mut metrics = Tensor::zeros([names as i64], (Kind::Float, device));
+        let mut metrics = Tensor::zeros([self.metric_names().len() as i64], (Kind::Float, device));
         let scale = 1.0 / counts[0].max(1) as f64;
         let backward = Backward { scale: scale * loss_scale, checkpointing: self.checkpointing };
         for (i, batch) in micro_batches.iter().enumerate() {
             if let Some(seed) = seeds.and_then(|s| s.get(i)) {
                 tch::manual_seed(*seed);
             }
-            let (loss, batch_metrics) = micro_batch_loss(model, batch, backward, self.preference.as_ref());
+            let (loss, batch_metrics) = self.micro_batch_loss(model, batch, backward);
             step_loss = &step_loss + loss * scale;
             if let Some(m) = batch_metrics {
                 metrics += m * scale;
@@ -253,15 +297,12 @@ impl Trainer {
         let norm = optim::grad_norm(&self.params);
         let read = Tensor::cat(&[norm.reshape([1]), sums.to_device(norm.device()).to_kind(Kind::Double)], 0);
         let (grad_norm, loss) = (read.double_value(&[0]), read.double_value(&[1]));
-        let pair_metrics = match self.preference {
-            Some(p) => p
-                .metric_names()
-                .iter()
-                .enumerate()
-                .map(|(i, &name)| (name, read.double_value(&[i as i64 + 2])))
-                .collect(),
-            None => Vec::new(),
-        };
+        let metrics = self
+            .metric_names()
+            .iter()
+            .enumerate()
+            .map(|(i, &name)| (name, read.double_value(&[i as i64 + 2])))
+            .collect();
         let applied = loss.is_finite() && grad_norm.is_finite();
         if applied {
             if let Some(max) = self.max_grad_norm {
@@ -283,25 +324,30 @@ impl Trainer {
             label_tokens,
             real_tokens,
             padded_tokens,
-            pair_metrics,
+            metrics,
         })
     }
 }
 
-/// The training objective: the summed loss of one micro-batch, its gradient (of `scale · loss`)
-/// accumulated into the adapters; with a preference objective, the sums of its pair metrics.
-fn micro_batch_loss(
-    model: &Decoder,
-    batch: &Batch,
-    backward: Backward,
-    preference: Option<&PreferenceLoss>,
-) -> (Tensor, Option<Tensor>) {
-    match preference {
-        Some(p) => {
+impl Trainer {
+    /// The training objective: the summed loss of one micro-batch, its gradient (of
+    /// `scale · loss`) accumulated into the adapters; with a preference or distillation
+    /// objective, the sums of its metrics.
+    fn micro_batch_loss(
+        &self,
+        model: &Decoder,
+        batch: &Batch,
+        backward: Backward,
+    ) -> (Tensor, Option<Tensor>) {
+        if let Some(p) = &self.preference {
             let (loss, metrics) = p.pair_loss(model, batch, Some(backward));
-            (loss, Some(metrics))
+            return (loss, Some(metrics));
         }
-        None => (token_loss(model, batch, Some(backward)), None),
+        if let Some(d) = &self.distill {
+            let (loss, metrics) = d.batch_loss(model, batch, Some(backward));
+            return (loss, Some(metrics));
+        }
+        (token_loss(model, batch, Some(backward)), None)
     }
 }
 

@@ -7,13 +7,14 @@
 //! its checkpoint (`step-N/`) and the trainer state saved after it all say N.
 
 use super::checkpoint::{self, TrainerState};
+use super::distill::Distiller;
 use super::eval::{eval_batches, validation_sums, Validation};
 use super::memory::MemoryEstimate;
 use super::preference::reference_logps;
 use super::resume::{self, Change};
 use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{precision, Trainer};
-use crate::config::{Config, LoraConfig};
+use crate::config::{Config, LoraConfig, Objective};
 use crate::data::batch::MicroBatch;
 use crate::data::format::{resolve_format, Example, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
@@ -215,18 +216,19 @@ impl RunPlan {
     }
 
     /// The validation loss (mean over every label token, or for a preference objective over
-    /// every pair (KTO: row), with its objective's metric means named `eval/rewards/chosen`, ...), this rank's
+    /// every pair (KTO: answer), with its objective's metric means named `eval/rewards/chosen`,
+    /// ..., or distillation's `eval/kl` and `eval/ce`), this rank's
     /// share of the batches summed with the others'; `None` without validation data.
     pub fn validation_loss(&self, console: Console) -> Result<Option<Validation>> {
         let Some(batches) = &self.val_batches else { return Ok(None) };
         let bar = progress_bar(batches.len() as u64, console.shows_progress(), "eval batch");
-        let mut sums = validation_sums(&self.model, batches, self.trainer.preference.as_ref(), &bar);
+        let mut sums = validation_sums(&self.model, batches, self.trainer.eval_loss(), &bar);
         if let Some(group) = &self.trainer.group {
             let summed = tch::Tensor::from_slice(&sums);
             group.all_reduce_sum(std::slice::from_ref(&summed))?;
             sums = Vec::<f64>::try_from(&summed)?;
         }
-        Ok(Some(Validation::from_sums(&sums, self.trainer.preference.as_ref())))
+        Ok(Some(Validation::from_sums(&sums, self.trainer.eval_loss())))
     }
 
     /// The tensors of one training micro-batch, with its pairs' precomputed reference
@@ -413,6 +415,9 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
     let mut trainer = Trainer::new(params, &cfg.train);
     trainer.group = opts.group.clone();
+    if cfg.train.objective == Objective::Distill {
+        trainer.distill_from(Distiller::load(&cfg, &spec, &data.tokenizer, device)?);
+    }
     let mut plan = RunPlan {
         lengths,
         layout,
@@ -790,10 +795,10 @@ fn finish(mut run: Run, trained: Trained, val_loss_before: Option<f64>) -> Resul
         if state.skipped_steps > 0 { format!(", {} non-finite steps skipped", state.skipped_steps) } else { String::new() }
     );
     if let (Some(before), Some(after)) = (val_loss_before, trained.last_val_loss) {
-        // A pair loss has no perplexity.
-        let perplexity = match plan.trainer.preference {
-            Some(_) => String::new(),
-            None => format!(" (perplexity {:.2} → {:.2})", before.exp(), after.exp()),
+        // Only the SFT loss is a token NLL, whose exponential is a perplexity.
+        let perplexity = match plan.cfg.train.objective {
+            Objective::Sft => format!(" (perplexity {:.2} → {:.2})", before.exp(), after.exp()),
+            _ => String::new(),
         };
         say!(console, "  validation loss {before:.4} → {after:.4}{perplexity}");
     }

@@ -183,8 +183,9 @@ fn log_step(
         ("train/epoch", epochs_done),
     ];
     values.extend(stats.loss_scale.map(|scale| ("train/loss_scale", scale)));
-    // Preference objectives' metrics under TRL's names (`rewards/chosen`, ...).
-    values.extend(stats.pair_metrics.iter().copied());
+    // The objective's metrics: TRL's names for preferences (`rewards/chosen`, ...),
+    // `train/kl` and `train/ce` for distillation.
+    values.extend(stats.metrics.iter().copied());
     run.log(step, &values)?;
     run.console.record("train", step, &values);
     if progress.bar.is_hidden() {
@@ -218,7 +219,7 @@ fn maybe_eval(run: &mut Run, progress: &Progress, step: usize) -> Result<Option<
     let best = plan.state.best_eval_loss.map_or(loss, |best| best.min(loss));
     let mut values = vec![("eval/loss", loss), ("eval/perplexity", loss.exp()), ("eval/best_loss", best)];
     if !validation.metrics.is_empty() {
-        // A preference loss has no perplexity; its `eval/rewards/accuracies`, ... instead.
+        // A preference or distillation loss has no perplexity; its own metrics instead.
         values.remove(1);
         values.extend(validation.metrics.iter().copied());
     }
