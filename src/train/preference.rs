@@ -29,66 +29,57 @@ use crate::model::{without_adapters, Decoder};
 use indicatif::ProgressBar;
 use tch::{Kind, Reduction, Tensor};
 
-/// The metrics each pair contributes (summed over pairs, divided by the step's pairs), by the
-/// names TRL logs them under.
-pub const PAIR_METRICS: [&str; 6] = [
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-];
+/// Declares a list of metric names and its validation twin: the same names in lorafit's `eval/`
+/// section (where TRL's evaluation writes `eval_rewards/chosen`, ...).
+macro_rules! metric_names {
+    ($(#[$doc:meta])* $train:ident, $eval:ident = [$($name:literal),* $(,)?]) => {
+        $(#[$doc])*
+        pub const $train: [&str; [$($name),*].len()] = [$($name),*];
+        #[doc = concat!("[`", stringify!($train), "`] of the validation data.")]
+        pub const $eval: [&str; [$($name),*].len()] = [$(concat!("eval/", $name)),*];
+    };
+}
 
-/// [`PAIR_METRICS`] of the validation pairs, as TRL's evaluation names them (`eval_rewards/...`)
-/// in lorafit's `eval/` section.
-pub const EVAL_PAIR_METRICS: [&str; 6] = [
-    "eval/rewards/chosen",
-    "eval/rewards/rejected",
-    "eval/rewards/accuracies",
-    "eval/rewards/margins",
-    "eval/logps/chosen",
-    "eval/logps/rejected",
-];
+metric_names! {
+    /// The metrics each pair contributes (summed over pairs, divided by the step's pairs), by the
+    /// names TRL logs them under.
+    PAIR_METRICS, EVAL_PAIR_METRICS = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+    ]
+}
 
-/// ORPO's metrics: [`PAIR_METRICS`] and the odds-ratio terms TRL's ORPOTrainer logs.
-const ORPO_METRICS: [&str; 9] = [
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "nll_loss",
-    "log_odds_ratio",
-    "log_odds_chosen",
-];
+metric_names! {
+    /// ORPO's metrics: [`PAIR_METRICS`] and the odds-ratio terms TRL's ORPOTrainer logs.
+    ORPO_METRICS, EVAL_ORPO_METRICS = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "nll_loss",
+        "log_odds_ratio",
+        "log_odds_chosen",
+    ]
+}
 
-/// KTO's metrics, as TRL's KTOTrainer logs them: means over the micro-batch's desirable
-/// (`chosen`) or undesirable (`rejected`) rows, and the KL estimate.
-const KTO_METRICS: [&str; 6] =
-    ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"];
-
-/// [`ORPO_METRICS`] and [`KTO_METRICS`] of the validation data.
-const EVAL_ORPO_METRICS: [&str; 9] = [
-    "eval/rewards/chosen",
-    "eval/rewards/rejected",
-    "eval/rewards/accuracies",
-    "eval/rewards/margins",
-    "eval/logps/chosen",
-    "eval/logps/rejected",
-    "eval/nll_loss",
-    "eval/log_odds_ratio",
-    "eval/log_odds_chosen",
-];
-const EVAL_KTO_METRICS: [&str; 6] = [
-    "eval/rewards/chosen",
-    "eval/rewards/rejected",
-    "eval/rewards/margins",
-    "eval/logps/chosen",
-    "eval/logps/rejected",
-    "eval/kl",
-];
+metric_names! {
+    /// KTO's metrics, as TRL's KTOTrainer logs them: means over the micro-batch's desirable
+    /// (`chosen`) or undesirable (`rejected`) rows, and the KL estimate.
+    KTO_METRICS, EVAL_KTO_METRICS = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "kl",
+    ]
+}
 
 /// The preference loss's settings.
 #[derive(Debug, Clone, Copy)]
