@@ -9,6 +9,9 @@
 //!     cargo run --release --example train_speed -- --cpu
 //!
 //! `--checkpointing` turns on activation checkpointing (`train.gradient_checkpointing`).
+//! `--quantize nf4|fp4` stores the frozen linear weights in 4 bits as `model.quantize` does (QLoRA:
+//! blocks of 64, double-quantized scales, quantized tensor by tensor at load), computing in the
+//! precision's dtype; the JSON then names the format in `quantize`.
 //!
 //! Data-parallel (`scripts/bench.sh dist`): launched by torchrun, e.g.
 //! `torchrun --standalone --nproc-per-node 2 --no-python train_speed --batches FILE ...`, each
@@ -42,12 +45,12 @@
 //! AMX-BF16 in `/proc/cpuinfo`, as `train.precision: auto` decides).
 
 use anyhow::{bail, Context, Result};
-use lorafit::config::{Config, LoraConfig, Precision, TargetModules, TrainConfig, WeightDtype};
+use lorafit::config::{Config, LoraConfig, Precision, QuantFormat, TargetModules, TrainConfig, WeightDtype};
 use lorafit::data::{Batch, EpochPlan, Example};
 use lorafit::dist::{Backend, Group, Rendezvous};
 use lorafit::files::write_atomic;
 use lorafit::lora;
-use lorafit::model::load::{load_model, weight_kind};
+use lorafit::model::load::{load_model_quantized, weight_kind};
 use lorafit::model::{Decoder, ModelSpec};
 use lorafit::train::run::{collate, load_run_data, row_layout};
 use lorafit::train::Trainer;
@@ -70,6 +73,8 @@ struct Args {
     gemm: bool,
     cpu: bool,
     checkpointing: bool,
+    /// `--quantize nf4|fp4`: the frozen linear weights in 4 bits (double-quantized scales).
+    quantize: Option<QuantFormat>,
     data: Option<PathBuf>,
     examples_out: Option<PathBuf>,
     /// `--device cpu|cuda|cuda:N`: where the model and batches live (the GPU check's runs).
@@ -87,6 +92,7 @@ fn parse_args() -> Result<Args> {
         gemm: false,
         cpu: false,
         checkpointing: false,
+        quantize: None,
         data: None,
         examples_out: None,
         device: Device::Cpu,
@@ -111,6 +117,13 @@ fn parse_args() -> Result<Args> {
                     "bf16-mixed" => Precision::Bf16Mixed,
                     other => bail!("--precision {other}: expected fp32 or bf16-mixed"),
                 }
+            }
+            "--quantize" => {
+                args.quantize = Some(match value.as_str() {
+                    "nf4" => QuantFormat::Nf4,
+                    "fp4" => QuantFormat::Fp4,
+                    other => bail!("--quantize {other}: expected nf4 or fp4"),
+                })
             }
             "--warmup" => args.warmup = value.parse()?,
             "--steps" => args.steps = value.parse()?,
@@ -209,7 +222,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let Some(model_dir) = &args.model else {
-        bail!("usage: train_speed --model DIR (--batches FILE | --data CONFIG --examples-out FILE) --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing] | --gemm | --cpu");
+        bail!("usage: train_speed --model DIR (--batches FILE | --data CONFIG --examples-out FILE) --precision fp32|bf16-mixed [--warmup N] [--steps N] [--threads N] [--checkpointing] [--quantize nf4|fp4] | --gemm | --cpu");
     };
     if args.steps == 0 {
         bail!("--steps must be at least 1");
@@ -256,6 +269,7 @@ fn main() -> Result<()> {
         "first_loss": m.first_loss,
         "final_loss": m.losses.last().copied().unwrap_or(f64::NAN),
         "checkpointing": args.checkpointing,
+        "quantize": args.quantize.map(QuantFormat::name),
         "label_tokens_per_s": m.label_tokens as f64 / spent,
         "real_tokens_per_s": m.real_tokens as f64 / spent,
         "allreduce_share": (world > 1).then(|| m.all_reduce.iter().sum::<f64>() / spent),
@@ -319,7 +333,8 @@ fn measure(model: &Decoder, trainer: &mut Trainer, batches: &[Batch], warmup: us
 /// The frozen model on `args.device` with the benchmark's adapters, and their trainer.
 fn adapted_model(model_dir: &Path, args: &Args) -> Result<(Decoder, Trainer)> {
     let kind = weight_kind(WeightDtype::Auto, args.precision);
-    let mut model = load_model(model_dir, kind, args.device)?;
+    let quantization = args.quantize.map(|format| (format, true));
+    let mut model = load_model_quantized(model_dir, kind, args.device, quantization)?;
     let lora_cfg = LoraConfig {
         r: 16,
         alpha: 32.0,

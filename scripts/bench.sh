@@ -2,8 +2,9 @@
 # Side-by-side training speed and memory of lorafit and transformers + PEFT on the same machine,
 # model, data, LoRA (r 16, alpha 32, q/k/v/o/gate/up/down, no dropout) and AdamW:
 #
-#   scripts/bench.sh [tiny|small|medium|real|all|scale|dist] [--steps N] [--warmup N] [--rounds N]
-#                    [--threads N] [--dist-on tiny|small|medium]
+#   scripts/bench.sh [tiny|small|medium|real|all|scale|dist|qlora] [--steps N] [--warmup N]
+#                    [--rounds N] [--threads N] [--dist-on tiny|small|medium]
+#                    [--qlora-on small|medium|both]
 #
 # PEFT runs each precision class its usual ways (scripts/bench/peft_train.py): fp32, and for
 # bf16-mixed the bf16 base with fp32 adapters under autocast (`bf16-base`) plus, on tiny and
@@ -34,6 +35,13 @@
 #           `--dist-on tiny` runs it on the tiny case's model and batches instead (a quick check).
 #           The table adds the speed-up, scaling efficiency, the share of a step lorafit spends
 #           in all-reduces, and how far each run's losses are from lorafit 1 × T/2's.
+#   qlora   4-bit frozen base (QLoRA) on the small and medium cases' batches (`--qlora-on` picks
+#           one): lorafit with the base in NF4 (`--quantize nf4`, double-quantized scales), lorafit
+#           with the base in bf16, and PEFT + bitsandbytes' QLoRA (`peft:qlora`: NF4, double
+#           quantization, bf16 compute, prepare_model_for_kbit_training), all bf16-mixed and
+#           without activation checkpointing (fp32 compute and `peft:qlora-fp32` where the CPU has
+#           no native bf16). The table adds NF4 step time / bf16 step time, NF4 peak RSS / bf16
+#           peak RSS and NF4 tokens/s / PEFT + bitsandbytes', beside the targets.
 # --steps / --warmup override the measured / warm-up steps of every case. --rounds repeats each
 # comparison (default 1). The runners of a comparison alternate their order (PEFT first, then
 # lorafit first for the next one) so that machine noise hits all. Threads default to the core
@@ -50,21 +58,27 @@ cache=${LORAFIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lorafit}
 bench_dir="$cache/bench"
 assets=${LORAFIT_ASSETS:-$repo/../shared/assets}
 
-which=all steps="" warmup="" rounds=1 threads=$(nproc) dist_on=small
+which=all steps="" warmup="" rounds=1 threads=$(nproc) dist_on=small qlora_on=both
 while [ $# -gt 0 ]; do
   case "$1" in
-    tiny|small|medium|real|all|scale|dist) which=$1 ;;
+    tiny|small|medium|real|all|scale|dist|qlora) which=$1 ;;
     --steps) steps=${2:?--steps needs a number}; shift ;;
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --threads) threads=${2:?--threads needs a number}; shift ;;
     --dist-on) dist_on=${2:?--dist-on needs tiny, small or medium}; shift ;;
-    -h|--help) sed -n '2,45p' "$0"; exit 0 ;;
+    --qlora-on) qlora_on=${2:?--qlora-on needs small, medium or both}; shift ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
 case "$dist_on" in tiny|small|medium) ;; *) echo "bench: --dist-on $dist_on: expected tiny, small or medium" >&2; exit 2 ;; esac
+case "$qlora_on" in
+  small|medium) qlora_sizes=("$qlora_on") ;;
+  both) qlora_sizes=(small medium) ;;
+  *) echo "bench: --qlora-on $qlora_on: expected small, medium or both" >&2; exit 2 ;;
+esac
 case "$which" in
   all) cases=(tiny small medium real) ;;
   *) cases=("$which") ;;
@@ -95,6 +109,7 @@ for case in "${cases[@]}"; do
     small|medium) to_build+=("$case") ;;
     real|scale) to_build+=(small) ;;
     dist) [ "$dist_on" = tiny ] || to_build+=("$dist_on") ;;
+    qlora) to_build+=("${qlora_sizes[@]}") ;;
   esac
 done
 if [ ${#to_build[@]} -gt 0 ]; then
@@ -179,6 +194,23 @@ dist_case() {  # model warm-up steps [runner arguments...]
   flip=$((1 - flip))
 }
 
+# lorafit NF4, lorafit with the dense base and PEFT + bitsandbytes QLoRA on the same batches, in
+# the precision class lorafit trains best in here, the runners' order alternating between rounds.
+qlora_case() {  # size
+  local model vocab batch seq w n file i runner
+  read -r model vocab batch seq w n <<< "$(shape "$1")"
+  w=${warmup:-$w} n=${steps:-$n}
+  file=$(batches_for "$vocab" "$batch" "$seq" $((w + n)))
+  local recipe=peft:qlora
+  [ "$best" = fp32 ] && recipe=peft:qlora-fp32
+  local runs=("lorafit --quantize nf4" "lorafit" "$recipe")
+  for ((i = 0; i < ${#runs[@]}; i++)); do
+    read -r -a runner <<< "${runs[flip == 1 ? ${#runs[@]} - 1 - i : i]}"
+    run_one "${runner[0]}" "$1-qlora" "$model" "$best" "$w" "$n" --batches "$file" "${runner[@]:1}"
+  done
+  flip=$((1 - flip))
+}
+
 batches_for() {  # vocab batch seq count -> path of saved random batches
   local file="$bench_dir/batches-$2x$3-$4-v$1.safetensors"
   "$py" scripts/bench/make_batches.py --vocab "$1" --batch "$2" --seq "$3" --count "$4" --out "$file"
@@ -235,6 +267,9 @@ for case in "${cases[@]}"; do
           side_by_side "$(recipes scale "$best")" "small-1x$seq-ckpt" "$bench_dir/small" "$best" "$w" "$n" \
             --batches "$file" --checkpointing
         done
+        ;;
+      qlora)
+        for size in "${qlora_sizes[@]}"; do qlora_case "$size"; done
         ;;
       dist)
         read -r model vocab batch seq w n <<< "$(shape "$dist_on")"

@@ -103,6 +103,39 @@ fn codes_and_scales_equal_bitsandbytes() {
     assert!(differing.is_empty(), "not bit-identical to bitsandbytes:\n{}", differing.join("\n"));
 }
 
+/// Weights whose block scales all equal their mean (a single block: a 1 × 1 weight, 8 × 8; two
+/// equal blocks of ones): the scales less their mean are all zero, and bitsandbytes writes
+/// nested codes 0 with a nested absmax of 0, the mean alone carrying the scale.
+#[test]
+fn uniform_block_scales_quantize_as_bitsandbytes() {
+    let Some(python) = common::python() else {
+        return;
+    };
+    tch::manual_seed(11);
+    let weights = [
+        ("one_by_one", Tensor::randn([1, 1], (Kind::Float, Device::Cpu))),
+        ("one_block", Tensor::randn([8, 8], (Kind::Float, Device::Cpu))),
+        ("equal_blocks", Tensor::ones([2, 64], (Kind::Float, Device::Cpu))),
+    ];
+    let mut tensors = Vec::new();
+    for (name, w) in &weights {
+        for format in [QuantFormat::Nf4, QuantFormat::Fp4] {
+            let q = QuantizedWeight::quantize(w, format, true);
+            tensors.extend(parts(&format!("{name}_{}", format.name()), w, &q));
+        }
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("tensors.safetensors");
+    Tensor::write_safetensors(&tensors, &file).unwrap();
+    let report_path = scratch.path().join("report.json");
+    let report = bnb_check(&python, &["codes", file.to_str().unwrap(), report_path.to_str().unwrap()]);
+    let report = report.as_object().unwrap();
+    assert_eq!(report.len(), 2 * weights.len(), "bitsandbytes checked {} weights", report.len());
+    for (name, differing) in report {
+        assert_eq!(differing.as_array().unwrap().len(), 0, "{name}: {differing} differ from bitsandbytes");
+    }
+}
+
 /// lorafit's dequantization of its NF4 weights is bit-identical to bitsandbytes' generic
 /// dequantization of `quantize_4bit`'s state, for the Llama 3 fixture's weights (rows of 32 and
 /// 64 values) and random rows of 80, 130 and 128. bitsandbytes 0.50.2's native CPU kernel, the

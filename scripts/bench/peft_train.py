@@ -2,7 +2,7 @@
 """The reference side of the speed benchmark: transformers + PEFT training LoRA the usual way.
 
     "$VENV/bin/python" scripts/bench/peft_train.py --model DIR (--batches FILE | --examples FILE) \
-        --recipe fp32|bf16-base|fp32-autocast [--warmup N] [--steps N] [--threads N] [--checkpointing] \
+        --recipe fp32|bf16-base|fp32-autocast|qlora|qlora-fp32 [--warmup N] [--steps N] [--threads N] [--checkpointing] \
         [--device cpu|cuda]
 
 Same work as examples/train_speed.rs: LoRA r 16, alpha 32, no dropout, on q/k/v/o/gate/up/down;
@@ -15,11 +15,21 @@ i (labels = inputs, every position trained). The recipes, the ways PEFT users tr
   fp32-autocast  an fp32 model under the same autocast: every frozen weight is cast to bf16 at
                  every op (autocast caches only casts of leaves that require grad), so it is the
                  slowest bf16 recipe, kept for reference (precision class bf16-mixed)
+  qlora          QLoRA as PEFT + bitsandbytes users train: the model loaded in 4 bits
+                 (`BitsAndBytesConfig`: NF4, double quantization, bf16 compute dtype), then
+                 `prepare_model_for_kbit_training` (which casts the unquantized weights, embeddings,
+                 norms and lm_head, to fp32), fp32 adapters, under the same bf16 autocast
+                 (precision class bf16-mixed). bitsandbytes' native CPU dequantization misreads
+                 rows whose length is not a multiple of 64 (see scripts/interop/bnb_check.py); the
+                 benchmark's shapes have none
+  qlora-fp32     the same with fp32 compute and no autocast, where the CPU has no native bf16
+                 (precision class fp32)
 The optimizer state is fp32 in every recipe.
 
 `--device cuda` (scripts/gpu/check.sh) trains on the GPU, autocast there instead of on the CPU.
 `--checkpointing` turns on transformers' gradient checkpointing (non-reentrant, as recommended
-for PEFT). `--examples` is the real-data case: tokenized examples (JSON Lines of `input_ids` and
+for PEFT; the QLoRA recipes pass it to `prepare_model_for_kbit_training`, which otherwise turns
+it on by default). `--examples` is the real-data case: tokenized examples (JSON Lines of `input_ids` and
 `labels`, -100 where not trained, as lorafit prepared them) trained the usual way: shuffled,
 `--micro-batch` examples a step, right-padded to the longest in the batch with an attention mask.
 
@@ -42,7 +52,11 @@ RECIPES = {
     "fp32": ("fp32", "float32", False),
     "bf16-base": ("bf16-mixed", "bfloat16", True),
     "fp32-autocast": ("bf16-mixed", "float32", True),
+    "qlora": ("bf16-mixed", "bfloat16", True),
+    "qlora-fp32": ("fp32", "float32", False),
 }
+# The recipes whose base is stored in 4 bits by bitsandbytes (base dtype = compute dtype).
+QLORA = {"qlora", "qlora-fp32"}
 
 
 def parser():
@@ -97,11 +111,14 @@ def build(args):
     from transformers import AutoModelForCausalLM
 
     _, base_dtype, bf16_autocast = RECIPES[args.recipe]
-    # SDPA attention, transformers' default, named so a GPU run uses the fused kernels for sure.
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, base_dtype), attn_implementation="sdpa"
-    ).to(args.device)
-    if args.checkpointing:
+    if args.recipe in QLORA:
+        model = load_4bit(args, getattr(torch, base_dtype))
+    else:
+        # SDPA attention, transformers' default, named so a GPU run uses the fused kernels for sure.
+        model = AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=getattr(torch, base_dtype), attn_implementation="sdpa"
+        ).to(args.device)
+    if args.checkpointing and args.recipe not in QLORA:
         model.config.use_cache = False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
@@ -117,6 +134,31 @@ def build(args):
         return contextlib.nullcontext()
 
     return model, params, optimizer, autocast
+
+
+def load_4bit(args, compute_dtype):
+    """The QLoRA recipes' model: quantized to NF4 by bitsandbytes while it loads, prepared for
+    training by PEFT as its QLoRA guide does."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model,
+        quantization_config=quantization,
+        dtype=compute_dtype,
+        attn_implementation="sdpa",
+        device_map=args.device,
+    )
+    kwargs = {"use_reentrant": False} if args.checkpointing else None
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=args.checkpointing, gradient_checkpointing_kwargs=kwargs
+    )
 
 
 def train(args, model, params, optimizer, autocast, steps, logged_loss=lambda loss: loss.item()):

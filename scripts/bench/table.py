@@ -36,6 +36,12 @@ speed-up of lorafit's multi-worker run over one worker with the same threads eac
 efficiency (speed-up / workers), its speed against one worker with all the threads and against
 DDP + PEFT with the same layout, the share of its step time spent in all-reduces (rank 0), and
 for every run the largest difference of its per-step losses from lorafit's single worker.
+
+A QLoRA case (`*-qlora`: lorafit with a 4-bit base, `lorafit:nf4`, beside lorafit with the dense
+base and PEFT + bitsandbytes' QLoRA, `peft:qlora`) prints instead of the lorafit/PEFT row the
+ratios the QLoRA targets are set on, each beside its target: NF4 step time / dense step time
+(≤ 1.3×, 1.5× where the CPU has no native bf16), NF4 peak RSS / dense peak RSS (≤ 0.45×) and NF4
+tokens/s / PEFT + bitsandbytes' (≥ 1.5×).
 """
 
 import argparse
@@ -45,6 +51,12 @@ import statistics
 import sys
 
 RANK = 16
+# The QLoRA targets: (ratio, the bound, whether the ratio must stay at or under it).
+QLORA_TARGETS = [
+    ("step_time_vs_dense", None, True),  # the bound depends on the CPU: see qlora_rows
+    ("peak_rss_vs_dense", 0.45, True),
+    ("tokens_per_s_vs_peft", 1.5, False),
+]
 
 
 def flops_per_token(config, seq):
@@ -66,7 +78,7 @@ def flops_per_token(config, seq):
 def runner_name(r):
     """`lorafit`, `peft:RECIPE`, or `ddp:RECIPE` for PEFT under DDP (several workers)."""
     if r["runner"] == "lorafit":
-        return "lorafit"
+        return f"lorafit:{r['quantize']}" if r.get("quantize") else "lorafit"
     return f"{'ddp' if r.get('workers', 1) > 1 else 'peft'}:{r.get('recipe', 'fp32-autocast')}"
 
 
@@ -88,6 +100,35 @@ def name_layouts(runs):
         for r in results:
             named.setdefault((size, precision, f"{runner} {layout(r)}"), []).append(r)
     return named
+
+
+def qlora_rows(size, precision, agg, cpu, summary):
+    """The QLoRA ratios of a case (see the module's notes), printed beside their targets and added
+    to the summary's `qlora`."""
+    quantized = [name for name in agg if name.startswith("lorafit:")]
+    peft = [name for name in agg if name.startswith("peft:")]
+    if not quantized or "lorafit" not in agg:
+        return
+    q, dense = agg[quantized[0]], agg["lorafit"]
+    ratios = {
+        "step_time_vs_dense": q["median_step_s"] / dense["median_step_s"],
+        "peak_rss_vs_dense": q["peak_rss_mb"] / dense["peak_rss_mb"],
+    }
+    if peft:
+        ratios["tokens_per_s_vs_peft"] = q["tokens_per_s"] / agg[peft[0]]["tokens_per_s"]
+    native = cpu is None or cpu["native_bf16"]
+    d = {"size": size, "precision": precision, "runner": quantized[0], "against_peft": peft[0] if peft else None}
+    figures = []
+    for key, bound, at_most in QLORA_TARGETS:
+        if key not in ratios:
+            continue
+        bound = bound if bound is not None else (1.3 if native else 1.5)
+        met = ratios[key] <= bound if at_most else ratios[key] >= bound
+        d[key] = {"ratio": ratios[key], "target": bound, "met": met}
+        sign = "≤" if at_most else "≥"
+        figures.append(f"{key} {ratios[key]:.2f}x (target {sign} {bound}x: {'met' if met else 'missed'})")
+    summary.setdefault("qlora", []).append(d)
+    print(f"{size:<18} {precision:<10} {quantized[0]}: " + "; ".join(figures))
 
 
 def dist_rows(size, runs, summary):
@@ -193,7 +234,9 @@ def main():
             config = json.load(f)
         for precision in ["fp32", "bf16-mixed"]:
             agg = {}
-            runners = sorted({k[2] for k in runs if k[:2] == (size, precision)}, key=lambda r: r == "lorafit")
+            runners = sorted(
+                {k[2] for k in runs if k[:2] == (size, precision)}, key=lambda r: (r.startswith("lorafit"), r)
+            )
             for runner in runners:
                 results = runs.get((size, precision, runner))
                 if not results:
@@ -230,6 +273,9 @@ def main():
                     f"{row['peak_rss_mb']:>11.0f} "
                     f"{row['first_loss']:>10.4f} {row['final_loss']:>10.4f} {mfu}"
                 )
+            if any(name.startswith("lorafit:") for name in agg):
+                qlora_rows(size, precision, agg, cpu, summary)
+                continue
             peft = [r for name, r in agg.items() if name != "lorafit"]
             if "lorafit" not in agg or not peft:
                 continue

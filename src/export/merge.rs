@@ -191,19 +191,20 @@ pub fn merge_with(
     Ok(report)
 }
 
-/// Refuses an output directory that holds anything: a merge never overwrites files.
+/// Refuses an output directory that holds anything: merge and quantize never overwrite files.
 pub(crate) fn check_out_dir(out_dir: &Path) -> Result<()> {
     if !out_dir.exists() {
         return Ok(());
     }
     if !out_dir.is_dir() {
-        bail!("{} exists and is not a directory; choose another output directory", out_dir.display());
+        bail!("--out {}: exists and is not a directory; give a new or empty directory", out_dir.display());
     }
     let mut entries =
         std::fs::read_dir(out_dir).with_context(|| format!("cannot read {}", out_dir.display()))?;
     if entries.next().is_some() {
         bail!(
-            "{} already exists and is not empty; the merged model needs a new or empty directory",
+            "--out {}: already exists and is not empty; give a new or empty directory (nothing is \
+             overwritten)",
             out_dir.display()
         );
     }

@@ -29,6 +29,14 @@ pub fn quantize_command(
     format: QuantFormat,
     nested: bool,
 ) -> Result<QuantizeReport> {
+    if !model_dir.join("config.json").is_file() {
+        let what = if model_dir.is_dir() { "has no config.json" } else { "is not a directory" };
+        bail!(
+            "--model {}: {what}; give a Hugging Face model directory (config.json and \
+             model.safetensors)",
+            model_dir.display()
+        );
+    }
     check_out_dir(out_dir)?;
     let mut model = load_model_quantized(model_dir, Kind::Float, Device::Cpu, Some((format, nested)))?;
     let mut source = Weights::open(model_dir, Kind::Float, Device::Cpu)?;

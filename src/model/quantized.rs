@@ -501,11 +501,15 @@ fn quantize_blockwise(x: &Tensor, code: &Tensor) -> (Tensor, Tensor) {
     let blocks = (n + NESTED_BLOCK - 1) / NESTED_BLOCK;
     let padded = x.constant_pad_nd([0, blocks * NESTED_BLOCK - n]).view([blocks, NESTED_BLOCK]);
     let absmax = padded.abs().amax([1], false);
-    let normed = (&padded * absmax.reciprocal().view([-1, 1])).clamp(-1.0, 1.0);
+    // A block of zeros has no scale to divide by (all scales equal to their mean make one): it
+    // is scaled by 0 rather than by 1/0, which would make NaN steps, and its codes are 0, as
+    // bitsandbytes writes.
+    let zero = absmax.eq(0.0);
+    let inverse = absmax.reciprocal().masked_fill(&zero, 0.0);
+    let normed = (&padded * inverse.view([-1, 1])).clamp(-1.0, 1.0);
     let step = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to_kind(Kind::Int64);
     let codes = lookup_table(code).index_select(0, &step.view([-1])).view([blocks, NESTED_BLOCK]);
-    // A block of zeros has no scale to divide by: its codes are 0, as bitsandbytes writes.
-    let codes = codes.masked_fill(&absmax.eq(0.0).view([-1, 1]), 0);
+    let codes = codes.masked_fill(&zero.view([-1, 1]), 0);
     (codes.view([-1]).narrow(0, 0, n).to_kind(Kind::Uint8), absmax)
 }
 
