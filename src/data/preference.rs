@@ -69,7 +69,8 @@ fn read_pair(record: &Record, cfg: &DataConfig) -> Result<Answers> {
     else {
         if record.get(column(cfg, COMPLETION)).is_some() && record.get(column(cfg, LABEL)).is_some() {
             bail!(
-                "the row is an unpaired answer (`{}` and `{}`, KTO's layout), but this objective needs pairs:                  `chosen` and `rejected` columns; set train.objective: kto to train on unpaired answers",
+                "the row is an unpaired answer (`{}` and `{}`, KTO's layout), but this objective needs pairs: \
+                 `chosen` and `rejected` columns; set train.objective: kto to train on unpaired answers",
                 column(cfg, COMPLETION),
                 column(cfg, LABEL)
             );
@@ -230,9 +231,11 @@ fn chat_segments(record: &Record, chat: &ChatFormat, prompt: &[Value], answer: &
         let fields = Map::from_iter([("messages".to_string(), Value::Array(messages.to_vec()))]);
         chat::parse_conversation(&record.file, record.row, &fields, Some("messages"), chat::TOOLS_FIELD)
     };
-    let prompt_text = chat.template.render(&parse(prompt)?.messages, true)?;
+    // Parsed whole: the prompt alone has no assistant turn, which a conversation needs.
     let whole: Vec<Value> = prompt.iter().chain(answer).cloned().collect();
-    let text = chat.template.render(&parse(&whole)?.messages, false)?;
+    let messages = parse(&whole)?.messages;
+    let prompt_text = chat.template.render(&messages[..prompt.len()], true)?;
+    let text = chat.template.render(&messages, false)?;
     let Some(answer_text) = text.strip_prefix(&prompt_text) else {
         bail!(
             "the chat template renders the prompt differently once the answer follows it, so the answer \
