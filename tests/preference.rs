@@ -494,3 +494,46 @@ fn kto_on_unpaired_answers_equals_trl() {
     let kl = reports[0]["trl_metrics"]["kl"].as_f64().unwrap();
     assert!(kl > 0.05, "the KL estimate should be positive after SFT on the completions: {kl}");
 }
+
+/// KTO on unpaired answers with a held-out share: a second run, which takes the prepared data
+/// (and each answer's label) from the data cache, trains the very adapter the first did, and a
+/// run resumed from its checkpoint ends there too.
+#[test]
+fn kto_on_unpaired_answers_reads_the_cache_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_unpaired(&dir.join("kto.jsonl"), 16);
+    let yaml = format!(
+        "model: {{path: {}}}\n\
+         lora: {{r: 4, alpha: 8, dropout: 0.1}}\n\
+         data: {{train: kto.jsonl, val_split: 0.25, format: alpaca, packing: false}}\n\
+         train: {{objective: kto, max_steps: 4, save_every: 2, micro_batch_size: 3, lr: 0.01, precision: fp32, \
+         threads: 1}}\n\
+         output: {{dir: runs, sample_prompts: []}}\n",
+        common::repo().join("data/default-model").display()
+    );
+    common::write(&dir.join("run.yaml"), &yaml);
+    let train = |args: &[&str]| {
+        let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let eval = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .rfind(|r| r["event"] == "eval");
+        eval.expect("a validation at the end")
+    };
+    let adapter = |name: &str| {
+        std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    let fresh = train(&["--set", "output.run_name=fresh"]);
+    let cached = train(&["--set", "output.run_name=cached"]);
+    assert!(adapter("fresh") == adapter("cached"), "the cached data trained another adapter");
+    for metric in ["eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/kl"] {
+        assert!(fresh[metric].as_f64().is_some_and(f64::is_finite), "{metric}: {fresh}");
+        assert_eq!(fresh[metric], cached[metric], "{metric}");
+    }
+    let step_2 = dir.join("runs/cached/step-2");
+    train(&["--resume", step_2.to_str().unwrap()]);
+    assert!(adapter("cached") == adapter("fresh"), "the resumed run ends elsewhere");
+}
