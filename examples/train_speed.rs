@@ -386,7 +386,7 @@ fn saved_batches(
                 .clone()
                 .map(|r| {
                     let row = Vec::<i64>::try_from(&ids.get(i).get(r)).expect("int64 token ids");
-                    Example { input_ids: row.clone(), labels: row }
+                    Example { input_ids: row.clone(), labels: row, desirable: None }
                 })
                 .collect();
             let refs: Vec<&Example> = rows.iter().collect();

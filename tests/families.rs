@@ -206,7 +206,7 @@ fn train_and_export(dir: &Path, out: &Path) -> (Tensor, Tensor) {
     let ids = Tensor::randint_low(3, 256, [2, 10], (Kind::Int64, Device::Cpu));
     let rows: Vec<Vec<i64>> = Vec::try_from(&ids).unwrap();
     let examples: Vec<Example> =
-        rows.iter().map(|r| Example { input_ids: r.clone(), labels: r.clone() }).collect();
+        rows.iter().map(|r| Example { input_ids: r.clone(), labels: r.clone(), desirable: None }).collect();
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     for _ in 0..2 {
         trainer.step(&model, std::slice::from_ref(&batch), None, train_cfg.lr).unwrap();
@@ -374,8 +374,10 @@ fn gpt2_dropout_matches_transformers_train_mode() {
     let r = reference(&dir);
     let model = load_model(&dir, Kind::Float, Device::Cpu).unwrap();
     let rows: Vec<Vec<i64>> = Vec::try_from(&r["dropout_input_ids"]).unwrap();
-    let examples: Vec<Example> =
-        rows.iter().map(|row| Example { input_ids: row.clone(), labels: row.clone() }).collect();
+    let examples: Vec<Example> = rows
+        .iter()
+        .map(|row| Example { input_ids: row.clone(), labels: row.clone(), desirable: None })
+        .collect();
     let batch = Batch::collate(&examples.iter().collect::<Vec<_>>(), 0, Device::Cpu);
     let mean_loss = |backward: Option<Backward>| {
         token_loss(&model, &batch, backward).double_value(&[]) / batch.label_tokens as f64

@@ -33,7 +33,7 @@ fn grads(params: &[Tensor]) -> Vec<Tensor> {
 
 fn example(ids: &[i64], prompt: usize) -> Example {
     let labels = ids.iter().enumerate().map(|(i, &t)| if i < prompt { IGNORE } else { t }).collect();
-    Example { input_ids: ids.to_vec(), labels }
+    Example { input_ids: ids.to_vec(), labels, desirable: None }
 }
 
 /// A fixture model with adapters on `targets` (B non-zero, so that A gets gradients too).

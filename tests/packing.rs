@@ -17,6 +17,7 @@ fn examples() -> Vec<Example> {
     let make = |ids: &[i64], prompt: usize| Example {
         input_ids: ids.to_vec(),
         labels: ids.iter().enumerate().map(|(i, &id)| if i < prompt { IGNORE } else { id }).collect(),
+        desirable: None,
     };
     vec![
         make(&[1, 17, 42, 99, 100, 3, 250, 7, 8, 2], 4),

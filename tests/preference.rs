@@ -9,7 +9,7 @@
 mod common;
 
 use lorafit::config::{Config, Objective};
-use lorafit::data::{Batch, EpochPlan, RowLayout};
+use lorafit::data::{Batch, EpochPlan, Example, RowLayout};
 use lorafit::files::safetensors_bytes;
 use lorafit::lora::peft;
 use lorafit::model::load_model;
@@ -22,8 +22,8 @@ use std::path::Path;
 use std::process::Command;
 use tch::{Device, Kind};
 
-/// lorafit's loss, metrics and adapter gradients for one loss on `pairs` pairs of the data:
-/// the job dpo_check.py recomputes with TRL.
+/// lorafit's loss, metrics and adapter gradients for one loss on the first `pairs` pairs of the
+/// data: the job dpo_check.py recomputes with TRL.
 fn lorafit_job(
     cfg: &Config,
     adapter: &Path,
@@ -33,11 +33,23 @@ fn lorafit_job(
     dir: &Path,
 ) -> Value {
     let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
-    let data = load_run_data(cfg, &spec).unwrap();
-    let examples = &data.train.examples;
-    let chosen_rejected: Vec<_> = (0..pairs).map(|i| (&examples[2 * i], &examples[2 * i + 1])).collect();
-    let batch = Batch::collate_pairs(&chosen_rejected, data.tokenizer.eos_id, Device::Cpu);
+    let examples = load_run_data(cfg, &spec).unwrap().train.examples;
+    let chosen = (0..pairs).map(|i| &examples[2 * i]);
+    let rows: Vec<&Example> = chosen.chain((0..pairs).map(|i| &examples[2 * i + 1])).collect();
+    batch_job(cfg, adapter, loss, name, &rows, dir)
+}
 
+/// lorafit's loss, metrics and adapter gradients for one loss on a batch of `rows` (collated one
+/// example per row, in order, as pairs are: chosen rows first), as a dpo_check.py job.
+fn batch_job(
+    cfg: &Config,
+    adapter: &Path,
+    loss: PreferenceLoss,
+    name: &str,
+    rows: &[&Example],
+    dir: &Path,
+) -> Value {
+    let batch = Batch::collate(rows, 0, Device::Cpu);
     let mut model = load_model(&cfg.model.path, Kind::Float, Device::Cpu).unwrap();
     let adapters = peft::load(adapter, &mut model, Device::Cpu).unwrap();
     for t in &adapters.trainables {
@@ -50,17 +62,8 @@ fn lorafit_job(
     let grads_file = dir.join(format!("grads-{name}.safetensors"));
     std::fs::write(&grads_file, safetensors_bytes(&grads, &[]).unwrap()).unwrap();
 
-    let rows = batch.input_ids.size()[0];
-    let lengths = chosen_rejected.iter().map(|p| p.0).chain(chosen_rejected.iter().map(|p| p.1));
-    let rows: Vec<Value> = (0..rows)
-        .zip(lengths)
-        .map(|(i, e)| {
-            let n = e.input_ids.len() as i64;
-            let ids = Vec::<i64>::try_from(batch.input_ids.get(i).narrow(0, 0, n)).unwrap();
-            let labels = Vec::<i64>::try_from(batch.labels.get(i).narrow(0, 0, n)).unwrap();
-            json!({"input_ids": ids, "labels": labels})
-        })
-        .collect();
+    let rows: Vec<Value> =
+        rows.iter().map(|e| json!({"input_ids": e.input_ids, "labels": e.labels})).collect();
     let metrics: serde_json::Map<String, Value> = loss
         .metric_names()
         .iter()
@@ -77,8 +80,40 @@ fn lorafit_job(
     json!({
         "name": name, "loss_type": loss_type, "beta": loss.beta, "label_smoothing": loss.label_smoothing,
         "desirable_weight": loss.desirable_weight, "undesirable_weight": loss.undesirable_weight,
-        "rows": rows, "loss": sum.double_value(&[]) * mean, "metrics": metrics, "grads": grads_file,
+        "rows": rows, "desirable": batch.desirable, "loss": sum.double_value(&[]) * mean, "metrics": metrics,
+        "grads": grads_file,
     })
+}
+
+/// dpo_check.py's reports on `jobs` (TRL's loss, metrics and gradients with `adapter`), each
+/// checked to equal lorafit's within 1e-5.
+fn assert_jobs_equal_trl(python: &Path, adapter: &Path, jobs: &[Value], dir: &Path) -> Vec<Value> {
+    common::write(&dir.join("jobs.json"), &serde_json::to_string(&jobs).unwrap());
+    let model = common::repo().join("data/default-model");
+    let script = common::repo().join("scripts/interop/dpo_check.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--model".as_ref(), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
+        .args(["--jobs".as_ref(), dir.join("jobs.json").as_os_str()])
+        .output()
+        .expect("run the interop python");
+    assert!(out.status.success(), "dpo_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).expect("dpo_check.py prints JSON");
+    assert_eq!(reports.len(), jobs.len());
+    for report in &reports {
+        println!("{report}");
+        let name = &report["name"];
+        let num = |key: &str| report[key].as_f64().unwrap_or_else(|| panic!("{name}: no {key} in {report}"));
+        assert!(num("loss_diff") <= 1e-5, "{name}: the loss differs from TRL's: {report}");
+        assert_eq!(report["unmatched_grads"], json!([]), "{name}: {report}");
+        assert_eq!(report["grads_compared"], 2 * 7 * 4, "{name}: every adapter tensor is compared");
+        assert!(num("grad_max_abs") > 1e-4, "{name}: TRL's gradient is too small to compare: {report}");
+        assert!(num("grad_max_abs_diff") <= 1e-5, "{name}: the gradients differ from TRL's: {report}");
+        for (metric, diff) in report["metric_diff"].as_object().unwrap() {
+            assert!(diff.as_f64().unwrap() <= 1e-5, "{name}: {metric} differs from TRL's: {report}");
+        }
+    }
+    reports
 }
 
 #[test]
@@ -123,31 +158,7 @@ fn preference_losses_and_gradients_equal_trl() {
     ];
     let jobs: Vec<Value> =
         losses.iter().map(|(name, loss)| lorafit_job(&cfg, &adapter, *loss, name, 9, dir)).collect();
-    common::write(&dir.join("jobs.json"), &serde_json::to_string(&jobs).unwrap());
-
-    let script = common::repo().join("scripts/interop/dpo_check.py");
-    let out = Command::new(&python)
-        .arg(&script)
-        .args(["--model".as_ref(), model.as_os_str(), "--adapter".as_ref(), adapter.as_os_str()])
-        .args(["--jobs".as_ref(), dir.join("jobs.json").as_os_str()])
-        .output()
-        .expect("run the interop python");
-    assert!(out.status.success(), "dpo_check.py failed: {}", String::from_utf8_lossy(&out.stderr));
-    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).expect("dpo_check.py prints JSON");
-    assert_eq!(reports.len(), losses.len());
-    for report in &reports {
-        println!("{report}");
-        let name = &report["name"];
-        let num = |key: &str| report[key].as_f64().unwrap_or_else(|| panic!("{name}: no {key} in {report}"));
-        assert!(num("loss_diff") <= 1e-5, "{name}: the loss differs from TRL's: {report}");
-        assert_eq!(report["unmatched_grads"], json!([]), "{name}: {report}");
-        assert_eq!(report["grads_compared"], 2 * 7 * 4, "{name}: every adapter tensor is compared");
-        assert!(num("grad_max_abs") > 1e-4, "{name}: TRL's gradient is too small to compare: {report}");
-        assert!(num("grad_max_abs_diff") <= 1e-5, "{name}: the gradients differ from TRL's: {report}");
-        for (metric, diff) in report["metric_diff"].as_object().unwrap() {
-            assert!(diff.as_f64().unwrap() <= 1e-5, "{name}: {metric} differs from TRL's: {report}");
-        }
-    }
+    let reports = assert_jobs_equal_trl(&python, &adapter, &jobs, dir);
 
     // The run validated on the same 9 pairs after its last step, with the adapter compared here:
     // its eval/loss and eval/rewards/* are TRL's DPO loss and metrics.
@@ -406,4 +417,123 @@ fn precomputed_reference_gives_the_same_adapter_and_resumes_exactly() {
     let step_2 = dir.join("runs/ahead/step-2");
     train(&["--set", "train.precompute_ref=true", "--resume", step_2.to_str().unwrap()]);
     assert!(adapter("ahead") == finished, "the resumed run ends elsewhere");
+}
+
+/// KTO's unpaired layout (`prompt`/`completion`/`label`) as `lorafit train` writes it from the
+/// default data: each question with its own answer (desirable) or the next question's (not).
+fn write_unpaired(path: &Path, n: usize) -> Vec<Value> {
+    let text = std::fs::read_to_string(common::repo().join("data/default/train.jsonl")).unwrap();
+    let rows: Vec<Value> = text.lines().take(n + 1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let answers: Vec<Value> = rows
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| {
+            // Not simply alternating, so that a batch's labels are uneven and out of order.
+            let desirable = i % 3 != 1;
+            let completion = if desirable { &w[0]["output"] } else { &w[1]["output"] };
+            json!({"prompt": w[0]["instruction"], "completion": completion, "label": desirable})
+        })
+        .collect();
+    let lines: Vec<String> = answers.iter().map(Value::to_string).collect();
+    common::write(path, &(lines.join("\n") + "\n"));
+    answers
+}
+
+/// On unpaired answers (TRL's KTO layout), read with their labels, the KTO loss, its gradients
+/// w.r.t. the adapter and its metrics equal those of TRL's `KTOTrainer._compute_loss`, with an
+/// adapter (a few SFT steps on the completions) under which the KL estimate is clearly positive,
+/// so that the KL term counts.
+#[test]
+fn kto_on_unpaired_answers_equals_trl() {
+    let Some(python) = common::python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let answers = write_unpaired(&dir.join("kto.jsonl"), 10);
+    let sft: Vec<String> = answers
+        .iter()
+        .map(|a| json!({"instruction": a["prompt"], "input": "", "output": a["completion"]}).to_string())
+        .collect();
+    common::write(&dir.join("sft.jsonl"), &(sft.join("\n") + "\n"));
+    let model = common::repo().join("data/default-model");
+    let yaml = |data: &str, train: &str| {
+        format!(
+            "model: {{path: {}}}\n\
+             lora: {{r: 4, alpha: 8, target_modules: all-linear}}\n\
+             data: {{train: {}, format: alpaca, packing: false, shuffle: false}}\n\
+             train: {{{train}, micro_batch_size: 4, precision: fp32}}\n\
+             output: {{dir: {}, run_name: warm, sample_prompts: []}}\n",
+            model.display(),
+            dir.join(data).display(),
+            dir.join("runs").display()
+        )
+    };
+    common::write(&dir.join("sft.yaml"), &yaml("sft.jsonl", "max_steps: 6, lr: 0.01"));
+    common::write(&dir.join("kto.yaml"), &yaml("kto.jsonl", "objective: kto"));
+    let out = common::lorafit(dir, &["train", "sft.yaml"]);
+    assert!(out.status.success(), "train failed: {}", String::from_utf8_lossy(&out.stderr));
+    let adapter = dir.join("runs/warm/adapter");
+
+    let cfg = Config::load(&dir.join("kto.yaml"), &[]).unwrap();
+    let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
+    let examples = load_run_data(&cfg, &spec).unwrap().train.examples;
+    let labels: Vec<Option<bool>> = answers.iter().map(|a| a["label"].as_bool()).collect();
+    let read: Vec<Option<bool>> = examples.iter().map(|e| e.desirable).collect();
+    assert_eq!(read, labels, "an example per row, with the row's label");
+    let loss = PreferenceLoss {
+        objective: Objective::Kto,
+        beta: 0.3,
+        label_smoothing: 0.0,
+        desirable_weight: 1.5,
+        undesirable_weight: 0.6,
+    };
+    let rows: Vec<&Example> = examples.iter().take(8).collect();
+    let job = batch_job(&cfg, &adapter, loss, "kto-unpaired", &rows, dir);
+    let reports = assert_jobs_equal_trl(&python, &adapter, &[job], dir);
+    let kl = reports[0]["trl_metrics"]["kl"].as_f64().unwrap();
+    assert!(kl > 0.05, "the KL estimate should be positive after SFT on the completions: {kl}");
+}
+
+/// KTO on unpaired answers with a held-out share: a second run, which takes the prepared data
+/// (and each answer's label) from the data cache, trains the very adapter the first did, and a
+/// run resumed from its checkpoint ends there too.
+#[test]
+fn kto_on_unpaired_answers_reads_the_cache_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_unpaired(&dir.join("kto.jsonl"), 16);
+    let yaml = format!(
+        "model: {{path: {}}}\n\
+         lora: {{r: 4, alpha: 8, dropout: 0.1}}\n\
+         data: {{train: kto.jsonl, val_split: 0.25, format: alpaca, packing: false}}\n\
+         train: {{objective: kto, max_steps: 4, save_every: 2, micro_batch_size: 3, lr: 0.01, precision: fp32, \
+         threads: 1}}\n\
+         output: {{dir: runs, sample_prompts: []}}\n",
+        common::repo().join("data/default-model").display()
+    );
+    common::write(&dir.join("run.yaml"), &yaml);
+    let train = |args: &[&str]| {
+        let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let eval = stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .rfind(|r| r["event"] == "eval");
+        eval.expect("a validation at the end")
+    };
+    let adapter = |name: &str| {
+        std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    let fresh = train(&["--set", "output.run_name=fresh"]);
+    let cached = train(&["--set", "output.run_name=cached"]);
+    assert!(adapter("fresh") == adapter("cached"), "the cached data trained another adapter");
+    for metric in ["eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/kl"] {
+        assert!(fresh[metric].as_f64().is_some_and(f64::is_finite), "{metric}: {fresh}");
+        assert_eq!(fresh[metric], cached[metric], "{metric}");
+    }
+    let step_2 = dir.join("runs/cached/step-2");
+    train(&["--resume", step_2.to_str().unwrap()]);
+    assert!(adapter("cached") == adapter("fresh"), "the resumed run ends elsewhere");
 }

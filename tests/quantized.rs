@@ -534,7 +534,7 @@ fn adapter_gradients_through_a_4bit_base_match_dequantized_autograd() {
     let _turn = common::global_rng_turn();
     let dir = common::fixture("llama3");
     let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 250).collect();
-    let example = lorafit::data::Example { input_ids: ids.clone(), labels: ids };
+    let example = lorafit::data::Example { input_ids: ids.clone(), labels: ids, desirable: None };
     let batch = lorafit::data::Batch::collate(&[&example, &example], 0, Device::Cpu);
     for kind in [Kind::Float, Kind::BFloat16] {
         tch::manual_seed(3);

@@ -8,8 +8,9 @@ adapter gradients (a safetensors file under PEFT's names). TRL is set up as a Lo
 then those of --adapter, and `DPOTrainer._compute_loss` computes the loss and metrics on the same
 batch; its backward gives TRL's gradients. ORPO jobs go through `ORPOTrainer.get_batch_loss_metrics`
 (its `concatenated_forward`, `odds_ratio_loss` and NLL on the chosen rows), KTO jobs through
-`KTOTrainer._compute_loss` with each pair unpaired (chosen desirable, rejected not) and the KL rows
-built here as TRL's `add_kl_completion_ids` does (each prompt with the previous row's completion).
+`KTOTrainer._compute_loss` with the labels the job gives (`desirable`: unpaired answers, or a
+batch of pairs unpaired, its chosen rows desirable), and the KL rows built here as TRL's
+`add_kl_completion_ids` does (each prompt with the previous row's completion).
 Prints one JSON object per job with the differences.
 """
 
@@ -91,7 +92,7 @@ def batch_of(job):
         return batch
     batch = {"input_ids": ids, "attention_mask": mask, "completion_mask": completion}
     if kind == "kto":
-        # TRL unpairs pairs (chosen desirable) and pairs each prompt with the previous completion.
+        # Each prompt with the previous row's completion, as TRL's `add_kl_completion_ids`.
         split = [r["labels"].index(next(l for l in r["labels"] if l != -100)) for r in rows]
         prompts = [r["input_ids"][:p] for r, p in zip(rows, split)]
         answers = [r["input_ids"][p:] for r, p in zip(rows, split)]
@@ -99,7 +100,7 @@ def batch_of(job):
         kl_rows = [{"input_ids": p + a, "labels": [-100] * len(p) + a} for p, a in zip(prompts, answers)]
         kl_ids, kl_mask, kl_completion, _ = padded(kl_rows)
         batch.update(KL_input_ids=kl_ids, KL_attention_mask=kl_mask, KL_completion_mask=kl_completion)
-        batch["label"] = torch.tensor([True] * (len(rows) // 2) + [False] * (len(rows) // 2))
+        batch["label"] = torch.tensor(job["desirable"])
     return batch
 
 

@@ -180,7 +180,7 @@ fn allowed_values(key: &str) -> Option<&'static [&'static str]> {
         "data.on_bad_row" => &["error", "skip"],
         "data.too_long" => &["truncate", "skip", "error"],
         "train.on_nonfinite" => &["stop", "skip"],
-        "train.objective" => &["sft", "dpo", "ipo", "distill"],
+        "train.objective" => &["sft", "dpo", "ipo", "orpo", "kto", "distill"],
         "distill.loss" => &["forward_kl", "reverse_kl", "jsd"],
         "train.lr_scheduler" => &["constant", "linear", "cosine"],
         "train.precision" => &["auto", "fp32", "bf16-mixed", "fp16-mixed"],

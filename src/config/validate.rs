@@ -254,6 +254,15 @@ fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
             ),
         )));
     }
+    if objective == Objective::Kto && train.micro_batch_size < 2 {
+        // As TRL refuses it: the KL estimate pairs each prompt with another row's answer.
+        found.add(Err(Invalid::new(
+            "train.micro_batch_size",
+            "train.objective kto estimates its KL term from each prompt with another answer of the same \
+             micro-batch: set train.micro_batch_size to 2 or more"
+                .to_string(),
+        )));
+    }
     if data.packing {
         found.add(Err(Invalid::new(
             "data.packing",

@@ -35,6 +35,9 @@ pub struct Batch {
     /// one example).
     pub lengths: Vec<i64>,
     pub prompt_lengths: Vec<i64>,
+    /// Whether each row's (first) example is a desirable answer ([`Example::desirable`]): KTO's
+    /// labels; false where the example carries none.
+    pub desirable: Vec<bool>,
     /// Each row's reference log-probability (`[rows]`) when computed ahead (preference
     /// objectives with `train.precompute_ref`); `None`: computed with the batch.
     pub reference_logps: Option<Tensor>,
@@ -112,6 +115,7 @@ impl Batch {
             padded_tokens: shape[0] * shape[1],
             lengths: rows.iter().map(|r| row_len(r) as i64).collect(),
             prompt_lengths,
+            desirable: rows.iter().map(|row| row.first().and_then(|e| e.desirable) == Some(true)).collect(),
             reference_logps: None,
         }
     }
@@ -132,7 +136,8 @@ impl Batch {
                     self.prompt_lengths[j] as usize,
                     self.lengths[j] as usize,
                 );
-                let mut e = Example { input_ids: ids[i][..p].to_vec(), labels: vec![IGNORE; p] };
+                let mut e =
+                    Example { input_ids: ids[i][..p].to_vec(), labels: vec![IGNORE; p], desirable: None };
                 e.input_ids.extend_from_slice(&ids[j][pj..lj]);
                 e.labels.extend_from_slice(&labels[j][pj..lj]);
                 e
@@ -279,8 +284,8 @@ mod tests {
 
     #[test]
     fn collate_pads_right_and_counts_label_tokens_after_the_shift() {
-        let a = Example { input_ids: vec![1, 5, 6, 2], labels: vec![IGNORE, IGNORE, 6, 2] };
-        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7] };
+        let a = Example { input_ids: vec![1, 5, 6, 2], labels: vec![IGNORE, IGNORE, 6, 2], desirable: None };
+        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7], desirable: None };
         let batch = Batch::collate(&[&a, &b], 0, Device::Cpu);
         assert_eq!(batch.input_ids.size(), vec![2, 4]);
         assert_eq!(
@@ -295,8 +300,8 @@ mod tests {
 
     #[test]
     fn packed_rows_restart_positions_and_mask_first_tokens() {
-        let a = Example { input_ids: vec![1, 5, 6], labels: vec![1, 5, 6] };
-        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7] };
+        let a = Example { input_ids: vec![1, 5, 6], labels: vec![1, 5, 6], desirable: None };
+        let b = Example { input_ids: vec![1, 7], labels: vec![1, 7], desirable: None };
         let batch = Batch::pack(&[vec![&a, &b], vec![&b]], 0, Device::Cpu);
         let p = batch.packing.as_ref().unwrap();
         let v = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();

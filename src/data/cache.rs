@@ -2,15 +2,16 @@
 //! data settings starts without re-tokenizing. The key hashes all of those inputs; any change
 //! gives a new key, so a stale entry is never read.
 
-use super::format::{Example, Prepared};
+use super::format::{Example, Examples, Prepared};
 use super::source::expand_paths;
 use crate::config::Config;
 use crate::files::write_atomic;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
-/// Starts every cache file; changes with the file's layout (02: notes on the data).
-const MAGIC: &[u8; 8] = b"LFDATA02";
+/// Starts every cache file; changes with the file's layout (02: notes on the data; 03: each
+/// example's desirable flag).
+const MAGIC: &[u8; 8] = b"LFDATA03";
 
 /// The version of the way examples are prepared, part of every cache key: bumped whenever the
 /// same inputs would tokenize or label differently, so entries from before are never read.
@@ -75,9 +76,16 @@ pub fn key_for(cfg: &Config, eos_id: i64, chat_template: Option<&str>) -> Result
         .add_bytes(&cfg.train.seed.to_le_bytes())
         .add_bytes(&eos_id.to_le_bytes())
         .add_bytes(chat_template.unwrap_or("").as_bytes());
-    // Preference objectives read the same files as pairs; SFT keys stay as they were.
-    if cfg.train.objective.is_preference() {
-        key.add_bytes(b"pairs");
+    // Preference objectives read the same files as pairs (KTO: as unpaired answers); SFT keys
+    // stay as they were.
+    match Examples::of(cfg.train.objective) {
+        Examples::Single => {}
+        Examples::Pairs => {
+            key.add_bytes(b"pairs");
+        }
+        Examples::Unpaired => {
+            key.add_bytes(b"unpaired");
+        }
     }
     key.add_path(&cfg.model.path.join("tokenizer.json"))?;
     for pattern in cfg.data.train.paths().into_iter().chain(cfg.data.validation.as_deref()) {
@@ -136,6 +144,11 @@ fn write_prepared(out: &mut Vec<u8>, p: &Prepared) {
         for &v in e.input_ids.iter().chain(&e.labels) {
             out.extend_from_slice(&(v as i32).to_le_bytes());
         }
+        out.push(match e.desirable {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        });
     }
     for list in [&p.bad_row_samples, &p.notes] {
         out.extend_from_slice(&(list.len() as u64).to_le_bytes());
@@ -179,7 +192,14 @@ impl Reader<'_> {
         let mut examples = Vec::with_capacity(n.min(1 << 24));
         for _ in 0..n {
             let len = self.u64()?;
-            examples.push(Example { input_ids: self.i32s(len)?, labels: self.i32s(len)? });
+            let (input_ids, labels) = (self.i32s(len)?, self.i32s(len)?);
+            let desirable = match self.take(1)?[0] {
+                0 => None,
+                1 => Some(false),
+                2 => Some(true),
+                other => bail!("bad desirable flag {other}"),
+            };
+            examples.push(Example { input_ids, labels, desirable });
         }
         let bad_row_samples = self.strings()?;
         let notes = self.strings()?;
@@ -214,7 +234,11 @@ mod tests {
     fn round_trips_and_rejects_damage() {
         let tmp = tempfile::tempdir().unwrap();
         let train = Prepared {
-            examples: vec![Example { input_ids: vec![1, 70000, 2], labels: vec![IGNORE, 70000, 2] }],
+            examples: vec![
+                Example { input_ids: vec![1, 70000, 2], labels: vec![IGNORE, 70000, 2], desirable: None },
+                Example { input_ids: vec![1, 3], labels: vec![IGNORE, 3], desirable: Some(false) },
+                Example { input_ids: vec![1, 4], labels: vec![IGNORE, 4], desirable: Some(true) },
+            ],
             truncated: 3,
             skipped_bad_rows: 1,
             bad_row_samples: vec!["a.jsonl:4: bad".into()],
@@ -222,7 +246,7 @@ mod tests {
             ..Prepared::default()
         };
         let val = Prepared {
-            examples: vec![Example { input_ids: vec![5], labels: vec![5] }],
+            examples: vec![Example { input_ids: vec![5], labels: vec![5], desirable: None }],
             ..Prepared::default()
         };
         let path = tmp.path().join("c.bin");

@@ -29,7 +29,12 @@ pub fn write_jsonl(data: &Prepared, tok: &TextTokenizer, pairs: bool, out: &Path
     Ok(lines.len())
 }
 
-/// An example's line: its ids, labels and decoded text.
+/// An example's line: its ids, labels and decoded text, and KTO's `label` where it has one.
 fn line(ex: &Example, tok: &TextTokenizer) -> Result<Value> {
-    Ok(json!({"input_ids": ex.input_ids, "labels": ex.labels, "text": tok.decode_all(&ex.input_ids)?}))
+    let mut line =
+        json!({"input_ids": ex.input_ids, "labels": ex.labels, "text": tok.decode_all(&ex.input_ids)?});
+    if let Some(desirable) = ex.desirable {
+        line["label"] = desirable.into();
+    }
+    Ok(line)
 }

@@ -7,7 +7,7 @@
 use super::chat::{self, ChatTemplate};
 use super::source::{expand_paths, read_rows, Record, Rows};
 use super::tokenizer::{Encoded, TextTokenizer};
-use crate::config::{DataConfig, DataFormat, DataSet, OnBadRow, TooLong, TrainData};
+use crate::config::{DataConfig, DataFormat, DataSet, Objective, OnBadRow, TooLong, TrainData};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -105,10 +105,13 @@ impl ChatFormat {
 
 /// One tokenized training example; `labels[i]` is `input_ids[i]` or [`IGNORE`] (the shift to
 /// next-token targets happens in the loss).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Example {
     pub input_ids: Vec<i64>,
     pub labels: Vec<i64>,
+    /// For preference data, whether the answer is desirable (KTO's `label`; a pair's chosen
+    /// answer is, its rejected one is not); `None` for examples of supervised fine-tuning.
+    pub desirable: Option<bool>,
 }
 
 /// Text segments of one record: `(text, trainable)` in order.
@@ -418,7 +421,7 @@ pub(super) fn tokenize_all(
                 }
             })
             .collect();
-        let mut ex = Example { input_ids: ids, labels };
+        let mut ex = Example { input_ids: ids, labels, desirable: None };
         if encoding == Encoding::Text {
             ex.input_ids.push(tok.eos_id);
             ex.labels.push(tok.eos_id);
@@ -451,13 +454,25 @@ pub enum Examples {
     Single,
     /// Preference pairs, chosen then rejected ([`preference`](super::preference)).
     Pairs,
+    /// Answers standing alone, each desirable or not (KTO): unpaired rows as they are, pairs
+    /// split into their two answers ([`preference`](super::preference)).
+    Unpaired,
 }
 
 impl Examples {
+    /// What the examples of a run with `objective` are.
+    pub fn of(objective: Objective) -> Examples {
+        match objective {
+            Objective::Kto => Examples::Unpaired,
+            o if o.is_preference() => Examples::Pairs,
+            _ => Examples::Single,
+        }
+    }
+
     /// How many consecutive examples make one unit that is held out or kept whole.
     fn unit(self) -> usize {
         match self {
-            Examples::Single => 1,
+            Examples::Single | Examples::Unpaired => 1,
             Examples::Pairs => 2,
         }
     }
@@ -478,6 +493,7 @@ fn prepare_as(
     match examples {
         Examples::Single => prepare_records(&rows, cfg, tok, chat),
         Examples::Pairs => super::preference::prepare_pairs(&rows, cfg, tok, chat),
+        Examples::Unpaired => super::preference::prepare_unpaired(&rows, cfg, tok, chat),
     }
     .with_context(|| format!("preparing {}", path.display()))
 }
@@ -504,12 +520,8 @@ fn detect_format(record: &Record, columns: &BTreeMap<String, String>) -> Option<
     if chat {
         return Some(DataFormat::Chat);
     }
-    // Preference pairs: message lists are chats; strings plain text, as TRL reads them.
-    if super::preference::is_pair(record) {
-        let lists = super::preference::PAIR_COLUMNS
-            .iter()
-            .any(|(c, _)| record.get(c).is_some_and(|v| !v.is_string()));
-        return Some(if lists { DataFormat::Chat } else { DataFormat::Completion });
+    if let Some(format) = super::preference::preference_format(record) {
+        return Some(format);
     }
     [DataFormat::Alpaca, DataFormat::InputOutput, DataFormat::Completion]
         .into_iter()

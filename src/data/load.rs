@@ -113,8 +113,7 @@ pub fn load_data(cfg: &Config, model: &ModelFacts) -> Result<RunData> {
             RunData { tokenizer, chat, train, validation, cached: true, cache_entry: entry }
         }
         None => {
-            let examples =
-                if cfg.train.objective.is_preference() { Examples::Pairs } else { Examples::Single };
+            let examples = Examples::of(cfg.train.objective);
             let (train, validation) =
                 prepare_splits(&cfg.data, cfg.train.seed, &tokenizer, chat.as_ref(), examples)?;
             RunData { tokenizer, chat, train, validation, cached: false, cache_entry: entry }

@@ -62,7 +62,13 @@ pub fn preview(
             })
             .collect()
     } else {
-        data.examples.iter().take(n).enumerate().map(|(i, ex)| (format!("example {}", i + 1), ex)).collect()
+        let label = |ex: &Example| match ex.desirable {
+            Some(true) => ", desirable",
+            Some(false) => ", undesirable",
+            None => "",
+        };
+        let name = |i: usize, ex: &Example| format!("example {}{}", i + 1, label(ex));
+        data.examples.iter().take(n).enumerate().map(|(i, ex)| (name(i, ex), ex)).collect()
     };
     for (name, ex) in shown {
         let trained = ex.labels.iter().skip(1).filter(|&&l| l != IGNORE).count();

@@ -3,7 +3,7 @@
 
 use super::run::load_run_data;
 use crate::config::Config;
-use crate::data::format::resolve_format;
+use crate::data::format::{resolve_format, Examples};
 use crate::data::{export, preview, RunData};
 use crate::model::ModelSpec;
 use anyhow::{anyhow, Result};
@@ -50,7 +50,7 @@ pub fn preview_command(config: &Path, overrides: &[String], n: usize) -> Result<
         cfg.data.max_seq_len,
         cfg.train.micro_batch_size,
         marks,
-        cfg.train.objective.is_preference(),
+        Examples::of(cfg.train.objective) == Examples::Pairs,
     )?;
     Ok(out)
 }
@@ -72,7 +72,7 @@ pub fn export_command(config: &Path, overrides: &[String], out: &Path, split: Sp
     for note in &examples.notes {
         eprintln!("note: {note}");
     }
-    let pairs = cfg.train.objective.is_preference();
+    let pairs = Examples::of(cfg.train.objective) == Examples::Pairs;
     let n = export::write_jsonl(examples, &data.tokenizer, pairs, out)?;
     let what = if pairs { "preference pairs" } else { "examples" };
     Ok(format!("wrote {n} {what} to {} ({})", out.display(), examples.report()))

@@ -12,11 +12,11 @@
 //!   its token count, `NLL − β log σ(log odds(c) − log odds(r))`, `log odds = a − log(1 − eᵃ)`,
 //!   and NLL the mean next-token loss over every token of the micro-batch's chosen rows, prompt
 //!   included (as TRL computes it);
-//! * kto (TRL's KTOTrainer): each row alone, chosen rows desirable and rejected ones not (TRL
-//!   unpairs such data the same way): `w_d (1 − σ(β (r − z)))` or `w_u (1 − σ(β (z − r)))`, with
-//!   `r = logπ − logπ_ref` of the row and `z` the KL estimate: the mean of `r` over the
-//!   micro-batch's mismatched rows (each prompt with the previous row's answer), clamped at 0,
-//!   without gradient.
+//! * kto (TRL's KTOTrainer): each row alone, desirable or not as its batch says
+//!   ([`Batch::desirable`]: KTO's labels, a pair's chosen answer desirable):
+//!   `w_d (1 − σ(β (r − z)))` or `w_u (1 − σ(β (z − r)))`, with `r = logπ − logπ_ref` of the row
+//!   and `z` the KL estimate: the mean of `r` over the micro-batch's mismatched rows (each prompt
+//!   with the previous row's answer), clamped at 0, without gradient.
 //!
 //! Rewards are `β (logπ − logπ_ref)` of each answer (orpo: `β a`), as TRL logs them.
 
@@ -89,6 +89,13 @@ pub struct PreferenceLoss {
     pub label_smoothing: f64,
     pub desirable_weight: f64,
     pub undesirable_weight: f64,
+}
+
+/// What KTO's loss needs besides the rows' log-probabilities: the KL estimate (a detached
+/// scalar) and which rows are desirable (`[rows]`, bool).
+struct Kto {
+    kl: Tensor,
+    desirable: Tensor,
 }
 
 /// One forward pass's per-row sums of answer log-probabilities (`[rows]`, fp32) and answer
@@ -165,12 +172,15 @@ impl PreferenceLoss {
                 .as_ref()
                 .map_or_else(|| reference_logps(model, batch), Tensor::shallow_clone)
         });
-        let kl = (self.objective == Objective::Kto).then(|| kl_estimate(model, &batch.mismatched()));
+        let kto = (self.objective == Objective::Kto).then(|| Kto {
+            kl: kl_estimate(model, &batch.mismatched()),
+            desirable: Tensor::from_slice(&batch.desirable).to_device(batch.input_ids.device()),
+        });
         let orpo = self.objective == Objective::Orpo;
         let train = backward.is_some();
         let checkpointing = backward.is_some_and(|b| b.checkpointing);
         let rows = row_logps(model, batch, train, checkpointing, orpo);
-        let (loss, metrics) = self.losses(&rows, reference.as_ref(), kl.as_ref());
+        let (loss, metrics) = self.losses(&rows, reference.as_ref(), kto.as_ref());
         if let Some(b) = backward {
             (&loss * b.scale).backward();
             rows.blocks.backward(model);
@@ -198,12 +208,12 @@ impl PreferenceLoss {
     }
 
     /// The summed loss (with its graph) and the metric sums (detached) of one micro-batch.
-    fn losses(&self, rows: &RowLogps, reference: Option<&Tensor>, kl: Option<&Tensor>) -> (Tensor, Tensor) {
+    fn losses(&self, rows: &RowLogps, reference: Option<&Tensor>, kto: Option<&Kto>) -> (Tensor, Tensor) {
         let (logps, tokens) = (&rows.logps, &rows.tokens);
         let detached = logps.detach();
         let sums =
             |ts: Vec<Tensor>| Tensor::stack(&ts.iter().map(|t| t.sum(Kind::Float)).collect::<Vec<_>>(), 0);
-        match (self.objective, reference, kl, &rows.nll) {
+        match (self.objective, reference, kto, &rows.nll) {
             (Objective::Orpo, _, _, Some(nll)) => {
                 let averages = logps / tokens.clamp_min(1.0);
                 let [c, r] = halves(&averages);
@@ -216,13 +226,12 @@ impl PreferenceLoss {
                 metrics.extend([nll.detach() * pairs, ratio.detach(), log_odds.detach()]);
                 (loss, sums(metrics))
             }
-            (Objective::Kto, Some(reference), Some(kl), _) => {
+            (Objective::Kto, Some(reference), Some(Kto { kl, desirable }), _) => {
                 let ratios = logps - reference;
-                let [c, r] = halves(&ratios);
-                let chosen = (-((c - kl) * self.beta).sigmoid() + 1.0) * self.desirable_weight;
-                let rejected = (-((kl - r) * self.beta).sigmoid() + 1.0) * self.undesirable_weight;
-                let loss = chosen.sum(Kind::Float) + rejected.sum(Kind::Float);
-                (loss, kto_metrics(&(ratios.detach() * self.beta), &detached, kl))
+                let chosen = (-((&ratios - kl) * self.beta).sigmoid() + 1.0) * self.desirable_weight;
+                let rejected = (-((kl - &ratios) * self.beta).sigmoid() + 1.0) * self.undesirable_weight;
+                let loss = chosen.where_self(desirable, &rejected).sum(Kind::Float);
+                (loss, kto_metrics(&(ratios.detach() * self.beta), &detached, kl, desirable))
             }
             (_, Some(reference), _, _) => {
                 let per_pair = self.per_pair_loss(logps, reference, tokens);
@@ -264,11 +273,20 @@ fn pair_metrics(rewards: &Tensor, chosen_logps: &Tensor, rejected_logps: &Tensor
 
 /// [`KTO_METRICS`] of a micro-batch, as TRL computes them for it, times its rows (so that the
 /// step's mean over rows weighs micro-batches as TRL's mean over them does at equal sizes).
-fn kto_metrics(rewards: &Tensor, logps: &Tensor, kl: &Tensor) -> Tensor {
+/// TRL logs no chosen (rejected) metrics for a micro-batch without desirable (undesirable)
+/// rows, and no margin without both; here such a micro-batch adds 0 to them.
+fn kto_metrics(rewards: &Tensor, logps: &Tensor, kl: &Tensor, desirable: &Tensor) -> Tensor {
     let rows = rewards.size()[0] as f64;
-    let ([rc, rr], [lc, lr]) = (halves(rewards), halves(logps));
-    let [rc, rr, lc, lr] = [rc, rr, lc, lr].map(|t| t.mean(Kind::Float));
-    let margin = &rc - &rr;
+    let chosen = desirable.to_kind(Kind::Float);
+    let rejected = desirable.logical_not().to_kind(Kind::Float);
+    // Means over the rows of one kind, 0 where the micro-batch has none.
+    let mean_of =
+        |t: &Tensor, kind: &Tensor| (t * kind).sum(Kind::Float) / kind.sum(Kind::Float).clamp_min(1.0);
+    let both = (chosen.sum(Kind::Float).gt(0.0).logical_and(&rejected.sum(Kind::Float).gt(0.0)))
+        .to_kind(Kind::Float);
+    let [rc, rr, lc, lr] = [(rewards, &chosen), (rewards, &rejected), (logps, &chosen), (logps, &rejected)]
+        .map(|(t, k)| mean_of(t, k));
+    let margin = (&rc - &rr) * both;
     Tensor::stack(&[rc, rr, margin, lc, lr, kl.shallow_clone()], 0) * rows
 }
 

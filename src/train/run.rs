@@ -16,7 +16,7 @@ use super::steps::{save_checkpoint, train_loop, Trained};
 use super::{precision, Trainer};
 use crate::config::{Config, LoraConfig, Objective};
 use crate::data::batch::MicroBatch;
-use crate::data::format::{resolve_format, Example, PromptFormat};
+use crate::data::format::{resolve_format, Example, Examples, PromptFormat};
 use crate::data::{cache, load_data, Batch, EpochPlan, ModelFacts, RowLayout, RunData};
 use crate::dist::{Backend, Group, Rendezvous};
 use crate::files::{probe_writable, remove_staging, write_atomic, DirLock, LOCK_FILE};
@@ -231,13 +231,14 @@ impl RunPlan {
         Ok(Some(Validation::from_sums(&sums, self.trainer.eval_loss())))
     }
 
-    /// The tensors of one training micro-batch, with its pairs' precomputed reference
+    /// The tensors of one training micro-batch, with its rows' precomputed reference
     /// log-probabilities when there are.
     pub fn batch(&self, micro_batch: &MicroBatch) -> Batch {
         let (examples, pad_id) = (&self.data.train.examples, self.data.tokenizer.eos_id);
         let mut batch = collate(examples, micro_batch, self.layout, pad_id, self.device);
         if let Some(reference) = &self.reference {
-            batch.reference_logps = Some(reference.index_select(0, &pair_rows(micro_batch, self.device)));
+            let rows = example_rows(micro_batch, self.layout, self.device);
+            batch.reference_logps = Some(reference.index_select(0, &rows));
         }
         batch
     }
@@ -260,7 +261,7 @@ impl RunPlan {
         let mut reference = tch::Tensor::zeros([examples], (tch::Kind::Float, self.device));
         for micro_batch in &micro_batches {
             let logps = reference_logps(&self.model, &self.batch(micro_batch));
-            reference = reference.index_copy(0, &pair_rows(micro_batch, self.device), &logps);
+            reference = reference.index_copy(0, &example_rows(micro_batch, self.layout, self.device), &logps);
             bar.inc(1);
         }
         for batch in self.val_batches.iter_mut().flatten() {
@@ -513,12 +514,12 @@ fn load_model_with_adapter(
 
 /// How the run lays examples into rows.
 pub fn row_layout(cfg: &Config) -> RowLayout {
-    if cfg.train.objective.is_preference() {
-        RowLayout::Pairs
-    } else if cfg.data.packing {
-        RowLayout::Packed(cfg.data.max_seq_len)
-    } else {
-        RowLayout::ByLength
+    match Examples::of(cfg.train.objective) {
+        Examples::Pairs => RowLayout::Pairs,
+        // KTO's answers stand alone, a row each (never packed: each has its own loss).
+        Examples::Unpaired => RowLayout::ByLength,
+        Examples::Single if cfg.data.packing => RowLayout::Packed(cfg.data.max_seq_len),
+        Examples::Single => RowLayout::ByLength,
     }
 }
 
@@ -545,11 +546,15 @@ pub fn collate(
     }
 }
 
-/// The example indices of the rows of a micro-batch of pairs, in [`Batch::collate_pairs`]'s
-/// order: the chosen answers (examples `2p`), then the rejected ones (`2p + 1`).
-fn pair_rows(micro_batch: &MicroBatch, device: Device) -> tch::Tensor {
-    let pairs: Vec<i64> = micro_batch.iter().flatten().map(|&p| p as i64).collect();
-    let rows: Vec<i64> = pairs.iter().map(|p| 2 * p).chain(pairs.iter().map(|p| 2 * p + 1)).collect();
+/// The example indices of the rows of a micro-batch of one example per row, in [`collate`]'s
+/// order; for pairs, [`Batch::collate_pairs`]'s: the chosen answers (examples `2p`), then the
+/// rejected ones (`2p + 1`).
+fn example_rows(micro_batch: &MicroBatch, layout: RowLayout, device: Device) -> tch::Tensor {
+    let units: Vec<i64> = micro_batch.iter().flatten().map(|&p| p as i64).collect();
+    let rows: Vec<i64> = match layout {
+        RowLayout::Pairs => units.iter().map(|p| 2 * p).chain(units.iter().map(|p| 2 * p + 1)).collect(),
+        _ => units,
+    };
     tch::Tensor::from_slice(&rows).to_device(device)
 }
 
