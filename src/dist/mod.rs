@@ -28,7 +28,8 @@ pub struct Rendezvous {
     pub agent_store: bool,
 }
 
-/// The store key prefix of each rank's progress mark (the rank is appended).
+/// The store key prefix of each rank's progress mark (the rank is appended): `2n − 1` once the
+/// rank has entered its n-th exchange, `2n` once it has finished it.
 const MARK_KEY: &str = "reached/";
 
 /// How long a failed exchange waits at most for the store to say which ranks it waited for.
@@ -284,28 +285,34 @@ impl Group {
         self.check(rc, exchange)
     }
 
-    /// Marks in the store that this rank enters its next exchange, and returns its number. A
-    /// mark that fails is left out: the exchange itself then fails and says why.
+    /// Marks in the store that this rank enters its next exchange, and returns its number.
     fn enter(&self) -> u64 {
         let exchange = self.exchanges.fetch_add(1, Ordering::Relaxed) + 1;
-        let key = CString::new(format!("{MARK_KEY}{}", self.rank)).expect("no NUL");
-        // SAFETY: a live handle; the key lives across the call.
-        unsafe { ffi::mark(self.handle, key.as_ptr(), exchange as i64) };
+        self.mark(2 * exchange as i64 - 1);
         exchange
     }
 
-    /// The error of a failed exchange, naming the ranks it waited for.
+    /// Writes this rank's progress mark (see [`MARK_KEY`]). A mark that fails is left out: the
+    /// exchange itself then fails and says why.
+    fn mark(&self, value: i64) {
+        let key = CString::new(format!("{MARK_KEY}{}", self.rank)).expect("no NUL");
+        // SAFETY: a live handle; the key lives across the call.
+        unsafe { ffi::mark(self.handle, key.as_ptr(), value) };
+    }
+
+    /// Marks a finished exchange, or the error of a failed one, naming the ranks it waited for.
     fn check(&self, rc: c_int, exchange: u64) -> Result<()> {
         if rc == 0 {
+            self.mark(2 * exchange as i64);
             return Ok(());
         }
         let error = last_error();
         bail!("rank {} of {}: {error}; {}", self.rank, self.world, self.waited_for(exchange))
     }
 
-    /// Which ranks never entered `exchange`, from the marks in the store, read through a new
-    /// connection that gives up after a few seconds (the store lives in rank 0 unless a
-    /// launcher hosts it).
+    /// Which ranks never finished `exchange` (never entered it, or entered and stopped inside),
+    /// from the marks in the store, read through a new connection that gives up after a few
+    /// seconds (the store lives in rank 0 unless a launcher hosts it).
     fn waited_for(&self, exchange: u64) -> String {
         let mut marks = vec![0i64; self.world];
         let addr = CString::new(self.at.master_addr.as_str()).expect("checked when joining");
@@ -328,17 +335,21 @@ impl Group {
             let host = if self.at.agent_store { "the launcher" } else { "rank 0" };
             return format!("{store} does not answer either ({host} hosts it: it has probably hung or died)");
         }
+        let entered = 2 * exchange as i64 - 1;
         let behind: Vec<String> = (marks.iter().enumerate())
-            .filter(|&(rank, &mark)| rank != self.rank && mark < exchange as i64)
-            .map(|(rank, &mark)| format!("rank {rank} (at exchange {mark})"))
+            .filter(|&(rank, &mark)| rank != self.rank && mark <= entered)
+            .map(|(rank, &mark)| match mark {
+                m if m == entered => format!("rank {rank} (inside exchange {exchange})"),
+                m => format!("rank {rank} (at exchange {})", (m + 1) / 2),
+            })
             .collect();
         if behind.is_empty() {
             return format!(
-                "every rank entered exchange {exchange}: another rank has probably failed in it; its own message says why"
+                "every rank finished exchange {exchange}: another rank has probably failed after it; its own message says why"
             );
         }
         format!(
-            "waited for {} to enter exchange {exchange}: it has hung, stopped or died",
+            "waited for {} to finish exchange {exchange}: it has hung, stopped, died or failed in it",
             behind.join(" and ")
         )
     }
