@@ -394,19 +394,8 @@ fn precomputed_reference_gives_the_same_adapter_and_resumes_exactly() {
         common::repo().join("data/default-model").display()
     );
     common::write(&dir.join("run.yaml"), &yaml);
-    let train = |args: &[&str]| {
-        let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let eval = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .rfind(|r| r["event"] == "eval");
-        eval.expect("a validation at the end")
-    };
-    let adapter = |name: &str| {
-        std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
-    };
+    let train = |args: &[&str]| train_run_yaml(dir, args);
+    let adapter = |name: &str| adapter_bytes(dir, name);
     let per_step = train(&["--set", "output.run_name=per-step"]);
     let ahead = train(&["--set", "output.run_name=ahead", "--set", "train.precompute_ref=true"]);
     assert!(adapter("per-step") == adapter("ahead"), "precompute_ref changed the adapter");
@@ -513,19 +502,8 @@ fn kto_on_unpaired_answers_reads_the_cache_and_resumes_exactly() {
         common::repo().join("data/default-model").display()
     );
     common::write(&dir.join("run.yaml"), &yaml);
-    let train = |args: &[&str]| {
-        let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        let eval = stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .rfind(|r| r["event"] == "eval");
-        eval.expect("a validation at the end")
-    };
-    let adapter = |name: &str| {
-        std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
-    };
+    let train = |args: &[&str]| train_run_yaml(dir, args);
+    let adapter = |name: &str| adapter_bytes(dir, name);
     let fresh = train(&["--set", "output.run_name=fresh"]);
     let cached = train(&["--set", "output.run_name=cached"]);
     assert!(adapter("fresh") == adapter("cached"), "the cached data trained another adapter");
@@ -536,4 +514,19 @@ fn kto_on_unpaired_answers_reads_the_cache_and_resumes_exactly() {
     let step_2 = dir.join("runs/cached/step-2");
     train(&["--resume", step_2.to_str().unwrap()]);
     assert!(adapter("cached") == adapter("fresh"), "the resumed run ends elsewhere");
+}
+
+/// Trains `dir/run.yaml` with `args` and returns the last validation record of its JSON log.
+fn train_run_yaml(dir: &Path, args: &[&str]) -> Value {
+    let out = common::lorafit(dir, &[&["train", "run.yaml", "--log-format", "json"], args].concat());
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "train {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let eval =
+        stdout.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).rfind(|r| r["event"] == "eval");
+    eval.expect("a validation at the end")
+}
+
+/// The adapter file of the run `name` under `dir/runs`.
+fn adapter_bytes(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join("runs").join(name).join("adapter/adapter_model.safetensors")).unwrap()
 }
