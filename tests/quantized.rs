@@ -7,7 +7,7 @@ mod common;
 use common::peft_check::{peft_check, PeftJob};
 use lorafit::config::{Config, QuantFormat, TargetModules};
 use lorafit::lora::peft;
-use lorafit::model::quantized::{FrozenWeight, QuantizedWeight, Scales};
+use lorafit::model::quantized::{Dequantizer, FrozenWeight, QuantizedWeight, Scales, BLOCK};
 use lorafit::model::{load_model, load_model_quantized, ModelSpec};
 use lorafit::train::memory::MemoryEstimate;
 use serde_json::Value;
@@ -471,30 +471,114 @@ fn quantized_sizes_in_inspect_and_memory_estimate() {
     }
 }
 
-/// The CPU kernel's dequantization equals the libtorch-ops path's (which equals bitsandbytes'
-/// generic kernel, above) bit for bit: NF4 and FP4, plain and double-quantized scales, fp32,
-/// bf16 and fp16 output, awkward shapes (a short last block, an odd count, more than 256
-/// blocks, a block of zeros).
+/// Every CPU dequantization kernel this CPU runs (the vector ones chosen at run time) equals the
+/// scalar kernel, and the libtorch-ops path (which equals bitsandbytes' generic kernel, above),
+/// bit for bit: NF4 and FP4, plain and double-quantized scales, fp32, bf16 and fp16 output,
+/// awkward shapes (a short last block, an odd count, more than 256 blocks, a block of zeros).
 #[test]
-fn cpu_dequantization_kernel_equals_libtorch_ops() {
+fn cpu_dequantization_kernels_equal_scalar_and_libtorch_ops() {
+    let kernels = runnable_kernels();
     tch::manual_seed(5);
-    for (rows, cols) in [(96, 80), (1000, 77), (17, 5), (64, 19233), (300, 256)] {
+    for (rows, cols) in [(96, 80), (1000, 77), (17, 5), (64, 19233), (300, 256), (3, 64)] {
         let w = Tensor::randn([rows, cols], (Kind::Float, Device::Cpu));
         let _ = w.narrow(0, 0, 1).zero_();
         for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
             for format in [QuantFormat::Nf4, QuantFormat::Fp4] {
                 for nested in [true, false] {
                     let q = QuantizedWeight::quantize(&w.to_kind(kind), format, nested);
-                    let (kernel, ops) = (q.dequantize(), q.dequantize_with_ops());
-                    assert_eq!(kernel.kind(), kind);
-                    assert!(
-                        kernel.equal(&ops),
-                        "{rows}×{cols} {kind:?} {} nested {nested}: the kernel differs from libtorch ops",
-                        format.name()
-                    );
+                    let case = format!("{rows}×{cols} {kind:?} {} nested {nested}", format.name());
+                    assert_same_bits(&q, &kernels, &case);
                 }
             }
         }
+    }
+}
+
+/// The table conversions of the vector kernels round as c10's scalar casts: block scales that
+/// make subnormal, overflowing, tied (bf16 and fp16 halfway cases), infinite and NaN products
+/// (NaN of either sign and with a payload: c10 writes bf16 0x7FC0 and fp16 0x7E00 under the
+/// sign) give the scalar kernel's bits from every kernel, in fp32, bf16 and fp16.
+#[test]
+fn cpu_dequantization_kernels_round_special_values_as_scalar() {
+    let kernels = runnable_kernels();
+    let scales: Vec<f32> = vec![
+        1.0,
+        1e-39,
+        2e-38,
+        1e-5,
+        6e4,
+        1e5,
+        3.4e38,
+        1.0 + 2f32.powi(-8),
+        1.0 + 3.0 * 2f32.powi(-8),
+        1.0 + 2f32.powi(-11),
+        1.0 + 3.0 * 2f32.powi(-11),
+        f32::INFINITY,
+        f32::NAN,
+        -f32::NAN,
+        f32::from_bits(0x7FA0_0001),
+        0.0,
+    ];
+    let n = scales.len() as i64 * BLOCK - 3;
+    tch::manual_seed(9);
+    let packed = Tensor::randint(256, [(n + 1) / 2, 1], (Kind::Uint8, Device::Cpu));
+    for kind in [Kind::Float, Kind::BFloat16, Kind::Half] {
+        for format in [QuantFormat::Nf4, QuantFormat::Fp4] {
+            let q = QuantizedWeight {
+                format,
+                shape: [1, n],
+                packed: packed.shallow_clone(),
+                scales: Scales::Plain(Tensor::from_slice(&scales)),
+                compute: kind,
+            };
+            assert_same_bits(&q, &kernels, &format!("special scales {kind:?} {}", format.name()));
+        }
+    }
+}
+
+/// The CPU kernels this machine runs. Where /proc/cpuinfo lists a vector kernel's instructions
+/// the kernel must be among them, so that a failed detection cannot pass the tests on the
+/// scalar kernel alone.
+fn runnable_kernels() -> Vec<Dequantizer> {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags: Vec<&str> =
+        flags.lines().find(|l| l.starts_with("flags")).map_or(vec![], |l| l.split_whitespace().collect());
+    let has = |names: &[&str]| names.iter().all(|f| flags.contains(f));
+    let expected = [
+        (Dequantizer::Avx2, has(&["avx2", "f16c"])),
+        (Dequantizer::Avx512, has(&["avx512f", "avx512bw", "avx512vl"])),
+        (Dequantizer::Avx512Bf16, has(&["avx512f", "avx512bw", "avx512vl", "avx512_bf16"])),
+    ];
+    for (kernel, listed) in expected {
+        assert!(
+            !listed || kernel.supported(),
+            "/proc/cpuinfo lists the instructions of {kernel:?}, not detected"
+        );
+    }
+    let kernels: Vec<Dequantizer> = Dequantizer::CPU_KERNELS.into_iter().filter(|k| k.supported()).collect();
+    eprintln!("CPU dequantization kernels checked here: {kernels:?}");
+    kernels
+}
+
+/// Asserts that every kernel in `kernels`, the default path and libtorch ops give the scalar
+/// kernel's bits (NaN included), in `q`'s compute dtype.
+fn assert_same_bits(q: &QuantizedWeight, kernels: &[Dequantizer], case: &str) {
+    let bits = |t: Tensor| {
+        assert_eq!(t.kind(), q.compute, "{case}: dequantized to {:?}", t.kind());
+        t.view_dtype(if q.compute == Kind::Float { Kind::Int } else { Kind::Int16 })
+    };
+    let want = bits(q.dequantize_with(Dequantizer::Scalar));
+    let finite = q.dequantize_with(Dequantizer::Scalar).isfinite().all().int64_value(&[]) != 0;
+    // libtorch's vectorised casts write NaN otherwise than c10's scalar ones (bf16 0xFFFF, fp16
+    // with part of the payload), so libtorch ops are compared on finite values only.
+    let others = [Dequantizer::Best].into_iter().chain(kernels.iter().copied());
+    for how in others.chain(finite.then_some(Dequantizer::Ops)) {
+        let got = bits(q.dequantize_with(how));
+        let differing = got.ne_tensor(&want).sum(Kind::Int64).int64_value(&[]);
+        assert_eq!(
+            differing, 0,
+            "{case}: {differing} values of {how:?} differ from the scalar kernel's bits"
+        );
     }
 }
 
@@ -516,7 +600,7 @@ fn quantized_linear_matches_dequantize_then_linear() {
             (&y * &upstream).sum(Kind::Float).backward();
             [y.detach(), x.grad(), bias.grad()]
         };
-        let want = run(&|x, b| x.linear(&q.dequantize_with_ops(), Some(b)));
+        let want = run(&|x, b| x.linear(&q.dequantize_with(Dequantizer::Ops), Some(b)));
         let got = run(&|x, b| q.linear(x, Some(b)));
         for (what, (w, g)) in ["output", "input gradient", "bias gradient"].iter().zip(want.iter().zip(&got))
         {
@@ -565,7 +649,7 @@ fn adapter_gradients_through_a_4bit_base_match_dequantized_autograd() {
         let four_bit = [run(&model, false), run(&model, true)];
         for (_, layer) in model.linear_layers_mut() {
             if let FrozenWeight::Quantized(q) = &layer.weight {
-                layer.weight = FrozenWeight::Dense(q.dequantize_with_ops());
+                layer.weight = FrozenWeight::Dense(q.dequantize_with(Dequantizer::Ops));
             }
         }
         for (checkpointing, (loss, grads)) in [false, true].into_iter().zip(four_bit) {

@@ -12,6 +12,7 @@
 use super::{LinearSite, LinearSites, Weights};
 use crate::config::QuantFormat;
 use anyhow::{bail, Context, Result};
+use std::ffi::c_int;
 use tch::{Device, Kind, Tensor};
 
 /// Values per 4-bit block (bitsandbytes' default `blocksize`).
@@ -77,6 +78,34 @@ impl QuantFormat {
     }
 }
 
+/// How a 4-bit weight is dequantized (src/model/quant_kernels.cpp numbers them the same).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dequantizer {
+    /// The fastest CPU kernel this CPU runs, chosen at run time; libtorch ops on other devices.
+    Best = 0,
+    /// libtorch ops on any device.
+    Ops = 1,
+    /// The scalar CPU kernel, the reference of the vector ones.
+    Scalar = 2,
+    /// AVX2 + F16C.
+    Avx2 = 3,
+    /// AVX-512 F/BW/VL, bf16 rounded with integer instructions.
+    Avx512 = 4,
+    /// AVX-512 with AVX512-BF16's conversion.
+    Avx512Bf16 = 5,
+}
+
+impl Dequantizer {
+    /// The CPU kernels, slowest first.
+    pub const CPU_KERNELS: [Dequantizer; 4] =
+        [Dequantizer::Scalar, Dequantizer::Avx2, Dequantizer::Avx512, Dequantizer::Avx512Bf16];
+
+    /// Whether this machine runs it (the CPU's instructions, checked at run time).
+    pub fn supported(self) -> bool {
+        unsafe { ffi::lorafit_quant_kernel_supported(self as c_int) != 0 }
+    }
+}
+
 /// The block scales of a quantized weight.
 pub enum Scales {
     /// fp32, one per block.
@@ -125,15 +154,17 @@ impl QuantizedWeight {
     }
 
     /// The dense weight `[out, in]` in the compute dtype: `code[q] · absmax[block]` in fp32, cast
-    /// once, as bitsandbytes' `dequantize_4bit`. On the CPU a C++ kernel, elsewhere libtorch ops.
+    /// once, as bitsandbytes' `dequantize_4bit`. On the CPU the fastest kernel this CPU runs,
+    /// elsewhere libtorch ops.
     pub fn dequantize(&self) -> Tensor {
-        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, 0) }))
+        self.dequantize_with(Dequantizer::Best)
     }
 
-    /// [`Self::dequantize`] with libtorch ops on every device: what the CPU kernel is checked and
-    /// measured against.
-    pub fn dequantize_with_ops(&self) -> Tensor {
-        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, 1) }))
+    /// [`Self::dequantize`] by a given path, all bit-identical: what the kernels are checked and
+    /// measured against. A CPU kernel needs a CPU weight and a CPU that runs it
+    /// ([`Dequantizer::supported`]); otherwise this panics as tch does on a libtorch error.
+    pub fn dequantize_with(&self, how: Dequantizer) -> Tensor {
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, how as c_int) }))
     }
 
     /// `x Wᵀ (+ bias)`, `x` in the compute dtype, differentiable in `x` and `bias`. The weight is
@@ -566,7 +597,8 @@ mod ffi {
     }
 
     extern "C" {
-        pub fn lorafit_quant_dequantize(q: *const Quant, ops: c_int) -> *mut c_void;
+        pub fn lorafit_quant_dequantize(q: *const Quant, kernel: c_int) -> *mut c_void;
+        pub fn lorafit_quant_kernel_supported(kernel: c_int) -> c_int;
         pub fn lorafit_quant_linear(q: *const Quant, x: *const c_void, bias: *const c_void) -> *mut c_void;
         fn lorafit_quant_last_error() -> *const c_char;
     }
