@@ -135,7 +135,7 @@ enum Command {
         /// The new model directory (must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
-        /// nf4 or fp4.
+        /// nf4 or fp4, in any case.
         #[arg(long, default_value = "nf4")]
         format: String,
         /// Keep the block scales in fp32 instead of quantizing them to 8 bits.
@@ -410,7 +410,7 @@ fn merge(model: Option<&Path>, adapter: &Path, out: &Path, dtype: &str) -> anyho
 
 /// `lorafit quantize`: writes the 4-bit checkpoint and says what it holds.
 fn quantize(model: &Path, out: &Path, format: &str, double_quant: bool) -> anyhow::Result<()> {
-    let format = serde_yaml::from_str::<lorafit::config::QuantFormat>(format)
+    let format = serde_yaml::from_str::<lorafit::config::QuantFormat>(&format.to_ascii_lowercase())
         .map_err(|_| anyhow::anyhow!("--format {format}: expected nf4 or fp4"))?;
     let report = lorafit::export::quantize::quantize_command(model, out, format, double_quant)?;
     println!(

@@ -377,6 +377,38 @@ fn quantize_writes_what_transformers_loads() {
     }
 }
 
+/// `lorafit quantize --format` takes the format in any case (`NF4` as bitsandbytes' docs write
+/// it): the checkpoint says that format and reloads to the logits of the fixture quantized in it.
+#[test]
+fn quantize_format_is_case_insensitive() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = common::fixture("llama3");
+    for (arg, format) in [("NF4", QuantFormat::Nf4), ("Fp4", QuantFormat::Fp4)] {
+        let out = scratch.path().join(arg);
+        let args =
+            ["quantize", "--model", dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--format", arg];
+        let run = common::lorafit(scratch.path(), &args);
+        assert!(
+            run.status.success(),
+            "--format {arg}: quantize failed: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["quantization_config"]["bnb_4bit_quant_type"], format.name(), "--format {arg}");
+        let want = logits(
+            &load_model_quantized(&dir, Kind::Float, Device::Cpu, Some((format, true))).unwrap(),
+            &SMALL_IDS,
+        );
+        let reloaded = logits(&load_model(&out, Kind::Float, Device::Cpu).unwrap(), &SMALL_IDS);
+        assert!(
+            reloaded.equal(&want),
+            "--format {arg}: the checkpoint does not reload to {} logits",
+            format.name()
+        );
+    }
+}
+
 /// `lorafit merge` of the Llama 3 fixture's adapter onto the fixture written in NF4 by `lorafit
 /// quantize`: a dense model (no `quantization_config`, no 4-bit tensors) whose logits are those
 /// of the adapter on the NF4 base as lorafit runs it (checked against transformers +
