@@ -64,7 +64,7 @@ YAML
 echo "qlora-8b: $steps step(s) of $model in NF4, batch 1 × 512, checkpointing" >&2
 /usr/bin/time -f '%M %e' -o "$work/time" "$lorafit" train "$work/run.yaml" > "$work/log" 2>&1 ||
   { echo "qlora-8b: lorafit train failed:" >&2; tail -20 "$work/log" >&2; exit 1; }
-grep -E '^lorafit:|precision|memory|trained' "$work/log" >&2 || true
+grep -E '^lorafit:|precision|loaded in|memory|trained' "$work/log" >&2 || true
 load=$(sed -n 's/.*loaded in \([0-9.]*\) s.*/\1/p' "$work/log")
 train=$(sed -n 's/.*trained [0-9]* steps* in \([0-9.]*\) s.*/\1/p' "$work/log")
 read -r rss_kb wall < "$work/time"

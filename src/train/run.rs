@@ -657,17 +657,17 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
     let (cfg, spec, injected) = (&plan.cfg, &plan.spec, &plan.injected);
     say!(
         console,
-        "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {} weights, loaded in {:.1} s) on {}, {} threads",
+        "lorafit: {} ({:?}, {} layers, {:.2}M parameters, {} weights) on {}, {} threads",
         cfg.model.path.display(),
         spec.family,
         spec.num_layers,
         spec.parameter_count() as f64 / 1e6,
         kind_name(weight_kind(cfg.model.dtype, cfg.train.precision)),
-        plan.load_secs,
         device_name(plan.device),
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
+    say!(console, "  base model loaded in {:.1} s", plan.load_secs);
     let row_tokens = longest_row(plan.layout, &plan.lengths);
     let packed = matches!(plan.layout, RowLayout::Packed(_));
     let attention =
