@@ -2,7 +2,7 @@
 # Side-by-side training speed and memory of lorafit and transformers + PEFT on the same machine,
 # model, data, LoRA (r 16, alpha 32, q/k/v/o/gate/up/down, no dropout) and AdamW:
 #
-#   scripts/bench.sh [tiny|small|medium|real|all|scale|dist|qlora|objectives] [--steps N] [--warmup N]
+#   scripts/bench.sh [tiny|small|medium|real|all|scale|dist|qlora|qlora-8b|objectives] [--steps N] [--warmup N]
 #                    [--rounds N] [--threads N] [--dist-on tiny|small|medium]
 #                    [--qlora-on small|medium|both]
 #
@@ -42,6 +42,10 @@
 #           without activation checkpointing (fp32 compute and `peft:qlora-fp32` where the CPU has
 #           no native bf16). The table adds NF4 step time / bf16 step time, NF4 peak RSS / bf16
 #           peak RSS and NF4 tokens/s / PEFT + bitsandbytes', beside the targets.
+#   qlora-8b  lorafit alone: a Llama-3-8B-shaped model (random bf16 weights, 16 GB, built on first
+#           use) quantized to NF4 as it is read, one step of `lorafit train` at batch 1 × 512 with
+#           activation checkpointing under /usr/bin/time: load and step time, peak RSS against
+#           the 7.5 GB target (scripts/bench/qlora_8b.sh; --steps sets the steps).
 #   objectives  lorafit alone: each training objective (sft, distill, dpo, ipo, orpo, kto) as
 #           `lorafit train` runs it on the default model, seconds per step and peak RSS against
 #           SFT's (scripts/bench/objectives.sh; --steps sets the steps of each run).
@@ -64,21 +68,22 @@ assets=${LORAFIT_ASSETS:-$repo/../shared/assets}
 which=all steps="" warmup="" rounds=1 threads=$(nproc) dist_on=small qlora_on=both
 while [ $# -gt 0 ]; do
   case "$1" in
-    tiny|small|medium|real|all|scale|dist|qlora|objectives) which=$1 ;;
+    tiny|small|medium|real|all|scale|dist|qlora|qlora-8b|objectives) which=$1 ;;
     --steps) steps=${2:?--steps needs a number}; shift ;;
     --warmup) warmup=${2:?--warmup needs a number}; shift ;;
     --rounds) rounds=${2:?--rounds needs a number}; shift ;;
     --threads) threads=${2:?--threads needs a number}; shift ;;
     --dist-on) dist_on=${2:?--dist-on needs tiny, small or medium}; shift ;;
     --qlora-on) qlora_on=${2:?--qlora-on needs small, medium or both}; shift ;;
-    -h|--help) sed -n '2,56p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,60p' "$0"; exit 0 ;;
     *) echo "bench: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
-if [ "$which" = objectives ]; then
-  exec scripts/bench/objectives.sh ${steps:+--steps "$steps"}
-fi
+case "$which" in
+  objectives) exec scripts/bench/objectives.sh ${steps:+--steps "$steps"} ;;
+  qlora-8b) exec scripts/bench/qlora_8b.sh ${steps:+--steps "$steps"} ;;
+esac
 case "$dist_on" in tiny|small|medium) ;; *) echo "bench: --dist-on $dist_on: expected tiny, small or medium" >&2; exit 2 ;; esac
 case "$qlora_on" in
   small|medium) qlora_sizes=("$qlora_on") ;;

@@ -197,17 +197,8 @@ fn nf4_logits_equal_transformers_bitsandbytes() {
         return;
     };
     let scratch = tempfile::tempdir().unwrap();
-    let models = [
-        ("stories", common::stories260k(&assets), &STORY_IDS[..]),
-        ("llama3", common::fixture("llama3"), &SMALL_IDS[..]),
-    ];
-    for (label, dir, ids) in models {
-        let out = scratch.path().join(format!("{label}.json"));
-        let ids_json = serde_json::to_string(ids).unwrap();
-        let theirs = logits_of(bnb_check(
-            &python,
-            &["logits", dir.to_str().unwrap(), &ids_json, "float32", out.to_str().unwrap()],
-        ));
+    for (label, dir, ids) in logits_models(&assets) {
+        let theirs = bnb_logits(&python, scratch.path(), &dir, ids, "float32");
         let nf4 = Some((QuantFormat::Nf4, true));
         let ours = logits(&load_model_quantized(&dir, Kind::Float, Device::Cpu, nf4).unwrap(), ids);
         let unquantized = logits(&load_model(&dir, Kind::Float, Device::Cpu).unwrap(), ids);
@@ -221,23 +212,56 @@ fn nf4_logits_equal_transformers_bitsandbytes() {
     }
 }
 
+/// The same models loaded with `model.quantize: nf4` and bf16 compute (bf16 weights dequantized
+/// to bf16, as `train.precision: bf16-mixed` loads them) against transformers + bitsandbytes with
+/// `bnb_4bit_compute_dtype=torch.bfloat16`: both measured from bitsandbytes' fp32-compute logits,
+/// lorafit's error stays within bitsandbytes' own bf16 rounding, the family tests' bf16 tolerance.
+#[test]
+fn nf4_bf16_logits_within_transformers_bitsandbytes_bf16_rounding() {
+    let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
+        return;
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    for (label, dir, ids) in logits_models(&assets) {
+        let exact = bnb_logits(&python, scratch.path(), &dir, ids, "float32");
+        let theirs = bnb_logits(&python, scratch.path(), &dir, ids, "bfloat16");
+        let nf4 = Some((QuantFormat::Nf4, true));
+        let ours = logits(&load_model_quantized(&dir, Kind::BFloat16, Device::Cpu, nf4).unwrap(), ids);
+        common::assert_within_bf16_rounding(&format!("{label} nf4"), &ours, &theirs, &exact);
+    }
+}
+
 /// `lorafit train` with `model.quantize: nf4` on stories260K writes a plain PEFT adapter: PEFT
 /// loads it onto the transformers + bitsandbytes NF4 base with the logits lorafit computes on
 /// its own NF4 base, and onto the unquantized base with lorafit's logits there (before and after
 /// `merge_and_unload()`).
 #[test]
 fn qlora_adapter_loads_in_peft_on_both_bases() {
+    qlora_adapter_loads_in_peft(QuantFormat::Nf4);
+}
+
+/// The same with `model.quantize: fp4`: the adapter trained on lorafit's FP4 base loads in PEFT
+/// onto transformers + bitsandbytes' FP4 base (`bnb_4bit_quant_type="fp4"`) with lorafit's logits.
+#[test]
+fn fp4_qlora_adapter_loads_in_peft_on_both_bases() {
+    qlora_adapter_loads_in_peft(QuantFormat::Fp4);
+}
+
+/// Trains an adapter on stories260K with its base quantized to `format` (double-quantized
+/// scales), and checks it in PEFT on transformers + bitsandbytes' base of that format and on the
+/// unquantized base.
+fn qlora_adapter_loads_in_peft(format: QuantFormat) {
     let (Some(assets), Some(python)) = (common::assets(), common::python()) else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
     let base = common::stories260k(&assets);
-    let adapter = common::train_stories_adapter(tmp.path(), &base, "quantize: nf4", "dropout: 0.0", "qlora");
+    let quantize = format!("quantize: {}", format.name());
+    let adapter = common::train_stories_adapter(tmp.path(), &base, &quantize, "dropout: 0.0", "qlora");
     let ids: Vec<i64> = vec![1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315];
     let input = Tensor::from_slice(&ids).view([1, -1]);
 
-    let nf4 = Some((QuantFormat::Nf4, true));
-    let mut model = load_model_quantized(&base, Kind::Float, Device::Cpu, nf4).unwrap();
+    let mut model = load_model_quantized(&base, Kind::Float, Device::Cpu, Some((format, true))).unwrap();
     let base_logits = tch::no_grad(|| model.forward(&input, false));
     peft::load(&adapter, &mut model, Device::Cpu).unwrap();
     let ours = tch::no_grad(|| model.forward(&input, false)).squeeze_dim(0);
@@ -252,19 +276,28 @@ fn qlora_adapter_loads_in_peft_on_both_bases() {
             base.to_str().unwrap(),
             adapter.to_str().unwrap(),
             &serde_json::to_string(&ids).unwrap(),
+            format.name(),
             report_path.to_str().unwrap(),
         ],
     );
     assert_eq!(report["tensors_loaded"], 2 * 5 * 7, "PEFT did not load every adapter tensor as saved");
     let theirs: Vec<Vec<f64>> = serde_json::from_value(report["logits"].clone()).unwrap();
     let diff = (&ours - Tensor::from_slice2(&theirs).to_kind(Kind::Float)).abs().max().double_value(&[]);
-    eprintln!("QLoRA logits vs PEFT on the bitsandbytes NF4 base: {diff:e} (adapter effect {effect})");
-    assert!(diff <= 1e-4, "QLoRA logits differ from PEFT + bitsandbytes by {diff}");
+    let name = format.name();
+    eprintln!("QLoRA logits vs PEFT on the bitsandbytes {name} base: {diff:e} (adapter effect {effect})");
+    assert!(diff <= 1e-4, "{name} QLoRA logits differ from PEFT + bitsandbytes by {diff}");
 
     let mut dense = load_model(&base, Kind::Float, Device::Cpu).unwrap();
     peft::load(&adapter, &mut dense, Device::Cpu).unwrap();
     let logits = tch::no_grad(|| dense.forward(&input, false));
-    let job = PeftJob { name: "qlora-on-dense".into(), base, adapter, input_ids: input, logits, tol: 1e-4 };
+    let job = PeftJob {
+        name: format!("{name}-qlora-on-dense"),
+        base,
+        adapter,
+        input_ids: input,
+        logits,
+        tol: 1e-4,
+    };
     assert_eq!(peft_check(&python, tmp.path(), &[job])[0]["tensors_checked"], 2 * 5 * 7);
 }
 
@@ -283,6 +316,21 @@ fn logits(model: &lorafit::model::Decoder, ids: &[i64]) -> Tensor {
 fn logits_of(report: Value) -> Tensor {
     let rows: Vec<Vec<f64>> = serde_json::from_value(report).unwrap();
     Tensor::from_slice2(&rows).to_kind(Kind::Float)
+}
+
+/// The models of the logits checks, with their ids: stories260K and the Llama 3 fixture (GQA,
+/// llama3 rope, untied lm_head, 32-wide rows).
+fn logits_models(assets: &Path) -> [(&'static str, std::path::PathBuf, &'static [i64]); 2] {
+    [("stories", common::stories260k(assets), &STORY_IDS), ("llama3", common::fixture("llama3"), &SMALL_IDS)]
+}
+
+/// The fp32 logits `[seq, vocab]` of transformers + bitsandbytes on `ids`, with `dir`'s model
+/// quantized to NF4 (double-quantized scales) at load and computing in `compute` (a torch dtype
+/// name), written under `scratch`.
+fn bnb_logits(python: &Path, scratch: &Path, dir: &Path, ids: &[i64], compute: &str) -> Tensor {
+    let out = scratch.join("logits.json");
+    let ids = serde_json::to_string(ids).unwrap();
+    logits_of(bnb_check(python, &["logits", dir.to_str().unwrap(), &ids, compute, out.to_str().unwrap()]))
 }
 
 /// A checkpoint written by transformers' 4-bit save (NF4 with double-quantized scales, and FP4

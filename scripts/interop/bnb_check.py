@@ -18,8 +18,9 @@ usage: bnb_check.py logits MODEL_DIR IDS_JSON COMPUTE OUT.json
     Loads MODEL_DIR with transformers + bitsandbytes (4-bit NF4, double quantization, compute
     dtype COMPUTE: float32 or bfloat16) on CPU and writes the fp32 logits of the token ids.
 
-usage: bnb_check.py peft MODEL_DIR ADAPTER_DIR IDS_JSON OUT.json
-    The same NF4 model (fp32 compute) with the PEFT LoRA adapter ADAPTER_DIR loaded on it: writes
+usage: bnb_check.py peft MODEL_DIR ADAPTER_DIR IDS_JSON QUANT_TYPE OUT.json
+    The model in 4 bits (QUANT_TYPE nf4 or fp4, double quantization, fp32 compute) with the PEFT
+    LoRA adapter ADAPTER_DIR loaded on it: writes
     {"logits": ..., "tensors_loaded": N}, N the adapter tensors PEFT holds bit for bit as in the
     file (the adapter needs lora dropout 0: the model runs in train mode, see `logits`).
 
@@ -142,10 +143,10 @@ def logits(model_dir, ids_json, compute, out_path):
         json.dump(run_logits(model, ids_json), f)
 
 
-def peft_logits(model_dir, adapter_dir, ids_json, out_path):
+def peft_logits(model_dir, adapter_dir, ids_json, quant_type, out_path):
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_nf4(model_dir, torch.float32), adapter_dir)
+    model = PeftModel.from_pretrained(load_nf4(model_dir, torch.float32, quant_type), adapter_dir)
     params = dict(model.named_parameters())
     loaded = 0
     for key, value in load_file(f"{adapter_dir}/adapter_model.safetensors").items():
@@ -181,6 +182,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "load":
         load_saved(*sys.argv[2:5])
     elif sys.argv[1] == "peft":
-        peft_logits(*sys.argv[2:6])
+        peft_logits(*sys.argv[2:7])
     else:
         logits(*sys.argv[2:6])

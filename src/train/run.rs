@@ -171,6 +171,8 @@ pub(super) struct RunPlan {
     pub data: RunData,
     /// Seconds spent preparing (or reading from the cache) the data.
     prep_secs: f64,
+    /// Seconds spent loading (with `model.quantize`, quantizing) the base model and its adapter.
+    load_secs: f64,
     pub model: Decoder,
     pub lora_cfg: LoraConfig,
     pub injected: AttachedAdapters,
@@ -408,7 +410,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     toggled.train.gradient_checkpointing = !cfg.train.gradient_checkpointing;
     let memory_alternative = MemoryEstimate::of(&toggled, &spec, &lora_cfg, row_tokens)?;
     let memory_warning = memory.check_host(device)?;
-    let (model, injected) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
+    let (model, injected, load_secs) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
     let val_batches = (data.validation.as_ref())
         .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, layout))
@@ -432,6 +434,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
         spec,
         data,
         prep_secs,
+        load_secs,
         model,
         lora_cfg,
         injected,
@@ -498,18 +501,20 @@ fn lora_config(cfg: &Config) -> Result<LoraConfig> {
     })
 }
 
-/// The frozen model with the adapter `lora_cfg` injected: fresh, or starting from `lora.init_from`.
+/// The frozen model with the adapter `lora_cfg` injected: fresh, or starting from `lora.init_from`;
+/// and the seconds that took.
 fn load_model_with_adapter(
     cfg: &Config,
     lora_cfg: &LoraConfig,
     device: Device,
-) -> Result<(Decoder, AttachedAdapters)> {
+) -> Result<(Decoder, AttachedAdapters, f64)> {
+    let started = Instant::now();
     let mut model = load_model_for(cfg, device)?;
     let injected = lora::inject(&mut model, lora_cfg, device)?;
     if let Some(dir) = &cfg.lora.init_from {
         peft::copy_weights(dir, &injected)?;
     }
-    Ok((model, injected))
+    Ok((model, injected, started.elapsed().as_secs_f64()))
 }
 
 /// How the run lays examples into rows.
@@ -662,6 +667,7 @@ fn describe(plan: &RunPlan, run_dir: Option<&Path>, console: Console) {
         plan.threads
     );
     say!(console, "  precision {}", plan.precision.describe());
+    say!(console, "  base model loaded in {:.1} s", plan.load_secs);
     let row_tokens = longest_row(plan.layout, &plan.lengths);
     let packed = matches!(plan.layout, RowLayout::Packed(_));
     let attention =
