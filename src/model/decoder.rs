@@ -223,9 +223,9 @@ impl Norm {
                 let dim = self.weight.size()[0];
                 x32.layer_norm([dim], Some(&self.weight), self.bias.as_ref(), self.eps, false)
             }
+            // libtorch's fused kernel: one pass instead of five over the activations.
             NormKind::Rms | NormKind::RmsPlusOne => {
-                let variance = x32.square().mean_dim(-1, true, Kind::Float);
-                x32 * (variance + self.eps).rsqrt() * &self.weight
+                x32.rms_norm([self.weight.size()[0]], Some(&self.weight), self.eps)
             }
         };
         out.to_kind(x.kind())
