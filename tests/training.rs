@@ -7,6 +7,7 @@ use lorafit::data::format::{prepare, Example};
 use lorafit::data::{Batch, TextTokenizer};
 use lorafit::lora;
 use lorafit::model::load_model;
+use lorafit::model::quantized::FrozenWeight;
 use lorafit::model::{Decoder, ModelSpec};
 use lorafit::train::{Backward, Trainer};
 use std::path::Path;
@@ -130,4 +131,55 @@ fn grad_accumulation_equals_one_large_batch() {
     let (wrong_grads, _) = step_grads(&[&[0], &[1], &[2], &[3]], true, &dir, &data);
     let wrong_diff = max_diff(&big_grads, &wrong_grads);
     assert!(wrong_diff > 1e-3 * scale, "a mean of micro-batch means should differ, got {wrong_diff}");
+}
+
+/// Projections that read the same input (q/k/v, gate/up) run as one GEMM over their joined
+/// weights: the loss and every adapter gradient equal those of the layers multiplied one by one
+/// (to fp32 rounding), for a family with q/k/v biases (Qwen 2), one without (Llama 3) and one with
+/// grouped keys and values of another width (SmolLM2).
+#[test]
+fn joined_projections_match_separate_ones() {
+    let _turn = common::global_rng_turn();
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 + 5) % 250).collect();
+    let example = Example { input_ids: ids.clone(), labels: ids, desirable: None };
+    let batch = Batch::collate(&[&example, &example], 0, Device::Cpu);
+    for family in ["qwen2", "llama3", "smollm2"] {
+        tch::manual_seed(3);
+        let mut model = load_model(&common::fixture(family), Kind::Float, Device::Cpu).unwrap();
+        let cfg = lorafit::config::LoraConfig {
+            target_modules: TargetModules::AllLinear,
+            dropout: 0.0,
+            ..Default::default()
+        };
+        let injected = lora::inject(&mut model, &cfg, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for p in params(&injected) {
+                p.shallow_clone().copy_(&(p.randn_like() * 0.05));
+            }
+        });
+        let run = |model: &Decoder| {
+            let backward = Backward { scale: 1.0, checkpointing: false };
+            let loss = lorafit::train::token_loss(model, &batch, Some(backward)).double_value(&[]);
+            let grads: Vec<Tensor> = params(&injected).iter().map(|p| p.grad().copy()).collect();
+            for p in params(&injected) {
+                let _ = p.grad().zero_();
+            }
+            (loss, grads)
+        };
+        assert_eq!(model.joined_projections(), 2 * model.num_blocks(), "{family}: not joined at load");
+        let (loss, grads) = run(&model);
+        // A weight replaced after loading leaves its group: every layer then multiplies alone.
+        for (_, layer) in model.linear_layers_mut() {
+            layer.weight = FrozenWeight::Dense(layer.weight.dense().copy());
+        }
+        assert_eq!(model.joined_projections(), 0, "{family}: replaced weights still counted as joined");
+        let (want_loss, want) = run(&model);
+        assert!((loss - want_loss).abs() <= 1e-6 * want_loss.abs(), "{family}: loss {loss} vs {want_loss}");
+        for ((g, w), t) in grads.iter().zip(&want).zip(&injected.trainables) {
+            let scale = w.abs().max().double_value(&[]);
+            assert!(scale > 0.0, "{family}: {} has no gradient", t.peft_key);
+            let diff = (g - w).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * scale, "{family}: {} differs by {diff:e} (scale {scale:e})", t.peft_key);
+        }
+    }
 }

@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod decoder;
+mod kernels;
 pub mod load;
 pub mod names;
 pub mod quantized;
