@@ -88,7 +88,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
 
 /// The examples' counts and a digest of their token ids and labels: equal exactly when the run
 /// trains (and evaluates) on the same tokens, wherever the files now are.
-fn data_identity(data: &RunData) -> String {
+pub(super) fn data_identity(data: &RunData) -> String {
     let mut key = CacheKey::default();
     let mut counts = Vec::new();
     for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {
