@@ -77,6 +77,14 @@ pub fn teacher_fingerprint(dir: &Path) -> Result<String> {
     Ok(key.hex()[..16].to_string())
 }
 
+/// A digest of a cache's metadata, which names its teacher, k, temperature and examples: what a
+/// resumed run compares.
+pub fn cache_identity(dir: &Path) -> Result<String> {
+    let mut key = CacheKey::default();
+    key.add_bytes(&serde_json::to_vec(&read_meta(dir)?)?);
+    Ok(key.hex()[..16].to_string())
+}
+
 /// One split's cached targets, on the run's device.
 struct CachedSplit {
     /// Example i's targets are rows `offsets[i]..offsets[i + 1]`.
