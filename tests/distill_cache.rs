@@ -12,6 +12,7 @@ use lorafit::lora;
 use lorafit::model::{load_model, ModelSpec};
 use lorafit::train::activations::Activations;
 use lorafit::train::distill::{load_teacher, DistillLoss, Distiller, Teacher};
+use lorafit::train::memory::MemoryEstimate;
 use lorafit::train::optim::zero_grads;
 use lorafit::train::run::load_run_data;
 use lorafit::train::Backward;
@@ -250,4 +251,51 @@ fn a_cache_made_for_other_settings_is_refused_naming_the_setting() {
     // Without its metadata (a folder not written by distill-cache) it is no cache.
     std::fs::remove_file(dir.join("cache/meta.json")).unwrap();
     refused(&[], &["is not a teacher cache"]);
+}
+
+#[test]
+fn a_resume_with_other_distillation_settings_or_another_cache_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let extra = "train: {objective: distill, max_steps: 2, save_every: 2, micro_batch_size: 2, precision: fp32, threads: 2}\n";
+    write_config(dir, "");
+    let yaml = std::fs::read_to_string(dir.join("run.yaml")).unwrap();
+    let yaml: String = yaml.lines().filter(|l| !l.starts_with("train:")).map(|l| format!("{l}\n")).collect();
+    common::write(&dir.join("run.yaml"), &(yaml + extra));
+    distill_cache(dir, &["--top-k", "8"]);
+    let out = common::lorafit(dir, &["train", "run.yaml", "--log-format", "quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let resume = |sets: &[&str], wanted: &str| {
+        let mut args = vec!["train", "run.yaml", "--resume", "--set", "train.max_steps=3"];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let out = common::lorafit(dir, &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "resuming with {sets:?} was accepted: {stderr}");
+        assert!(stderr.contains("cannot resume") && stderr.contains(wanted), "{sets:?}: {stderr}");
+    };
+    for (set, key) in [("distill.alpha=0.9", "distill.alpha"), ("distill.loss=jsd", "distill.loss")] {
+        resume(&[set], key);
+    }
+    // The same folder written again with another k: the same config, other targets.
+    distill_cache(dir, &["--top-k", "4"]);
+    resume(&[], "distill.cache files");
+}
+
+#[test]
+fn the_memory_estimate_holds_the_teacher_unless_it_is_cached() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = write_config(tmp.path(), "");
+    let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
+    let teacher = ModelSpec::from_dir(cfg.distill.teacher.as_ref().unwrap()).unwrap();
+    let cached = MemoryEstimate::of(&cfg, &spec, &cfg.lora, 64).unwrap();
+    let mut online_cfg = cfg.clone();
+    online_cfg.distill.cache = None;
+    let online = MemoryEstimate::of(&online_cfg, &spec, &cfg.lora, 64).unwrap();
+    // fp32 weights: 4 bytes a parameter.
+    assert_eq!(online.teacher, 4 * teacher.parameter_count() as u64);
+    assert_eq!(cached.teacher, 0);
+    assert_eq!(online.total() - cached.total(), online.teacher);
+    assert!(online.describe().contains(", teacher "), "{}", online.describe());
 }
