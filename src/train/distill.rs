@@ -12,6 +12,9 @@
 //! The teacher is a second model without adapters, frozen in the student's weight dtype; it
 //! runs without gradients on the same batch, and its logits are computed chunk by chunk beside
 //! the student's, so neither model's full-vocabulary logits of the batch ever exist.
+//! With `distill.cache` the teacher's top-k log-probabilities come from disk instead
+//! ([`super::distill_cache`]) and D is that of the distributions coarsened to the top k and the
+//! rest ([`DistillLoss::top_k_divergence`]).
 
 use super::activations::Activations;
 use super::distill_cache::TeacherCache;
