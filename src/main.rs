@@ -9,6 +9,7 @@ use lorafit::init::{init_command, InitOptions};
 use lorafit::inspect::inspect;
 use lorafit::torch_errors;
 use lorafit::train::data_commands::{self, Split};
+use lorafit::train::distill_cache::{distill_cache_command, DEFAULT_TOP_K};
 use lorafit::train::eval::{eval_command, eval_report, EvalOptions};
 use lorafit::train::interrupt::{stop_on_signal, Interrupted};
 use lorafit::train::memory::MEMORY_SETTINGS;
@@ -105,6 +106,23 @@ enum Command {
         /// Override one config key, as for `train`.
         #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
         overrides: Vec<String>,
+    },
+    /// Run a config's distillation teacher once over its training and validation examples and
+    /// write its top-k log-probabilities at every trained token to a folder, which training then
+    /// reads (`distill.cache: DIR`) instead of holding the teacher in memory.
+    DistillCache {
+        /// The run's YAML config file (its `distill.teacher`, temperature and data).
+        config: PathBuf,
+        /// Override one config key, as for `train`.
+        #[arg(long = "set", value_name = "KEY.PATH=VALUE")]
+        overrides: Vec<String>,
+        /// How many of the teacher's most likely tokens to keep per position (at most the
+        /// vocabulary; the rest of the mass is kept as one number).
+        #[arg(long, value_name = "K", default_value_t = DEFAULT_TOP_K)]
+        top_k: usize,
+        /// The cache folder to write (replaced whole once complete); default: `distill.cache`.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
     /// Look at the training data as the model will see it.
     #[command(subcommand)]
@@ -359,6 +377,19 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Eval { config, model, data, adapter, overrides } => {
             eval_command(&EvalOptions { config, model, data, adapter, overrides })
                 .map(|v| print!("{}", eval_report(&v)))
+        }
+        Command::DistillCache { config, overrides, top_k, out } => {
+            let report = distill_cache_command(&config, &overrides, top_k, out.as_deref(), true)?;
+            let (train, validation) = report.targets;
+            println!(
+                "teacher cache {}: top {} at {train} training and {validation} validation tokens, {:.1} MB, \
+                 in {:.1} s",
+                report.dir.display(),
+                report.top_k,
+                report.bytes as f64 / 1e6,
+                report.seconds
+            );
+            Ok(())
         }
         Command::Generate(args) => generate_command(&args.into(), &mut std::io::stdout()),
         Command::Export { adapter, format, model, out, dtype, force } => dtype

@@ -88,7 +88,7 @@ fn distillation_losses_and_gradients_equal_a_pytorch_reference() {
     peft::save(&adapter_dir, &cfg.lora, &adapters, &model_dir.display().to_string()).unwrap();
     let params: Vec<Tensor> = adapters.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
 
-    let mut distiller = Distiller::load(&cfg, &spec, &data.tokenizer, Device::Cpu).unwrap();
+    let mut distiller = Distiller::load(&cfg, &spec, &data, Device::Cpu).unwrap();
     let mean = 1.0 / batch.label_tokens as f64;
     let mut jobs = Vec::new();
     for (name, divergence) in [

@@ -584,9 +584,14 @@ impl fmt::Display for Objective {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DistillConfig {
-    /// The teacher's model directory, a path as `model.path` takes one; required by the objective.
+    /// The teacher's model directory, a path as `model.path` takes one; required by the objective
+    /// unless `cache` gives the teacher's distributions.
     #[serde(serialize_with = "serialize_opt_path")]
     pub teacher: Option<PathBuf>,
+    /// A folder `lorafit distill-cache` wrote: the teacher's top-k log-probabilities, read instead
+    /// of loading the teacher.
+    #[serde(serialize_with = "serialize_opt_path")]
+    pub cache: Option<PathBuf>,
     /// The temperature T both distributions are softened by.
     pub temperature: f64,
     /// The weight of the hard-label cross-entropy.
@@ -600,6 +605,7 @@ impl Default for DistillConfig {
     fn default() -> Self {
         DistillConfig {
             teacher: None,
+            cache: None,
             temperature: 1.0,
             alpha: 0.5,
             loss: Divergence::default(),

@@ -285,21 +285,25 @@ fn check_objective(train: &TrainConfig, data: &DataConfig, found: &mut Found) {
 /// The `distill` section: a teacher exactly when the objective distills, and its numbers in range.
 fn check_distill(objective: Objective, distill: &DistillConfig, found: &mut Found) {
     let distilling = objective == Objective::Distill;
-    match &distill.teacher {
-        None if distilling => found.add(Err(Invalid::new(
+    match (&distill.teacher, &distill.cache) {
+        (None, None) if distilling => found.add(Err(Invalid::new(
             "distill.teacher",
             "train.objective distill needs `distill.teacher`: the model directory of the teacher, \
-             e.g. `distill: {teacher: models/teacher}`"
+             e.g. `distill: {teacher: models/teacher}` (or `distill.cache`, a folder `lorafit \
+             distill-cache` wrote)"
                 .to_string(),
         ))),
-        Some(teacher) if !distilling => found.add(Err(Invalid::new(
-            "distill.teacher",
-            format!(
-                "`distill.teacher` ({}) is only used by train.objective distill, not {objective}; \
-                 set train.objective: distill or remove the teacher",
-                teacher.display()
-            ),
-        ))),
+        (Some(path), _) | (None, Some(path)) if !distilling => {
+            let key = if distill.teacher.is_some() { "distill.teacher" } else { "distill.cache" };
+            found.add(Err(Invalid::new(
+                key,
+                format!(
+                    "`{key}` ({}) is only used by train.objective distill, not {objective}; \
+                     set train.objective: distill or remove it",
+                    path.display()
+                ),
+            )))
+        }
         _ => {}
     }
     if !distilling {

@@ -41,6 +41,17 @@ pub struct Batch {
     /// Each row's reference log-probability (`[rows]`) when computed ahead (preference
     /// objectives with `train.precompute_ref`); `None`: computed with the batch.
     pub reference_logps: Option<Tensor>,
+    /// A teacher's cached distribution at each target, in `target_ids`' order (distillation from
+    /// a cache); `None`: the teacher runs with the batch.
+    pub soft_targets: Option<SoftTargets>,
+}
+
+/// A teacher's top-k at each of a batch's targets: `ids` (int64 `[targets, k]`) and `logprobs`
+/// (fp32 `[targets, k + 1]`): the log-probabilities of those tokens, then the log of the mass of
+/// all the others.
+pub struct SoftTargets {
+    pub ids: Tensor,
+    pub logprobs: Tensor,
 }
 
 impl Batch {
@@ -117,6 +128,7 @@ impl Batch {
             prompt_lengths,
             desirable: rows.iter().map(|row| row.first().and_then(|e| e.desirable) == Some(true)).collect(),
             reference_logps: None,
+            soft_targets: None,
         }
     }
 

@@ -1,11 +1,12 @@
 //! `lorafit eval`: the validation loss of a model with an adapter, computed exactly as a run
-//! logs it (for a preference objective, the pair loss and TRL's `eval_rewards/*` metrics).
+//! logs it (for a preference objective, the pair loss and TRL's `eval_rewards/*` metrics; for
+//! distillation, its loss with `eval_kl` and `eval_ce`).
 
 use super::distill::{Distiller, EVAL_DISTILL_METRICS};
 use super::preference::PreferenceLoss;
 use super::run::{load_run_data, row_layout};
 use super::{evaluate_sums, precision};
-use crate::config::Config;
+use crate::config::{Config, Objective};
 use crate::data::format::{resolve_format, Prepared};
 use crate::data::{Batch, RowLayout};
 use crate::lora::peft;
@@ -175,6 +176,17 @@ pub fn eval_report(v: &Validation) -> String {
         return format!("eval loss {loss:.6} {} over {} {}\n{json}\n", v.summary(), v.units, v.unit_name);
     }
     let tokens = v.units as i64;
+    if !v.metrics.is_empty() {
+        // Distillation: its loss is no token NLL, so no perplexity; its KL and CE beside it.
+        let mut json = serde_json::json!({"eval_loss": loss, "label_tokens": tokens});
+        let mut line = format!("eval loss {loss:.6}");
+        for (name, value) in &v.metrics {
+            let name = name.replacen("eval/", "eval_", 1);
+            line.push_str(&format!(" {} {value:.6}", &name["eval_".len()..]));
+            json[name] = (*value).into();
+        }
+        return format!("{line} over {tokens} tokens\n{json}\n");
+    }
     let json = serde_json::json!({"eval_loss": loss, "eval_perplexity": loss.exp(), "label_tokens": tokens});
     format!("eval loss {loss:.6} perplexity {:.4} over {tokens} tokens\n{json}\n", loss.exp())
 }
@@ -197,10 +209,20 @@ pub fn eval(cfg: &Config, adapter: Option<&Path>) -> Result<Validation> {
     if let Some(dir) = adapter {
         peft::load(dir, &mut model, device)?;
     }
-    let batches =
+    let mut batches =
         eval_batches(validation, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, row_layout(cfg));
     let preference = cfg.train.objective.is_preference().then(|| PreferenceLoss::of(&cfg.train));
-    let loss = preference.as_ref().map_or(EvalLoss::Tokens, EvalLoss::Preference);
+    let distiller = (cfg.train.objective == Objective::Distill)
+        .then(|| Distiller::load(cfg, &spec, &data, device))
+        .transpose()?;
+    if let Some(cache) = distiller.as_ref().and_then(Distiller::cache) {
+        cache.attach_validation(&mut batches);
+    }
+    let loss = match (&preference, &distiller) {
+        (Some(p), _) => EvalLoss::Preference(p),
+        (None, Some(d)) => EvalLoss::Distill(d),
+        (None, None) => EvalLoss::Tokens,
+    };
     let sums = validation_sums(&model, &batches, loss, &ProgressBar::hidden());
     Ok(Validation::from_sums(&sums, loss))
 }

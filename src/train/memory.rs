@@ -2,7 +2,7 @@
 //! anything is allocated, against how much the process can get: a run that cannot fit is refused
 //! up front, naming the settings that size it, instead of failing in its first step.
 
-use crate::config::{Config, LoraConfig};
+use crate::config::{Config, LoraConfig, Objective};
 use crate::lora::select_targets;
 use crate::model::load::{activation_kind, weight_kind};
 use crate::model::quantized::model_bytes;
@@ -24,6 +24,9 @@ pub struct MemoryEstimate {
     /// The frozen base weights at the dtype they are held in (the linear layers in 4 bits with
     /// `model.quantize`).
     pub weights: u64,
+    /// A distillation teacher's weights, at the student's weight dtype (none with
+    /// `distill.cache`: the teacher is not loaded).
+    pub teacher: u64,
     /// Adapter parameters (fp32) and their gradients.
     pub adapters: u64,
     /// AdamW's two fp32 moments per adapter parameter.
@@ -69,7 +72,14 @@ impl MemoryEstimate {
         };
         let logits = (super::LOGITS_PER_CHUNK as u64) * 4 * 3; // logits, softmax, their gradient
         let count = spec.parameter_count() as u64;
+        let teacher = match (&cfg.distill.teacher, &cfg.distill.cache, cfg.train.objective) {
+            (Some(dir), None, Objective::Distill) => {
+                ModelSpec::from_dir(dir)?.parameter_count() as u64 * bytes(weight_kind)
+            }
+            _ => 0,
+        };
         Ok(MemoryEstimate {
+            teacher,
             weights: match cfg.model.quantize {
                 Some(_) => model_bytes(count, weight_kind, &sites, cfg.model.double_quant),
                 None => count * bytes(weight_kind),
@@ -82,15 +92,19 @@ impl MemoryEstimate {
 
     /// Everything, with libtorch's own share.
     pub fn total(&self) -> u64 {
-        self.weights + self.adapters + self.optimizer + self.activations + RUNTIME_BYTES
+        self.weights + self.teacher + self.adapters + self.optimizer + self.activations + RUNTIME_BYTES
     }
 
     /// One line for the run's opening lines.
     pub fn describe(&self) -> String {
         format!(
-            "memory estimate {}: weights {}, adapters and gradients {}, AdamW {}, activations {}",
+            "memory estimate {}: weights {}{}, adapters and gradients {}, AdamW {}, activations {}",
             gb(self.total()),
             gb(self.weights),
+            match self.teacher {
+                0 => String::new(),
+                teacher => format!(", teacher {}", gb(teacher)),
+            },
             gb(self.adapters),
             gb(self.optimizer),
             gb(self.activations)
@@ -123,6 +137,7 @@ impl MemoryEstimate {
         let total = self.total();
         let parts = [
             (self.weights, "the base weights (set model.dtype: bf16, or use a smaller model)"),
+            (self.teacher, "the distillation teacher (cache its distributions with `lorafit distill-cache`)"),
             (self.adapters + self.optimizer, "the adapters and AdamW (lower lora.r or target fewer modules)"),
             (
                 self.activations,

@@ -8,6 +8,7 @@ pub mod activations;
 pub mod checkpoint;
 pub mod data_commands;
 pub mod distill;
+pub mod distill_cache;
 pub mod eval;
 pub mod interrupt;
 pub mod memory;
@@ -200,6 +201,11 @@ impl Trainer {
     /// Distills from `distiller`'s teacher instead of the SFT loss.
     pub fn distill_from(&mut self, distiller: Distiller) {
         self.distill = Some(distiller);
+    }
+
+    /// The teacher and loss of distillation, when the objective distills.
+    pub fn distiller(&self) -> Option<&Distiller> {
+        self.distill.as_ref()
     }
 
     /// The names of the metrics each step reports besides the loss.

@@ -4,7 +4,8 @@
 //! which accepts the change and records it in the run. Nothing here writes.
 
 use super::checkpoint;
-use crate::config::Config;
+use super::distill_cache::{cache_identity, teacher_fingerprint};
+use crate::config::{Config, Objective};
 use crate::data::cache::CacheKey;
 use crate::data::RunData;
 use anyhow::{bail, Context, Result};
@@ -56,14 +57,24 @@ const STEP_MICRO_BATCHES: &str = "train.grad_accum_steps × workers";
 
 /// The settings exact resumption depends on: every key of the config (as given, `auto`
 /// unresolved) except [`FREE_TO_CHANGE`], as compact JSON, with the accumulation counted over
-/// the run's `workers` ([`STEP_MICRO_BATCHES`]), and `data`, the identity of the prepared
-/// examples.
+/// the run's `workers` ([`STEP_MICRO_BATCHES`]), `data`, the identity of the prepared
+/// examples, and a distillation teacher's or cache's files.
 pub fn settings(cfg: &Config, data: &RunData, workers: usize) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     flatten("", &serde_json::to_value(cfg)?, &mut out);
     out.retain(|key, _| !is_free(key) && key != ACCUM);
     out.insert(STEP_MICRO_BATCHES.to_string(), (cfg.train.grad_accum_steps * workers).to_string());
     out.insert("data".to_string(), data_identity(data));
+    // A teacher retrained in place, or a cache written again, changes what the steps compute
+    // though the config's paths stay the same.
+    if cfg.train.objective == Objective::Distill {
+        if let Some(teacher) = &cfg.distill.teacher {
+            out.insert("distill.teacher files".to_string(), teacher_fingerprint(teacher)?);
+        }
+        if let Some(cache) = &cfg.distill.cache {
+            out.insert("distill.cache files".to_string(), cache_identity(cache)?);
+        }
+    }
     Ok(out)
 }
 
@@ -88,7 +99,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
 
 /// The examples' counts and a digest of their token ids and labels: equal exactly when the run
 /// trains (and evaluates) on the same tokens, wherever the files now are.
-fn data_identity(data: &RunData) -> String {
+pub(super) fn data_identity(data: &RunData) -> String {
     let mut key = CacheKey::default();
     let mut counts = Vec::new();
     for set in std::iter::once(&data.train).chain(data.validation.as_ref()) {

@@ -242,6 +242,10 @@ impl RunPlan {
             let rows = example_rows(micro_batch, self.layout, self.device);
             batch.reference_logps = Some(reference.index_select(0, &rows));
         }
+        if let Some(cache) = self.trainer.distiller().and_then(Distiller::cache) {
+            // The targets' order: the rows', each row's examples in turn.
+            batch.soft_targets = Some(cache.train_targets(micro_batch.iter().flatten().copied()));
+        }
         batch
     }
 
@@ -412,15 +416,7 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     let memory_warning = memory.check_host(device)?;
     let (model, injected, load_secs) = load_model_with_adapter(&cfg, &lora_cfg, device)?;
     let stop_tokens = stop_tokens(&cfg.model.path, &spec.eos_token_ids, data.chat.as_ref(), &data.tokenizer)?;
-    let val_batches = (data.validation.as_ref())
-        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, layout))
-        .map(|batches| rank_share(batches, opts.group.as_deref()));
-    let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
-    let mut trainer = Trainer::new(params, &cfg.train);
-    trainer.group = opts.group.clone();
-    if cfg.train.objective == Objective::Distill {
-        trainer.distill_from(Distiller::load(&cfg, &spec, &data.tokenizer, device)?);
-    }
+    let (trainer, val_batches) = trainer_and_validation(&cfg, &spec, &data, &injected, layout, device, opts)?;
     let mut plan = RunPlan {
         lengths,
         layout,
@@ -458,6 +454,34 @@ fn prepare(cfg: &Config, opts: &RunOptions, console: Console) -> Result<RunPlan>
     // After restoring: a resumed run computes them again, as they were.
     plan.precompute_reference(console);
     Ok(plan)
+}
+
+/// The trainer of the run's objective (with its teacher when it distills), and this rank's
+/// share of the validation batches.
+fn trainer_and_validation(
+    cfg: &Config,
+    spec: &ModelSpec,
+    data: &RunData,
+    injected: &AttachedAdapters,
+    layout: RowLayout,
+    device: Device,
+    opts: &RunOptions,
+) -> Result<(Trainer, Option<Vec<Batch>>)> {
+    let params = injected.trainables.iter().map(|t| t.tensor.shallow_clone()).collect();
+    let mut trainer = Trainer::new(params, &cfg.train);
+    trainer.group = opts.group.clone();
+    if cfg.train.objective == Objective::Distill {
+        trainer.distill_from(Distiller::load(cfg, spec, data, device)?);
+    }
+    let val_batches = (data.validation.as_ref())
+        .map(|v| eval_batches(v, cfg.train.micro_batch_size, data.tokenizer.eos_id, device, layout))
+        .map(|mut batches| {
+            if let Some(cache) = trainer.distiller().and_then(Distiller::cache) {
+                cache.attach_validation(&mut batches);
+            }
+            rank_share(batches, opts.group.as_deref())
+        });
+    Ok((trainer, val_batches))
 }
 
 /// CPU threads: the config's, else the cores shared among the workers on this machine.
