@@ -198,3 +198,44 @@ fn a_teacher_with_another_vocabulary_is_refused_naming_both_models() {
         assert!(stderr.contains(part), "the error does not name {part}: {stderr}");
     }
 }
+
+/// `distill.quantize: nf4` holds the teacher's linear layers in 4 bits: every one the student's
+/// `model.quantize` would quantize is, the teacher's logits are those of the same model loaded
+/// with the base's 4-bit loading (and not the dense model's), and the memory estimate counts
+/// the 4-bit sizes.
+#[test]
+fn a_teacher_held_in_4_bits_is_quantized_and_estimated_so() {
+    use lorafit::config::QuantFormat;
+    use lorafit::model::load_model_quantized;
+    use lorafit::model::quantized::{model_bytes, FrozenWeight};
+    use lorafit::train::distill::{load_teacher, TEACHER_DOUBLE_QUANT};
+    use lorafit::train::memory::MemoryEstimate;
+
+    let tmp = tempfile::tempdir().unwrap();
+    let teacher_dir = common::repo().join("data/default-model");
+    let mut cfg = config(tmp.path(), &teacher_dir);
+    let spec = ModelSpec::from_dir(&cfg.model.path).unwrap();
+    let data = load_run_data(&cfg, &spec).unwrap();
+    let dense_estimate = MemoryEstimate::of(&cfg, &spec, &cfg.lora, 64).unwrap().teacher;
+    cfg.distill.quantize = Some(QuantFormat::Nf4);
+
+    let mut teacher = load_teacher(&cfg, &spec, &data.tokenizer, Device::Cpu).unwrap();
+    let layers = teacher.linear_layers_mut();
+    let four_bit = layers.iter().filter(|(_, l)| matches!(l.weight, FrozenWeight::Quantized(_))).count();
+    assert!(four_bit > 0 && four_bit == layers.len(), "{four_bit} of {} teacher layers in 4 bits", layers.len());
+
+    let ids = Tensor::from_slice(&[5i64, 17, 42, 99, 3, 250, 7]).unsqueeze(0);
+    let logits = tch::no_grad(|| teacher.forward(&ids, false));
+    let quantization = Some((QuantFormat::Nf4, TEACHER_DOUBLE_QUANT));
+    let base = load_model_quantized(&teacher_dir, Kind::Float, Device::Cpu, quantization).unwrap();
+    assert!(logits.equal(&tch::no_grad(|| base.forward(&ids, false))), "not the 4-bit model's logits");
+    let dense = load_model(&teacher_dir, Kind::Float, Device::Cpu).unwrap();
+    let shift = (&logits - tch::no_grad(|| dense.forward(&ids, false))).abs().max().double_value(&[]);
+    assert!(shift > 0.0, "the 4-bit teacher's logits are the dense teacher's");
+
+    let estimate = MemoryEstimate::of(&cfg, &spec, &cfg.lora, 64).unwrap().teacher;
+    let sites = lorafit::model::LinearSites::of(&spec);
+    let want = model_bytes(spec.parameter_count() as u64, Kind::Float, &sites, TEACHER_DOUBLE_QUANT);
+    assert_eq!(estimate, want, "4-bit teacher estimate");
+    assert!(estimate < dense_estimate, "4-bit {estimate} B not below dense {dense_estimate} B");
+}

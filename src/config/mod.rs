@@ -592,6 +592,9 @@ pub struct DistillConfig {
     /// of loading the teacher.
     #[serde(serialize_with = "serialize_opt_path")]
     pub cache: Option<PathBuf>,
+    /// Hold the teacher's linear layers in 4 bits (with double-quantized scales), as
+    /// `model.quantize` does the student's: a larger teacher in the same memory.
+    pub quantize: Option<QuantFormat>,
     /// The temperature T both distributions are softened by.
     pub temperature: f64,
     /// The weight of the hard-label cross-entropy.
@@ -606,6 +609,7 @@ impl Default for DistillConfig {
         DistillConfig {
             teacher: None,
             cache: None,
+            quantize: None,
             temperature: 1.0,
             alpha: 0.5,
             loss: Divergence::default(),

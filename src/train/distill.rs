@@ -23,7 +23,7 @@ use crate::config::{Config, DistillConfig, Divergence};
 use crate::data::format::IGNORE;
 use crate::data::tokenizer::TextTokenizer;
 use crate::data::{Batch, RunData};
-use crate::model::load::{activation_kind, load_model, weight_kind};
+use crate::model::load::{activation_kind, load_model_quantized, weight_kind};
 use crate::model::{Decoder, ModelSpec};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
@@ -192,7 +192,11 @@ impl Distiller {
     }
 }
 
-/// The teacher `cfg.distill.teacher` names, in the student's weight dtype, after checking that
+/// A teacher in 4 bits (`distill.quantize`) has double-quantized scales, as QLoRA bases do.
+pub const TEACHER_DOUBLE_QUANT: bool = true;
+
+/// The teacher `cfg.distill.teacher` names, in the student's weight dtype (its linear layers in
+/// 4 bits with `distill.quantize`), after checking that
 /// it shares the student's vocabulary: the same vocabulary size, and the same token → id map
 /// in its `tokenizer.json` as the student's `tokenizer`.
 pub fn load_teacher(
@@ -205,7 +209,9 @@ pub fn load_teacher(
     let spec =
         ModelSpec::from_dir(dir).with_context(|| format!("cannot load the teacher {}", dir.display()))?;
     check_vocabulary(dir, &spec, &cfg.model.path, student, tokenizer)?;
-    let mut teacher = load_model(dir, weight_kind(cfg.model.dtype, cfg.train.precision), device)
+    let kind = weight_kind(cfg.model.dtype, cfg.train.precision);
+    let quantization = cfg.distill.quantize.map(|format| (format, TEACHER_DOUBLE_QUANT));
+    let mut teacher = load_model_quantized(dir, kind, device, quantization)
         .with_context(|| format!("cannot load the teacher {}", dir.display()))?;
     teacher.activations = activation_kind(cfg.train.precision);
     Ok(teacher)

@@ -2,6 +2,7 @@
 //! anything is allocated, against how much the process can get: a run that cannot fit is refused
 //! up front, naming the settings that size it, instead of failing in its first step.
 
+use super::distill::TEACHER_DOUBLE_QUANT;
 use crate::config::{Config, LoraConfig, Objective};
 use crate::lora::select_targets;
 use crate::model::load::{activation_kind, weight_kind};
@@ -74,7 +75,12 @@ impl MemoryEstimate {
         let count = spec.parameter_count() as u64;
         let teacher = match (&cfg.distill.teacher, &cfg.distill.cache, cfg.train.objective) {
             (Some(dir), None, Objective::Distill) => {
-                ModelSpec::from_dir(dir)?.parameter_count() as u64 * bytes(weight_kind)
+                let teacher = ModelSpec::from_dir(dir)?;
+                let count = teacher.parameter_count() as u64;
+                match cfg.distill.quantize {
+                    Some(_) => model_bytes(count, weight_kind, &LinearSites::of(&teacher), TEACHER_DOUBLE_QUANT),
+                    None => count * bytes(weight_kind),
+                }
             }
             _ => 0,
         };
