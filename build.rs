@@ -1,7 +1,7 @@
 // Bakes the libtorch library directory into every binary, test and example as an rpath, so
 // `cargo run` and `cargo test` work without LD_LIBRARY_PATH; compiles the C++ parts against the
-// same libtorch: the host memory allocator (src/host_memory.cpp), the model's kernels
-// (src/model/quant_kernels.cpp, fused_kernels.cpp) and the data-parallel shim (src/dist/shim.cpp).
+// same libtorch: the host memory allocator (src/host_memory.cpp), the 4-bit kernels
+// (src/model/quant_kernels.cpp) and the data-parallel shim (src/dist/shim.cpp).
 use std::path::{Path, PathBuf};
 
 fn main() {
@@ -16,7 +16,7 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
     build_host_memory(Path::new(&lib));
-    build_model_kernels(Path::new(&lib));
+    build_quant_kernels(Path::new(&lib));
     build_dist_shim(Path::new(&lib), cuda);
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
@@ -44,21 +44,19 @@ fn build_host_memory(lib: &Path) {
     libtorch_cpp(lib).file("src/host_memory.cpp").compile("lorafit_host_memory");
 }
 
-/// Compiles the model's kernels: 4-bit dequantization and linear layer, rotary embedding and
-/// SwiGLU. OpenMP as libtorch's own (`at::parallel_for` is inline and uses it; libgomp.so.1 is
-/// the one libtorch loads). No floating-point contraction: the kernels must round as libtorch's
-/// separate multiply and add do.
-fn build_model_kernels(lib: &Path) {
+/// Compiles the 4-bit dequantization kernel and linear layer. OpenMP as libtorch's own
+/// (`at::parallel_for` is inline and uses it; libgomp.so.1 is the one libtorch loads). No
+/// floating-point contraction: the kernel must round as libtorch's separate multiply and add do.
+fn build_quant_kernels(lib: &Path) {
     println!("cargo:rerun-if-changed=src/model/quant_kernels.cpp");
     println!("cargo:rerun-if-changed=src/model/fused_kernels.cpp");
-    println!("cargo:rerun-if-changed=src/model/kernels.h");
     libtorch_cpp(lib)
         .file("src/model/quant_kernels.cpp")
         .file("src/model/fused_kernels.cpp")
         .flag("-fopenmp")
         .flag("-ffp-contract=off")
         .opt_level(3)
-        .compile("lorafit_model_kernels");
+        .compile("lorafit_quant");
     println!("cargo:rustc-link-lib=dylib=gomp");
 }
 

@@ -2,20 +2,21 @@
 // (src/model/kernels.rs): rotary embeddings and the SwiGLU product. Composed from libtorch ops
 // they take several passes over the activations each way, with temporaries for the narrowed,
 // negated and concatenated halves and for type promotion; here each is one pass forward and one
-// backward, computed in fp32 and rounded once to the activations' type. Entry points report
-// failures as kernels.h describes.
+// backward, computed in fp32 and rounded once to the activations' type. No exception crosses the
+// C boundary: each entry point catches, keeps the message for lorafit_kernels_last_error and
+// returns null.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
-
-#include "kernels.h"
 
 #include <cmath>
 #include <cstdint>
 #include <string>
 
 namespace {
+
+thread_local std::string last_error;
 
 // Rows of `[batch, seq, heads, head_dim]` handed to one thread at a time.
 constexpr int64_t kRowGrain = 64;
@@ -139,23 +140,37 @@ struct SiluMul : public torch::autograd::Function<SiluMul> {
   }
 };
 
+template <typename F>
+void* guarded(const char* what, F&& body) {
+  try {
+    return new at::Tensor(body());
+  } catch (const c10::Error& e) {
+    last_error = std::string(what) + ": " + e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = std::string(what) + ": " + e.what();
+  } catch (...) {
+    last_error = std::string(what) + ": unknown C++ exception";
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
 
-const char* lorafit_kernels_last_error() { return lorafit::last_error().c_str(); }
+const char* lorafit_kernels_last_error() { return last_error.c_str(); }
 
 // Rotary embedding of `x` `[batch, seq, heads, head_dim]` (last dim contiguous) with tables
 // `[batch, seq, rotary_dim]`; a new contiguous tensor in x's type, differentiable in x.
 void* lorafit_rope(const at::Tensor* x, const at::Tensor* cos, const at::Tensor* sin) {
-  return lorafit::guarded("rotary embedding", [&] {
+  return guarded("rotary embedding", [&] {
     return x->is_cpu() ? Rope::apply(*x, *cos, *sin) : at::Tensor();
   });
 }
 
 // `silu(gate) · up`, differentiable in both.
 void* lorafit_silu_mul(const at::Tensor* gate, const at::Tensor* up) {
-  return lorafit::guarded("the SwiGLU product", [&] { return SiluMul::apply(*gate, *up); });
+  return guarded("the SwiGLU product", [&] { return SiluMul::apply(*gate, *up); });
 }
 
 }  // extern "C"

@@ -1,7 +1,6 @@
 //! Single-pass CPU kernels for elementwise parts of a block (src/model/fused_kernels.cpp), each
 //! with its own autograd node: rotary embeddings and the SwiGLU product. Other devices take the
-//! composed libtorch ops, which the kernels are tested against. Also the one reader of the
-//! tensor handles every C++ kernel of the model returns (src/model/kernels.h).
+//! composed libtorch ops, which the kernels are tested against.
 
 use std::ffi::{c_char, c_void, CStr};
 use tch::{Device, Tensor};
@@ -32,7 +31,7 @@ fn ptr(t: &Tensor) -> *const c_void {
 
 /// The tensor a call returned. A null handle is a libtorch failure: it panics as tch does on one
 /// (`torch_errors::catch` turns that into an error naming what ran out).
-pub(super) fn tensor(handle: *mut c_void) -> Tensor {
+fn tensor(handle: *mut c_void) -> Tensor {
     if handle.is_null() {
         let message = unsafe { CStr::from_ptr(lorafit_kernels_last_error()) }.to_string_lossy().into_owned();
         panic!("called `Result::unwrap()` on an `Err` value: {:?}", tch::TchError::Torch(message));

@@ -1,14 +1,13 @@
 // 4-bit frozen weights (src/model/quantized.rs) on the C++ side of libtorch: dequantization
 // (a CPU kernel, and libtorch ops on other devices) and a linear layer whose autograd node keeps
 // only the packed weight and dequantizes it again for the backward pass, so that a dense copy of
-// the weight never outlives the layer's forward or backward call. Entry points report failures
-// as kernels.h describes.
+// the weight never outlives the layer's forward or backward call. No exception crosses the C
+// boundary: each entry point catches, keeps the message for lorafit_quant_last_error and
+// returns null.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
-
-#include "kernels.h"
 
 #include <algorithm>
 #include <cfloat>
@@ -22,6 +21,8 @@
 #endif
 
 namespace {
+
+thread_local std::string last_error;
 
 constexpr int64_t kBlock = 64;
 constexpr int64_t kNestedBlock = 256;
@@ -413,6 +414,20 @@ struct QuantLinear : public torch::autograd::Function<QuantLinear> {
   }
 };
 
+template <typename F>
+void* guarded(const char* what, F&& body) {
+  try {
+    return new at::Tensor(body());
+  } catch (const c10::Error& e) {
+    last_error = std::string(what) + ": " + e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = std::string(what) + ": " + e.what();
+  } catch (...) {
+    last_error = std::string(what) + ": unknown C++ exception";
+  }
+  return nullptr;
+}
+
 }  // namespace
 
 extern "C" {
@@ -431,6 +446,8 @@ struct lorafit_quant {
   int compute;
 };
 
+const char* lorafit_quant_last_error() { return last_error.c_str(); }
+
 }  // extern "C"
 
 namespace {
@@ -447,18 +464,18 @@ extern "C" {
 
 // The dense weight `[rows, cols]` in the compute dtype, by `kernel` (enum Kernel: 0 the fastest
 // here, 1 libtorch ops, the others one CPU kernel, for tests and benchmarks). A new tensor
-// handle, or null with the reason in lorafit_kernels_last_error.
+// handle, or null with the reason in lorafit_quant_last_error.
 void* lorafit_quant_dequantize(const lorafit_quant* q, int kernel) {
-  return lorafit::guarded("dequantizing a 4-bit weight", [&] { return dequantize(from_c(q), static_cast<Kernel>(kernel)); });
+  return guarded("dequantizing a 4-bit weight", [&] { return dequantize(from_c(q), static_cast<Kernel>(kernel)); });
 }
 
 // Whether this CPU runs dequantization kernel `kernel` (as lorafit_quant_dequantize numbers it).
 int lorafit_quant_kernel_supported(int kernel) { return supported(static_cast<Kernel>(kernel)); }
 
 // `x Wᵀ (+ bias)` for the 4-bit W (`bias` may be null), x in the compute dtype, differentiable
-// in x and bias. A new tensor handle, or null with the reason in lorafit_kernels_last_error.
+// in x and bias. A new tensor handle, or null with the reason in lorafit_quant_last_error.
 void* lorafit_quant_linear(const lorafit_quant* q, const at::Tensor* x, const at::Tensor* bias) {
-  return lorafit::guarded("a 4-bit linear layer", [&] {
+  return guarded("a 4-bit linear layer", [&] {
     return bias ? QuantLinear::apply(*x, *bias, from_c(q)) : QuantLinear::apply(*x, from_c(q));
   });
 }

@@ -9,7 +9,7 @@
 //! keeps only the 4-bit weight): memory holds the 4-bit codes plus one layer's dense copy, with
 //! or without activation checkpointing.
 
-use super::{kernels, LinearSite, LinearSites, Weights};
+use super::{LinearSite, LinearSites, Weights};
 use crate::config::QuantFormat;
 use anyhow::{bail, Context, Result};
 use std::ffi::c_int;
@@ -164,7 +164,7 @@ impl QuantizedWeight {
     /// measured against. A CPU kernel needs a CPU weight and a CPU that runs it
     /// ([`Dequantizer::supported`]); otherwise this panics as tch does on a libtorch error.
     pub fn dequantize_with(&self, how: Dequantizer) -> Tensor {
-        self.with_c(|q| kernels::tensor(unsafe { ffi::lorafit_quant_dequantize(q, how as c_int) }))
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_dequantize(q, how as c_int) }))
     }
 
     /// `x Wᵀ (+ bias)`, `x` in the compute dtype, differentiable in `x` and `bias`. The weight is
@@ -172,7 +172,7 @@ impl QuantizedWeight {
     /// dense copy of it between the two.
     pub fn linear(&self, x: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let bias = bias.map_or(std::ptr::null(), |b| b.as_ptr().cast());
-        self.with_c(|q| kernels::tensor(unsafe { ffi::lorafit_quant_linear(q, x.as_ptr().cast(), bias) }))
+        self.with_c(|q| ffi::tensor(unsafe { ffi::lorafit_quant_linear(q, x.as_ptr().cast(), bias) }))
     }
 
     /// Calls `f` with this weight as the C++ side reads it.
@@ -576,11 +576,10 @@ pub fn dynamic_map() -> Tensor {
     Tensor::from_slice(&values)
 }
 
-/// src/model/quant_kernels.cpp, compiled by build.rs (its tensor handles are read by
-/// [`kernels::tensor`]).
+/// src/model/quant_kernels.cpp, compiled by build.rs.
 mod ffi {
-    use std::ffi::{c_int, c_void};
-    use tch::Kind;
+    use std::ffi::{c_char, c_int, c_void, CStr};
+    use tch::{Kind, Tensor};
 
     /// A 4-bit weight: `at::Tensor*` handles (the nested parts null without double
     /// quantization), borrowed for the call.
@@ -601,6 +600,7 @@ mod ffi {
         pub fn lorafit_quant_dequantize(q: *const Quant, kernel: c_int) -> *mut c_void;
         pub fn lorafit_quant_kernel_supported(kernel: c_int) -> c_int;
         pub fn lorafit_quant_linear(q: *const Quant, x: *const c_void, bias: *const c_void) -> *mut c_void;
+        fn lorafit_quant_last_error() -> *const c_char;
     }
 
     /// c10's `ScalarType` number of a compute dtype (the model's float dtypes).
@@ -612,5 +612,17 @@ mod ffi {
             Kind::BFloat16 => 15,
             other => panic!("4-bit weights dequantize to a float dtype, not {other:?}"),
         }
+    }
+
+    /// The tensor a call returned. A null handle is a libtorch failure: it panics as tch does on
+    /// one (`torch_errors::catch` turns that into an error naming what ran out).
+    pub fn tensor(handle: *mut c_void) -> Tensor {
+        if handle.is_null() {
+            let message =
+                unsafe { CStr::from_ptr(lorafit_quant_last_error()) }.to_string_lossy().into_owned();
+            panic!("called `Result::unwrap()` on an `Err` value: {:?}", tch::TchError::Torch(message));
+        }
+        // SAFETY: a handle the C++ side allocated with `new at::Tensor`, owned from here on.
+        unsafe { Tensor::from_ptr(handle.cast()) }
     }
 }
