@@ -49,10 +49,8 @@ fn build_host_memory(lib: &Path) {
 /// floating-point contraction: the kernel must round as libtorch's separate multiply and add do.
 fn build_quant_kernels(lib: &Path) {
     println!("cargo:rerun-if-changed=src/model/quant_kernels.cpp");
-    println!("cargo:rerun-if-changed=src/model/fused_kernels.cpp");
     libtorch_cpp(lib)
         .file("src/model/quant_kernels.cpp")
-        .file("src/model/fused_kernels.cpp")
         .flag("-fopenmp")
         .flag("-ffp-contract=off")
         .opt_level(3)

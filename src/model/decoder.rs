@@ -10,7 +10,6 @@
 //! multiplied in bf16 and their products cast back.
 
 use super::attention::{attention_mask_offset, causal_attention};
-use super::kernels;
 use super::names::ModuleNames;
 use super::quantized::{self, FrozenWeight, QuantizedWeight};
 use super::rope::{apply_rope, rope_tables};
@@ -19,7 +18,7 @@ use super::spec::{Activation, AttentionSpan, ModelSpec, NormKind};
 use super::Weights;
 use crate::packing::Packing;
 use anyhow::{bail, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// A trainable term beside a frozen [`Linear`] layer (LoRA's adapter implements it). The model
 /// only calls it; what it holds and how it is initialised, saved and loaded is the adapter's.
@@ -602,25 +601,22 @@ impl Decoder {
                 (q, k, v)
             }
         };
+        let heads = |t: Tensor, n: i64, norm: Option<&Norm>| {
+            let t = t.view([batch, seq, n, s.head_dim]);
+            norm.map_or(t.shallow_clone(), |nm| nm.forward(&t)).transpose(1, 2)
+        };
+        let mut q = heads(q, s.num_heads, block.q_norm.as_ref());
+        let mut k = heads(k, s.num_kv_heads, block.k_norm.as_ref());
+        let v = heads(v, s.num_kv_heads, None);
         let sliding = matches!(block.span, AttentionSpan::Sliding(_));
-        let rope = if sliding {
+        if let Some((cos, sin)) = if sliding {
             pass.local_rope.as_ref().or(pass.global_rope.as_ref())
         } else {
             pass.global_rope.as_ref()
-        };
-        // `[batch, heads, seq, head_dim]`, normed and rotated per head before the transpose.
-        let heads = |t: Tensor, n: i64, norm: Option<&Norm>, rotate: bool| {
-            let t = t.view([batch, seq, n, s.head_dim]);
-            let t = norm.map_or(t.shallow_clone(), |nm| nm.forward(&t));
-            match rope.filter(|_| rotate) {
-                Some((cos, sin)) => apply_rope(&t, cos, sin),
-                None => t,
-            }
-            .transpose(1, 2)
-        };
-        let q = heads(q, s.num_heads, block.q_norm.as_ref(), true);
-        let k = heads(k, s.num_kv_heads, block.k_norm.as_ref(), true);
-        let v = heads(v, s.num_kv_heads, None, false);
+        } {
+            q = apply_rope(&q, cos, sin);
+            k = apply_rope(&k, cos, sin);
+        }
         let (k, v) = match cache {
             Some(cache) => cache.extend(i, k, v),
             None => (k, v),
@@ -674,33 +670,22 @@ impl Decoder {
     }
 
     fn mlp(&self, block: &Block, h: &Tensor, train: bool) -> Tensor {
+        let act = |t: Tensor| match self.spec.activation {
+            Activation::Silu => t.silu(),
+            Activation::GeluTanh => t.gelu("tanh"),
+            Activation::Gelu => t.gelu("none"),
+        };
         match &block.mlp {
             Mlp::Gated { gate, up, down } => {
                 let [gate, up] = SharedInput::forward(block.mlp_shared.as_ref(), [gate, up], h, train);
-                down.forward(&self.gated(&gate, &up), train)
+                down.forward(&(act(gate) * up), train)
             }
             Mlp::GatedFused { gate_up, down } => {
                 let both = gate_up.forward(h, train);
                 let ffn = self.spec.intermediate_size;
-                down.forward(&self.gated(&both.narrow(-1, 0, ffn), &both.narrow(-1, ffn, ffn)), train)
+                down.forward(&(act(both.narrow(-1, 0, ffn)) * both.narrow(-1, ffn, ffn)), train)
             }
-            Mlp::Plain { fc, proj } => proj.forward(&self.activation(&fc.forward(h, train)), train),
-        }
-    }
-
-    /// The gated MLP's `act(gate) · up`: SwiGLU in one pass on the CPU.
-    fn gated(&self, gate: &Tensor, up: &Tensor) -> Tensor {
-        match self.spec.activation {
-            Activation::Silu if gate.device() == Device::Cpu => kernels::silu_mul(gate, up),
-            _ => self.activation(gate) * up,
-        }
-    }
-
-    fn activation(&self, t: &Tensor) -> Tensor {
-        match self.spec.activation {
-            Activation::Silu => t.silu(),
-            Activation::GeluTanh => t.gelu("tanh"),
-            Activation::Gelu => t.gelu("none"),
+            Mlp::Plain { fc, proj } => proj.forward(&act(fc.forward(h, train)), train),
         }
     }
 

@@ -5,7 +5,6 @@
 
 pub mod attention;
 pub mod decoder;
-mod kernels;
 pub mod load;
 pub mod names;
 pub mod quantized;

@@ -1,11 +1,10 @@
 //! Rotary position embeddings as transformers computes them: the cos/sin tables of each family's
 //! frequency scaling, and their application to queries and keys.
 
-use super::kernels;
 use super::spec::{Rope, RopeScaling};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-/// cos/sin tables `[batch, seq, rotary_dim]` for `positions` `[batch, seq]` (Hugging Face's
+/// cos/sin tables `[batch, 1, seq, rotary_dim]` for `positions` `[batch, seq]` (Hugging Face's
 /// half-split layout), including the family's frequency scaling and its attention factor.
 pub(super) fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
     let device = positions.device();
@@ -49,25 +48,15 @@ pub(super) fn rope_tables(rope: &Rope, positions: &Tensor) -> (Tensor, Tensor) {
     };
     let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv_freq;
     let emb = Tensor::cat(&[&freqs, &freqs], -1);
-    let shape = [batch, seq, dim];
+    let shape = [batch, 1, seq, dim];
     ((emb.cos() * attention_factor).view(shape), (emb.sin() * attention_factor).view(shape))
 }
 
-/// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, seq, heads,
-/// head_dim]` (last dimension contiguous), in `x`'s kind: one pass on the CPU
-/// ([`kernels::rope`], bit-identical in the forward pass), the composed ops elsewhere.
+/// `x·cos + rotate_half(x)·sin` on the leading `rotary_dim` dimensions of `[batch, heads, seq,
+/// head_dim]`, in `x`'s kind.
 pub(super) fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    match x.device() {
-        Device::Cpu => kernels::rope(x, cos, sin),
-        _ => apply_rope_composed(x, cos, sin),
-    }
-}
-
-/// [`apply_rope`] as libtorch ops: the tables broadcast over the heads.
-fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     let head_dim = x.size()[3];
-    let rotary_dim = cos.size()[2];
-    let (cos, sin) = (cos.unsqueeze(2), sin.unsqueeze(2));
+    let rotary_dim = cos.size()[3];
     let (rot, pass) = (x.narrow(3, 0, rotary_dim), x.narrow(3, rotary_dim, head_dim - rotary_dim));
     let half = rotary_dim / 2;
     let rotated = Tensor::cat(&[&(-rot.narrow(3, half, half)), &rot.narrow(3, 0, half)], 3);
@@ -77,56 +66,5 @@ fn apply_rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
         out
     } else {
         Tensor::cat(&[&out, &pass], 3)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Inputs and gradients of one case: `x` `[batch, seq, heads, head_dim]` viewed out of a
-    /// wider tensor (as q is out of the joined q/k/v output), tables for `rotary_dim`.
-    fn case(kind: Kind, head_dim: i64, rotary_dim: i64) -> (Tensor, Tensor, Tensor, Tensor) {
-        tch::manual_seed(11);
-        let (batch, seq, heads) = (2, 5, 3);
-        let wide =
-            Tensor::randn([batch, seq, heads * head_dim + 7], (Kind::Float, Device::Cpu)).to_kind(kind);
-        let x = wide.narrow(2, 0, heads * head_dim).view([batch, seq, heads, head_dim]);
-        let positions = Tensor::arange(seq, (Kind::Int64, Device::Cpu)).unsqueeze(0).repeat([batch, 1]) * 37;
-        let rope = Rope { theta: 10000.0, rotary_dim, scaling: RopeScaling::None };
-        let (cos, sin) = rope_tables(&rope, &positions);
-        let grad = Tensor::randn([batch, seq, heads, head_dim], (Kind::Float, Device::Cpu)).to_kind(kind);
-        (x, cos, sin, grad)
-    }
-
-    fn forward_backward(
-        f: fn(&Tensor, &Tensor, &Tensor) -> Tensor,
-        case: &(Tensor, Tensor, Tensor, Tensor),
-    ) -> (Tensor, Tensor) {
-        let (x, cos, sin, grad) = case;
-        let x = x.detach().set_requires_grad(true);
-        let out = f(&x, cos, sin);
-        (&out * grad).sum(Kind::Float).backward();
-        (out.detach(), x.grad())
-    }
-
-    /// The one-pass kernel gives the composed ops' output bit for bit, and their gradient (bit for
-    /// bit in fp32; in bf16 within one rounding, as it sums in fp32 before rounding once), for
-    /// full and partial rotary dimensions and a strided input.
-    #[test]
-    fn kernel_matches_composed_ops() {
-        for kind in [Kind::Float, Kind::BFloat16] {
-            for (head_dim, rotary_dim) in [(16, 16), (16, 8), (64, 64)] {
-                let case = case(kind, head_dim, rotary_dim);
-                let (out, grad) = forward_backward(apply_rope, &case);
-                let (want, want_grad) = forward_backward(apply_rope_composed, &case);
-                let what = format!("{kind:?} head_dim {head_dim} rotary_dim {rotary_dim}");
-                assert!(out.equal(&want), "{what}: outputs differ by {}", (&out - &want).abs().max());
-                let diff = (&grad - &want_grad).to_kind(Kind::Float).abs().max().double_value(&[]);
-                let scale = want_grad.to_kind(Kind::Float).abs().max().double_value(&[]);
-                let tolerance = if kind == Kind::Float { 0.0 } else { scale / 128.0 };
-                assert!(diff <= tolerance, "{what}: gradients differ by {diff:e} (scale {scale:e})");
-            }
-        }
     }
 }
