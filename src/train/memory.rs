@@ -78,7 +78,9 @@ impl MemoryEstimate {
                 let teacher = ModelSpec::from_dir(dir)?;
                 let count = teacher.parameter_count() as u64;
                 match cfg.distill.quantize {
-                    Some(_) => model_bytes(count, weight_kind, &LinearSites::of(&teacher), TEACHER_DOUBLE_QUANT),
+                    Some(_) => {
+                        model_bytes(count, weight_kind, &LinearSites::of(&teacher), TEACHER_DOUBLE_QUANT)
+                    }
                     None => count * bytes(weight_kind),
                 }
             }
